@@ -1,0 +1,79 @@
+"""Finding checkpoints in a folder and telling SD checkpoints from everything else, without unpickling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .hashing import sha256_file
+from .protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint
+
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def checkpoint_family(keys) -> tuple[str | None, str | None]:
+    """(family, None) for an SD1/SD2/SDXL single-file checkpoint, else (None, reason)."""
+    keys = list(keys)
+    unet = [k for k in keys if k.startswith("model.diffusion_model.")]
+    if not unet:
+        hint = "a LoRA" if any("lora" in k for k in keys[:200]) else "a VAE, LoRA, embedding or other model"
+        return None, f"not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet weights; looks like {hint})"
+    if any(k.startswith(("model.diffusion_model.joint_blocks", "model.diffusion_model.double_blocks")) for k in unet):
+        return None, "unsupported architecture (SD3/Flux-style transformer); gmi supports SD1.x, SD2.x and SDXL"
+    if not any(k.startswith("first_stage_model.") for k in keys):
+        return None, "checkpoint has no VAE (first_stage_model.*); gmi needs a full single-file checkpoint"
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl", None
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2", None
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1", None
+    return None, "checkpoint has no recognised text encoder (cond_stage_model.* / conditioner.*)"
+
+
+def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[str | None, str | None]:
+    """(family, None) if gmi can use the file, else (None, reason). Reads only the safetensors header.
+
+    Pickle-based files (.ckpt) are never opened by gmi; a host that loads them itself passes
+    ``allow_pickle=True`` and gets family "unknown".
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if allow_pickle:
+            return "unknown", None
+        return None, "pickle-based checkpoint (.ckpt) is not read by gmi for safety; convert it to .safetensors"
+    if path.suffix.lower() != ".safetensors":
+        return None, f"unsupported file type {path.suffix!r}"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            for name in (keys[0], keys[-1]) if keys else ():
+                handle.get_slice(name).get_shape()
+    except Exception as exc:  # noqa: BLE001 - every parse failure means the same thing to the user
+        return None, f"unreadable or truncated safetensors file ({str(exc).splitlines()[0][:200]})"
+    return checkpoint_family(keys)
+
+
+class FolderCheckpointSource:
+    """Checkpoints in a folder tree (the standalone CLI's source; hosts have their own)."""
+
+    def __init__(self, folder: Path, hash_cache: Path | None = None, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.hash_cache = hash_cache
+        self.allow_pickle = allow_pickle
+
+    def list_checkpoints(self) -> CheckpointListing:
+        listing = CheckpointListing()
+        if not self.folder.is_dir():
+            return listing
+        suffixes = (".safetensors",) + (PICKLE_SUFFIXES if self.allow_pickle else (".ckpt",))
+        for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
+            name = str(path.relative_to(self.folder))
+            family, reason = inspect_checkpoint(path, self.allow_pickle)
+            if reason:
+                listing.skipped.append(SkippedCheckpoint(name, path, reason))
+                continue
+            listing.checkpoints.append(CheckpointInfo(name, path, sha256_file(path, self.hash_cache)))
+        return listing

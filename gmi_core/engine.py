@@ -1,0 +1,312 @@
+"""The facade every host uses: spec status, building, interrogation and identification."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .builder import build_spec
+from .encoders import ClipEncoder
+from .errors import Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
+from .images import to_rgb
+from .interrogator import Interrogator
+from .prompts import PromptSet, load_prompt_set
+from .protocols import (
+    CheckpointInfo,
+    CheckpointSource,
+    GenerationSettings,
+    Generator,
+    ProgressCallback,
+    SkippedCheckpoint,
+)
+from .ranker import DEFAULT_METHOD, FeatureBank, rank
+from .spec import Spec, SpecKey, pixel_feature
+from .store import SpecStore
+
+log = logging.getLogger(__name__)
+STATES = ("ready", "partial", "missing", "stale", "corrupt")
+
+
+@dataclass
+class SpecStatus:
+    name: str
+    sha256: str
+    state: str  # one of STATES
+    prompts_done: int
+    prompts_total: int
+    detail: str = ""
+
+
+@dataclass
+class BuildReport:
+    built: list[str] = field(default_factory=list)
+    skipped: list[SkippedCheckpoint] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    cancelled: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "built": self.built,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
+            "failed": [{"name": n, "reason": r} for n, r in self.failed],
+            "cancelled": self.cancelled,
+        }
+
+
+@dataclass
+class PromptMatch:
+    index: int
+    prompt: str
+    weight: float
+    contribution: float
+
+
+@dataclass
+class RankedCheckpoint:
+    rank: int
+    name: str
+    sha256: str
+    score: float
+    top_prompts: list[PromptMatch]
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+
+@dataclass
+class IdentifyResult:
+    method: str
+    pseudo_prompt: str
+    prompt_source: str  # "user" or "interrogator"
+    gamma: float | None
+    ranking: list[RankedCheckpoint]
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def best(self) -> RankedCheckpoint:
+        return self.ranking[0]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "pseudo_prompt": self.pseudo_prompt,
+            "prompt_source": self.prompt_source,
+            "gamma": self.gamma,
+            "ranking": [
+                {
+                    "rank": r.rank,
+                    "name": r.name,
+                    "sha256": r.sha256,
+                    "short_hash": r.short_hash,
+                    "score": r.score,
+                    "top_prompts": [asdict(p) for p in r.top_prompts],
+                }
+                for r in self.ranking
+            ],
+            "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
+        }
+
+
+class Gmi:
+    """One per host process: holds the encoder, the prompt set and the spec store."""
+
+    def __init__(
+        self,
+        spec_root: Path,
+        encoder: ClipEncoder,
+        prompt_set: PromptSet | None = None,
+        images_per_prompt: int = 4,
+        settings: GenerationSettings | None = None,
+        base_seed: int = 0,
+    ):
+        self.store = SpecStore(spec_root)
+        self.encoder = encoder
+        self.prompt_set = prompt_set or load_prompt_set("platform")
+        self.images_per_prompt = images_per_prompt
+        self.settings = settings or GenerationSettings()
+        self.base_seed = base_seed
+        self.interrogator = Interrogator(encoder, cache_dir=self.store.root / "cache")
+        self._prompt_features: torch.Tensor | None = None
+
+    @property
+    def prompt_features(self) -> torch.Tensor:
+        if self._prompt_features is None:
+            self._prompt_features = self.encoder.encode_texts(list(self.prompt_set.prompts))
+        return self._prompt_features
+
+    def key(self, checkpoint: CheckpointInfo) -> SpecKey:
+        return SpecKey(checkpoint.sha256, self.encoder.encoder_id, self.prompt_set.hash)
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self, source: CheckpointSource) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
+        listing = source.list_checkpoints()
+        by_key = {e.key: e for e in self.store.entries()}
+        statuses = []
+        for ckpt in listing.checkpoints:
+            total = len(self.prompt_set)
+            entry = by_key.get(self.key(ckpt))
+            if entry is None:
+                corrupt = self.store.path_for(self.key(ckpt)).exists()
+                state = "corrupt" if corrupt else "missing"
+                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, total))
+                continue
+            fresh = entry.images_per_prompt == self.images_per_prompt and GenerationSettings.from_dict(
+                entry.settings
+            ) == self.settings and entry.prompts_total == total
+            if not fresh:
+                state, detail = "stale", "built with other settings"
+            else:
+                state, detail = ("ready" if entry.complete else "partial"), ""
+            statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, entry.prompts_done, total, detail))
+        return statuses, listing.skipped
+
+    # -- build ---------------------------------------------------------------------------------
+    def build(
+        self,
+        source: CheckpointSource,
+        generator: Generator,
+        which: str | Sequence[str] = "missing",
+        progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> BuildReport:
+        """Build specs: ``which`` is "missing" (not ready), "all", or a list of checkpoint names."""
+        statuses, skipped = self.status(source)
+        report = BuildReport(skipped=list(skipped))
+        listing = {c.name: c for c in source.list_checkpoints().checkpoints}
+        if isinstance(which, str) and which not in ("missing", "all"):
+            which = [which]
+        if isinstance(which, str):
+            names = [s.name for s in statuses if which == "all" or s.state != "ready"]
+        else:
+            unknown = [n for n in which if n not in listing]
+            if unknown:
+                raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
+            names = list(which)
+        for index, name in enumerate(names):
+            ckpt = listing[name]
+            if which == "all":
+                self._discard(ckpt)
+            try:
+                build_spec(
+                    store=self.store,
+                    encoder=self.encoder,
+                    prompt_set=self.prompt_set,
+                    prompt_features=self.prompt_features,
+                    checkpoint=ckpt,
+                    generator=generator,
+                    settings=self.settings,
+                    images_per_prompt=self.images_per_prompt,
+                    base_seed=self.base_seed,
+                    progress=progress,
+                    should_cancel=should_cancel,
+                    position=(index, len(names)),
+                )
+                report.built.append(name)
+            except Cancelled:
+                report.cancelled = True
+                break
+            except (GmiError, RuntimeError, ValueError, OSError) as exc:
+                log.warning("gmi: building the spec of %s failed: %s", name, exc)
+                report.failed.append((name, f"{type(exc).__name__}: {exc}"))
+            finally:
+                generator.release()
+        return report
+
+    def _discard(self, ckpt: CheckpointInfo) -> None:
+        path = self.store.path_for(self.key(ckpt))
+        if path.exists():
+            path.unlink()
+
+    # -- identify ------------------------------------------------------------------------------
+    def interrogate(self, images: Sequence[Image.Image]) -> str:
+        return self.interrogator.interrogate([to_rgb(i) for i in images])
+
+    def load_specs(self, source: CheckpointSource | None = None) -> tuple[list[Spec], list[tuple[str, str]]]:
+        """Usable specs for this encoder and prompt set, and (name, reason) for those left out."""
+        excluded: list[tuple[str, str]] = []
+        if source is not None:
+            listing = source.list_checkpoints()
+            wanted = {c.sha256: c for c in listing.checkpoints}
+            excluded += [(s.name, s.reason) for s in listing.skipped]
+        else:
+            wanted = None
+        entries = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
+        entries = [e for e in entries if e.prompt_set_hash == self.prompt_set.hash]
+        found = {e.sha256 for e in entries}
+        if wanted is not None:
+            excluded += [(c.name, "no spec yet") for sha, c in wanted.items() if sha not in found]
+            entries = [e for e in entries if e.sha256 in wanted]
+        specs = []
+        for entry in entries:
+            try:
+                spec = self.store.load(entry.key)
+            except SpecError as exc:
+                excluded.append((entry.checkpoint_name, str(exc)))
+                continue
+            if spec is None or not spec.done.any():
+                excluded.append((entry.checkpoint_name, "spec has no finished prompt"))
+                continue
+            if spec.images_per_prompt != self.images_per_prompt:
+                excluded.append((entry.checkpoint_name, "spec built with another number of images per prompt"))
+                continue
+            if wanted is not None:
+                spec.checkpoint_name = wanted[spec.sha256].name
+                spec.extra["popularity"] = wanted[spec.sha256].popularity
+            specs.append(spec)
+        return specs, excluded
+
+    def identify(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str | None = None,
+        method: str = DEFAULT_METHOD,
+        top_k: int | None = None,
+        source: CheckpointSource | None = None,
+        gamma: float | None = None,
+        tau: float | None = None,
+    ) -> IdentifyResult:
+        if not images:
+            raise GmiError("identify needs at least one reference image")
+        specs, excluded = self.load_specs(source)
+        if not specs:
+            detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
+            raise NoSpecsError(f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first")
+        images = [to_rgb(i) for i in images]
+        query_images = self.encoder.encode_images(images)
+        if prompt and prompt.strip():
+            pseudo, prompt_source = prompt.strip(), "user"
+        else:
+            pseudo, prompt_source = self.interrogator.prompt_from_features(query_images), "interrogator"
+        query_text = self.encoder.encode_texts([pseudo])[0]
+        query_pixels = torch.from_numpy(np.stack([pixel_feature(i) for i in images]))
+        bank = FeatureBank.from_specs(specs)
+        ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau)
+        ranked = []
+        order = ranking.order.tolist()[: top_k or None]
+        for position, index in enumerate(order, start=1):
+            spec = specs[index]
+            matches = [
+                PromptMatch(i, spec.prompts[i], float(ranking.weights[i]) if ranking.weights is not None else 0.0, c)
+                for i, c in ranking.top_prompts(index)
+            ]
+            ranked.append(RankedCheckpoint(position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches))
+        return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
+
+    # -- for UIs -------------------------------------------------------------------------------
+    def spec_thumbnail(self, sha256: str, prompt_index: int) -> Image.Image:
+        spec = self.store.load(SpecKey(sha256, self.encoder.encoder_id, self.prompt_set.hash))
+        if spec is None:
+            raise NoSpecsError(f"no spec for {sha256[:10]}")
+        if not 0 <= prompt_index < spec.n_prompts or not spec.done[prompt_index]:
+            raise GmiError(f"spec {sha256[:10]} has no image for prompt {prompt_index}")
+        return Image.fromarray(spec.thumbnails[prompt_index].numpy(), "RGB")
+
+    def fingerprint(self) -> str:
+        return f"{self.encoder.encoder_id}|{self.prompt_set.hash}|{self.store.fingerprint()}"

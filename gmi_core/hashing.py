@@ -1,0 +1,49 @@
+"""sha256 of checkpoint files, cached by (path, size, mtime) so each file is read once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+from .store import write_json_atomic
+
+_LOCK = threading.Lock()
+CHUNK = 1 << 20
+
+
+def short_hash(sha256: str) -> str:
+    """A1111 / Civitai short hash: the first 10 hex digits."""
+    return sha256[:10]
+
+
+def sha256_file(path: Path, cache_path: Path | None = None) -> str:
+    """The file's sha256; with ``cache_path``, reused while the file's size and mtime are unchanged."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = str(path)
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    cache = {}
+    if cache_path is not None:
+        try:
+            cache = json.loads(Path(cache_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cache = {}
+        hit = cache.get(key)
+        if isinstance(hit, dict) and hit.get("stamp") == stamp:
+            return hit["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    if cache_path is not None:
+        with _LOCK:
+            try:
+                cache = json.loads(Path(cache_path).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                cache = {}
+            cache[key] = {"stamp": stamp, "sha256": value}
+            write_json_atomic(Path(cache_path), cache)
+    return value

@@ -1,0 +1,121 @@
+"""The three seams a host implements; gmi_core owns everything else.
+
+A host (ComfyUI, A1111, Forge, the standalone diffusers runner) provides:
+
+* a :class:`CheckpointSource` that lists its checkpoints,
+* a :class:`Generator` that renders images for prompts and seeds with one checkpoint
+  through the host's own loader, sampler and VAE,
+* a :class:`Switcher` that makes one checkpoint active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint as a host sees it. ``sha256`` is the spec key; ``name`` is for people."""
+
+    name: str
+    path: Path
+    sha256: str
+    popularity: float | None = None  # download count or similar, used only by the `download` baseline
+
+    @property
+    def short_hash(self) -> str:
+        """A1111 / Civitai short hash: the first 10 hex digits of the sha256."""
+        return self.sha256[:10]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How spec images are rendered. Stored in every spec so stale specs can be detected."""
+
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationSettings:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class SkippedCheckpoint:
+    """A checkpoint gmi will not use, with the reason shown to the user."""
+
+    name: str
+    path: Path
+    reason: str
+
+
+@dataclass
+class CheckpointListing:
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    skipped: list[SkippedCheckpoint] = field(default_factory=list)
+
+
+@runtime_checkable
+class CheckpointSource(Protocol):
+    def list_checkpoints(self) -> CheckpointListing:
+        """Every usable checkpoint, and the unusable ones with a reason."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def generate(
+        self,
+        checkpoint: CheckpointInfo,
+        prompt: str,
+        seeds: Sequence[int],
+        settings: GenerationSettings,
+    ) -> list[Image.Image]:
+        """One image per seed for ``prompt``, rendered with ``checkpoint``.
+
+        May raise :class:`gmi_core.errors.Cancelled` (or the host's own interrupt exception)
+        when the user interrupts; the spec builder has saved everything finished before the call.
+        """
+
+    def release(self) -> None:
+        """Free the loaded checkpoint; called between checkpoints."""
+
+
+@runtime_checkable
+class Switcher(Protocol):
+    def switch(self, checkpoint: CheckpointInfo) -> None:
+        """Make ``checkpoint`` the host's active checkpoint."""
+
+
+ProgressCallback = Callable[["BuildProgress"], None]
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """Reported after each finished prompt of a spec build."""
+
+    checkpoint: str
+    checkpoint_index: int
+    checkpoint_count: int
+    prompts_done: int
+    prompts_total: int
+    images_done: int
+    images_total: int
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.images_done / self.images_total if self.images_total else 1.0

@@ -1,0 +1,235 @@
+"""The specification of one checkpoint: CLIP features of its images per prompt, plus metadata.
+
+On disk a spec is one safetensors file (no pickle). Its JSON metadata rides in the safetensors
+header and carries a sha256 of the tensor bytes, so a truncated or edited file is rejected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import SpecError
+from .protocols import GenerationSettings
+
+SPEC_FORMAT_VERSION = 1
+PIXEL_FEATURE_SIZE = 8  # rkme_basic compares 8x8 RGB thumbnails (192 values)
+THUMBNAIL_SIZE = 64
+_TENSORS = ("image_features", "prompt_features", "pixel_features", "thumbnails", "done")
+
+
+@dataclass(frozen=True)
+class SpecKey:
+    sha256: str
+    encoder_id: str
+    prompt_set_hash: str
+
+
+@dataclass
+class Spec:
+    """Features for N prompts x S images. Rows of unfinished prompts are zero and ``done`` is False."""
+
+    checkpoint_name: str
+    sha256: str
+    encoder_id: str
+    prompt_set_name: str
+    prompt_set_hash: str
+    prompts: list[str]
+    seeds: list[list[int]]
+    settings: GenerationSettings
+    image_features: torch.Tensor  # [N, S, d] float16, unit rows
+    prompt_features: torch.Tensor  # [N, d] float16, unit rows
+    pixel_features: torch.Tensor  # [N, S, 3*8*8] float16, unit rows
+    thumbnails: torch.Tensor  # [N, 64, 64, 3] uint8, the first image of each prompt
+    done: torch.Tensor  # [N] bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> SpecKey:
+        return SpecKey(self.sha256, self.encoder_id, self.prompt_set_hash)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def images_per_prompt(self) -> int:
+        return int(self.image_features.shape[1])
+
+    @classmethod
+    def empty(
+        cls,
+        *,
+        checkpoint_name: str,
+        sha256: str,
+        encoder_id: str,
+        prompt_set_name: str,
+        prompt_set_hash: str,
+        prompts: list[str],
+        seeds: list[list[int]],
+        settings: GenerationSettings,
+        prompt_features: torch.Tensor,
+        feature_dim: int,
+    ) -> Spec:
+        n, s = len(prompts), len(seeds[0])
+        return cls(
+            checkpoint_name=checkpoint_name,
+            sha256=sha256,
+            encoder_id=encoder_id,
+            prompt_set_name=prompt_set_name,
+            prompt_set_hash=prompt_set_hash,
+            prompts=list(prompts),
+            seeds=[list(x) for x in seeds],
+            settings=settings,
+            image_features=torch.zeros(n, s, feature_dim, dtype=torch.float16),
+            prompt_features=prompt_features.to(torch.float16).contiguous(),
+            pixel_features=torch.zeros(n, s, 3 * PIXEL_FEATURE_SIZE**2, dtype=torch.float16),
+            thumbnails=torch.zeros(n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3, dtype=torch.uint8),
+            done=torch.zeros(n, dtype=torch.bool),
+        )
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "image_features": self.image_features.contiguous(),
+            "prompt_features": self.prompt_features.contiguous(),
+            "pixel_features": self.pixel_features.contiguous(),
+            "thumbnails": self.thumbnails.contiguous(),
+            "done": self.done.to(torch.uint8).contiguous(),
+        }
+
+    def metadata(self) -> dict:
+        return {
+            "format_version": SPEC_FORMAT_VERSION,
+            "checkpoint_name": self.checkpoint_name,
+            "sha256": self.sha256,
+            "encoder_id": self.encoder_id,
+            "prompt_set": {"name": self.prompt_set_name, "hash": self.prompt_set_hash, "prompts": self.prompts},
+            "seeds": self.seeds,
+            "settings": self.settings.to_dict(),
+            "complete": self.complete,
+            "extra": self.extra,
+        }
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a temp file in the same folder, then rename over the target."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = self._tensors()
+        meta = self.metadata()
+        meta["content_sha256"] = _content_hash(tensors)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"gmi": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> Spec:
+        """Read and validate; any inconsistency raises :class:`SpecError` naming the file and the fault."""
+        path = Path(path)
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
+        try:
+            meta = json.loads(header["gmi"])
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise SpecError(f"spec file {path} has no valid gmi metadata") from exc
+        if meta.get("format_version") != SPEC_FORMAT_VERSION:
+            raise SpecError(f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}")
+        missing = [name for name in _TENSORS if name not in tensors]
+        if missing:
+            raise SpecError(f"spec file {path} lacks tensors {missing}")
+        if _content_hash(tensors) != meta.get("content_sha256"):
+            raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
+        try:
+            spec = cls(
+                checkpoint_name=meta["checkpoint_name"],
+                sha256=meta["sha256"],
+                encoder_id=meta["encoder_id"],
+                prompt_set_name=meta["prompt_set"]["name"],
+                prompt_set_hash=meta["prompt_set"]["hash"],
+                prompts=list(meta["prompt_set"]["prompts"]),
+                seeds=[list(map(int, s)) for s in meta["seeds"]],
+                settings=GenerationSettings.from_dict(meta["settings"]),
+                image_features=tensors["image_features"],
+                prompt_features=tensors["prompt_features"],
+                pixel_features=tensors["pixel_features"],
+                thumbnails=tensors["thumbnails"],
+                done=tensors["done"].bool(),
+                extra=dict(meta.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecError(f"spec file {path} has incomplete metadata: {exc}") from exc
+        spec.validate(str(path))
+        return spec
+
+    def validate(self, origin: str = "spec") -> None:
+        n, s = len(self.prompts), len(self.seeds[0]) if self.seeds else 0
+        d = self.prompt_features.shape[-1] if self.prompt_features.ndim == 2 else -1
+        checks = [
+            (n > 0 and s > 0, "no prompts or seeds"),
+            (all(len(row) == s for row in self.seeds) and len(self.seeds) == n, "seed table shape"),
+            (tuple(self.image_features.shape) == (n, s, d), f"image_features shape {tuple(self.image_features.shape)}"),
+            (tuple(self.prompt_features.shape) == (n, d), f"prompt_features shape {tuple(self.prompt_features.shape)}"),
+            (self.pixel_features.shape[:2] == (n, s), "pixel_features shape"),
+            (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8, "thumbnails shape"),
+            (tuple(self.done.shape) == (n,), "done mask shape"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise SpecError(f"{origin}: inconsistent spec ({what})")
+        for name in ("image_features", "prompt_features", "pixel_features"):
+            values = getattr(self, name).float()
+            if not torch.isfinite(values).all():
+                raise SpecError(f"{origin}: {name} holds NaN or infinite values")
+        finished = self.image_features[self.done].float()
+        if finished.numel() and not torch.allclose(finished.norm(dim=-1), torch.ones(()), atol=1e-2):
+            raise SpecError(f"{origin}: image features are not unit vectors")
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def pixel_feature(image) -> np.ndarray:
+    """Raw-pixel descriptor for the rkme_basic baseline: an 8x8 RGB downscale, unit length."""
+    from PIL import Image
+
+    small = np.asarray(image.convert("RGB").resize((PIXEL_FEATURE_SIZE,) * 2, Image.BILINEAR), dtype=np.float32) / 255.0
+    vec = small.reshape(-1) - 0.5
+    norm = np.linalg.norm(vec)
+    return vec / norm if norm > 1e-8 else np.full_like(vec, 1.0 / np.sqrt(vec.size))
+
+
+def thumbnail(image) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(image.convert("RGB").resize((THUMBNAIL_SIZE,) * 2, Image.BICUBIC), dtype=np.uint8)

@@ -1,0 +1,105 @@
+"""GMI Build Specs: renders each checkpoint's spec images with ComfyUI and stores their CLIP features."""
+
+from __future__ import annotations
+
+import json
+
+from ..gmi_core.protocols import BuildProgress, GenerationSettings
+from . import engines, events, settings
+from .encoder_node import ENCODER_TYPE
+from .host import ComfyGenerator
+
+FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
+FALLBACK_SCHEDULERS = ["normal", "karras", "simple"]
+
+
+def sampler_choices():
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+    except ImportError:
+        return FALLBACK_SAMPLERS, FALLBACK_SCHEDULERS
+
+
+def parse_which(which: str, checkpoints: str):
+    if which != "listed":
+        return which
+    names = [line.strip() for line in (checkpoints or "").splitlines() if line.strip()]
+    if not names:
+        raise ValueError("which = listed, but no checkpoint names were given (one per line)")
+    return names
+
+
+class GMIBuildSpecs:
+    CATEGORY = "gmi"
+    FUNCTION = "build"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    DESCRIPTION = "Builds (or resumes) the gmi specification of each checkpoint: images per prompt, encoded with CLIP."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        samplers, schedulers = sampler_choices()
+        d = settings.DEFAULTS
+        return {
+            "required": {
+                "encoder": (ENCODER_TYPE,),
+                "which": (["missing", "all", "listed"], {"default": "missing"}),
+                "prompt_set": (engines.prompt_set_choices(), {"default": "platform"}),
+                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "0 = every prompt of the set"}),
+                "images_per_prompt": ("INT", {"default": d["images_per_prompt"], "min": 1, "max": 64}),
+                "steps": ("INT", {"default": d["steps"], "min": 1, "max": 200}),
+                "cfg": ("FLOAT", {"default": d["cfg"], "min": 0.0, "max": 50.0, "step": 0.1}),
+                "sampler_name": (samplers, {"default": "euler"}),
+                "scheduler": (schedulers, {"default": "normal"}),
+                "width": ("INT", {"default": d["width"], "min": 64, "max": 4096, "step": 8}),
+                "height": ("INT", {"default": d["height"], "min": 64, "max": 4096, "step": 8}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "base seed of the spec images"}),
+            },
+            "optional": {
+                "checkpoints": ("STRING", {"multiline": True, "default": "", "tooltip": "names, one per line (which = listed)"}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+            },
+        }
+
+    def build(self, encoder, which, prompt_set, max_prompts, images_per_prompt, steps, cfg, sampler_name, scheduler,
+              width, height, seed, checkpoints="", negative_prompt=""):
+        gen_settings = GenerationSettings(
+            steps=int(steps), cfg=float(cfg), sampler=sampler_name, scheduler=scheduler,
+            width=int(width), height=int(height), negative_prompt=negative_prompt or "",
+        )
+        prompts = engines.get_prompt_set(prompt_set, max_prompts)
+        engine = engines.get_engine(encoder, prompts, int(images_per_prompt), gen_settings, int(seed))
+        source = engines.source()
+        target = parse_which(which, checkpoints)
+        statuses, _ = engine.status(source)
+        if isinstance(target, str):
+            todo = [s for s in statuses if target == "all" or s.state != "ready"]
+        else:
+            todo = [s for s in statuses if s.name in target]
+        remaining = sum(s.prompts_total - (s.prompts_done if s.state == "partial" and target != "all" else 0) for s in todo)
+        bar = events.NodeProgress(remaining * int(images_per_prompt))
+        generator = ComfyGenerator(on_image=bar.step)
+
+        def progress(p: BuildProgress):
+            events.send(events.BUILD_PROGRESS, {
+                "checkpoint": p.checkpoint, "index": p.checkpoint_index, "count": p.checkpoint_count,
+                "prompts_done": p.prompts_done, "prompts_total": p.prompts_total,
+                "images_done": p.images_done, "images_total": p.images_total, "message": p.message,
+            })
+
+        settings.save({
+            "encoder": getattr(encoder, "gmi_choice", settings.DEFAULTS["encoder"]), "prompt_set": prompt_set,
+            "max_prompts": int(max_prompts), "images_per_prompt": int(images_per_prompt), "steps": int(steps),
+            "cfg": float(cfg), "sampler_name": sampler_name, "scheduler": scheduler, "width": int(width),
+            "height": int(height), "seed": int(seed),
+        })
+        report = engine.build(source, generator, target, progress=progress, should_cancel=events.interrupted)
+        result = report.to_dict()
+        events.send(events.BUILD_DONE, result)
+        if report.cancelled:
+            events.check_interrupted()  # raises ComfyUI's interrupt exception; finished prompts are saved
+        text = json.dumps(result, indent=1)
+        return {"ui": {"gmi_build": [result]}, "result": (text,)}

@@ -1,0 +1,213 @@
+"""ComfyUI's side of the three gmi seams: checkpoint source, generator, switcher.
+
+Everything ComfyUI-specific is imported lazily, inside the functions that need it, so that the
+pack imports in plain Python (tests, linters) and only touches ComfyUI when a node runs.
+Checkpoint names are resolved only through ``folder_paths``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..gmi_core.checkpoints import inspect_checkpoint
+from ..gmi_core.errors import CheckpointError
+from ..gmi_core.hashing import sha256_file
+from ..gmi_core.protocols import (
+    CheckpointInfo,
+    CheckpointListing,
+    GenerationSettings,
+    SkippedCheckpoint,
+)
+
+log = logging.getLogger("gmi")
+
+
+# -- folders -----------------------------------------------------------------------------------
+def gmi_user_dir() -> Path:
+    """Spec store, hash cache and panel settings live under ComfyUI's user directory."""
+    import folder_paths
+
+    return Path(folder_paths.get_user_directory()) / "gmi"
+
+
+def register_model_folder() -> None:
+    """A ``models/gmi`` folder for CLIP encoder files (open_clip format), next to ``clip_vision``."""
+    import folder_paths
+
+    if "gmi" not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths["gmi"] = ([str(Path(folder_paths.models_dir) / "gmi")], {".safetensors"})
+
+
+def encoder_search_dirs() -> list[Path]:
+    import folder_paths
+
+    register_model_folder()
+    dirs = []
+    for kind in ("gmi", "clip_vision"):
+        try:
+            dirs += [Path(p) for p in folder_paths.get_folder_paths(kind)]
+        except KeyError:
+            pass
+    return dirs
+
+
+def encoder_files() -> list[str]:
+    """Encoder files a user can pick: every .safetensors in models/gmi (by relative name)."""
+    import folder_paths
+
+    register_model_folder()
+    try:
+        return sorted(folder_paths.get_filename_list("gmi"))
+    except KeyError:
+        return []
+
+
+def encoder_file_path(name: str) -> Path | None:
+    import folder_paths
+
+    register_model_folder()
+    path = folder_paths.get_full_path("gmi", name)
+    return Path(path) if path else None
+
+
+def checkpoint_names() -> list[str]:
+    import folder_paths
+
+    return list(folder_paths.get_filename_list("checkpoints"))
+
+
+def checkpoint_path(name: str) -> Path:
+    """The file behind a checkpoint name, only ever through ``folder_paths``."""
+    import folder_paths
+
+    path = folder_paths.get_full_path("checkpoints", name)
+    if not path:
+        raise CheckpointError(f"no checkpoint named {name!r} in the checkpoints folders")
+    return Path(path)
+
+
+# -- images ------------------------------------------------------------------------------------
+def tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI IMAGE (float [B,H,W,C] in 0..1) to RGB PIL images."""
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    arr = (images.detach().float().cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(a[..., :3] if a.shape[-1] >= 3 else np.repeat(a, 3, axis=-1), "RGB") for a in arr]
+
+
+# -- the three seams ---------------------------------------------------------------------------
+class ComfyCheckpointSource:
+    """ComfyUI's ``checkpoints`` folders; hashes cached in the gmi user folder."""
+
+    def __init__(self, hash_cache: Path | None = None):
+        self.hash_cache = hash_cache
+
+    def list_checkpoints(self) -> CheckpointListing:
+        listing = CheckpointListing()
+        for name in checkpoint_names():
+            path = checkpoint_path(name)
+            # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
+            family, reason = inspect_checkpoint(path, allow_pickle=True)
+            if reason:
+                listing.skipped.append(SkippedCheckpoint(name, path, reason))
+                continue
+            try:
+                sha = sha256_file(path, self.hash_cache)
+            except OSError as exc:
+                listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable: {exc}"))
+                continue
+            listing.checkpoints.append(CheckpointInfo(name, path, sha))
+        return listing
+
+
+def load_checkpoint(path: Path):
+    """(MODEL, CLIP, VAE) through ComfyUI's own loader."""
+    import comfy.sd
+    import folder_paths
+
+    out = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings")
+    )
+    model, clip, vae = out[:3]
+    if model is None or clip is None or vae is None:
+        raise CheckpointError(f"{Path(path).name}: ComfyUI could not load a model, CLIP and VAE from it")
+    return model, clip, vae
+
+
+class ComfyGenerator:
+    """Renders spec images the way a KSampler graph would: the checkpoint's CLIP, sampler and VAE."""
+
+    def __init__(self, on_image=None):
+        self.on_image = on_image  # called after every image (progress bar)
+        self._loaded: tuple[Path, tuple] | None = None
+
+    def _models(self, checkpoint: CheckpointInfo):
+        if self._loaded is None or self._loaded[0] != Path(checkpoint.path):
+            self.release()
+            try:
+                self._loaded = (Path(checkpoint.path), load_checkpoint(checkpoint.path))
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - ComfyUI raises many kinds for unloadable files
+                raise CheckpointError(f"ComfyUI could not load {checkpoint.name}: {type(exc).__name__}: {exc}") from exc
+        return self._loaded[1]
+
+    def generate(self, checkpoint: CheckpointInfo, prompt: str, seeds: Sequence[int], settings: GenerationSettings):
+        import comfy.model_management as mm
+        import comfy.sample
+
+        model, clip, vae = self._models(checkpoint)
+        positive = _encode(clip, prompt)
+        negative = _encode(clip, settings.negative_prompt)
+        images = []
+        for seed in seeds:
+            mm.throw_exception_if_processing_interrupted()
+            latent = torch.zeros([1, 4, settings.height // 8, settings.width // 8])
+            latent = comfy.sample.fix_empty_latent_channels(model, latent)
+            noise = comfy.sample.prepare_noise(latent, int(seed))
+            samples = comfy.sample.sample(
+                model, noise, settings.steps, settings.cfg, settings.sampler, settings.scheduler,
+                positive, negative, latent, denoise=1.0, disable_pbar=True, seed=int(seed),
+            )
+            decoded = vae.decode(samples)
+            if decoded.ndim == 5:  # some VAEs return [B, T, H, W, C]
+                decoded = decoded.reshape(-1, *decoded.shape[-3:])
+            images += tensor_to_pils(decoded)
+            if self.on_image:
+                self.on_image()
+        return images
+
+    def release(self) -> None:
+        if self._loaded is None:
+            return
+        self._loaded = None
+        try:
+            import comfy.model_management as mm
+
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+        except ImportError:
+            pass
+        gc.collect()
+
+
+def _encode(clip, text: str):
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+class ComfySwitcher:
+    """Makes a checkpoint active in the graph: the Identify node outputs what this loads."""
+
+    def __init__(self):
+        self.loaded = None
+
+    def switch(self, checkpoint: CheckpointInfo) -> None:
+        self.loaded = load_checkpoint(checkpoint.path)

@@ -1,0 +1,25 @@
+"""GMI Interrogate: the pseudo-prompt gmi derives from an image (the text that drives the prompt weights)."""
+
+from __future__ import annotations
+
+from . import engines
+from .encoder_node import ENCODER_TYPE
+from .host import tensor_to_pils
+
+
+class GMIInterrogate:
+    CATEGORY = "gmi"
+    FUNCTION = "interrogate"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("prompt",)
+    DESCRIPTION = "Describes the image with CLIP labels; edit the result and feed it to GMI Identify's prompt."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"encoder": (ENCODER_TYPE,), "image": ("IMAGE",)}}
+
+    def interrogate(self, encoder, image):
+        engine = engines.get_engine(encoder, engines.get_prompt_set("platform"), images_per_prompt=1)
+        text = engine.interrogate(tensor_to_pils(image))
+        return {"ui": {"text": [text]}, "result": (text,)}

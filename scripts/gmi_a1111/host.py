@@ -1,0 +1,187 @@
+"""The three gmi_core seams implemented with the WebUI's own modules.
+
+Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_webui.py):
+
+- ``sd_models.checkpoints_list`` / ``checkpoint_aliases`` (CheckpointInfo: filename, name, title, sha256,
+  ``calculate_shorthash()``), ``sd_models.list_models()``
+- ``hashes.sha256(filename, title)`` (the WebUI's own hash cache)
+- ``processing.StableDiffusionProcessingTxt2Img`` + ``processing.process_images``
+- ``shared.state`` (interrupted, textinfo), ``shared.opts`` (set/save/sd_model_checkpoint), ``shared.config_filename``
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from gmi_core.checkpoints import inspect_checkpoint
+from gmi_core.errors import Cancelled, CheckpointError, GmiError
+from gmi_core.hashing import sha256_file
+from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings, SkippedCheckpoint
+from modules import hashes, processing, sd_models, shared
+
+log = logging.getLogger("gmi")
+
+
+def webui_checkpoints() -> list:
+    """The WebUI's CheckpointInfo objects, one per file (checkpoints_list is keyed by title)."""
+    seen, out = set(), []
+    for info in list(sd_models.checkpoints_list.values()):
+        if info.filename in seen:
+            continue
+        seen.add(info.filename)
+        out.append(info)
+    return sorted(out, key=lambda i: i.name.lower())
+
+
+def webui_sha256(info, fallback_cache: Path | None = None) -> str | None:
+    """sha256 through the WebUI's own cache (and title update); gmi's cache when WebUI hashing is off."""
+    sha = getattr(info, "sha256", None)
+    if not sha:
+        sha = hashes.sha256(info.filename, f"checkpoint/{info.name}")
+        if sha and hasattr(info, "calculate_shorthash"):
+            try:
+                info.calculate_shorthash()  # registers the "[shorthash]" title the dropdown shows
+            except Exception as exc:  # noqa: BLE001 - cosmetic only
+                log.debug("gmi: calculate_shorthash failed for %s: %s", info.name, exc)
+    if not sha and fallback_cache is not None:  # --no-hashing: hash ourselves, cached by size+mtime
+        sha = sha256_file(Path(info.filename), fallback_cache)
+    return sha
+
+
+def resolve_checkpoint(name: str):
+    """A WebUI CheckpointInfo by title, name, model name, short hash or sha256; never a file path."""
+    if not isinstance(name, str) or not name.strip():
+        raise CheckpointError("no checkpoint named")
+    name = name.strip()
+    info = sd_models.checkpoint_aliases.get(name)
+    if info is None:
+        lowered = name.lower()
+        for candidate in webui_checkpoints():
+            sha = getattr(candidate, "sha256", None) or ""
+            if lowered in (candidate.name.lower(), candidate.title.lower()) or (sha and lowered in (sha, sha[:10])):
+                info = candidate
+                break
+    if info is None:
+        raise CheckpointError(f"checkpoint {name!r} is not in the WebUI's checkpoint list (refresh the list if it is new)")
+    return info
+
+
+class WebuiCheckpointSource:
+    """CheckpointSource over ``sd_models.checkpoints_list``; names are the WebUI's checkpoint names."""
+
+    def __init__(self, hash_cache: Path | None = None):
+        self.hash_cache = hash_cache
+
+    def list_checkpoints(self) -> CheckpointListing:
+        listing = CheckpointListing()
+        for info in webui_checkpoints():
+            path = Path(info.filename)
+            # the WebUI loads .ckpt itself, so gmi need not open pickles to accept them
+            family, reason = inspect_checkpoint(path, allow_pickle=True)
+            if reason is None:
+                try:
+                    sha = webui_sha256(info, self.hash_cache)
+                except OSError as exc:
+                    sha, reason = None, f"unreadable file ({exc})"
+                if not sha and reason is None:
+                    reason = "no sha256 (hashing disabled and file unreadable)"
+            if reason is not None:
+                listing.skipped.append(SkippedCheckpoint(info.name, path, reason))
+                continue
+            listing.checkpoints.append(CheckpointInfo(info.name, path, sha))
+        return listing
+
+    def title_for(self, checkpoint: CheckpointInfo) -> str:
+        return self.webui_info(checkpoint).title
+
+    def webui_info(self, checkpoint: CheckpointInfo):
+        for info in webui_checkpoints():
+            if Path(info.filename) == Path(checkpoint.path) or info.name == checkpoint.name:
+                return info
+        raise CheckpointError(f"checkpoint {checkpoint.name} is no longer in the WebUI's list")
+
+
+class WebuiGenerator:
+    """Generator through the WebUI pipeline: txt2img with ``override_settings['sd_model_checkpoint']``.
+
+    The caller holds ``call_queue.queue_lock`` between ``shared.state.begin()`` and ``end()`` (the build job
+    does); each call is one ``process_images`` with a batch of one prompt x len(seeds) images, so the WebUI's
+    own progress (job_no/job_count, sampling steps) and Interrupt work as for txt2img.
+    """
+
+    def __init__(self, source: WebuiCheckpointSource | None = None):
+        self.source = source or WebuiCheckpointSource()
+
+    def generate(self, checkpoint: CheckpointInfo, prompt: str, seeds: Sequence[int], settings: GenerationSettings):
+        state = shared.state
+        if state.interrupted:
+            raise Cancelled("interrupted")
+        title = self.source.title_for(checkpoint)
+        n = len(seeds)
+        state.textinfo = f"gmi: {checkpoint.name}: {prompt[:60]}"
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model,
+            prompt=[prompt] * n,
+            negative_prompt=settings.negative_prompt,
+            seed=[int(s) for s in seeds],
+            subseed=-1,
+            subseed_strength=0,
+            sampler_name=settings.sampler,
+            scheduler=settings.scheduler,
+            batch_size=n,
+            n_iter=1,
+            steps=settings.steps,
+            cfg_scale=settings.cfg,
+            width=settings.width,
+            height=settings.height,
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+            override_settings={"sd_model_checkpoint": title},
+            override_settings_restore_afterwards=True,
+        )
+        try:
+            processed = processing.process_images(p)
+        finally:
+            close = getattr(p, "close", None)
+            if close:
+                close()
+        if state.interrupted:
+            raise Cancelled("interrupted")
+        images = list(processed.images)[:n]
+        if len(images) != n:
+            raise GmiError(f"the WebUI returned {len(images)} images for {n} seeds")
+        loaded = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
+        if loaded is not None and Path(loaded.filename) != Path(checkpoint.path):
+            raise GmiError(f"the WebUI rendered with {loaded.name}, not {checkpoint.name}")
+        return images
+
+    def release(self) -> None:
+        """The WebUI keeps and frees models itself (sd_checkpoints_limit); nothing to do between checkpoints."""
+
+
+class WebuiSwitcher:
+    """Makes a checkpoint active the way the settings page and /sdapi/v1/options do."""
+
+    def __init__(self, source: WebuiCheckpointSource | None = None):
+        self.source = source or WebuiCheckpointSource()
+
+    def switch(self, checkpoint: CheckpointInfo) -> str:
+        info = self.source.webui_info(checkpoint)
+        return switch_to_title(info.title)
+
+
+def switch_to_title(title: str) -> str:
+    try:  # Forge: reload_model_weights does nothing; its own entry point switches
+        from modules_forge import main_entry  # type: ignore
+
+        main_entry.checkpoint_change(title)
+    except ImportError:
+        # the option's onchange reloads the weights under the queue lock, like the quicksettings dropdown
+        shared.opts.set("sd_model_checkpoint", title)
+    try:
+        shared.opts.save(shared.config_filename)
+    except AssertionError:  # --freeze-settings
+        pass
+    return title

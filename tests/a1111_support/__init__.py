@@ -1,0 +1,1 @@
+"""Helpers for the A1111 WebUI tests (fake ``modules`` package, tiny checkpoint writer, server runner)."""
