@@ -6,8 +6,8 @@ config locally: pass ``config`` (a diffusers-format folder); online it resolves 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,7 +242,7 @@ class Gmi:
         entries = [e for e in entries if e.prompt_set_hash == self.prompt_set.hash]
         found = {e.sha256 for e in entries}
         if wanted is not None:
-            excluded += [(c.name, "no spec yet") for sha, c in wanted.items() if sha not in found]
+            excluded += [(c.name, self._why_unusable(c)) for sha, c in wanted.items() if sha not in found]
             entries = [e for e in entries if e.sha256 in wanted]
         specs = []
         for entry in entries:
@@ -253,14 +254,22 @@ class Gmi:
             if spec is None or not spec.done.any():
                 excluded.append((entry.checkpoint_name, "spec has no finished prompt"))
                 continue
-            if spec.images_per_prompt != self.images_per_prompt:
-                excluded.append((entry.checkpoint_name, "spec built with another number of images per prompt"))
-                continue
             if wanted is not None:
                 spec.checkpoint_name = wanted[spec.sha256].name
                 spec.extra["popularity"] = wanted[spec.sha256].popularity
             specs.append(spec)
+        if specs:  # one ranking needs one shape: keep the most common images-per-prompt
+            counts = Counter(s.images_per_prompt for s in specs)
+            common = max(counts, key=lambda n: (counts[n], n == self.images_per_prompt))
+            excluded += [(s.checkpoint_name, f"spec has {s.images_per_prompt} images per prompt, others {common}") for s in specs if s.images_per_prompt != common]
+            specs = [s for s in specs if s.images_per_prompt == common]
         return specs, excluded
+
+    def _why_unusable(self, checkpoint: CheckpointInfo) -> str:
+        try:
+            return "no spec yet" if self.store.load(self.key(checkpoint)) is None else "spec not listed"
+        except SpecError as exc:
+            return str(exc)
 
     def identify(
         self,

@@ -232,4 +232,4 @@ def pixel_feature(image) -> np.ndarray:
 def thumbnail(image) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(image.convert("RGB").resize((THUMBNAIL_SIZE,) * 2, Image.BICUBIC), dtype=np.uint8)
+    return np.array(image.convert("RGB").resize((THUMBNAIL_SIZE,) * 2, Image.BICUBIC), dtype=np.uint8)

@@ -1,0 +1,59 @@
+"""The command line, in process: build, specs, identify --json, and the demo."""
+
+import json
+
+import pytest
+
+from gmi_core.cli import main
+
+
+def _engine_args(world, home):
+    prompts = home / "prompts.txt"
+    prompts.write_text("\n".join(world.prompt_set.prompts[:3]))
+    s = world.settings
+    return ["--models", str(world.models), "--home", str(home), "--encoder", str(world.encoder_file),
+            "--prompt-set", str(prompts), "--images-per-prompt", "2", "--steps", str(s.steps), "--cfg", str(s.cfg),
+            "--width", str(s.width), "--height", str(s.height)]
+
+
+def test_build_specs_identify_json(tiny_world, tmp_path, capsys):
+    args = _engine_args(tiny_world, tmp_path)
+    assert main(["build", *args, "--config", str(tiny_world.config), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["built"]) == 4
+
+    assert main(["specs", *args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["state"] for r in rows] == ["ready"] * 4 and all(r["prompts_done"] == 3 for r in rows)
+
+    checkpoint = tiny_world.source().list_checkpoints().checkpoints[2]
+    image = tiny_world.generator().generate(checkpoint, "a tiger walking through the jungle", [4242], tiny_world.settings)[0]
+    image.save(tmp_path / "query.png")
+    assert main(["identify", str(tmp_path / "query.png"), *args, "--json", "--top-k", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"method", "pseudo_prompt", "ranking"} <= set(out) and out["method"] == "gmi"
+    assert len(out["ranking"]) == 3 and out["ranking"][0]["name"] == checkpoint.name
+    assert set(out["ranking"][0]) >= {"rank", "name", "sha256", "score", "top_prompts"}
+
+    assert main(["identify", str(tmp_path / "query.png"), *args]) == 0
+    assert checkpoint.name in capsys.readouterr().out
+
+
+def test_identify_reports_bad_image_clearly(tiny_world, tmp_path, capsys):
+    (tmp_path / "bad.jpg").write_text("nope")
+    assert main(["identify", str(tmp_path / "bad.jpg"), *_engine_args(tiny_world, tmp_path)]) == 2
+    assert "not an image file" in capsys.readouterr().err
+
+
+def test_missing_models_folder(tmp_path, capsys):
+    assert main(["specs", "--models", str(tmp_path / "nowhere"), "--home", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_json(tmp_path, capsys):
+    assert main(["demo", "--json", "--workdir", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["true_checkpoint"] == out["ranking"][0]["name"]
+    assert len(out["ranking"]) == 4 and out["pseudo_prompt"]
+    report = (tmp_path / "report.html").read_text()
+    assert out["true_checkpoint"] in report and report.count("data:image/png;base64") >= 4

@@ -1,0 +1,164 @@
+"""Spec files and the store: round trip, corruption, resume, stale and foreign specs."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gmi_core.builder import spec_seeds
+from gmi_core.encoders import tiny_encoder
+from gmi_core.errors import Cancelled, NoSpecsError, SpecError
+from gmi_core.prompts import load_prompt_set
+from gmi_core.ranker import FeatureBank
+from gmi_core.spec import Spec
+from gmi_core.store import SpecStore
+
+
+def _one_spec(world):
+    gmi = world.gmi()
+    checkpoint = world.source().list_checkpoints().checkpoints[0]
+    return gmi.store.load(gmi.key(checkpoint)), gmi, checkpoint
+
+
+def test_spec_written_reloaded_and_equal(tiny_world, tmp_path):
+    spec, _, _ = _one_spec(tiny_world)
+    path = tmp_path / "copy.safetensors"
+    spec.save(path)
+    again = Spec.load(path)
+    assert again.metadata() == spec.metadata()
+    for name in ("image_features", "prompt_features", "pixel_features", "thumbnails", "done"):
+        assert torch.equal(getattr(again, name), getattr(spec, name)), name
+    assert again.complete and again.seeds == spec_seeds(10, 2, 0)
+    assert not list(tmp_path.glob("*.tmp")), "atomic write leaves no temp file"
+
+
+def test_truncated_spec_is_rejected(tiny_world, tmp_path):
+    spec, _, _ = _one_spec(tiny_world)
+    path = tmp_path / "spec.safetensors"
+    spec.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SpecError, match="unreadable or truncated"):
+        Spec.load(path)
+
+
+def test_tampered_spec_is_rejected(tiny_world, tmp_path):
+    spec, _, _ = _one_spec(tiny_world)
+    path = tmp_path / "spec.safetensors"
+    spec.save(path)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # flip bits inside the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(SpecError, match="modified after it was written"):
+        Spec.load(path)
+
+
+def test_corrupt_spec_in_store_is_excluded_then_rebuilt(tiny_world, tmp_path):
+    shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
+    gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
+    source = tiny_world.source()
+    victim = source.list_checkpoints().checkpoints[3]
+    path = gmi.store.path_for(gmi.key(victim))
+    path.write_bytes(path.read_bytes()[:-500])
+
+    query = tiny_world.generator().generate(victim, "a fox in an autumn forest", [77], tiny_world.settings)
+    result = gmi.identify(query, source=source)
+    assert victim.name not in [r.name for r in result.ranking]
+    assert any(name == victim.name and "truncated" in reason for name, reason in result.excluded)
+    states = {s.name: s.state for s in gmi.status(source)[0]}
+    assert states[victim.name] == "corrupt"
+
+    report = gmi.build(source, tiny_world.generator())
+    assert report.built == [victim.name]
+    assert list(path.parent.glob("*.corrupt-*")), "the corrupt file is kept aside, not deleted"
+    assert gmi.identify(query, source=source).ranking[0].name == victim.name
+
+
+class CountingGenerator:
+    """Wraps a real generator; counts prompts and can stop the build after some of them."""
+
+    def __init__(self, inner, stop_after=None):
+        self.inner, self.stop_after, self.prompts = inner, stop_after, []
+
+    def generate(self, checkpoint, prompt, seeds, settings):
+        self.prompts.append(prompt)
+        return self.inner.generate(checkpoint, prompt, seeds, settings)
+
+    def release(self):
+        self.inner.release()
+
+
+def test_interrupted_build_resumes_without_regenerating(tiny_world, tmp_path):
+    gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
+    source = tiny_world.source()
+    first = CountingGenerator(tiny_world.generator())
+    report = gmi.build(source, first, which=[source.list_checkpoints().checkpoints[0].name],
+                       should_cancel=lambda: len(first.prompts) >= 4)
+    assert report.cancelled and first.prompts == list(tiny_world.prompt_set.prompts[:4])
+    status = {s.name: s for s in gmi.status(source)[0]}
+    name = source.list_checkpoints().checkpoints[0].name
+    assert status[name].state == "partial" and status[name].prompts_done == 4
+
+    second = CountingGenerator(tiny_world.generator())
+    gmi.build(source, second, which=[name])
+    assert second.prompts == list(tiny_world.prompt_set.prompts[4:])
+    assert {s.name: s.state for s in gmi.status(source)[0]}[name] == "ready"
+    rebuilt = gmi.store.load(gmi.key(source.list_checkpoints().checkpoints[0]))
+    reference = tiny_world.gmi().store.load(gmi.key(source.list_checkpoints().checkpoints[0]))
+    assert torch.allclose(rebuilt.image_features.float(), reference.image_features.float(), atol=1e-3)
+
+
+def test_generator_exception_keeps_finished_prompts(tiny_world, tmp_path):
+    gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
+    source = tiny_world.source()
+
+    class Interrupting(CountingGenerator):
+        def generate(self, checkpoint, prompt, seeds, settings):
+            if len(self.prompts) == 3:
+                raise Cancelled("host interrupt")
+            return super().generate(checkpoint, prompt, seeds, settings)
+
+    name = source.list_checkpoints().checkpoints[1].name
+    assert gmi.build(source, Interrupting(tiny_world.generator()), which=[name]).cancelled
+    assert {s.name: s.prompts_done for s in gmi.status(source)[0]}[name] == 3
+
+
+def test_changed_settings_make_a_spec_stale(tiny_world):
+    from dataclasses import replace
+
+    gmi = tiny_world.gmi()
+    gmi.settings = replace(gmi.settings, steps=9)
+    assert {s.state for s in gmi.status(tiny_world.source())[0]} == {"stale"}
+
+
+def test_specs_of_another_encoder_or_prompt_set_are_never_mixed(tiny_world, tmp_path):
+    shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
+    source = tiny_world.source()
+    other_set = load_prompt_set("platform").head(3)
+    other = tiny_world.gmi(spec_root=tmp_path / "specs", encoder=tiny_encoder(seed=7), prompt_set=other_set)
+    checkpoint = source.list_checkpoints().checkpoints[0]
+    other.build(source, tiny_world.generator(), which=[checkpoint.name])
+    query = tiny_world.generator().generate(checkpoint, "a fox in an autumn forest", [5], tiny_world.settings)
+
+    ranked_other = other.identify(query, source=source)
+    assert [r.name for r in ranked_other.ranking] == [checkpoint.name]
+    assert len(ranked_other.excluded) == 3
+
+    original = tiny_world.gmi(spec_root=tmp_path / "specs")
+    assert len(original.identify(query, source=source).ranking) == 4
+    same_encoder_other_set = tiny_world.gmi(spec_root=tmp_path / "specs", prompt_set=other_set)
+    with pytest.raises(NoSpecsError, match="build specs first"):
+        same_encoder_other_set.identify(query, source=source)
+    store = SpecStore(tmp_path / "specs")
+    specs = [store.load(e.key) for e in store.entries() if e.sha256 == checkpoint.sha256]
+    with pytest.raises(ValueError, match="different encoders or prompt sets"):
+        FeatureBank.from_specs(specs)
+
+
+def test_manifest_is_rebuilt_when_broken(tiny_world, tmp_path):
+    shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
+    (tmp_path / "specs" / "manifest.json").write_text("{not json")
+    entries = SpecStore(tmp_path / "specs").entries()
+    assert len(entries) == 4 and all(e.complete for e in entries)
+    assert len(json.loads((tmp_path / "specs" / "manifest.json").read_text())["entries"]) == 4
