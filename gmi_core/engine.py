@@ -20,6 +20,7 @@ from .interrogator import Interrogator
 from .prompts import PromptSet, load_prompt_set
 from .protocols import (
     CheckpointInfo,
+    CheckpointListing,
     CheckpointSource,
     GenerationSettings,
     Generator,
@@ -135,6 +136,7 @@ class Gmi:
         self.base_seed = base_seed
         self.interrogator = Interrogator(encoder, cache_dir=self.store.root / "cache")
         self._prompt_features: torch.Tensor | None = None
+        self._bank_cache: tuple[tuple, FeatureBank] | None = None
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -147,7 +149,9 @@ class Gmi:
 
     # -- status --------------------------------------------------------------------------------
     def status(self, source: CheckpointSource) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
-        listing = source.list_checkpoints()
+        return self._status(source.list_checkpoints())
+
+    def _status(self, listing: CheckpointListing) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
         by_key = {e.key: e for e in self.store.entries()}
         statuses = []
         for ckpt in listing.checkpoints:
@@ -178,9 +182,10 @@ class Gmi:
         should_cancel: Callable[[], bool] | None = None,
     ) -> BuildReport:
         """Build specs: ``which`` is "missing" (not ready), "all", or a list of checkpoint names."""
-        statuses, skipped = self.status(source)
+        checkpoints = source.list_checkpoints()
+        statuses, skipped = self._status(checkpoints)
         report = BuildReport(skipped=list(skipped))
-        listing = {c.name: c for c in source.list_checkpoints().checkpoints}
+        listing = {c.name: c for c in checkpoints.checkpoints}
         if isinstance(which, str) and which not in ("missing", "all"):
             which = [which]
         if isinstance(which, str):
@@ -295,7 +300,7 @@ class Gmi:
             pseudo, prompt_source = self.interrogator.prompt_from_features(query_images), "interrogator"
         query_text = self.encoder.encode_texts([pseudo])[0]
         query_pixels = torch.from_numpy(np.stack([pixel_feature(i) for i in images]))
-        bank = FeatureBank.from_specs(specs)
+        bank = self._bank(specs)
         ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau)
         ranked = []
         order = ranking.order.tolist()[: top_k or None]
@@ -307,6 +312,13 @@ class Gmi:
             ]
             ranked.append(RankedCheckpoint(position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches))
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
+
+    def _bank(self, specs: list[Spec]) -> FeatureBank:
+        """The stacked features, reused (with their kernel caches) while the same specs are ranked."""
+        key = (self.store.fingerprint(), tuple((s.sha256, s.checkpoint_name) for s in specs))
+        if self._bank_cache is None or self._bank_cache[0] != key:
+            self._bank_cache = (key, FeatureBank.from_specs(specs))
+        return self._bank_cache[1]
 
     # -- for UIs -------------------------------------------------------------------------------
     def spec_thumbnail(self, sha256: str, prompt_index: int) -> Image.Image:
