@@ -44,7 +44,7 @@ def write_report(
     query_html = "".join(f'<img src="{_data_uri(q, 192)}">' for q in queries)
     page = f"""<!doctype html><meta charset=utf-8><title>gmi identification</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 8px;border-bottom:1px solid #ddd;vertical-align:top}}
-figure{{display:inline-block;margin:0 6px;width:100px;font-size:11px}} img{{image-rendering:pixelated}}
+figure{{display:inline-block;vertical-align:top;margin:0 6px;width:100px;font-size:11px}} img{{image-rendering:pixelated}}
 figure img{{width:96px;height:96px}} .q img{{width:192px;height:192px;margin-right:8px}}</style>
 <h1>Which checkpoint made this image?</h1>
 <div class=q>{query_html}</div>
