@@ -1,20 +1,55 @@
-"""A1111 / Forge extension installer: runs on every WebUI launch, so it only checks unless something is missing.
+"""Installs what the host lacks, never torch: run by A1111 / Forge on launch and by ComfyUI-Manager.
 
-It never installs, upgrades or downgrades torch or torchvision: the WebUI owns them. open_clip is installed
-without its dependencies for that reason (the WebUI already ships open-clip-torch; gmi_core works with its 2.20).
+Each requirement in requirements.txt is checked first; missing ones are installed with the host's
+current torch pinned, so pip cannot swap the host's torch build.
 """
 
-import launch  # the WebUI's launch module: is_installed, run_pip
+from __future__ import annotations
 
-# (import name, pip requirement, install without dependencies)
-REQUIREMENTS = [
-    ("open_clip", "open-clip-torch", True),
-    ("ftfy", "ftfy", False),
-    ("regex", "regex", False),
-    ("safetensors", "safetensors", False),
-]
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
 
-for module, requirement, no_deps in REQUIREMENTS:
-    if not launch.is_installed(module):
-        flags = "--no-deps " if no_deps else ""
-        launch.run_pip(f"install {flags}{requirement}", f"gmi requirement: {requirement}")
+from packaging.requirements import Requirement
+
+REQUIREMENTS = Path(__file__).with_name("requirements.txt")
+
+
+def missing_requirements() -> list[str]:
+    missing = []
+    for line in REQUIREMENTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        requirement = Requirement(line)
+        try:
+            if not requirement.specifier.contains(metadata.version(requirement.name), prereleases=True):
+                missing.append(line)
+        except metadata.PackageNotFoundError:
+            missing.append(line)
+    return missing
+
+
+def torch_pin() -> list[str]:
+    try:
+        return [f"torch=={metadata.version('torch')}"]
+    except metadata.PackageNotFoundError:
+        return []
+
+
+def install() -> None:
+    needed = missing_requirements()
+    if not needed:
+        return
+    try:
+        import launch  # A1111 / Forge: their pip wrapper logs into the console they show
+    except ImportError:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", *needed, *torch_pin()])
+        return
+    args = " ".join(f'"{r}"' for r in needed + torch_pin())
+    launch.run_pip(f"install {args}", f"gmi requirements: {', '.join(needed)}")
+
+
+if __name__ == "__main__":
+    install()

@@ -69,14 +69,15 @@ class ClipEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _wrap(model: torch.nn.Module, encoder_id: str, mean=None, std=None, device=None) -> ClipEncoder:
+def wrap_open_clip(model: torch.nn.Module, encoder_id: str, mean=None, std=None, device=None) -> ClipEncoder:
+    """An open_clip model with its preprocessing and CLIP's BPE tokenizer, as a ClipEncoder."""
     import open_clip
 
-    device = device or _default_device()
+    device = device or default_device()
     model = model.to(device).eval()
     size = model.visual.image_size
     preprocess = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
@@ -100,7 +101,7 @@ def tiny_encoder(seed: int = 0, device=None) -> ClipEncoder:
     """A tiny random-weight encoder for tests and the demo (64-dim joint space)."""
     model = build_from_config(TINY_CONFIG, seed)
     model.gmi_config = TINY_CONFIG
-    return _wrap(model, f"gmi-tiny-clip-s{seed}", device=device)
+    return wrap_open_clip(model, f"gmi-tiny-clip-s{seed}", device=device)
 
 
 def save_encoder(encoder: ClipEncoder, path: Path) -> Path:
@@ -205,4 +206,4 @@ def _load_file(path: Path, model_name: str | None, pretrained: str, device=None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise EncoderUnavailable(f"{path} does not fit {encoder_id}: {len(missing)} weights missing, e.g. {missing[:3]}")
-    return _wrap(model, encoder_id, mean, std, device)
+    return wrap_open_clip(model, encoder_id, mean, std, device)

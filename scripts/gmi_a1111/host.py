@@ -15,11 +15,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from modules import hashes, processing, sd_models, shared
+
 from gmi_core.checkpoints import inspect_checkpoint
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
 from gmi_core.hashing import sha256_file
 from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings, SkippedCheckpoint
-from modules import hashes, processing, sd_models, shared
 
 log = logging.getLogger("gmi")
 

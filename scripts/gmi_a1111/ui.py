@@ -1,0 +1,197 @@
+"""The "Identify" tab (registered by scripts/gmi_tab.py through on_ui_tabs). Gradio 3.41 (A1111)."""
+
+from __future__ import annotations
+
+import html
+import logging
+
+import gradio as gr
+from modules import call_queue, shared
+
+from gmi_core.errors import GmiError
+from gmi_core.images import load_image
+from gmi_core.ranker import METHODS
+
+from . import build, runtime
+
+log = logging.getLogger("gmi")
+
+# Build button: a task id for the WebUI's progress bar (randomId/requestProgress come from the WebUI's own JS).
+BUILD_JS = """
+function() {
+    var args = Array.from(arguments);
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById('gmi_build_result'), null, function() {});
+    args[0] = id;
+    return args;
+}
+"""
+# "Use this checkpoint": the same path as the quicksettings dropdown, so the dropdown follows.
+SWITCH_JS = """
+function(title) {
+    if (title) { selectCheckpoint(title); }
+    return [title];
+}
+"""
+
+
+def _error_html(message: str) -> str:
+    return f"<div class='gmi-error' style='color:#c33'><b>gmi:</b> {html.escape(message)}</div>"
+
+
+def _images_from(single, files) -> list:
+    images = [single] if single is not None else []
+    for f in files or []:
+        path = getattr(f, "name", f)
+        images.append(load_image(path))
+    return images
+
+
+def ranking_html(data: dict) -> str:
+    rows = []
+    for r in data["ranking"]:
+        thumbs = "".join(
+            f"<img src='{m['thumbnail']}' title='{html.escape(m['prompt'])} (weight {m['weight']:.3f})' "
+            f"style='width:64px;height:64px;margin:1px;image-rendering:pixelated'>"
+            for m in r["top_prompts"]
+            if m.get("thumbnail")
+        )
+        rows.append(
+            f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}</td><td><code>{r['short_hash']}</code></td>"
+            f"<td>{r['score']:.4f}</td><td>{thumbs}</td></tr>"
+        )
+    excluded = "".join(f"<li>{html.escape(e['name'])}: {html.escape(e['reason'])}</li>" for e in data.get("excluded", []))
+    return (
+        f"<p>Method <b>{html.escape(data['method'])}</b>; prompt ({html.escape(data['prompt_source'])}): "
+        f"<i>{html.escape(data['pseudo_prompt'])}</i>. Lower score = closer.</p>"
+        "<table class='gmi-ranking'><tr><th>#</th><th>Checkpoint</th><th>Hash</th><th>Score</th>"
+        f"<th>Best-matching spec images</th></tr>{''.join(rows)}</table>"
+        + (f"<details><summary>Not ranked</summary><ul>{excluded}</ul></details>" if excluded else "")
+    )
+
+
+def status_rows() -> tuple[list[list], list[str], list[str], str]:
+    """(table rows, all names, names without a ready spec, note) for the Build panel."""
+    try:
+        data = runtime.status()
+    except GmiError as exc:
+        return [], [], [], _error_html(str(exc))
+    rows = [[c["name"], c["short_hash"], c["state"], f"{c['prompts_done']}/{c['prompts_total']}"] for c in data["checkpoints"]]
+    rows += [[s["name"], "", "skipped", s["reason"]] for s in data["skipped"]]
+    names = [c["name"] for c in data["checkpoints"]]
+    todo = [c["name"] for c in data["checkpoints"] if c["state"] != "ready"]
+    note = (f"Encoder <code>{html.escape(data['encoder'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
+            f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(data['spec_dir'])}</code>")
+    return rows, names, todo, note
+
+
+def do_identify(image, files, prompt, method, top_k):
+    try:
+        images = _images_from(image, files)
+        if not images:
+            raise GmiError("upload a reference image first")
+        result, data = runtime.identify(images, prompt or None, method, int(top_k), thumbnails=True)
+    except GmiError as exc:
+        return _error_html(str(exc)), gr.update(), gr.update(choices=[], value=None)
+    titles = [r["title"] for r in data["ranking"]]
+    return ranking_html(data), gr.update(value=result.pseudo_prompt), gr.update(choices=titles, value=titles[0] if titles else None)
+
+
+def do_interrogate(image, files):
+    try:
+        images = _images_from(image, files)
+        if not images:
+            raise GmiError("upload a reference image first")
+        return runtime.get_engine().interrogate(images), ""
+    except GmiError as exc:
+        return gr.update(), _error_html(str(exc))
+
+
+def do_build(task_id, names, prompt_set, images_per_prompt, steps, width, height, sampler):
+    """Runs inside wrap_gradio_gpu_call: the queue lock is held and shared.state has begun."""
+    if not names:
+        return "", "<p>Nothing selected.</p>"
+    overrides = {"prompt_set": prompt_set or None, "images_per_prompt": int(images_per_prompt), "steps": int(steps),
+                 "width": int(width), "height": int(height), "sampler": sampler or None}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    job = build.new_job(list(names), overrides, job_id=task_id)
+    report = build.run_build_locked(job)
+    parts = [f"<p>Build {html.escape(job.state)}.</p>"]
+    if job.error:
+        parts.append(_error_html(job.error))
+    for label, key in (("Built", "built"),):
+        if report.get(key):
+            parts.append(f"<p>{label}: {html.escape(', '.join(report[key]))}</p>")
+    for label, key in (("Skipped", "skipped"), ("Failed", "failed")):
+        if report.get(key):
+            items = "".join(f"<li>{html.escape(i['name'])}: {html.escape(i['reason'])}</li>" for i in report[key])
+            parts.append(f"<p>{label}:</p><ul>{items}</ul>")
+    # wrap_gradio_gpu_call wants a sequence whose last item is HTML (it appends the time taken)
+    return job.message, "".join(parts)
+
+
+def _sampler_names() -> list[str]:
+    try:
+        from modules import sd_samplers
+
+        return [s.name for s in sd_samplers.all_samplers]
+    except Exception:  # noqa: BLE001
+        return [str(runtime.opt("gmi_sampler"))]
+
+
+def on_ui_tabs():
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Tab("Identify"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(label="Reference image", type="pil", elem_id="gmi_reference")
+                    files = gr.File(label="More reference images", file_count="multiple", file_types=["image"])
+                    prompt = gr.Textbox(label="Prompt (empty: interrogate the image)", lines=2, elem_id="gmi_prompt")
+                    with gr.Row():
+                        method = gr.Dropdown(list(METHODS), value=str(runtime.opt("gmi_method")), label="Method")
+                        top_k = gr.Slider(1, 50, value=int(runtime.opt("gmi_top_k")), step=1, label="Top k")
+                    with gr.Row():
+                        interrogate_btn = gr.Button("Interrogate")
+                        identify_btn = gr.Button("Identify", variant="primary", elem_id="gmi_identify")
+                with gr.Column():
+                    result = gr.HTML(elem_id="gmi_ranking")
+                    with gr.Row():
+                        choice = gr.Dropdown([], label="Checkpoint", elem_id="gmi_choice")
+                        use_btn = gr.Button("Use this checkpoint", elem_id="gmi_use")
+            identify_btn.click(do_identify, [image, files, prompt, method, top_k], [result, prompt, choice])
+            interrogate_btn.click(do_interrogate, [image, files], [prompt, result])
+            use_btn.click(None, [choice], [choice], _js=SWITCH_JS)
+        with gr.Tab("Build specs"):
+            rows, names, todo, note = status_rows()
+            note_html = gr.HTML(note)
+            table = gr.Dataframe(rows, headers=["checkpoint", "hash", "spec", "prompts / reason"], interactive=False)
+            selected = gr.CheckboxGroup(names, value=todo, label="Checkpoints (default: all without a current spec)")
+            with gr.Row():
+                prompt_set = gr.Textbox(str(runtime.opt("gmi_prompt_set")), label="Prompt set ('platform' or a file)")
+                images_per_prompt = gr.Slider(1, 16, value=int(runtime.opt("gmi_images_per_prompt")), step=1, label="Images per prompt")
+                steps = gr.Slider(1, 150, value=int(runtime.opt("gmi_steps")), step=1, label="Steps")
+            with gr.Row():
+                width = gr.Slider(64, 2048, value=int(runtime.opt("gmi_width")), step=8, label="Width")
+                height = gr.Slider(64, 2048, value=int(runtime.opt("gmi_height")), step=8, label="Height")
+                sampler = gr.Dropdown(_sampler_names(), value=str(runtime.opt("gmi_sampler")), label="Sampler")
+            with gr.Row():
+                refresh_btn = gr.Button("Refresh")
+                build_btn = gr.Button("Build specs", variant="primary", elem_id="gmi_build")
+                interrupt_btn = gr.Button("Interrupt", elem_id="gmi_interrupt")
+            task_id = gr.Textbox(visible=False)
+            build_message = gr.Textbox(label="Last progress", interactive=False)
+            build_result = gr.HTML(elem_id="gmi_build_result")
+
+            def refresh():
+                r, n, t, note_text = status_rows()
+                return note_text, r, gr.update(choices=n, value=t)
+
+            refresh_btn.click(refresh, [], [note_html, table, selected])
+            build_btn.click(
+                call_queue.wrap_gradio_gpu_call(do_build, extra_outputs=[""]),
+                [task_id, selected, prompt_set, images_per_prompt, steps, width, height, sampler],
+                [build_message, build_result],
+                _js=BUILD_JS,
+            ).then(refresh, [], [note_html, table, selected])
+            interrupt_btn.click(lambda: shared.state.interrupt(), [], [])
+    return [(tab, "GMI", "gmi")]

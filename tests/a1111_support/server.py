@@ -1,0 +1,101 @@
+"""Start the real A1111 WebUI on CPU (127.0.0.1, a private --data-dir) with gmi installed as an extension."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+LAUNCH_FLAGS = [
+    "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--use-cpu", "all", "--no-half",
+    "--no-download-sd-model", "--api", "--server-name", "127.0.0.1",
+]
+
+
+def webui_python(webui: Path) -> Path:
+    explicit = os.environ.get("GMI_A1111_PYTHON")
+    candidates = [Path(explicit)] if explicit else []
+    candidates += [webui / "venv" / "bin" / "python", webui.parent / "venv" / "bin" / "python",
+                   webui / "venv" / "Scripts" / "python.exe"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return Path(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebuiServer:
+    def __init__(self, webui: Path, data_dir: Path, extension_root: Path, log_path: Path, extra_env: dict | None = None):
+        self.webui, self.data_dir, self.log_path = Path(webui), Path(data_dir), Path(log_path)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        ext = self.data_dir / "extensions" / "gmi"
+        ext.parent.mkdir(parents=True, exist_ok=True)
+        if not ext.exists():
+            ext.symlink_to(Path(extension_root).resolve(), target_is_directory=True)
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+                        GRADIO_ANALYTICS_ENABLED="False", **(extra_env or {}))
+        self.env.pop("PYTHONPATH", None)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 600) -> None:
+        cmd = [str(webui_python(self.webui)), "launch.py", *LAUNCH_FLAGS, "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.webui, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"WebUI exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                self.get("/gmi/v1/build", expect_error=True)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise TimeoutError(f"WebUI did not start in {timeout}s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def request(self, method: str, path: str, body=None, expect_error: bool = False, timeout: float = 600):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if not expect_error:
+                raise AssertionError(f"{method} {path} -> {exc.code}: {exc.read()[:2000]!r}") from None
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body, **kw):
+        return self.request("POST", path, body, **kw)

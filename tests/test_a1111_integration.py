@@ -1,0 +1,150 @@
+"""Round trip inside the REAL Automatic1111 WebUI (opt-in: GMI_A1111_DIR=/path/to/stable-diffusion-webui).
+
+Starts the WebUI on CPU (127.0.0.1, a private --data-dir with gmi linked in as an extension) with four tiny random
+SD1 checkpoints, builds specs through /gmi/v1/build (the WebUI's own txt2img pipeline), renders a query image from
+each checkpoint with an unseen prompt and seed (/sdapi/v1/txt2img), identifies it through /gmi/v1/identify and
+asserts the generating checkpoint ranks first; then switches to it (/gmi/v1/switch) and checks /sdapi/v1/options.
+Also checks the auto-select script via alwayson_scripts, a skipped LoRA file, and that the GMI tab was built.
+
+The WebUI's Python (GMI_A1111_PYTHON, else <webui>/venv or <webui>/../venv) needs the WebUI's requirements
+(see shared/hosts/a1111.md: setuptools 80.9.0, clip-anytorch 2.6.0, torch 2.14.1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+WEBUI = os.environ.get("GMI_A1111_DIR")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not WEBUI, reason="set GMI_A1111_DIR to a stable-diffusion-webui checkout to run the real-WebUI test"),
+]
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINTS = 4
+IMAGES_PER_PROMPT = 2
+SPEC_PROMPTS = 4
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from gmi_core.encoders import save_encoder, tiny_encoder
+    from gmi_core.prompts import load_prompt_set
+    from tests.a1111_support.server import WebuiServer, webui_python
+
+    webui = Path(WEBUI).resolve()
+    data = tmp_path_factory.mktemp("a1111_data")
+    models = data / "models" / "Stable-diffusion"
+    subprocess.run(
+        [str(webui_python(webui)), str(REPO / "tests" / "a1111_support" / "tiny_checkpoints.py"), "--webui", str(webui),
+         "--out", str(models), "--count", str(CHECKPOINTS), "--text-encoder-dir", str(data / "tiny_clip_text")],
+        check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+    )
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 4)}, str(models / "some_lora.safetensors"))
+    encoder = save_encoder(tiny_encoder(0), data / "models" / "gmi" / "clip" / "gmi-tiny.safetensors")
+    prompts = data / "spec_prompts.json"
+    prompts.write_text(json.dumps(list(load_prompt_set("platform").prompts[:SPEC_PROMPTS])))
+    srv = WebuiServer(webui, data, REPO, data / "webui.log")
+    try:
+        srv.start()
+        srv.settings = {"gmi_encoder": str(encoder), "gmi_prompt_set": str(prompts), "gmi_images_per_prompt": IMAGES_PER_PROMPT,
+                        "gmi_steps": 3, "gmi_width": 64, "gmi_height": 64, "gmi_sampler": "Euler"}
+        yield srv
+    finally:
+        srv.stop()
+        print(f"\n--- WebUI log tail ({srv.log_path}) ---\n{srv.tail(25)}")
+
+
+def txt2img(server, prompt, seed, checkpoint=None, **extra):
+    body = {"prompt": prompt, "seed": seed, "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 1}
+    if checkpoint:
+        body["override_settings"] = {"sd_model_checkpoint": checkpoint}
+    body.update(extra)
+    _, out = server.post("/sdapi/v1/txt2img", body)
+    return out["images"][0], json.loads(out["info"])
+
+
+def test_roundtrip_in_real_webui(server):
+    from gmi_core.prompts import load_prompt_set
+
+    t0 = time.time()
+    server.post("/sdapi/v1/options", server.settings)  # Settings > GMI, as a user would set them
+    _, options = server.get("/sdapi/v1/options")
+    assert options["gmi_images_per_prompt"] == IMAGES_PER_PROMPT and options["gmi_encoder"] == server.settings["gmi_encoder"]
+
+    _, specs = server.get("/gmi/v1/specs")
+    names = [c["name"] for c in specs["checkpoints"]]
+    assert names == [f"tiny_sd1_{i}.safetensors" for i in range(CHECKPOINTS)]
+    assert all(c["state"] == "missing" for c in specs["checkpoints"])
+    assert [s["name"] for s in specs["skipped"]] == ["some_lora.safetensors"] and "LoRA" in specs["skipped"][0]["reason"]
+    print(f"\nspecs before build: {[(c['name'], c['short_hash'], c['state']) for c in specs['checkpoints']]}; skipped: {specs['skipped']}")
+
+    code, bad = server.post("/gmi/v1/build", {"checkpoints": ["../../etc/passwd"]}, expect_error=True)
+    assert code == 404, bad
+    _, job = server.post("/gmi/v1/build", {"checkpoints": "missing"})
+    assert job["state"] in ("queued", "running", "done")
+    deadline = time.time() + 900
+    while job["state"] in ("queued", "running") and time.time() < deadline:
+        time.sleep(1)
+        _, job = server.get(f"/gmi/v1/build/{job['id']}")
+    assert job["state"] == "done", job
+    assert job["report"]["built"] == names and not job["report"]["failed"]
+    print(f"build: {job['state']} in {job['finished'] - job['started']:.1f}s, built {job['report']['built']}, "
+          f"skipped {[s['name'] for s in job['report']['skipped']]}")
+    _, specs = server.get("/gmi/v1/specs")
+    assert all(c["state"] == "ready" and c["prompts_done"] == SPEC_PROMPTS for c in specs["checkpoints"])
+    titles = {c["name"]: c["title"] for c in specs["checkpoints"]}
+
+    spec_prompts = set(load_prompt_set("platform").prompts[:SPEC_PROMPTS])
+    eval_prompts = [p for p in load_prompt_set("evaluation").prompts if p not in spec_prompts]
+    used_seeds = set(range(SPEC_PROMPTS * IMAGES_PER_PROMPT))
+    for i, name in enumerate(names):
+        prompt, seed = eval_prompts[i], 900_001 + i
+        assert seed not in used_seeds
+        image, info = txt2img(server, prompt, seed, titles[name])
+        assert info["sd_model_name"] == name.removesuffix(".safetensors")
+        _, result = server.post("/gmi/v1/identify", {"image": image, "top_k": CHECKPOINTS})
+        ranking = [(r["name"], round(r["score"], 4)) for r in result["ranking"]]
+        print(f"query from {name} ({prompt!r}, seed {seed}): pseudo-prompt {result['pseudo_prompt']!r}\n    ranking {ranking}")
+        assert result["ranking"][0]["name"] == name
+        assert len(result["ranking"]) == CHECKPOINTS
+
+        _, switched = server.post("/gmi/v1/switch", {"checkpoint": result["ranking"][0]["title"]})
+        _, options = server.get("/sdapi/v1/options")
+        assert options["sd_model_checkpoint"] == titles[name] == switched["title"]
+        assert switched["loaded"] == titles[name]
+    print(f"switch: /sdapi/v1/options sd_model_checkpoint = {options['sd_model_checkpoint']!r}")
+
+    # auto-select: the option says tiny_sd1_0, the reference image comes from tiny_sd1_2
+    server.post("/sdapi/v1/options", {"sd_model_checkpoint": titles[names[0]]})
+    reference, _ = txt2img(server, eval_prompts[-1], 424_242, titles[names[2]])
+    _, info = txt2img(server, "a castle on a hill", 5, alwayson_scripts={"gmi auto-select checkpoint": {"args": [True, reference, ""]}})
+    print(f"auto-select infotext: {info['infotexts'][0]}")
+    assert info["sd_model_name"] == "tiny_sd1_2"
+    assert f"GMI auto-select: {names[2]} [" in info["infotexts"][0]
+    _, options = server.get("/sdapi/v1/options")
+    assert options["sd_model_checkpoint"] == titles[names[0]]  # a per-generation override, like the WebUI's own
+
+    # validation
+    assert server.post("/gmi/v1/identify", {"image": "not base64!"}, expect_error=True)[0] == 422
+    assert server.post("/gmi/v1/identify", {"image": reference, "top_k": 0}, expect_error=True)[0] == 422
+    assert server.post("/gmi/v1/switch", {"checkpoint": "/etc/passwd"}, expect_error=True)[0] == 404
+    print(f"round trip passed in {time.time() - t0:.1f}s after start-up")
+
+
+def test_gmi_tab_and_settings_are_in_the_ui(server):
+    _, config = server.get("/config")
+    text = json.dumps(config)
+    for elem in ("gmi_identify", "gmi_build", "gmi_use", "gmi_autoselect_enabled"):
+        assert elem in text, elem
+    assert "GMI (checkpoint identification)" in text
+    log = server.log_path.read_text(errors="replace")
+    assert "Error loading script: gmi" not in log and "Error executing callback" not in log
