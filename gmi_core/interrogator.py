@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data import read_text
 from .encoders import ClipEncoder
 from .store import safe_name
 
@@ -23,7 +23,7 @@ PROMPT_LAYOUT = (("medium", 1), ("subject", 2), ("style", 2), ("lighting", 1), (
 
 
 def load_vocabulary() -> dict[str, list[str]]:
-    return json.loads(resources.files("gmi_core.data").joinpath("vocabulary.json").read_text())
+    return json.loads(read_text("vocabulary.json"))
 
 
 @dataclass

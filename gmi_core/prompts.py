@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from .data import read_text
 from .errors import GmiError
 
 BUILTIN_SETS = ("platform", "evaluation")
@@ -34,7 +34,7 @@ class PromptSet:
 def load_prompt_set(name_or_path: str = "platform") -> PromptSet:
     """A built-in set by name, or a JSON list / text file with one prompt per line."""
     if name_or_path in BUILTIN_SETS:
-        text = resources.files("gmi_core.data").joinpath(f"prompts_{name_or_path}.json").read_text()
+        text = read_text(f"prompts_{name_or_path}.json")
         return PromptSet(name_or_path, tuple(json.loads(text)))
     path = Path(name_or_path)
     if not path.is_file():

@@ -64,6 +64,11 @@ class GMIBuildSpecs:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        # Always look again: checkpoints may have been added, and "missing" is judged at run time.
+        return float("nan")
+
     def build(self, encoder, which, prompt_set, max_prompts, images_per_prompt, steps, cfg, sampler_name, scheduler,
               width, height, seed, checkpoints="", negative_prompt=""):
         gen_settings = GenerationSettings(

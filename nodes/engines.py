@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from .. import gmi_core as _gmi_core
-from ..gmi_core import data as _gmi_data
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
 from ..gmi_core.errors import EncoderUnavailable, GmiError
@@ -17,15 +13,6 @@ from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.store import SpecStore
 from . import host
-
-# gmi_core finds its packaged data files through the absolute name "gmi_core.data". Inside ComfyUI the
-# pack is imported under a mangled name, so make that name resolve to this pack's copy when no other
-# gmi_core is importable.
-try:
-    importlib.import_module("gmi_core.data")
-except ImportError:
-    sys.modules.setdefault("gmi_core", _gmi_core)
-    sys.modules.setdefault("gmi_core.data", _gmi_data)
 
 OPEN_CLIP_MODELS = ["ViT-L-14/openai", "ViT-B-16/openai", "ViT-B-32/openai"]
 _LOCK = threading.RLock()

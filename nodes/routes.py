@@ -132,7 +132,7 @@ def register(server) -> None:
     async def thumbnail(request):
         q = request.query
         sha, enc, psh = q.get("sha256", ""), q.get("encoder_id", ""), q.get("prompt_set_hash", "")
-        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and re.fullmatch(r"[0-9a-f]{1,64}", psh)):
+        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc and re.fullmatch(r"[0-9a-f]{1,64}", psh)):
             return error(GmiError("bad spec key"))
         try:
             png = await run(thumbnail_png, sha, enc, psh, _int(q.get("prompt"), -1, -1))

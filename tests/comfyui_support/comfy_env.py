@@ -73,7 +73,7 @@ class ComfyServer:
         self.log_path = log_path or self.base / "comfyui.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "ComfyServer":
+    def start(self, timeout: float = 180) -> ComfyServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         cmd = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

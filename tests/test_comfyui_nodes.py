@@ -1,0 +1,362 @@
+"""Unit tests of the ComfyUI node classes without ComfyUI: fake folder_paths / comfy modules, a fake generator.
+
+The real thing is tested in test_comfyui_integration.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+PACK = "gmi_pack_under_test"
+COLOURS = [(200, 60, 60), (60, 190, 70), (60, 80, 200), (210, 200, 50)]
+
+
+class Interrupted(Exception):
+    """Stands in for comfy.model_management.InterruptProcessingException."""
+
+
+def _fake_comfy(state: dict):
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []  # a package, so "import comfy.samplers" fails cleanly
+    mm = types.ModuleType("comfy.model_management")
+    mm.processing_interrupted = lambda: state["interrupt"]
+
+    def throw():
+        if state["interrupt"]:
+            state["interrupt"] = False
+            raise Interrupted()
+
+    mm.throw_exception_if_processing_interrupted = throw
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current = total, 0
+            state["bars"].append(self)
+
+        def update(self, value):
+            self.current += value
+
+    utils.ProgressBar = ProgressBar
+    comfy.model_management, comfy.utils = mm, utils
+    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils}
+
+
+def _fake_folder_paths(base: Path):
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(base / "models")
+    fp.folder_names_and_paths = {
+        "checkpoints": ([str(base / "models" / "checkpoints")], {".safetensors", ".ckpt"}),
+        "clip_vision": ([str(base / "models" / "clip_vision")], {".safetensors"}),
+        "embeddings": ([str(base / "models" / "embeddings")], {".safetensors"}),
+    }
+    fp.get_user_directory = lambda: str(base / "user")
+    fp.get_folder_paths = lambda kind: list(fp.folder_names_and_paths[kind][0])
+
+    def get_filename_list(kind):
+        folders, exts = fp.folder_names_and_paths[kind]
+        out = []
+        for folder in folders:
+            root = Path(folder)
+            if root.is_dir():
+                out += [str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.suffix in exts]
+        return out
+
+    def get_full_path(kind, name):
+        for folder in fp.folder_names_and_paths[kind][0]:
+            path = Path(folder) / name
+            if path.is_file() and Path(folder).resolve() in path.resolve().parents:
+                return str(path)
+        return None
+
+    fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
+    return fp
+
+
+def write_fake_checkpoint(path: Path, index: int) -> Path:
+    """Header-valid SD1 single-file checkpoint (tiny tensors); the fake generator reads its index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({
+        "model.diffusion_model.out.2.bias": torch.full((4,), float(index)),
+        "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
+        "cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
+    }, str(path), metadata={"index": str(index)})
+    return path
+
+
+def fake_image(index: int, prompt: str, seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed * 1000 + int(hashlib.md5(prompt.encode()).hexdigest()[:6], 16) % 997)
+    base = np.array(COLOURS[index % len(COLOURS)], dtype=np.float64)
+    img = base + rng.normal(0, 25, (size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+class FakeGenerator:
+    calls: list = []
+    interrupt_after: int | None = None
+    state: dict = {}
+
+    def __init__(self, on_image=None):
+        self.on_image = on_image
+
+    def generate(self, checkpoint, prompt, seeds, settings):
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint.path), "pt") as f:
+            index = int(f.metadata()["index"])
+        FakeGenerator.calls.append((checkpoint.name, prompt, list(seeds)))
+        if FakeGenerator.interrupt_after is not None and len(FakeGenerator.calls) > FakeGenerator.interrupt_after:
+            FakeGenerator.state["interrupt"] = True
+        images = []
+        for s in seeds:
+            images.append(fake_image(index, prompt, s, settings.width))
+            if self.on_image:
+                self.on_image()
+        return images
+
+    def release(self):
+        pass
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    state = {"interrupt": False, "bars": []}
+    monkeypatch.setitem(sys.modules, "folder_paths", _fake_folder_paths(tmp_path))
+    for name, mod in _fake_comfy(state).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in [m for m in sys.modules if m == PACK or m.startswith(PACK + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    pack = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, PACK, pack)
+    spec.loader.exec_module(pack)
+
+    nodes = pack.nodes
+    monkeypatch.setattr(nodes.build_node, "ComfyGenerator", FakeGenerator)
+    loaded = []
+
+    def fake_load(path):
+        loaded.append(Path(path).name)
+        return (f"MODEL<{Path(path).name}>", f"CLIP<{Path(path).name}>", f"VAE<{Path(path).name}>")
+
+    monkeypatch.setattr(nodes.identify_node, "load_checkpoint", fake_load)
+    FakeGenerator.calls, FakeGenerator.interrupt_after, FakeGenerator.state = [], None, state
+
+    ckpts = tmp_path / "models" / "checkpoints"
+    names = [write_fake_checkpoint(ckpts / f"ck{i}.safetensors", i).name for i in range(4)]
+    (ckpts / "broken.safetensors").write_bytes(b"not a safetensors file")
+    save_file({"lora_unet_down.weight": torch.zeros(2)}, str(ckpts / "some-lora.safetensors"))
+    gmi_core = sys.modules[PACK + ".gmi_core.encoders"]
+    gmi_core.save_encoder(gmi_core.tiny_encoder(seed=0), tmp_path / "models" / "gmi" / "tiny.safetensors")
+    return types.SimpleNamespace(pack=pack, nodes=nodes, base=tmp_path, names=names, loaded=loaded, state=state)
+
+
+def build(env, which="missing", max_prompts=4, images_per_prompt=2, checkpoints=""):
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    return env.nodes.GMIBuildSpecs().build(
+        encoder, which, "platform", max_prompts, images_per_prompt, 3, 7.0, "euler", "normal", 64, 64, 0, checkpoints=checkpoints
+    ), encoder
+
+
+def to_tensor(images):
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
+
+
+def test_pack_imports_in_plain_python():
+    code = (
+        "import importlib.abc, importlib.util, sys\n"
+        # as inside ComfyUI: no top-level gmi_core (not pip-installed), only the pack's own copy
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'gmi_core': raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"spec = importlib.util.spec_from_file_location('p', {str(REPO / '__init__.py')!r}, submodule_search_locations=[{str(REPO)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m)\n"
+        "print(sorted(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY, 'folder_paths' in sys.modules, 'comfy' in sys.modules)\n"
+        "from p.gmi_core.interrogator import load_vocabulary\n"
+        "print(len(m.nodes.engines.get_prompt_set('platform', 3)), len(load_vocabulary()) > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['GMIBuildSpecs',", "'GMIIdentify',", "'GMIInterrogate',", "'GMILoadEncoder']", "./web",
+                                  "False", "False", "3", "True"]
+    script = subprocess.run([sys.executable, str(REPO / "__init__.py")], capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0, script.stderr
+    assert (REPO / "web" / "gmi.js").is_file()
+
+
+def test_node_classes_are_well_formed(env):
+    for key, cls in env.pack.NODE_CLASS_MAPPINGS.items():
+        assert key in env.pack.NODE_DISPLAY_NAME_MAPPINGS
+        types_ = cls.INPUT_TYPES()
+        assert "required" in types_ and callable(getattr(cls(), cls.FUNCTION))
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+        json.dumps(types_)  # /object_info must be able to serialise it
+    enc = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"][0]
+    assert enc[0] == "tiny.safetensors" and "ViT-L-14/openai" in enc
+
+
+def test_missing_clip_weights_give_a_clear_message(env):
+    from importlib import import_module
+
+    errors = import_module(PACK + ".gmi_core.errors")
+    with pytest.raises(errors.EncoderUnavailable) as err:
+        env.nodes.GMILoadEncoder().load("ViT-L-14/openai", allow_download=False)
+    text = str(err.value)
+    assert "ViT-L-14" in text and str(env.base / "models" / "gmi") in text and "clip_vision" in text
+
+
+def test_build_reports_skips_and_progress(env):
+    out, _ = build(env)
+    report = out["ui"]["gmi_build"][0]
+    assert sorted(report["built"]) == env.names
+    skipped = {s["name"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"broken.safetensors", "some-lora.safetensors"}
+    assert "LoRA" in skipped["some-lora.safetensors"] and "unreadable" in skipped["broken.safetensors"]
+    assert json.loads(out["result"][0]) == report
+    assert len(FakeGenerator.calls) == 4 * 4 and all(len(c[2]) == 2 for c in FakeGenerator.calls)
+    bar = env.state["bars"][-1]
+    assert bar.total == 4 * 4 * 2 and bar.current == bar.total
+    specs = list((env.base / "user" / "gmi" / "specs").glob("*/*.safetensors"))
+    assert len(specs) == 4  # the spec store lives under ComfyUI's user directory
+    panel = json.loads((env.base / "user" / "gmi" / "panel.json").read_text())
+    assert panel["encoder"] == "tiny.safetensors" and panel["max_prompts"] == 4
+    # nothing left to do
+    FakeGenerator.calls = []
+    again, _ = build(env)
+    assert again["ui"]["gmi_build"][0]["built"] == [] and FakeGenerator.calls == []
+    # a listed checkpoint is rebuilt only when asked for "all"; unknown names are an error
+    listed, _ = build(env, which="listed", checkpoints="ck1.safetensors\n")
+    assert listed["ui"]["gmi_build"][0]["built"] == ["ck1.safetensors"]
+    with pytest.raises(Exception, match="nope"):
+        build(env, which="listed", checkpoints="nope.safetensors")
+
+
+def test_interrupted_build_raises_and_resumes(env):
+    FakeGenerator.interrupt_after = 2
+    with pytest.raises(Interrupted):
+        build(env)
+    done_before = len(FakeGenerator.calls)
+    FakeGenerator.interrupt_after, FakeGenerator.calls = None, []
+    out, _ = build(env)
+    assert sorted(out["ui"]["gmi_build"][0]["built"]) == env.names
+    assert len(FakeGenerator.calls) == 16 - done_before  # every prompt finished before the interrupt is reused
+
+
+def test_identify_picks_the_generating_checkpoint(env):
+    _, encoder = build(env)
+    node = env.nodes.GMIIdentify()
+    before = node.IS_CHANGED()
+    for index, name in enumerate(env.names):
+        image = to_tensor([fake_image(index, "an unseen prompt about a harbour", 99_000 + index)])
+        out = node.identify(encoder, image, "gmi", 3, 1, prompt="", prompt_set="platform", max_prompts=4)
+        model, clip, vae, chosen, text = out["result"]
+        assert chosen == name and model == f"MODEL<{name}>" and clip == f"CLIP<{name}>" and vae == f"VAE<{name}>"
+        ui = out["ui"]["gmi_ranking"][0]
+        assert ui["ranking"][0]["name"] == name and ui["chosen"] == name and len(ui["ranking"]) == 3
+        assert json.loads(text) == ui and out["ui"]["text"] == [name]
+        thumb = ui["ranking"][0]["top_prompts"][0]["thumbnail"]
+        assert thumb.startswith("/gmi/thumbnail?sha256=") and ui["prompt_source"] == "interrogator"
+    # several reference images, a user prompt, another rank, another method
+    images = to_tensor([fake_image(2, "a cat", 5), fake_image(2, "a dog", 6)])
+    out = node.identify(encoder, images, "rkme_clip", 0, 2, prompt="a cat", max_prompts=4)
+    assert out["result"][3] != "ck2.safetensors" and out["ui"]["gmi_ranking"][0]["ranking"][0]["name"] == "ck2.safetensors"
+    assert len(out["ui"]["gmi_ranking"][0]["ranking"]) == 4
+    with pytest.raises(Exception, match="pick_rank"):
+        node.identify(encoder, images, "gmi", 0, 9, max_prompts=4)
+    assert node.IS_CHANGED() == before  # identify does not touch the store
+    build(env, which="all")
+    assert node.IS_CHANGED() != before
+
+
+def test_identify_without_specs_says_so(env):
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    with pytest.raises(Exception, match="build specs first"):
+        env.nodes.GMIIdentify().identify(encoder, to_tensor([fake_image(0, "x", 1)]), "gmi", 5, 1)
+
+
+def test_interrogate_node(env):
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    out = env.nodes.GMIInterrogate().interrogate(encoder, to_tensor([fake_image(0, "x", 1)]))
+    assert isinstance(out["result"][0], str) and out["result"][0] and out["ui"]["text"] == [out["result"][0]]
+
+
+def test_tensor_to_pils_handles_batches_and_range(env):
+    host = env.nodes.host
+    t = torch.rand(3, 16, 24, 3) * 1.4 - 0.2
+    pils = host.tensor_to_pils(t)
+    assert len(pils) == 3 and pils[0].size == (24, 16) and pils[0].mode == "RGB"
+    assert host.tensor_to_pils(torch.rand(8, 8, 3))[0].size == (8, 8)
+
+
+def test_checkpoint_names_resolve_only_through_folder_paths(env):
+    host = env.nodes.host
+    assert host.checkpoint_path("ck0.safetensors").name == "ck0.safetensors"
+    for bad in ("../user/gmi/panel.json", "/etc/passwd", "missing.safetensors"):
+        with pytest.raises(Exception, match="no checkpoint named"):
+            host.checkpoint_path(bad)
+
+
+def test_routes(env):
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    build(env)
+    routes_mod = env.nodes.routes
+    server = types.SimpleNamespace(routes=web.RouteTableDef())
+    routes_mod.register(server)
+    app = web.Application()
+    app.add_routes(server.routes)
+
+    async def scenario():
+        async with TestClient(TestServer(app)) as client:
+            r = await client.get("/gmi/status")
+            data = await r.json()
+            assert r.status == 200, data
+            assert {c["name"]: c["state"] for c in data["checkpoints"]} == {n: "ready" for n in env.names}
+            assert len(data["skipped"]) == 2
+            r = await client.get("/gmi/options")
+            assert "tiny.safetensors" in (await r.json())["encoders"]
+
+            form = {"encoder": "tiny.safetensors", "max_prompts": "4", "top_k": "2"}
+            import io
+
+            import aiohttp
+
+            buf = io.BytesIO()
+            fake_image(3, "a harbour", 4242).save(buf, "PNG")
+            data = aiohttp.FormData(form)
+            data.add_field("image", buf.getvalue(), filename="q.png", content_type="image/png")
+            r = await client.post("/gmi/identify", data=data)
+            result = await r.json()
+            assert r.status == 200, result
+            assert result["ranking"][0]["name"] == "ck3.safetensors" and len(result["ranking"]) == 2
+            r = await client.get(result["ranking"][0]["top_prompts"][0]["thumbnail"])
+            assert r.status == 200 and (await r.read())[:4] == b"\x89PNG"
+
+            bad = aiohttp.FormData({"encoder": "tiny.safetensors"})
+            bad.add_field("image", b"not an image", filename="x.png", content_type="image/png")
+            r = await client.post("/gmi/identify", data=bad)
+            assert r.status == 400 and "not an image" in (await r.json())["error"]
+            for q in ("sha256=../../x&encoder_id=a&prompt_set_hash=ab&prompt=0",
+                      "sha256=" + "a" * 64 + "&encoder_id=../../etc&prompt_set_hash=ab&prompt=0",
+                      "sha256=" + "a" * 64 + "&encoder_id=x&prompt_set_hash=ab&prompt=0"):
+                r = await client.get("/gmi/thumbnail?" + q)
+                assert r.status in (400, 404)
+
+    asyncio.run(scenario())
