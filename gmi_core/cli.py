@@ -181,10 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    try:  # TEMP until the bench package lands
-        add_bench_parser(commands)
-    except ImportError:
-        pass
+    add_bench_parser(commands)
     return parser
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ranker import _kernel, median_gamma, prompt_weights
+from .ranker import kernel, median_gamma, prompt_weights
 
 __all__ = [
     "query_means_many",
@@ -64,22 +64,24 @@ def query_means_many(
         mb = block.shape[0]
         sims = (q @ block.reshape(-1, d).T).reshape(t, u, mb, n, s)
         for g in gammas:
-            k = _kernel(sims, g)
+            k = kernel(sims, g)
             for p in prefixes:
                 out[(g, p)].append(k[:, :p].mean(dim=(1, 4)))
     return {key: torch.cat(parts, dim=1) for key, parts in out.items()}
 
 
-def concat_means(image_means_half_gamma: torch.Tensor, prompt: torch.Tensor, query_text: torch.Tensor, gamma: float) -> torch.Tensor:
+def concat_means(
+    image_means_half_gamma: torch.Tensor, prompt: torch.Tensor, query_text: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """rkme_concat mean kernels [T, M, N] from image mean kernels at gamma/2 and the text similarities."""
-    text = _kernel(query_text.float() @ prompt.float().T, gamma / 2)  # [T, N]
+    text = kernel(query_text.float() @ prompt.float().T, gamma / 2)  # [T, N]
     return image_means_half_gamma * text[:, None, :]
 
 
 def concat_kbar(kbar_half_gamma: torch.Tensor, prompt: torch.Tensor, gamma: float) -> torch.Tensor:
     """rkme_concat Kbar [M, N, N] from the image Kbar at gamma/2."""
     p = prompt.float()
-    return kbar_half_gamma * _kernel(p @ p.T, gamma / 2)[None]
+    return kbar_half_gamma * kernel(p @ p.T, gamma / 2)[None]
 
 
 def scores_from_means(means: torch.Tensor, kbar_m: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,12 @@ def _self_terms(kbar_m: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def exact_scores(
-    full: torch.Tensor, kbar_m: torch.Tensor, query_images: torch.Tensor, weights: torch.Tensor, gamma: float, chunk: int = 2048
+    full: torch.Tensor,
+    kbar_m: torch.Tensor,
+    query_images: torch.Tensor,
+    weights: torch.Tensor,
+    gamma: float,
+    chunk: int = 2048,
 ) -> torch.Tensor:
     """Exact weighted RKME scores [M] of one query for complete specs (full: [M, N, S, d] fp16;
     kbar_m: [M, N, N] at ``gamma``, float32 preferred)."""
@@ -130,7 +137,7 @@ def exact_scores(
     for start in range(0, m, chunk):
         block = full[start : start + chunk]
         sims = _sims_fp16(block.reshape(-1, d), query_images)  # [mb*n*s, U]
-        out.append(_kernel(sims, gamma).reshape(block.shape[0], n, -1).mean(-1))  # [mb, n]
+        out.append(kernel(sims, gamma).reshape(block.shape[0], n, -1).mean(-1))  # [mb, n]
     c = torch.cat(out)
     return _self_terms(kbar_m[:m], weights) - 2 * (c @ weights.float())
 
@@ -191,7 +198,9 @@ class CompactIndex:
         score = ((big - y) ** 2).sum(dim=1)
         return torch.topk(score, min(k, self.size), largest=False).indices
 
-    def identify(self, full: torch.Tensor, query_images: torch.Tensor, weights: torch.Tensor, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def identify(
+        self, full: torch.Tensor, query_images: torch.Tensor, weights: torch.Tensor, k: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(candidate indices sorted best first, their exact scores): prefilter, then exact re-rank.
 
         ``full`` is [M, N, S, d] fp16, in RAM or a memory-mapped array wrapped by torch."""

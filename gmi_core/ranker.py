@@ -95,7 +95,7 @@ def median_gamma(features: torch.Tensor, sample: int = 1024, seed: int = 0) -> f
     return 1.0 / med
 
 
-def _kernel(sim: torch.Tensor, gamma: float) -> torch.Tensor:
+def kernel(sim: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.exp(-gamma * (2 - 2 * sim).clamp(min=0))
 
 
@@ -107,19 +107,18 @@ def _query_means(image: torch.Tensor, query: torch.Tensor, gamma: float) -> torc
     out = []
     for start in range(0, m, per_m):
         block = image[start : start + per_m].float().reshape(-1, d) @ q  # [(mb*n*s), n_q]
-        out.append(_kernel(block, gamma).reshape(-1, n, s * q.shape[1]).mean(-1))
+        out.append(kernel(block, gamma).reshape(-1, n, s * q.shape[1]).mean(-1))
     return torch.cat(out)
 
 
-def kbar(image: torch.Tensor, gamma: float) -> torch.Tensor:
+def kbar(image: torch.Tensor, gamma: float, chunk: int = 32) -> torch.Tensor:
     """Kbar[m, i, j] = mean over s, s' of k(z_{m,i,s}, z_{m,j,s'}); precomputable per spec and gamma."""
     m, n, s, d = image.shape
     out = []
-    for one in image:
-        flat = one.float().reshape(n * s, d)
-        k = _kernel(flat @ flat.T, gamma).reshape(n, s, n, s)
-        out.append(k.mean(dim=(1, 3)))
-    return torch.stack(out) if out else torch.zeros(0, n, n)
+    for start in range(0, m, chunk):  # batched matrix products over a chunk of specs
+        flat = image[start : start + chunk].float().reshape(-1, n * s, d)
+        out.append(kernel(torch.bmm(flat, flat.transpose(1, 2)), gamma).reshape(-1, n, s, n, s).mean(dim=(2, 4)))
+    return torch.cat(out) if out else torch.zeros(0, n, n)
 
 
 def _weighted_scores(image, query, gamma, weights, done, kbar_m=None):
@@ -129,7 +128,7 @@ def _weighted_scores(image, query, gamma, weights, done, kbar_m=None):
     totals = w.sum(dim=1, keepdim=True)
     w = torch.where(totals > 0, w / totals.clamp(min=1e-12), w)
     kb = kbar(image, gamma) if kbar_m is None else kbar_m
-    self_term = torch.einsum("mi,mij,mj->m", w, kb, w)
+    self_term = (torch.bmm(kb, w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=1)  # w_m^T Kbar_m w_m; einsum is far slower
     contributions = w * c
     scores = self_term - 2 * contributions.sum(dim=1)
     scores = torch.where(totals.squeeze(1) > 0, scores, torch.full_like(scores, float("inf")))
@@ -171,7 +170,7 @@ def rank(
         if method == "gmi":
             weights = prompt_weights(bank.prompt, query_text, tau)
         elif method == "rkme_concat":
-            image, query = _concat(bank.image, bank.prompt, query_images, query_text)
+            image, query = concat_features(bank.image, bank.prompt, query_images, query_text)
     if gamma is None:
         gamma = median_gamma(image)
     cache_key = (method == "rkme_basic", method == "rkme_concat", round(gamma, 9))
@@ -182,7 +181,7 @@ def rank(
     return Ranking(method, gamma, scores, order, weights, contributions)
 
 
-def _concat(image, prompt, query_images, query_text):
+def concat_features(image, prompt, query_images, query_text):
     """[z, q] / sqrt(2): unit vectors again, so the same kernel code applies."""
     m, n, s, d = image.shape
     q_rep = prompt.float()[None, :, None, :].expand(m, n, s, d)

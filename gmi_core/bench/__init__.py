@@ -1,0 +1,103 @@
+"""Benchmarks: ``python -m gmi_core bench synthetic|roundtrip|scale``.
+
+Each command writes JSON ``{"command", "machine", "settings", "results", ...}`` and a PNG chart.
+The CLI wires :func:`add_bench_parser` into its subcommands and calls :func:`run_bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+COMMANDS = ("synthetic", "roundtrip", "scale")
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": mem,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_jsonable), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``bench`` with its three commands to an argparse subparsers object; returns the parser."""
+    from . import roundtrip, scale, synthetic
+
+    bench = subparsers.add_parser("bench", help="benchmarks: identification quality and cost (JSON + PNG)")
+    commands = bench.add_subparsers(dest="bench_command", required=True)
+    for module in (synthetic, roundtrip, scale):
+        module.add_arguments(commands)
+    return bench
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmi")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def run_bench(argv=None) -> int:
+    """Entry point: ``argv`` is either the words after ``bench`` or a parsed argparse Namespace."""
+    if isinstance(argv, argparse.Namespace):
+        args = argv
+    else:
+        words = list(sys.argv[1:] if argv is None else argv)
+        if not words or words[0] != "bench":
+            words = ["bench", *words]
+        args = build_parser().parse_args(words)
+    from . import roundtrip, scale, synthetic
+
+    module = {"synthetic": synthetic, "roundtrip": roundtrip, "scale": scale}[args.bench_command]
+    started = time.perf_counter()
+    data = module.run(args)
+    data.setdefault("wall_s", round(time.perf_counter() - started, 1))
+    out = Path(args.out) if args.out else Path(f"bench-{args.bench_command}.json")
+    write_json(out, data)
+    print(module.format_tables(data))
+    print(f"\nwrote {out}", end="")
+    if data.get("plot"):
+        print(f" and {data['plot']}", end="")
+    print()
+    return 0
