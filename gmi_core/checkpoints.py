@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import safe_open
 
-from .hashing import sha256_file
+from .hashing import cached_sha256, sha256_file
 from .protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
@@ -59,10 +60,13 @@ def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[str | No
 class FolderCheckpointSource:
     """Checkpoints in a folder tree (the standalone CLI's source; hosts have their own)."""
 
-    def __init__(self, folder: Path, hash_cache: Path | None = None, allow_pickle: bool = False):
+    def __init__(self, folder: Path, hash_cache: Path | None = None, allow_pickle: bool = False,
+                 on_hashing: Callable[[Path], None] | None = None):
+        """``on_hashing(path)`` is called before a file is hashed for the first time (it can take a while)."""
         self.folder = Path(folder)
         self.hash_cache = hash_cache
         self.allow_pickle = allow_pickle
+        self.on_hashing = on_hashing
 
     def list_checkpoints(self) -> CheckpointListing:
         listing = CheckpointListing()
@@ -75,5 +79,7 @@ class FolderCheckpointSource:
             if reason:
                 listing.skipped.append(SkippedCheckpoint(name, path, reason))
                 continue
+            if self.on_hashing and cached_sha256(path, self.hash_cache) is None:
+                self.on_hashing(path)
             listing.checkpoints.append(CheckpointInfo(name, path, sha256_file(path, self.hash_cache)))
         return listing

@@ -66,7 +66,10 @@ def _engine(args):
     )
     settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width, height=args.height)
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.images_per_prompt, settings, args.seed)
-    return gmi, FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json")
+    def announce(path: Path) -> None:
+        print(f"gmi: hashing {path.name} ({path.stat().st_size / 2**30:.1f} GiB, once; cached after)", file=sys.stderr)
+
+    return gmi, FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json", on_hashing=announce)
 
 
 def cmd_build(args) -> int:

@@ -29,7 +29,7 @@ from .protocols import (
 )
 from .ranker import DEFAULT_METHOD, FeatureBank, rank
 from .spec import Spec, SpecKey, pixel_feature
-from .store import SpecStore
+from .store import ManifestEntry, SpecStore
 
 log = logging.getLogger(__name__)
 STATES = ("ready", "partial", "missing", "stale", "corrupt")
@@ -137,6 +137,7 @@ class Gmi:
         self.interrogator = Interrogator(encoder, cache_dir=self.store.root / "cache")
         self._prompt_features: torch.Tensor | None = None
         self._bank_cache: tuple[tuple, FeatureBank] | None = None
+        self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -252,7 +253,7 @@ class Gmi:
         specs = []
         for entry in entries:
             try:
-                spec = self.store.load(entry.key)
+                spec = self._load_cached(entry)
             except SpecError as exc:
                 excluded.append((entry.checkpoint_name, str(exc)))
                 continue
@@ -269,6 +270,15 @@ class Gmi:
             excluded += [(s.checkpoint_name, f"spec has {s.images_per_prompt} images per prompt, others {common}") for s in specs if s.images_per_prompt != common]
             specs = [s for s in specs if s.images_per_prompt == common]
         return specs, excluded
+
+    def _load_cached(self, entry: ManifestEntry) -> Spec | None:
+        """A spec read (and checksummed) once per file version, not on every identification."""
+        cached = self._spec_cache.get(entry.file)
+        if cached is not None and cached[0] == entry.mtime:
+            return cached[1]
+        spec = self.store.load(entry.key)
+        self._spec_cache[entry.file] = (entry.mtime, spec)
+        return spec
 
     def _why_unusable(self, checkpoint: CheckpointInfo) -> str:
         try:

@@ -18,21 +18,34 @@ def short_hash(sha256: str) -> str:
     return sha256[:10]
 
 
+def _stamp(path: Path) -> tuple[str, list[int]]:
+    stat = path.stat()
+    return str(path), [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_cache(cache_path: Path) -> dict:
+    try:
+        return json.loads(Path(cache_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_sha256(path: Path, cache_path: Path | None) -> str | None:
+    """The cached sha256 while the file's size and mtime are unchanged, else None."""
+    if cache_path is None:
+        return None
+    key, stamp = _stamp(Path(path).resolve())
+    hit = _read_cache(cache_path).get(key)
+    return hit["sha256"] if isinstance(hit, dict) and hit.get("stamp") == stamp else None
+
+
 def sha256_file(path: Path, cache_path: Path | None = None) -> str:
     """The file's sha256; with ``cache_path``, reused while the file's size and mtime are unchanged."""
     path = Path(path).resolve()
-    stat = path.stat()
-    key = str(path)
-    stamp = [stat.st_size, stat.st_mtime_ns]
-    cache = {}
-    if cache_path is not None:
-        try:
-            cache = json.loads(Path(cache_path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            cache = {}
-        hit = cache.get(key)
-        if isinstance(hit, dict) and hit.get("stamp") == stamp:
-            return hit["sha256"]
+    hit = cached_sha256(path, cache_path)
+    if hit is not None:
+        return hit
+    key, stamp = _stamp(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
@@ -40,10 +53,7 @@ def sha256_file(path: Path, cache_path: Path | None = None) -> str:
     value = digest.hexdigest()
     if cache_path is not None:
         with _LOCK:
-            try:
-                cache = json.loads(Path(cache_path).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                cache = {}
+            cache = _read_cache(cache_path)
             cache[key] = {"stamp": stamp, "sha256": value}
             write_json_atomic(Path(cache_path), cache)
     return value

@@ -19,10 +19,14 @@ def _engine_args(world, home):
 def test_build_specs_identify_json(tiny_world, tmp_path, capsys):
     args = _engine_args(tiny_world, tmp_path)
     assert main(["build", *args, "--config", str(tiny_world.config), "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["built"]) == 4
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)["built"]) == 4
+    assert out.err.count("gmi: hashing") == 4, "first sight of each checkpoint is announced"
 
     assert main(["specs", *args, "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    assert "gmi: hashing" not in out.err, "hashes come from the cache afterwards"
+    rows = json.loads(out.out)
     assert [r["state"] for r in rows] == ["ready"] * 4 and all(r["prompts_done"] == 3 for r in rows)
 
     checkpoint = tiny_world.source().list_checkpoints().checkpoints[2]

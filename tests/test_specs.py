@@ -162,3 +162,21 @@ def test_manifest_is_rebuilt_when_broken(tiny_world, tmp_path):
     entries = SpecStore(tmp_path / "specs").entries()
     assert len(entries) == 4 and all(e.complete for e in entries)
     assert len(json.loads((tmp_path / "specs" / "manifest.json").read_text())["entries"]) == 4
+
+
+def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, monkeypatch):
+    shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
+    gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
+    source = tiny_world.source()
+    checkpoint = source.list_checkpoints().checkpoints[0]
+    query = tiny_world.generator().generate(checkpoint, "a fox in an autumn forest", [11], tiny_world.settings)
+    loads = []
+    original = Spec.load.__func__
+    monkeypatch.setattr(Spec, "load", classmethod(lambda cls, path: loads.append(path) or original(cls, path)))
+    first = gmi.identify(query, source=source)
+    assert len(loads) == 4
+    assert gmi.identify(query, source=source).to_dict() == first.to_dict() and len(loads) == 4
+    gmi.build(source, tiny_world.generator(), which="all")  # rewrites every spec file
+    loads.clear()
+    gmi.identify(query, source=source)
+    assert len(loads) == 4, "rewritten files are read again"
