@@ -28,7 +28,9 @@ sharing 65% of their style and interaction; (c) the paper's Example B.1: two che
 every prompt as A renders its mirror image under a reflection R of content space; the platform prompt
 set is closed under R, so both checkpoints have the same image distribution under the platform
 prompts, while evaluation prompts come from one side of the mirror (another distribution);
-(d) many checkpoints, M = 16, 100, 1000, styles in a shared 64-dim subspace (crowding).
+(d) many checkpoints, M = 16, 100, 1000, styles in a shared 64-dim subspace (crowding);
+(e) a difficulty curve: family (a) with the style and interaction energies divided by 4, 16 and 64
+(checkpoints ever more alike), so that the suite also shows where each method stops separating them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -162,6 +164,9 @@ class World:
 
 def make_family(name: str, cfg: SimConfig, seed: int, m: int = 16) -> tuple[World, torch.Tensor, torch.Tensor]:
     """(world with checkpoints, platform contents [N, d], evaluation contents [E, d])."""
+    if name.startswith("e_subtle_x"):
+        factor = float(name.rsplit("x", 1)[1])
+        return make_family("a_easy", replace(cfg, e_style=cfg.e_style / factor, e_inter=cfg.e_inter / factor), seed, m)
     w = World(cfg, seed)
     d, r = cfg.d, cfg.inter_rank
     if name == "c_example_b1":
@@ -317,6 +322,7 @@ def evaluate_family(
 def family_plan(quick: bool, many: list[int]) -> list[tuple[str, int]]:
     plan = [("a_easy", 16), ("b_near_duplicates", 16), ("c_example_b1", 2)]
     plan += [(f"d_many_{n}", n) for n in many]
+    plan += [(f"e_subtle_x{f}", 16) for f in (4, 16, 64)]
     return plan
 
 
@@ -443,7 +449,7 @@ def add_arguments(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, help="feature dimension (default 768, 128 with --quick)")
     p.add_argument("--many", type=int, nargs="+", help="M values of family (d) (default 16 100 1000)")
-    p.add_argument("--families", nargs="+", help="only these families (prefixes: a b c d, or full names)")
+    p.add_argument("--families", nargs="+", help="only these families (prefixes: a b c d e, or full names)")
     p.add_argument("--max-tasks", type=int, help="tasks per family at most (sampled)")
     p.add_argument("--tau", type=float, help="softmax temperature for gmi's prompt weights (default: clipped cosine)")
     p.add_argument("--no-sweep", action="store_true", help="skip the gamma sweep")
