@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ranker import kernel, median_gamma, prompt_weights
+from .ranker import kernel, median_gamma, prompt_weights, similarities
 
 __all__ = [
     "query_means_many",
@@ -108,13 +108,6 @@ def rank_positions(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 # -- exact and two-tier scoring for many specs (bench scale) ----------------------------------
-def _sims_fp16(flat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """[rows, U] similarities of fp16 rows with U query vectors: one fp16 matrix-vector product per
-    query image (CPU fp16 GEMV is memory-bound and fast; fp16 GEMM and fp16->fp32 conversion are not)."""
-    z16 = z.to(flat.dtype)
-    return torch.stack([flat @ z16[j] for j in range(z16.shape[0])], dim=1).float()
-
-
 def _self_terms(kbar_m: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """w^T Kbar_m w for every m as one matrix-vector product (einsum is ~30x slower here)."""
     w = weights.float()
@@ -136,7 +129,7 @@ def exact_scores(
     out = []
     for start in range(0, m, chunk):
         block = full[start : start + chunk]
-        sims = _sims_fp16(block.reshape(-1, d), query_images)  # [mb*n*s, U]
+        sims = similarities(block.reshape(-1, d), query_images)  # [mb*n*s, U]
         out.append(kernel(sims, gamma).reshape(block.shape[0], n, -1).mean(-1))  # [mb, n]
     c = torch.cat(out)
     return _self_terms(kbar_m[:m], weights) - 2 * (c @ weights.float())

@@ -30,7 +30,7 @@ class FeatureBank:
     done: torch.Tensor  # [M, N] bool
     pixel: torch.Tensor | None = None  # [M, N, S, p]
     popularity: list[float | None] = field(default_factory=list)
-    _kbar_cache: dict = field(default_factory=dict, repr=False)
+    _kbar_cache: dict = field(default_factory=dict, repr=False)  # median gammas and Kbar per feature view
 
     @property
     def size(self) -> int:
@@ -85,10 +85,11 @@ def prompt_weights(prompt_features: torch.Tensor, query_text: torch.Tensor, tau:
 
 def median_gamma(features: torch.Tensor, sample: int = 1024, seed: int = 0) -> float:
     """1 / median squared distance between stored feature vectors (the median heuristic)."""
-    flat = features.reshape(-1, features.shape[-1]).float()
-    flat = flat[flat.norm(dim=-1) > 0]  # unfinished prompts are zero rows
-    if len(flat) > sample:
-        flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[:sample]]
+    flat = features.reshape(-1, features.shape[-1])
+    if len(flat) > sample:  # sample before converting: the whole store would be slow to copy
+        flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[: 4 * sample]]
+    flat = flat.float()
+    flat = flat[flat.norm(dim=-1) > 0][:sample]  # unfinished prompts are zero rows
     d2 = (2 - 2 * flat @ flat.T).clamp(min=0)
     upper = d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)]
     med = float(upper[upper > 1e-9].median()) if (upper > 1e-9).any() else 1.0
@@ -99,15 +100,26 @@ def kernel(sim: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.exp(-gamma * (2 - 2 * sim).clamp(min=0))
 
 
+def similarities(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """[R, U] float32 dot products of stored rows [R, d] with query vectors [U, d].
+
+    fp16 rows stay fp16: one matrix-vector product per query vector streams them at memory speed,
+    where converting them to fp32 first costs several times more on CPUs.
+    """
+    if rows.dtype == torch.float32:
+        return rows @ queries.float().T
+    q = queries.to(rows.dtype)
+    return torch.stack([rows @ q[j] for j in range(len(q))], dim=1).float()
+
+
 def _query_means(image: torch.Tensor, query: torch.Tensor, gamma: float) -> torch.Tensor:
     """c[m, i] = mean over images s and queries u of k(z_u, z_{m,i,s}); chunked over m."""
     m, n, s, d = image.shape
     per_m = max(1, _CHUNK_ELEMENTS // max(1, n * s * d))
-    q = query.float().T  # [d, n_q]
     out = []
     for start in range(0, m, per_m):
-        block = image[start : start + per_m].float().reshape(-1, d) @ q  # [(mb*n*s), n_q]
-        out.append(kernel(block, gamma).reshape(-1, n, s * q.shape[1]).mean(-1))
+        block = similarities(image[start : start + per_m].reshape(-1, d), query)  # [(mb*n*s), n_q]
+        out.append(kernel(block, gamma).reshape(-1, n, s * len(query)).mean(-1))
     return torch.cat(out)
 
 
@@ -171,9 +183,12 @@ def rank(
             weights = prompt_weights(bank.prompt, query_text, tau)
         elif method == "rkme_concat":
             image, query = concat_features(bank.image, bank.prompt, query_images, query_text)
+    view = (method == "rkme_basic", method == "rkme_concat")  # which stored features are compared
     if gamma is None:
-        gamma = median_gamma(image)
-    cache_key = (method == "rkme_basic", method == "rkme_concat", round(gamma, 9))
+        if view not in bank._kbar_cache:
+            bank._kbar_cache[view] = median_gamma(image)
+        gamma = bank._kbar_cache[view]
+    cache_key = (*view, round(gamma, 9))
     if cache_key not in bank._kbar_cache:
         bank._kbar_cache[cache_key] = kbar(image, gamma)
     scores, contributions = _weighted_scores(image, query, gamma, weights, bank.done, bank._kbar_cache[cache_key])
