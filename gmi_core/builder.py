@@ -43,8 +43,13 @@ def build_spec(
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     position: tuple[int, int] = (0, 1),
+    restart: bool = False,
 ) -> Spec:
-    """Generate, encode and store; resumes a partial spec built with the same settings."""
+    """Generate, encode and store; resumes a partial spec built with the same settings unless ``restart``.
+
+    The old file is replaced only when the first new prompt is saved, so a rebuild that fails to start
+    (unloadable checkpoint, cancelled at once) leaves the existing spec as it was.
+    """
     key = SpecKey(checkpoint.sha256, encoder.encoder_id, prompt_set.hash)
     seeds = spec_seeds(len(prompt_set), images_per_prompt, base_seed)
     try:
@@ -52,7 +57,9 @@ def build_spec(
     except SpecError as exc:
         store.quarantine(key, str(exc))
         spec = None
-    if spec is not None and not matches_request(spec, seeds, settings):
+    if spec is not None and restart:
+        spec = None
+    elif spec is not None and not matches_request(spec, seeds, settings):
         log.info("gmi: spec of %s was built with other settings; rebuilding", checkpoint.name)
         spec = None
     if spec is None:

@@ -198,8 +198,6 @@ class Gmi:
             names = list(which)
         for index, name in enumerate(names):
             ckpt = listing[name]
-            if which == "all":
-                self._discard(ckpt)
             try:
                 build_spec(
                     store=self.store,
@@ -214,6 +212,7 @@ class Gmi:
                     progress=progress,
                     should_cancel=should_cancel,
                     position=(index, len(names)),
+                    restart=which == "all",
                 )
                 report.built.append(name)
             except Cancelled:
@@ -225,11 +224,6 @@ class Gmi:
             finally:
                 generator.release()
         return report
-
-    def _discard(self, ckpt: CheckpointInfo) -> None:
-        path = self.store.path_for(self.key(ckpt))
-        if path.exists():
-            path.unlink()
 
     # -- identify ------------------------------------------------------------------------------
     def interrogate(self, images: Sequence[Image.Image]) -> str:

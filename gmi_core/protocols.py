@@ -115,7 +115,3 @@ class BuildProgress:
     images_done: int
     images_total: int
     message: str = ""
-
-    @property
-    def fraction(self) -> float:
-        return self.images_done / self.images_total if self.images_total else 1.0

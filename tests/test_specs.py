@@ -180,3 +180,20 @@ def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, mo
     loads.clear()
     gmi.identify(query, source=source)
     assert len(loads) == 4, "rewritten files are read again"
+
+
+def test_rebuild_all_that_fails_at_once_keeps_the_old_specs(tiny_world, tmp_path):
+    shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
+    gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
+    source = tiny_world.source()
+
+    class Broken:
+        def generate(self, checkpoint, prompt, seeds, settings):
+            raise RuntimeError("checkpoint failed to load")
+
+        def release(self):
+            pass
+
+    report = gmi.build(source, Broken(), which="all")
+    assert report.built == [] and len(report.failed) == 4 and "failed to load" in report.failed[0][1]
+    assert {s.state for s in gmi.status(source)[0]} == {"ready"}

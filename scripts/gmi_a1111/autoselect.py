@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import logging
 
 import numpy as np
@@ -68,9 +67,3 @@ def apply(p, enabled, image, prompt: str | None = None) -> str | None:
     p.extra_generation_params[INFOTEXT_KEY] = f"{best['name']} [{best['short_hash']}]"
     print(f"gmi auto-select: {best['title']} (method {result.method}, prompt: {result.pseudo_prompt!r})")
     return best["title"]
-
-
-def image_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
