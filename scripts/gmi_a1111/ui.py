@@ -52,7 +52,7 @@ def ranking_html(data: dict) -> str:
     for r in data["ranking"]:
         thumbs = "".join(
             f"<img src='{m['thumbnail']}' title='{html.escape(m['prompt'])} (weight {m['weight']:.3f})' "
-            f"style='width:64px;height:64px;margin:1px;image-rendering:pixelated'>"
+            f"style='display:inline-block;width:64px;height:64px;margin:1px;image-rendering:pixelated'>"
             for m in r["top_prompts"]
             if m.get("thumbnail")
         )

@@ -94,6 +94,15 @@ class WebuiServer:
                 raise AssertionError(f"{method} {path} -> {exc.code}: {exc.read()[:2000]!r}") from None
             return exc.code, json.loads(exc.read() or b"null")
 
+    def build_specs(self, checkpoints="missing", timeout: float = 900) -> dict:
+        """POST /gmi/v1/build and poll the job until it leaves queued/running (or timeout); returns the job."""
+        _, job = self.post("/gmi/v1/build", {"checkpoints": checkpoints})
+        deadline = time.time() + timeout
+        while job["state"] in ("queued", "running") and time.time() < deadline:
+            time.sleep(1)
+            _, job = self.get(f"/gmi/v1/build/{job['id']}")
+        return job
+
     def get(self, path: str, **kw):
         return self.request("GET", path, **kw)
 
