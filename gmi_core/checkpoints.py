@@ -79,7 +79,10 @@ class FolderCheckpointSource:
             if reason:
                 listing.skipped.append(SkippedCheckpoint(name, path, reason))
                 continue
-            if self.on_hashing and cached_sha256(path, self.hash_cache) is None:
-                self.on_hashing(path)
-            listing.checkpoints.append(CheckpointInfo(name, path, sha256_file(path, self.hash_cache)))
+            sha = cached_sha256(path, self.hash_cache)
+            if sha is None:
+                if self.on_hashing:
+                    self.on_hashing(path)
+                sha = sha256_file(path, self.hash_cache)
+            listing.checkpoints.append(CheckpointInfo(name, path, sha))
         return listing

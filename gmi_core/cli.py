@@ -66,6 +66,7 @@ def _engine(args):
     )
     settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width, height=args.height)
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.images_per_prompt, settings, args.seed)
+
     def announce(path: Path) -> None:
         print(f"gmi: hashing {path.name} ({path.stat().st_size / 2**30:.1f} GiB, once; cached after)", file=sys.stderr)
 
@@ -109,14 +110,13 @@ def cmd_specs(args) -> int:
 
 
 def _print_ranking(result) -> None:
-    out = sys.stdout
-    print(f"method {result.method}; prompt ({result.prompt_source}): {result.pseudo_prompt}", file=out)
-    print(f"{'rank':>4}  {'score':>10}  {'hash':10}  checkpoint  (best-matching spec prompts)", file=out)
+    print(f"method {result.method}; prompt ({result.prompt_source}): {result.pseudo_prompt}")
+    print(f"{'rank':>4}  {'score':>10}  {'hash':10}  checkpoint  (best-matching spec prompts)")
     for r in result.ranking:
         prompts = "; ".join(m.prompt for m in r.top_prompts[:2])
-        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}  ({prompts})", file=out)
+        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}  ({prompts})")
     for name, reason in result.excluded:
-        print(f"   -  not ranked: {name}: {reason}", file=out)
+        print(f"   -  not ranked: {name}: {reason}")
 
 
 def cmd_identify(args) -> int:
@@ -189,9 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         from .bench import run_bench

@@ -133,14 +133,13 @@ def kbar(image: torch.Tensor, gamma: float, chunk: int = 32) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, n, n)
 
 
-def _weighted_scores(image, query, gamma, weights, done, kbar_m=None):
+def _weighted_scores(image, query, gamma, weights, done, kbar_m):
     """Scores [M] and contributions [M, N] for per-checkpoint prompt weights (rows renormalised)."""
     c = _query_means(image, query, gamma)
     w = weights.unsqueeze(0) * done.float()
     totals = w.sum(dim=1, keepdim=True)
     w = torch.where(totals > 0, w / totals.clamp(min=1e-12), w)
-    kb = kbar(image, gamma) if kbar_m is None else kbar_m
-    self_term = (torch.bmm(kb, w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=1)  # w_m^T Kbar_m w_m; einsum is far slower
+    self_term = (torch.bmm(kbar_m, w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=1)  # w_m^T Kbar_m w_m; einsum is far slower
     contributions = w * c
     scores = self_term - 2 * contributions.sum(dim=1)
     scores = torch.where(totals.squeeze(1) > 0, scores, torch.full_like(scores, float("inf")))
