@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..gmi_core.limits import check_settings
+from ..gmi_core.paths import one_line
 from ..gmi_core.protocols import BuildProgress, GenerationSettings
 from . import engines, events, settings
 from .encoder_node import ENCODER_TYPE
@@ -75,6 +77,7 @@ class GMIBuildSpecs:
             steps=int(steps), cfg=float(cfg), sampler=sampler_name, scheduler=scheduler,
             width=int(width), height=int(height), negative_prompt=negative_prompt or "",
         )
+        check_settings(gen_settings, *sampler_choices())
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts, int(images_per_prompt), gen_settings, int(seed))
         source = engines.source()
@@ -101,9 +104,16 @@ class GMIBuildSpecs:
             "cfg": float(cfg), "sampler_name": sampler_name, "scheduler": scheduler, "width": int(width),
             "height": int(height), "seed": int(seed),
         })
-        report = engine.build(source, generator, target, progress=progress, should_cancel=events.interrupted)
-        result = report.to_dict()
-        events.send(events.BUILD_DONE, result)
+        result = {"built": [], "skipped": [], "failed": [], "cancelled": False}
+        try:
+            report = engine.build(source, generator, target, progress=progress, should_cancel=events.interrupted)
+            result = report.to_dict()
+        except BaseException as exc:  # interrupt inside the sampler, OS error, anything: the panel must still end
+            result["cancelled"] = events.interrupted() or type(exc).__name__ == "InterruptProcessingException"
+            result["error"] = "interrupted" if result["cancelled"] else one_line(exc)
+            raise
+        finally:
+            events.send(events.BUILD_DONE, result)
         if report.cancelled:
             events.check_interrupted()  # raises ComfyUI's interrupt exception; finished prompts are saved
         text = json.dumps(result, indent=1)
