@@ -119,8 +119,8 @@ def check_pixels(width: int, height: int, label: str = "image") -> None:
         raise InvalidInput(f"{label}: empty image ({width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
         raise InvalidInput(
-            f"{label}: {width}x{height} is {width * height / 1e6:.0f} MP, over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
-            "(GMI_MAX_IMAGE_PIXELS)"
+            f"{label}: image too large: {width}x{height} is {width * height / 1e6:.1f} MP, over the limit of "
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f} MP (GMI_MAX_IMAGE_PIXELS)"
         )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
-from ..gmi_core.errors import EncoderUnavailable, InvalidInput
+from ..gmi_core.errors import EncoderUnavailable, InvalidInput, NotFound
 from ..gmi_core.paths import check_component, resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from ..gmi_core.protocols import GenerationSettings
@@ -42,7 +42,7 @@ def get_encoder(name: str, allow_download: bool = False) -> ClipEncoder:
             raise InvalidInput("name an encoder")
         if name.endswith(".safetensors"):
             if name not in encoder_choices():  # only files ComfyUI lists in models/gmi, by their listed name
-                raise EncoderUnavailable(f"no encoder file {name[:200]!r} in models/gmi")
+                raise NotFound(f"no encoder file {name[:200]!r} in models/gmi")
             path = resolve_inside(name, host.encoder_search_dirs(), "encoder file")
             encoder = load_encoder(str(path), search_dirs=host.encoder_search_dirs())
         else:

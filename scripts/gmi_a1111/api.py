@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import logging
 
 from modules import sd_models
@@ -256,11 +257,30 @@ def limited_body_route():
                     except limits.UploadTooLarge:
                         return JSONResponse({"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
                                             status_code=413)
+                    if not_a_json_number(request._body):
+                        return JSONResponse({"detail": "NaN and Infinity are not JSON numbers"}, status_code=422)
                 return await handler(request)
 
             return limited
 
     return LimitedBodyRoute
+
+
+def not_a_json_number(body: bytes) -> bool:
+    """Python's JSON reader accepts NaN/Infinity, which would then break FastAPI's own error answer (a 500)."""
+    if not any(token in body for token in (b"NaN", b"Infinity")):
+        return False
+
+    def refuse(constant):
+        raise OverflowError(constant)
+
+    try:
+        json.loads(body, parse_constant=refuse)
+    except OverflowError:
+        return True
+    except ValueError:
+        return False  # other JSON errors: FastAPI answers 422 itself
+    return False
 
 
 def auth_dependencies(app) -> list | None:
