@@ -226,3 +226,101 @@ def test_routes_refuse_bad_input(comfy):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 400
+
+
+def _post(server, path, body: bytes, headers: dict, timeout: float = 120):
+    req = urllib.request.Request(server.url + path, body, headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+
+
+def test_upload_limits_and_host_access_control(comfy):
+    """Hostile uploads against the real server: refused before decoding, 4xx not 500, and ComfyUI's own
+    origin check guards gmi's routes exactly as it guards /prompt."""
+    import threading
+    import time
+
+    server, _ = comfy
+    # a 16000x16000 PNG header in 1 KB: refused from the header, quickly
+    body, ctype = multipart({"encoder": ENCODER_FILE}, {"image": ("bomb.png", _png_header_only(16000, 16000))})
+    t0 = time.time()
+    code, out = _post(server, "/gmi/identify", body, {"Content-Type": ctype})
+    assert code == 400 and b"image too large" in out and time.time() - t0 < 10, out
+    # more images than allowed: refused before any decode
+    files = {f"image{i}": (f"{i}.png", _png_header_only(64, 64)) for i in range(17)}
+    body, ctype = multipart({"encoder": ENCODER_FILE}, files)
+    code, out = _post(server, "/gmi/identify", body, {"Content-Type": ctype})
+    assert code == 400 and b"at most 16 images" in out, out
+    # wrong content type, broken multipart, bad numbers, hostile names: 4xx with a JSON error, never 500
+    cases = [
+        (b'{"image": "x"}', {"Content-Type": "application/json"}),
+        (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG",
+         {"Content-Type": "multipart/form-data; boundary=b"}),
+        (*multipart({"encoder": ENCODER_FILE, "top_k": "lots"}, {"image": ("q.png", _png_header_only(64, 64))}),),
+        (*multipart({"encoder": "../../../../etc/passwd.safetensors"}, {"image": ("q.png", _png_header_only(64, 64))}),),
+        (*multipart({"encoder": ENCODER_FILE, "prompt_set": "../../../etc/passwd"}, {"image": ("q.png", _png_header_only(64, 64))}),),
+    ]
+    for data, headers in cases:
+        if isinstance(headers, str):
+            headers = {"Content-Type": headers}
+        code, out = _post(server, "/gmi/identify", data, headers)
+        assert 400 <= code < 500 and json.loads(out)["error"], (code, out)
+        assert str(server.base) not in out.decode(errors="replace")
+    # a chunked upload (no Content-Length) larger than the byte limit: 413 while it is being read
+    boundary = "gmiboundary"
+
+    def chunked():
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'.encode()
+        for _ in range(33 * 16):  # 33 MiB in 64 KiB pieces
+            yield b"\x00" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    req = urllib.request.Request(server.url + "/gmi/identify", chunked(),
+                                 {"Content-Type": f"multipart/form-data; boundary={boundary}", "Transfer-Encoding": "chunked"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            code = r.status
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except (ConnectionError, urllib.error.URLError):
+        code = 413  # the server may close the connection after answering 413 mid-upload
+    assert code == 413
+    # decoding runs off the event loop: a large (allowed) image does not hold up other requests
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 120, 150)).save(big, "PNG")
+    body, ctype = multipart({"encoder": ENCODER_FILE, "max_prompts": MAX_PROMPTS}, {"image": ("big.png", big.getvalue())})
+    finished = {}
+
+    def identify_big():
+        _post(server, "/gmi/identify", body, {"Content-Type": ctype}, timeout=300)
+        finished["identify"] = time.time()
+
+    worker = threading.Thread(target=identify_big)
+    worker.start()
+    time.sleep(0.2)
+    server.get("/gmi/options")
+    finished["options"] = time.time()
+    worker.join(300)
+    assert finished["options"] <= finished["identify"]
+    # ComfyUI's origin check (a cross-site page posting to 127.0.0.1) applies to gmi's routes as to its own
+    evil = {"Origin": "http://evil.example", "Content-Type": ctype}
+    prompt_code, _ = _post(server, "/prompt", b"{}", {**evil, "Content-Type": "application/json"})
+    gmi_code, _ = _post(server, "/gmi/identify", body, evil)
+    api_code, _ = _post(server, "/api/gmi/identify", body, evil)
+    assert prompt_code == gmi_code == api_code == 403, (prompt_code, gmi_code, api_code)
