@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
-from ..gmi_core.errors import EncoderUnavailable, InvalidInput, NotFound
+from ..gmi_core.errors import InvalidInput, NotFound
 from ..gmi_core.paths import check_component, resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from ..gmi_core.protocols import GenerationSettings

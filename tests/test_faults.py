@@ -1144,3 +1144,29 @@ def test_etiquette_a1111_identify_never_reuses_the_last_pseudo_prompt(gradio_tab
     assert cleared[0] == "" and cleared[2] == ""
     kept = ui.on_new_image("my own words", remembered)
     assert kept[0]["__update__"] and kept[2] == remembered
+
+
+def test_faults_cache_label_cache_validated_and_written_best_effort(core, monkeypatch):
+    import gmi_core.interrogator as interrogator
+
+    gmi = core.gmi()
+    gmi.interrogate([query()])
+    cache = next((core.home / "specs" / "cache").glob("labels--*.safetensors"))
+    tensors = load_file(str(cache))
+    first = next(iter(tensors))
+    tensors[first][0, 0] = float("nan")  # right keys, poisoned content
+    save_file(tensors, str(cache))
+    monkeypatch.setattr(interrogator, "save_file", _raise_enospc)  # and the rewrite fails (read-only store)
+    fresh = core.gmi()
+    result = fresh.identify([query()], source=core.source())  # interrogates: must not fail or use the NaNs
+    assert result.prompt_source == "interrogator" and result.pseudo_prompt
+    assert torch.isfinite(fresh.interrogator.label_embeddings()[first]).all()
+    assert not list(cache.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"steps": "many", "cfg": "nan", "width": null}'])
+def test_faults_cache_comfyui_panel_settings_validated(env, content):  # noqa: F811
+    settings = env.nodes.settings
+    settings.path().parent.mkdir(parents=True, exist_ok=True)
+    settings.path().write_text(content)
+    assert settings.load() == settings.DEFAULTS
