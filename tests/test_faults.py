@@ -1170,3 +1170,61 @@ def test_faults_cache_comfyui_panel_settings_validated(env, content):  # noqa: F
     settings.path().parent.mkdir(parents=True, exist_ok=True)
     settings.path().write_text(content)
     assert settings.load() == settings.DEFAULTS
+
+
+def test_faults_os_unreadable_checkpoint_is_skipped_not_fatal(core, monkeypatch):
+    import gmi_core.checkpoints as checkpoints
+
+    real = checkpoints.sha256_file
+
+    def flaky(path, cache=None):
+        if Path(path).name == "m2.safetensors":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, cache)
+
+    monkeypatch.setattr(checkpoints, "sha256_file", flaky)
+    monkeypatch.setattr(checkpoints, "cached_sha256", lambda *a: None)
+    listing = core.source().list_checkpoints()
+    assert [c.name for c in listing.checkpoints] == ["m0.safetensors", "m1.safetensors"]
+    assert [(s.name, s.reason) for s in listing.skipped] == [("m2.safetensors", "unreadable (Permission denied)")]
+
+
+def test_faults_lock_two_threads_one_process_build_once(core):
+    core.spec_path("m1.safetensors").unlink()
+    started, release = threading.Event(), threading.Event()
+
+    class SlowGenerator(PaintingGenerator):
+        def generate(self, *args, **kwargs):
+            started.set()
+            release.wait(30)
+            return super().generate(*args, **kwargs)
+
+    first, second = SlowGenerator(), PaintingGenerator()
+    reports = {}
+    worker = threading.Thread(target=lambda: reports.setdefault("first", core.gmi().build(core.source(), first, "missing")))
+    worker.start()
+    assert started.wait(30)
+    reports["second"] = core.gmi().build(core.source(), second, "missing")
+    release.set()
+    worker.join(60)
+    assert reports["first"].built == ["m1.safetensors"] and second.calls == []
+    assert [s.name for s in reports["second"].skipped if "being built" in s.reason] == ["m1.safetensors"]
+    assert set(core.states().values()) == {"ready"}
+
+
+def test_faults_alias_a1111_api_lists_both_names(a1111_app):
+    client, webui_world = a1111_app
+    (webui_world.ckpt_dir / "copy_of_model_1.safetensors").write_bytes((webui_world.ckpt_dir / "model_1.safetensors").read_bytes())
+    webui_world.refresh()
+    job = client.post("/gmi/v1/build", json={"wait": True}).json()
+    built = job["report"]["built"]
+    assert job["state"] == "done" and len(built) == 3  # the file behind two names was rendered once
+    assert len({"model_1.safetensors", "copy_of_model_1.safetensors"} & set(built)) == 1
+    specs = {c["name"]: c["state"] for c in client.get("/gmi/v1/specs").json()["checkpoints"]}
+    assert specs["copy_of_model_1.safetensors"] == specs["model_1.safetensors"] == "ready"
+    image = b64png(webui_world.render(str(webui_world.ckpt_dir / "model_1.safetensors"), "a tree", 4242, 64, 64))
+    ranking = client.post("/gmi/v1/identify", json={"image": image, "prompt": "a tree"}).json()["ranking"]
+    names = [r["name"] for r in ranking]
+    assert len(names) == 3 and len({"model_1.safetensors", "copy_of_model_1.safetensors"} & set(names)) == 1
+    row = next(r for r in ranking if r["name"] in ("model_1.safetensors", "copy_of_model_1.safetensors"))
+    assert row["aliases"] and set(row["aliases"] + [row["name"]]) == {"model_1.safetensors", "copy_of_model_1.safetensors"}
