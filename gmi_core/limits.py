@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from .errors import InvalidInput
 from .protocols import GenerationSettings
@@ -139,11 +139,6 @@ class ByteCounter:
 
 class UploadTooLarge(InvalidInput):
     """The request body passed the byte limit (front ends answer 413)."""
-
-
-def read_limited(chunks: Iterable[bytes], limit: int = MAX_UPLOAD_BYTES) -> bytes:
-    counter = ByteCounter(limit)
-    return b"".join(counter.add(c) for c in chunks)
 
 
 def json_safe(value):

@@ -122,18 +122,8 @@ class SpecStore:
         """All usable specs in the store, from the manifest (each new file version verified once)."""
         return self.scan()[0]
 
-    def problems(self) -> dict[str, str]:
-        """Spec files identification would refuse: relative file -> reason (no server paths)."""
-        return self.scan()[1]
-
-    def problem_for(self, key: SpecKey) -> str | None:
-        """Why the spec file of ``key`` is unusable, or None when it is usable or absent."""
-        path = self.path_for(key)
-        if not path.exists():
-            return None
-        return self.problems().get(str(path.relative_to(self.root)))
-
     def scan(self) -> tuple[list[ManifestEntry], dict[str, str]]:
+        """(usable specs, {relative file: why identification would refuse it}) — the reasons hold no server paths."""
         manifest, known_problems = self._read_manifest()
         spec_dir = self.root / "specs"
         files = {str(p.relative_to(self.root)): p for p in spec_dir.glob("*/*.safetensors")} if spec_dir.is_dir() else {}
