@@ -68,7 +68,9 @@ class GMIBuildSpecs:
                 "width": ("INT", {"default": d["width"], "min": 64, "max": 4096, "step": 8, "tooltip": "Spec image width in pixels."}),
                 "height": ("INT", {"default": d["height"], "min": 64, "max": 4096, "step": 8,
                                    "tooltip": "Spec image height in pixels."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                # control_after_generate off: the front end would otherwise randomize a "seed" after every run,
+                # and specs built with another seed are not comparable.
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
                                  "tooltip": "Base seed of the spec images; the same seeds are used for every checkpoint."}),
             },
             "optional": {
