@@ -13,10 +13,13 @@ import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 import sys
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +174,7 @@ def test_node_help_and_templates_are_served(comfy):
     templates = server.get("/workflow_templates")
     assert sorted(templates["gmi"]) == sorted(p.stem for p in EXAMPLES.glob("*.json")), templates
     for stem in templates["gmi"]:
-        assert json.loads(server.get(f"/api/workflow_templates/gmi/{stem}.json")) == json.loads((EXAMPLES / f"{stem}.json").read_text())
+        assert server.get(f"/api/workflow_templates/gmi/{stem}.json") == json.loads((EXAMPLES / f"{stem}.json").read_text())
         assert server.get(f"/api/workflow_templates/gmi/{stem}.jpg")[:3] == b"\xff\xd8\xff"  # the template's thumbnail
 
 
@@ -229,6 +232,23 @@ def test_build_then_identify_each_checkpoint(comfy):
     assert [row["name"] for row in data["ranking"]][0] == names[1] and len(data["ranking"]) == 2
 
 
+@contextmanager
+def new_checkpoint(server, source: str, name: str):
+    """A checkpoint the user just added: a copy of ``source`` with one byte of its last tensor changed (another
+    sha256, so it has no spec yet). Removed afterwards."""
+    path = server.base / "models" / "checkpoints" / name
+    shutil.copyfile((server.base / "models" / "checkpoints" / source).resolve(), path)
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 1]))
+    try:
+        yield name
+    finally:
+        path.unlink()
+
+
 def example_prompt(server, stem: str) -> dict:
     return ui_to_api(json.loads((EXAMPLES / f"{stem}.json").read_text()), server.get("/object_info"))
 
@@ -245,16 +265,18 @@ def test_example_workflows_run(comfy):
     assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == ["gmi_build_specs", "gmi_identify"]
     from PIL import Image
 
-    # Build Specs, as shipped (which = missing) but for one listed checkpoint: its spec is really rebuilt.
+    # Build Specs, as shipped (which = missing), after a checkpoint was added: it builds that one.
     build = example_prompt(server, "gmi_build_specs")
     build[only(build, "GMILoadEncoder")]["inputs"]["encoder"] = ENCODER_FILE
     build_id = only(build, "GMIBuildSpecs")
     assert build[build_id]["inputs"]["which"] == "missing"
-    build[build_id]["inputs"].update(which="listed", checkpoints=names[0], max_prompts=MAX_PROMPTS,
-                                     images_per_prompt=IMAGES_PER_PROMPT, steps=STEPS, width=SIZE, height=SIZE)
-    report = server.run_prompt(build, timeout=600)["outputs"][build_id]["gmi_build"][0]
-    assert report["built"] == [names[0]] and not report["failed"], report
-    assert {c["name"]: c["state"] for c in server.get("/gmi/status")["checkpoints"]} == {n: "ready" for n in names}
+    build[build_id]["inputs"].update(max_prompts=MAX_PROMPTS, images_per_prompt=IMAGES_PER_PROMPT, steps=STEPS,
+                                     width=SIZE, height=SIZE)
+    with new_checkpoint(server, names[0], "added-by-user.safetensors") as added:
+        report = server.run_prompt(build, timeout=600)["outputs"][build_id]["gmi_build"][0]
+        assert report["built"] == [added] and not report["failed"], report
+        states = {c["name"]: (c["state"], c["prompts_done"]) for c in server.get("/gmi/status")["checkpoints"]}
+        assert states == {n: ("ready", MAX_PROMPTS) for n in [*names, added]}, states
 
     # Identify: the reference image (input/example.png, the name the workflow ships with) comes from names[3]
     entry = server.run_prompt(query_and_identify_prompt(names[3], QUERY_PROMPTS[3], QUERY_SEED + 3, "example"))
@@ -284,13 +306,6 @@ def test_example_workflows_run(comfy):
     assert np.abs(saved_image(server, entry, only(reference, "SaveImage")) - generated).max() <= 1
 
 
-def set_widgets(page, node_type: str, values: dict) -> None:
-    page.evaluate("""([type, values]) => {
-        for (const n of app.graph._nodes.filter(n => n.type === type))
-            for (const [k, v] of Object.entries(values)) n.widgets.find(w => w.name === k).value = v;
-    }""", [node_type, values])
-
-
 @pytest.mark.skipif(browser.missing() is not None, reason=browser.missing() or "")
 def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
     """In real Chromium: the example workflows convert as the front end converts them; the Identify example, queued
@@ -302,6 +317,7 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
     if not (server.base / "input" / "example.png").is_file():  # test_example_workflows_run made it; alone, make it
         from PIL import Image
 
+        server.run_prompt(build_prompt(), timeout=600)
         entry = server.run_prompt(query_and_identify_prompt(names[3], QUERY_PROMPTS[3], QUERY_SEED + 3, "example"))
         Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(server.base / "input" / "example.png")
     with browser.comfy_page(server.url) as (page, errors):
@@ -311,11 +327,11 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
             assert browser.front_end_prompt(page, json.loads((EXAMPLES / f"{stem}.json").read_text())) == example_prompt(server, stem)
 
         # the Identify example, as loaded from its template file, queued from the page
-        page.evaluate("async (wf) => { await app.loadGraphData(wf); }", json.loads((EXAMPLES / "gmi_identify.json").read_text()))
-        set_widgets(page, "GMILoadEncoder", {"encoder": ENCODER_FILE})
-        set_widgets(page, "GMIIdentify", {"max_prompts": MAX_PROMPTS})
-        set_widgets(page, "EmptyLatentImage", {"width": SIZE, "height": SIZE})
-        set_widgets(page, "KSampler", {"steps": STEPS})
+        browser.load_workflow(page, json.loads((EXAMPLES / "gmi_identify.json").read_text()))
+        browser.set_widgets(page, "GMILoadEncoder", {"encoder": ENCODER_FILE})
+        browser.set_widgets(page, "GMIIdentify", {"max_prompts": MAX_PROMPTS})
+        browser.set_widgets(page, "EmptyLatentImage", {"width": SIZE, "height": SIZE})
+        browser.set_widgets(page, "KSampler", {"steps": STEPS})
         page.evaluate("app.queuePrompt(0, 1)")
         page.wait_for_function("!!app.graph._nodes.find(n => n.type === 'GMIIdentify').gmiLastRanking")
         rows = page.locator(".gmi-ranking .gmi-row")
@@ -325,25 +341,38 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
         page.wait_for_function("""[...document.querySelectorAll('.gmi-ranking .gmi-thumbs img')]
                                   .every(i => i.complete && i.naturalWidth > 0)""")
         assert page.locator(".gmi-ranking .gmi-thumbs img").count() == 3 * len(names)
-        browser.centre_on(page, "GMIIdentify", 1.0)
+        page.wait_for_function("app.graph._nodes.find(n => n.type === 'SaveImage').imgs?.length > 0")  # the run ended
+        page.set_viewport_size({"width": 1920, "height": 1000})
+        browser.fit_graph(page)
         page.wait_for_timeout(1000)
         page.screenshot(path=str(shots / "comfyui-identify.png"))
+        page.set_viewport_size(browser.VIEWPORT)
         page.locator(".gmi-ranking .gmi-row").first.locator(".gmi-thumbs img").first.click()
         page.wait_for_function("""(() => { const p = document.querySelector('.gmi-popover');
             return p && p.matches(':popover-open') && p.querySelector('img').naturalWidth > 0; })()""")
         page.screenshot(path=str(shots / "comfyui-thumbnail-popover.png"))
         page.keyboard.press("Escape")
 
-        # the sidebar tab
-        page.locator(".gmi-tab-button").click()
-        table = page.locator(".gmi-panel .gmi-table")
-        page.wait_for_function(f"document.querySelectorAll('.gmi-panel .gmi-table tr').length === {len(names) + 1}")
-        states = dict(zip(table.locator("tr td:nth-child(1)").all_inner_texts(), table.locator("tr td:nth-child(2)").all_inner_texts()))
-        assert states == {**{n: "ready" for n in names}, "not-a-model.safetensors": "skipped"}, states
-        page.locator(".gmi-panel .gmi-build-missing").click()
-        page.wait_for_function("/built 0/.test(document.querySelector('.gmi-panel .gmi-build-status').textContent)")
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(shots / "comfyui-panel.png"))
+        # the sidebar tab: spec status; a checkpoint is added, "Build missing specs" builds it with live progress
+        page.evaluate("app.canvas.deselectAll()")
+        with new_checkpoint(server, names[1], "added-by-user.safetensors") as added:
+            page.locator(".gmi-tab-button").click()
+            table = page.locator(".gmi-panel .gmi-table")
+            page.wait_for_function(f"document.querySelectorAll('.gmi-panel .gmi-table tr').length === {len(names) + 2}")
+            states = dict(zip(table.locator("tr td:nth-child(1)").all_inner_texts(),
+                              table.locator("tr td:nth-child(2)").all_inner_texts()))
+            assert states == {**{n: "ready" for n in names}, added: "missing", "not-a-model.safetensors": "skipped"}, states
+            page.locator(".gmi-panel .gmi-build-missing").click()
+            status = page.locator(".gmi-panel .gmi-build-status")
+            page.wait_for_function("!document.querySelector('.gmi-panel .gmi-progress').hidden")
+            assert re.fullmatch(rf"1/1 {re.escape(added)}: \d/{MAX_PROMPTS} prompts", status.inner_text()), status.inner_text()
+            page.wait_for_function(f"""/: [1-{MAX_PROMPTS - 1}]\\/|^built/.test(
+                document.querySelector('.gmi-panel .gmi-build-status').textContent)""")  # a moment mid-build, if caught
+            page.screenshot(path=str(shots / "comfyui-panel.png"))
+            page.wait_for_function("/^built 1/.test(document.querySelector('.gmi-panel .gmi-build-status').textContent)")
+            assert page.locator(".gmi-panel .gmi-progress").is_hidden()
+            page.wait_for_function(f"""[...document.querySelectorAll('.gmi-panel .gmi-table tr')]
+                .some(r => r.cells[0].textContent === {json.dumps(added)} && r.cells[1].textContent === 'ready')""")
         assert not [e for e in errors if "gmi" in e.lower()], errors
 
 

@@ -128,9 +128,9 @@ function attachRanking(nodeType) {
     if (!data) return;
     if (!this.gmiRankingEl) {
       this.gmiRankingEl = withStyle(el("div", { class: "gmi-ranking" }), RANKING_STYLE);
-      const rowHeight = 6 + Math.max(24, setting(SETTING.thumbSize, 40));
+      const rowHeight = 8 + Math.max(24, setting(SETTING.thumbSize, 40));
       this.addDOMWidget("gmi_ranking", "gmi_ranking", this.gmiRankingEl, { serialize: false, hideOnZoom: false,
-        getMinHeight: () => 40 + rowHeight * Math.min(6, (this.gmiLastRanking?.ranking?.length || 1)) });
+        getMinHeight: () => 64 + rowHeight * Math.min(8, (this.gmiLastRanking?.ranking?.length || 1)) });
     }
     this.gmiLastRanking = data;
     renderRanking(this.gmiRankingEl, data);
@@ -231,7 +231,7 @@ class GmiPanel {
   constructor(sections) {
     this.error = el("div", { class: "gmi-info" });
     this.sections = sections.map((make) => make(this));
-    this.root = withStyle(el("div", { class: "gmi-panel" }, el("h3", { text: "gmi specs" }), this.error,
+    this.root = withStyle(el("div", { class: "gmi-panel" }, el("h3", { text: "GMI specs" }), this.error,
       ...this.sections.map((s) => s.element)), PANEL_STYLE);
   }
 

@@ -69,12 +69,30 @@ def close_banners(page) -> None:
     }""")
 
 
+def load_workflow(page, workflow: dict) -> None:
+    """Open a saved workflow as a new tab (as opening a template does) and check that it is the current graph."""
+    fresh = {k: v for k, v in workflow.items() if k != "id"}  # the same id would re-focus an already open tab
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", fresh)
+    types = sorted(page.evaluate("app.graph._nodes.map(n => n.type)"))
+    assert types == sorted(n["type"] for n in workflow["nodes"]), types
+
+
+def set_widgets(page, node_type: str, values: dict) -> None:
+    """Set widget values on every node of a type in the current graph, as a user would."""
+    found = page.evaluate("""([type, values]) => {
+        const nodes = app.graph._nodes.filter(n => n.type === type);
+        for (const n of nodes) for (const [k, v] of Object.entries(values)) n.widgets.find(w => w.name === k).value = v;
+        return nodes.length;
+    }""", [node_type, values])
+    assert found, f"no {node_type} node in the current graph"
+
+
 def front_end_prompt(page, workflow: dict) -> dict:
-    """The API prompt the front end itself makes of a saved workflow (load it, then app.graphToPrompt)."""
-    return page.evaluate("""async (wf) => {
-        await app.loadGraphData(wf);
-        return (await app.graphToPrompt()).output;
-    }""", workflow)
+    """The API prompt the front end itself makes of a saved workflow (load it, then app.graphToPrompt), without
+    the `_meta` titles it adds for display (the server ignores them)."""
+    load_workflow(page, workflow)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    return {node_id: {k: v for k, v in node.items() if k != "_meta"} for node_id, node in prompt.items()}
 
 
 def centre_on(page, node_type: str, scale: float = 1.0) -> None:
@@ -86,3 +104,18 @@ def centre_on(page, node_type: str, scale: float = 1.0) -> None:
         c.ds.offset[1] = -n.pos[1] + (h / scale - n.size[1]) / 2;
         c.setDirty(true, true);
     }""", [node_type, scale])
+
+
+def fit_graph(page, max_scale: float = 1.0) -> None:
+    """Zoom and pan so that every node is in view."""
+    page.evaluate("""(maxScale) => {
+        const c = app.canvas, nodes = app.graph._nodes;
+        const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - 40));
+        const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+        const w = c.canvas.width / (window.devicePixelRatio || 1) - 120, h = c.canvas.height / (window.devicePixelRatio || 1) - 160;
+        const s = Math.min(maxScale, w / (x1 - x0), h / (y1 - y0));
+        c.ds.scale = s;
+        c.ds.offset[0] = -x0 + (w / s - (x1 - x0)) / 2 + 80 / s;
+        c.ds.offset[1] = -y0 + (h / s - (y1 - y0)) / 2 + 120 / s;
+        c.setDirty(true, true);
+    }""", max_scale)
