@@ -323,6 +323,7 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
     with browser.comfy_page(server.url) as (page, errors):
         assert page.evaluate("app.extensions.some(e => e.name === 'gmi.identify')")
         assert page.evaluate("app.extensionManager.setting.get('gmi.Ranking.ThumbnailSize')") == 40
+        assert page.evaluate("app.extensionManager.command.commands.some(c => c.id === 'gmi.buildMissingSpecs')")
         for stem in ("gmi_build_specs", "gmi_identify"):
             assert browser.front_end_prompt(page, json.loads((EXAMPLES / f"{stem}.json").read_text())) == example_prompt(server, stem)
 

@@ -261,6 +261,10 @@ app.registerExtension({
       function: () => queueBuildMissing().catch((err) => toast("error", "GMI", err.message)) },
   ],
   async setup() {
+    if (!app.extensionManager?.registerSidebarTab) {  // front ends before the sidebar API: the node still works
+      console.warn("gmi: this ComfyUI front end has no sidebar tab API; the GMI panel is not shown");
+      return;
+    }
     const panel = new GmiPanel(PANEL_SECTIONS);
     app.extensionManager.registerSidebarTab({
       id: "gmi", icon: "pi pi-search", title: "GMI", tooltip: "GMI: spec status and builds", type: "custom",
