@@ -39,7 +39,12 @@ class GMIBuildSpecs:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
-    DESCRIPTION = "Builds (or resumes) the gmi specification of each checkpoint: images per prompt, encoded with CLIP."
+    DESCRIPTION = (
+        "Builds (or resumes) the spec of each checkpoint in models/checkpoints: renders the prompt set with "
+        "ComfyUI's own loader, sampler and VAE and keeps the CLIP features of the images. Run once per new "
+        "checkpoint; interrupting keeps every finished prompt, and the next run resumes."
+    )
+    OUTPUT_TOOLTIPS = ("What the run did, as JSON: built, skipped (with reasons), failed and whether it was interrupted.",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -47,22 +52,33 @@ class GMIBuildSpecs:
         d = settings.DEFAULTS
         return {
             "required": {
-                "encoder": (ENCODER_TYPE,),
-                "which": (["missing", "all", "listed"], {"default": "missing"}),
-                "prompt_set": (engines.prompt_set_choices(), {"default": "platform"}),
-                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "0 = every prompt of the set"}),
-                "images_per_prompt": ("INT", {"default": d["images_per_prompt"], "min": 1, "max": 64}),
-                "steps": ("INT", {"default": d["steps"], "min": 1, "max": 200}),
-                "cfg": ("FLOAT", {"default": d["cfg"], "min": 0.0, "max": 50.0, "step": 0.1}),
-                "sampler_name": (samplers, {"default": "euler"}),
-                "scheduler": (schedulers, {"default": "normal"}),
-                "width": ("INT", {"default": d["width"], "min": 64, "max": 4096, "step": 8}),
-                "height": ("INT", {"default": d["height"], "min": 64, "max": 4096, "step": 8}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "base seed of the spec images"}),
+                "encoder": (ENCODER_TYPE, {"tooltip": "The CLIP encoder the spec images are encoded with (GMI Load CLIP Encoder)."}),
+                "which": (["missing", "all", "listed"], {"default": "missing", "tooltip": (
+                    "missing: checkpoints without a ready spec (resumes partial ones); all: rebuild every spec; "
+                    "listed: only the names in 'checkpoints'.")}),
+                "prompt_set": (engines.prompt_set_choices(), {"default": "platform",
+                                                              "tooltip": "The prompts every checkpoint renders for its spec."}),
+                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                        "tooltip": "Use only the first N prompts of the set; 0 = every prompt."}),
+                "images_per_prompt": ("INT", {"default": d["images_per_prompt"], "min": 1, "max": 64,
+                                              "tooltip": "Images (seeds) rendered per prompt and checkpoint."}),
+                "steps": ("INT", {"default": d["steps"], "min": 1, "max": 200, "tooltip": "Sampling steps per spec image."}),
+                "cfg": ("FLOAT", {"default": d["cfg"], "min": 0.0, "max": 50.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale of the spec images."}),
+                "sampler_name": (samplers, {"default": "euler", "tooltip": "ComfyUI sampler for the spec images."}),
+                "scheduler": (schedulers, {"default": "normal", "tooltip": "ComfyUI scheduler for the spec images."}),
+                "width": ("INT", {"default": d["width"], "min": 64, "max": 4096, "step": 8, "tooltip": "Spec image width in pixels."}),
+                "height": ("INT", {"default": d["height"], "min": 64, "max": 4096, "step": 8,
+                                   "tooltip": "Spec image height in pixels."}),
+                # control_after_generate off: the front end would otherwise randomize a "seed" after every run,
+                # and specs built with another seed are not comparable.
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
+                                 "tooltip": "Base seed of the spec images; the same seeds are used for every checkpoint."}),
             },
             "optional": {
-                "checkpoints": ("STRING", {"multiline": True, "default": "", "tooltip": "names, one per line (which = listed)"}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+                "checkpoints": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "Checkpoint file names, one per line (used when which = listed)."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Negative prompt for every spec image."}),
             },
         }
 
