@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .builder import build_spec
+from .budgets import Budget, covered_budget, parse_budget
+from .builder import build_spec, missing_images
 from .encoders import ClipEncoder
 from .errors import Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
+from .families import FamilySettings
 from .images import to_rgb
 from .interrogator import Interrogator
 from .prompts import PromptSet, load_prompt_set
 from .protocols import (
+    BuildProgress,
     CheckpointInfo,
     CheckpointListing,
     CheckpointSource,
@@ -37,12 +40,41 @@ STATES = ("ready", "partial", "missing", "stale", "corrupt")
 
 @dataclass
 class SpecStatus:
+    """One checkpoint's spec against the engine's budget and settings.
+
+    ``ready``: the budget is built; ``partial``: usable, fewer images than the budget; ``missing``: no spec;
+    ``stale``: only a spec of another version of the file or another encoder / prompt set; ``corrupt``.
+    ``current`` is False when the spec was built with other generation settings: it stays usable and is
+    topped up with its own settings; ``detail`` says so.
+    """
+
     name: str
     sha256: str
     state: str  # one of STATES
-    prompts_done: int
-    prompts_total: int
+    prompts_done: int  # budget prompts with all their images
+    prompts_total: int  # prompts in the budget
     detail: str = ""
+    family: str = ""
+    images_done: int = 0  # images in the spec
+    images_budget: int = 0  # images the budget asks for
+    images_missing: int = 0  # images "build missing" would render
+    budget_done: str | None = None  # the largest named budget the spec covers
+    current: bool = True
+
+
+@dataclass
+class BuildPlan:
+    """What a build will render, known before it starts (front ends show it)."""
+
+    budget: str
+    checkpoints: list[tuple[str, int]] = field(default_factory=list)  # (name, images to render)
+
+    @property
+    def images(self) -> int:
+        return sum(n for _, n in self.checkpoints)
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "images": self.images, "checkpoints": [{"name": n, "images": k} for n, k in self.checkpoints]}
 
 
 @dataclass
@@ -76,6 +108,9 @@ class RankedCheckpoint:
     sha256: str
     score: float
     top_prompts: list[PromptMatch]
+    prompts_done: int = 0  # prompts with images in the spec
+    images_done: int = 0
+    partial: bool = False  # the spec holds less than the engine's budget
 
     @property
     def short_hash(self) -> str:
@@ -109,6 +144,9 @@ class IdentifyResult:
                     "short_hash": r.short_hash,
                     "score": r.score,
                     "top_prompts": [asdict(p) for p in r.top_prompts],
+                    "prompts_done": r.prompts_done,
+                    "images_done": r.images_done,
+                    "partial": r.partial,
                 }
                 for r in self.ranking
             ],
@@ -124,15 +162,18 @@ class Gmi:
         spec_root: Path,
         encoder: ClipEncoder,
         prompt_set: PromptSet | None = None,
-        images_per_prompt: int = 4,
-        settings: GenerationSettings | None = None,
+        budget: Budget | str | None = None,
+        settings: FamilySettings | GenerationSettings | None = None,
         base_seed: int = 0,
     ):
+        """``settings``: per family (default: :mod:`gmi_core.families`), or one GenerationSettings for all."""
         self.store = SpecStore(spec_root)
         self.encoder = encoder
         self.prompt_set = prompt_set or load_prompt_set("platform")
-        self.images_per_prompt = images_per_prompt
-        self.settings = settings or GenerationSettings()
+        self.budget = parse_budget(budget)
+        if isinstance(settings, GenerationSettings):
+            settings = FamilySettings.uniform(settings)
+        self.settings = settings or FamilySettings.defaults()
         self.base_seed = base_seed
         self.interrogator = Interrogator(encoder, cache_dir=self.store.root / "cache")
         self._prompt_features: torch.Tensor | None = None
@@ -148,30 +189,77 @@ class Gmi:
     def key(self, checkpoint: CheckpointInfo) -> SpecKey:
         return SpecKey(checkpoint.sha256, self.encoder.encoder_id, self.prompt_set.hash)
 
+    def settings_for(self, checkpoint: CheckpointInfo) -> GenerationSettings:
+        return self.settings.for_family(checkpoint.family)
+
     # -- status --------------------------------------------------------------------------------
     def status(self, source: CheckpointSource) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
         return self._status(source.list_checkpoints())
 
     def _status(self, listing: CheckpointListing) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
-        by_key = {e.key: e for e in self.store.entries()}
+        entries = self.store.entries()
+        by_key = {e.key: e for e in entries}
+        n = len(self.prompt_set)
+        budget_prompts = self.budget.prompt_indices(n)
+        need = self.budget.images_per_prompt
         statuses = []
         for ckpt in listing.checkpoints:
-            total = len(self.prompt_set)
+            base = dict(prompts_total=len(budget_prompts), family=ckpt.family or "", images_budget=self.budget.images(n),
+                        images_missing=self.budget.images(n))
             entry = by_key.get(self.key(ckpt))
             if entry is None:
-                corrupt = self.store.path_for(self.key(ckpt)).exists()
-                state = "corrupt" if corrupt else "missing"
-                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, total))
+                state, detail = "missing", ""
+                if self.store.path_for(self.key(ckpt)).exists():
+                    state = "corrupt"
+                else:
+                    detail = self._why_stale(ckpt, entries)
+                    state = "stale" if detail else "missing"
+                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, detail=detail, **base))
                 continue
-            fresh = entry.images_per_prompt == self.images_per_prompt and GenerationSettings.from_dict(
-                entry.settings
-            ) == self.settings and entry.prompts_total == total
-            if not fresh:
-                state, detail = "stale", "built with other settings"
-            else:
-                state, detail = ("ready" if entry.complete else "partial"), ""
-            statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, entry.prompts_done, total, detail))
+            counts = entry.image_counts
+            base["images_missing"] = missing_images(counts, self.budget)
+            wanted = self.settings_for(ckpt)
+            used = GenerationSettings.from_dict(entry.settings)
+            current = used == wanted
+            detail = "" if current else f"built with other settings ({_settings_diff(used, wanted)}); usable, kept"
+            statuses.append(SpecStatus(
+                ckpt.name, ckpt.sha256, "partial" if base["images_missing"] else "ready",
+                sum(counts[i] >= need for i in budget_prompts), detail=detail, images_done=sum(counts),
+                budget_done=covered_budget(counts, n), current=current, **base,
+            ))
         return statuses, listing.skipped
+
+    def _why_stale(self, ckpt: CheckpointInfo, entries: list[ManifestEntry]) -> str:
+        """Why only an unusable spec exists for ``ckpt`` (empty: none exists)."""
+        for e in entries:
+            if e.sha256 == ckpt.sha256 and e.encoder_id != self.encoder.encoder_id:
+                return f"spec built for encoder {e.encoder_id}"
+            if e.sha256 == ckpt.sha256:
+                return f"spec built for prompt set {e.prompt_set_name} ({e.prompt_set_hash})"
+        for e in entries:
+            if e.checkpoint_name == ckpt.name and e.encoder_id == self.encoder.encoder_id and e.prompt_set_hash == self.prompt_set.hash:
+                return f"checkpoint file changed since its spec was built (was {e.sha256[:10]})"
+        return ""
+
+    # -- build planning ------------------------------------------------------------------------
+    def plan(self, source: CheckpointSource, which: str | Sequence[str] = "missing") -> BuildPlan:
+        """How many images a build of ``which`` renders, per checkpoint, before it starts."""
+        return self._plan(self._status(source.list_checkpoints())[0], which)
+
+    def _plan(self, statuses: list[SpecStatus], which) -> BuildPlan:
+        if isinstance(which, str) and which not in ("missing", "all"):
+            which = [which]
+        if which == "all":
+            rows = [(s.name, s.images_budget) for s in statuses]
+        elif which == "missing":
+            rows = [(s.name, s.images_missing) for s in statuses if s.state != "ready"]
+        else:
+            known = {s.name: s for s in statuses}
+            unknown = [n for n in which if n not in known]
+            if unknown:
+                raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
+            rows = [(n, known[n].images_missing) for n in which]
+        return BuildPlan(self.budget.label(len(self.prompt_set)), rows)
 
     # -- build ---------------------------------------------------------------------------------
     def build(
@@ -182,20 +270,24 @@ class Gmi:
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> BuildReport:
-        """Build specs: ``which`` is "missing" (not ready), "all", or a list of checkpoint names."""
+        """Build specs up to the budget: ``which`` is "missing" (not ready: adds only the images a spec lacks),
+        "all" (renders every spec again with the current settings), or a list of checkpoint names (top up)."""
         checkpoints = source.list_checkpoints()
         statuses, skipped = self._status(checkpoints)
         report = BuildReport(skipped=list(skipped))
         listing = {c.name: c for c in checkpoints.checkpoints}
-        if isinstance(which, str) and which not in ("missing", "all"):
-            which = [which]
-        if isinstance(which, str):
-            names = [s.name for s in statuses if which == "all" or s.state != "ready"]
-        else:
-            unknown = [n for n in which if n not in listing]
-            if unknown:
-                raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
-            names = list(which)
+        plan = self._plan(statuses, which)
+        names = [name for name, images in plan.checkpoints if images or which == "all"]
+        started, rendered = time.perf_counter(), {}
+
+        def overall(p: BuildProgress) -> None:
+            rendered[p.checkpoint] = p.images_rendered
+            total = sum(rendered.values())
+            per_image = (time.perf_counter() - started) / total if total else None
+            if progress:
+                progress(replace(p, images_planned=plan.images, images_rendered=total, seconds_per_image=per_image,
+                                 eta_s=per_image * max(0, plan.images - total) if per_image else None))
+
         for index, name in enumerate(names):
             ckpt = listing[name]
             try:
@@ -206,10 +298,10 @@ class Gmi:
                     prompt_features=self.prompt_features,
                     checkpoint=ckpt,
                     generator=generator,
-                    settings=self.settings,
-                    images_per_prompt=self.images_per_prompt,
+                    settings=self.settings_for(ckpt),
+                    budget=self.budget,
                     base_seed=self.base_seed,
-                    progress=progress,
+                    progress=overall,
                     should_cancel=should_cancel,
                     position=(index, len(names)),
                     restart=which == "all",
@@ -258,11 +350,6 @@ class Gmi:
                 spec.checkpoint_name = wanted[spec.sha256].name
                 spec.extra["popularity"] = wanted[spec.sha256].popularity
             specs.append(spec)
-        if specs:  # one ranking needs one shape: keep the most common images-per-prompt
-            counts = Counter(s.images_per_prompt for s in specs)
-            common = max(counts, key=lambda n: (counts[n], n == self.images_per_prompt))
-            excluded += [(s.checkpoint_name, f"spec has {s.images_per_prompt} images per prompt, others {common}") for s in specs if s.images_per_prompt != common]
-            specs = [s for s in specs if s.images_per_prompt == common]
         return specs, excluded
 
     def _load_cached(self, entry: ManifestEntry) -> Spec | None:
@@ -314,7 +401,12 @@ class Gmi:
                 PromptMatch(i, spec.prompts[i], float(ranking.weights[i]) if ranking.weights is not None else 0.0, c)
                 for i, c in ranking.top_prompts(index)
             ]
-            ranked.append(RankedCheckpoint(position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches))
+            counts = spec.image_counts
+            ranked.append(RankedCheckpoint(
+                position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches,
+                prompts_done=sum(c > 0 for c in counts), images_done=sum(counts),
+                partial=missing_images(counts, self.budget) > 0,
+            ))
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:
@@ -335,3 +427,10 @@ class Gmi:
 
     def fingerprint(self) -> str:
         return f"{self.encoder.encoder_id}|{self.prompt_set.hash}|{self.store.fingerprint()}"
+
+
+def _settings_diff(used: GenerationSettings, wanted: GenerationSettings) -> str:
+    """``steps 20 (now 30), 512x512 (now 1024x1024)``: what differs, for the UIs."""
+    a, b = used.to_dict(), wanted.to_dict()
+    parts = [f"{k} {a[k]!r} (now {b[k]!r})" for k in a if a[k] != b[k]]
+    return ", ".join(parts)

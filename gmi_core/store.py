@@ -38,6 +38,12 @@ class ManifestEntry:
     settings: dict
     images_per_prompt: int
     mtime: float
+    image_counts: list[int]  # rendered images per prompt (set order)
+    family: str = ""
+
+    @property
+    def images_done(self) -> int:
+        return sum(self.image_counts)
 
     @property
     def key(self) -> SpecKey:
@@ -124,8 +130,11 @@ class SpecStore:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {})["gmi"])
-                done = handle.get_slice("done")[:]
                 shape = handle.get_slice("image_features").get_shape()
+                if "image_done" in handle.keys():
+                    counts = handle.get_slice("image_done")[:].sum(dim=1)
+                else:  # format 1: whole prompts
+                    counts = handle.get_slice("done")[:].long() * int(shape[1])
             return ManifestEntry(
                 file=str(path.relative_to(self.root)),
                 checkpoint_name=meta["checkpoint_name"],
@@ -134,11 +143,13 @@ class SpecStore:
                 prompt_set_hash=meta["prompt_set"]["hash"],
                 prompt_set_name=meta["prompt_set"]["name"],
                 complete=bool(meta["complete"]),
-                prompts_done=int(done.sum()),
+                prompts_done=int((counts > 0).sum()),
                 prompts_total=int(shape[0]),
                 settings=dict(meta["settings"]),
                 images_per_prompt=int(shape[1]),
                 mtime=path.stat().st_mtime,
+                image_counts=[int(c) for c in counts.tolist()],
+                family=str(meta.get("family", "")),
             )
         except Exception as exc:  # noqa: BLE001 - any unreadable header means "not listed"
             log.warning("gmi: spec file %s is unreadable (%s); it will be rebuilt when needed", path, exc)

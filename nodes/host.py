@@ -123,7 +123,7 @@ class ComfyCheckpointSource:
             except OSError as exc:
                 listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable: {exc}"))
                 continue
-            listing.checkpoints.append(CheckpointInfo(name, path, sha))
+            listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
         return listing
 
 
