@@ -277,7 +277,7 @@ class Gmi:
         report = BuildReport(skipped=list(skipped))
         listing = {c.name: c for c in checkpoints.checkpoints}
         plan = self._plan(statuses, which)
-        names = [name for name, images in plan.checkpoints if images or which == "all"]
+        names = [name for name, _ in plan.checkpoints]
         started, rendered = time.perf_counter(), {}
 
         def overall(p: BuildProgress) -> None:

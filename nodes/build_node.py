@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 
-from ..gmi_core.protocols import BuildProgress, GenerationSettings
+from ..gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
+from ..gmi_core.families import FAMILY_DEFAULTS
+from ..gmi_core.protocols import BuildProgress
 from . import engines, events, settings
 from .encoder_node import ENCODER_TYPE
 from .host import ComfyGenerator
 
 FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
 FALLBACK_SCHEDULERS = ["normal", "karras", "simple"]
+BUDGET_HELP = ", ".join(f"{k} = {v.label()}" for k, v in BUDGETS.items()) + ", or PROMPTSxIMAGES such as 32x2"
+FAMILY_HELP = "empty = per-family defaults (" + "; ".join(
+    f"{f}: {v['width']}x{v['height']}, {v['steps']} steps, cfg {v['cfg']}" for f, v in FAMILY_DEFAULTS.items()
+) + "). Change them per family: sdxl.steps=30, sd1.width=640, cfg=6 (all families)"
 
 
 def sampler_choices():
@@ -31,13 +37,19 @@ def parse_which(which: str, checkpoints: str):
     return names
 
 
+def progress_payload(p: BuildProgress) -> dict:
+    """What the panel shows: the engine's BuildProgress plus the short names the panel reads."""
+    return {**p.to_dict(), "index": p.checkpoint_index, "count": p.checkpoint_count}
+
+
 class GMIBuildSpecs:
     CATEGORY = "gmi"
     FUNCTION = "build"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
-    DESCRIPTION = "Builds (or resumes) the gmi specification of each checkpoint: images per prompt, encoded with CLIP."
+    DESCRIPTION = ("Builds or tops up the gmi specification of each checkpoint to a budget (prompts x images), "
+                   "at its family's size, steps and CFG; a larger budget later adds only the missing images.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -46,19 +58,18 @@ class GMIBuildSpecs:
         return {
             "required": {
                 "encoder": (ENCODER_TYPE,),
-                "which": (["missing", "all", "listed"], {"default": "missing"}),
+                "which": (["missing", "all", "listed"], {"default": "missing",
+                          "tooltip": "missing = top up to the budget; all = render every spec again with these settings"}),
                 "prompt_set": (engines.prompt_set_choices(), {"default": "platform"}),
-                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "0 = every prompt of the set"}),
-                "images_per_prompt": ("INT", {"default": d["images_per_prompt"], "min": 1, "max": 64}),
-                "steps": ("INT", {"default": d["steps"], "min": 1, "max": 200}),
-                "cfg": ("FLOAT", {"default": d["cfg"], "min": 0.0, "max": 50.0, "step": 0.1}),
+                "budget": ("STRING", {"default": DEFAULT_BUDGET, "tooltip": BUDGET_HELP}),
+                "family_settings": ("STRING", {"multiline": True, "default": d["family_settings"], "tooltip": FAMILY_HELP}),
                 "sampler_name": (samplers, {"default": "euler"}),
                 "scheduler": (schedulers, {"default": "normal"}),
-                "width": ("INT", {"default": d["width"], "min": 64, "max": 4096, "step": 8}),
-                "height": ("INT", {"default": d["height"], "min": 64, "max": 4096, "step": 8}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "base seed of the spec images"}),
             },
             "optional": {
+                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                        "tooltip": "0 = every prompt of the set; a cut set is another prompt set (use budget instead)"}),
                 "checkpoints": ("STRING", {"multiline": True, "default": "", "tooltip": "names, one per line (which = listed)"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
             },
@@ -69,39 +80,28 @@ class GMIBuildSpecs:
         # Always look again: checkpoints may have been added, and "missing" is judged at run time.
         return float("nan")
 
-    def build(self, encoder, which, prompt_set, max_prompts, images_per_prompt, steps, cfg, sampler_name, scheduler,
-              width, height, seed, checkpoints="", negative_prompt=""):
-        gen_settings = GenerationSettings(
-            steps=int(steps), cfg=float(cfg), sampler=sampler_name, scheduler=scheduler,
-            width=int(width), height=int(height), negative_prompt=negative_prompt or "",
-        )
+    def build(self, encoder, which, prompt_set, budget, family_settings, sampler_name, scheduler, seed,
+              max_prompts=0, checkpoints="", negative_prompt=""):
+        per_family = settings.family_settings(family_settings, sampler_name, scheduler, negative_prompt)
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
-        engine = engines.get_engine(encoder, prompts, int(images_per_prompt), gen_settings, int(seed))
+        engine = engines.get_engine(encoder, prompts, budget, per_family, int(seed))
         source = engines.source()
         target = parse_which(which, checkpoints)
-        statuses, _ = engine.status(source)
-        if isinstance(target, str):
-            todo = [s for s in statuses if target == "all" or s.state != "ready"]
-        else:
-            todo = [s for s in statuses if s.name in target]
-        remaining = sum(s.prompts_total - (s.prompts_done if s.state == "partial" and target != "all" else 0) for s in todo)
-        bar = events.NodeProgress(remaining * int(images_per_prompt))
+        plan = engine.plan(source, target)
+        bar = events.NodeProgress(plan.images)
         generator = ComfyGenerator(on_image=bar.step)
-
-        def progress(p: BuildProgress):
-            events.send(events.BUILD_PROGRESS, {
-                "checkpoint": p.checkpoint, "index": p.checkpoint_index, "count": p.checkpoint_count,
-                "prompts_done": p.prompts_done, "prompts_total": p.prompts_total,
-                "images_done": p.images_done, "images_total": p.images_total, "message": p.message,
-            })
-
         settings.save({
             "encoder": getattr(encoder, "gmi_choice", settings.DEFAULTS["encoder"]), "prompt_set": prompt_set,
-            "max_prompts": int(max_prompts), "images_per_prompt": int(images_per_prompt), "steps": int(steps),
-            "cfg": float(cfg), "sampler_name": sampler_name, "scheduler": scheduler, "width": int(width),
-            "height": int(height), "seed": int(seed),
+            "max_prompts": int(max_prompts), "budget": budget, "family_settings": family_settings,
+            "sampler_name": sampler_name, "scheduler": scheduler, "seed": int(seed),
         })
-        report = engine.build(source, generator, target, progress=progress, should_cancel=events.interrupted)
+        events.send(events.BUILD_PLAN, plan.to_dict())
+        try:
+            report = engine.build(source, generator, target, should_cancel=events.interrupted,
+                                  progress=lambda p: events.send(events.BUILD_PROGRESS, progress_payload(p)))
+        except BaseException:  # ComfyUI's interrupt raises inside the sampler: the panel must still stop
+            events.send(events.BUILD_DONE, {"built": [], "skipped": [], "failed": [], "cancelled": True})
+            raise
         result = report.to_dict()
         events.send(events.BUILD_DONE, result)
         if report.cancelled:

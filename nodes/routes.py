@@ -13,7 +13,6 @@ import re
 
 from ..gmi_core.errors import GmiError
 from ..gmi_core.images import load_image
-from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.ranker import METHODS
 from ..gmi_core.spec import SpecKey
 from . import engines, settings
@@ -36,16 +35,16 @@ def status_payload(config: dict) -> dict:
     """Per-checkpoint spec state for the panel, for the given (or the last used) build settings."""
     encoder = engines.get_encoder(config["encoder"])
     prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
-    gen = GenerationSettings(
-        steps=config["steps"], cfg=config["cfg"], sampler=config["sampler_name"], scheduler=config["scheduler"],
-        width=config["width"], height=config["height"],
-    )
-    engine = engines.get_engine(encoder, prompts, config["images_per_prompt"], gen, config["seed"])
+    per_family = settings.family_settings(config["family_settings"], config["sampler_name"], config["scheduler"])
+    engine = engines.get_engine(encoder, prompts, config["budget"], per_family, config["seed"])
     statuses, skipped = engine.status(engines.source())
     return {
         "config": config,
         "encoder_id": encoder.encoder_id,
         "prompt_set": {"name": prompts.name, "hash": prompts.hash, "size": len(prompts)},
+        "budget": engine.budget.to_dict(len(prompts)),
+        "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),
+        "family_settings": per_family.to_dict(),
         "checkpoints": [s.__dict__ for s in statuses],
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
     }

@@ -166,10 +166,11 @@ def env(tmp_path, monkeypatch):
     return types.SimpleNamespace(pack=pack, nodes=nodes, base=tmp_path, names=names, loaded=loaded, state=state)
 
 
-def build(env, which="missing", max_prompts=4, images_per_prompt=2, checkpoints=""):
+def build(env, which="missing", max_prompts=4, budget="allx2", checkpoints=""):
     (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
     return env.nodes.GMIBuildSpecs().build(
-        encoder, which, "platform", max_prompts, images_per_prompt, 3, 7.0, "euler", "normal", 64, 64, 0, checkpoints=checkpoints
+        encoder, which, "platform", budget, "steps=3 width=64 height=64", "euler", "normal", 0, max_prompts=max_prompts,
+        checkpoints=checkpoints,
     ), encoder
 
 
@@ -360,3 +361,34 @@ def test_routes(env):
                 assert r.status in (400, 404)
 
     asyncio.run(scenario())
+
+
+def test_build_announces_its_plan_reports_eta_and_ends_on_interrupt(env, monkeypatch):
+    sent = []
+    monkeypatch.setattr(env.nodes.events, "send", lambda event, data: sent.append((event, data)))
+    FakeGenerator.interrupt_after = 3
+    with pytest.raises(Interrupted):
+        build(env, budget="allx1")
+    assert sent[0] == ("gmi.build.plan", {"budget": "4x1", "images": 16, "checkpoints": [
+        {"name": n, "images": 4} for n in env.names]}), "the plan is announced before anything renders"
+    progress = [data for event, data in sent if event == "gmi.build.progress"]
+    assert progress[0]["images_planned"] == 16 and progress[0]["eta_s"] is None
+    assert progress[-1]["images_rendered"] == 3 and progress[-1]["seconds_per_image"] > 0 and progress[-1]["eta_s"] > 0
+    assert sent[-1][0] == "gmi.build.done" and sent[-1][1]["cancelled"], "the panel's progress ends on interrupt"
+
+    FakeGenerator.interrupt_after, FakeGenerator.calls, sent[:] = None, [], []
+    build(env, budget="allx2")  # a larger budget: only the missing images
+    assert sent[0][1]["images"] == 4 * 4 * 2 - 3
+    assert sum(len(seeds) for _, _, seeds in FakeGenerator.calls) == 29
+
+
+def test_batched_noise_equals_each_seed_alone(env, monkeypatch):
+    sample = types.ModuleType("comfy.sample")
+    sample.prepare_noise = lambda latent, seed: torch.randn(latent.size(), generator=torch.manual_seed(seed))
+    monkeypatch.setitem(sys.modules, "comfy.sample", sample)
+    host = env.nodes.host
+    latent = torch.zeros(3, 4, 8, 8)
+    batch = host.per_seed_noise(latent, [5, 6, 7])
+    assert torch.equal(batch[1:2], sample.prepare_noise(latent[:1], 6))
+    assert host.batches_exactly("euler") and host.batches_exactly("dpmpp_2m")
+    assert not host.batches_exactly("euler_ancestral") and not host.batches_exactly("dpmpp_2m_sde_gpu")
