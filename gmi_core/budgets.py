@@ -40,9 +40,13 @@ class Budget:
     def images(self, set_size: int) -> int:
         return self.prompt_count(set_size) * self.images_per_prompt
 
-    def label(self, set_size: int | None = None) -> str:
+    def size_label(self, set_size: int | None = None) -> str:
+        """``PxS``, e.g. ``55x1`` (``allx1`` for every prompt of a set of unknown size)."""
         count = self.prompts if set_size is None else self.prompt_count(set_size)
-        size = f"{'all' if count is None else count}x{self.images_per_prompt}"
+        return f"{'all' if count is None else count}x{self.images_per_prompt}"
+
+    def label(self, set_size: int | None = None) -> str:
+        size = self.size_label(set_size)
         return f"{self.name} ({size})" if self.name else size
 
     def to_dict(self, set_size: int) -> dict:
@@ -56,7 +60,7 @@ BUDGETS: dict[str, Budget] = {
     "full": Budget(55, 4, "full"),
 }
 DEFAULT_BUDGET = "standard"
-CURVE = (Budget(16, 1), Budget(32, 1), Budget(55, 1), Budget(32, 2), Budget(55, 2), Budget(55, 4))  # benchmarked
+CURVE = tuple(Budget(p, s) for p, s in ((16, 1), (32, 1), (55, 1), (16, 4), (32, 2), (55, 2), (55, 4)))  # benchmarked
 
 
 def parse_budget(value: str | Budget | None) -> Budget:

@@ -72,8 +72,8 @@ def _engine(args):
     from .checkpoints import FolderCheckpointSource
     from .encoders import load_encoder
     from .engine import Gmi
-    from .prompts import load_prompt_set
     from .families import FamilySettings, parse_overrides
+    from .prompts import load_prompt_set
     from .protocols import GenerationSettings
 
     if not args.models.is_dir():

@@ -6,10 +6,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .budgets import Budget
 from .checkpoints import FolderCheckpointSource
 from .diffusers_generator import DiffusersGenerator
 from .encoders import load_encoder, save_encoder, tiny_encoder
-from .budgets import Budget
 from .engine import Gmi, IdentifyResult
 from .prompts import load_prompt_set
 from .protocols import GenerationSettings, ProgressCallback

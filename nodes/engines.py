@@ -10,8 +10,8 @@ from ..gmi_core.budgets import Budget, parse_budget
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
 from ..gmi_core.errors import EncoderUnavailable, GmiError
-from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from ..gmi_core.families import FamilySettings
+from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from ..gmi_core.store import SpecStore
 from . import host, settings
 
