@@ -58,6 +58,7 @@ class SpecStatus:
     images_done: int = 0  # images in the spec
     images_budget: int = 0  # images the budget asks for
     images_missing: int = 0  # images "build missing" would render
+    prompts_missing: int = 0  # generator calls (one per prompt) that renders them
     budget_done: str | None = None  # the largest named budget the spec covers
     current: bool = True
 
@@ -68,13 +69,15 @@ class BuildPlan:
 
     budget: str
     checkpoints: list[tuple[str, int]] = field(default_factory=list)  # (name, images to render)
+    generate_calls: int = 0  # one per prompt with missing images
 
     @property
     def images(self) -> int:
         return sum(n for _, n in self.checkpoints)
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget, "images": self.images, "checkpoints": [{"name": n, "images": k} for n, k in self.checkpoints]}
+        return {"budget": self.budget, "images": self.images, "generate_calls": self.generate_calls,
+                "checkpoints": [{"name": n, "images": k} for n, k in self.checkpoints]}
 
 
 @dataclass
@@ -205,7 +208,7 @@ class Gmi:
         statuses = []
         for ckpt in listing.checkpoints:
             base = dict(prompts_total=len(budget_prompts), family=ckpt.family or "", images_budget=self.budget.images(n),
-                        images_missing=self.budget.images(n))
+                        images_missing=self.budget.images(n), prompts_missing=len(budget_prompts))
             entry = by_key.get(self.key(ckpt))
             if entry is None:
                 state, detail = "missing", ""
@@ -218,6 +221,7 @@ class Gmi:
                 continue
             counts = entry.image_counts
             base["images_missing"] = missing_images(counts, self.budget)
+            base["prompts_missing"] = sum(counts[i] < need for i in budget_prompts)
             wanted = self.settings_for(ckpt)
             used = GenerationSettings.from_dict(entry.settings)
             current = used == wanted
@@ -250,16 +254,19 @@ class Gmi:
         if isinstance(which, str) and which not in ("missing", "all"):
             which = [which]
         if which == "all":
-            rows = [(s.name, s.images_budget) for s in statuses]
-        elif which == "missing":
-            rows = [(s.name, s.images_missing) for s in statuses if s.state != "ready"]
+            chosen = [(s, s.images_budget, s.prompts_total) for s in statuses]
         else:
-            known = {s.name: s for s in statuses}
-            unknown = [n for n in which if n not in known]
-            if unknown:
-                raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
-            rows = [(n, known[n].images_missing) for n in which]
-        return BuildPlan(self.budget.label(len(self.prompt_set)), rows)
+            if which == "missing":
+                picked = [s for s in statuses if s.state != "ready"]
+            else:
+                known = {s.name: s for s in statuses}
+                unknown = [n for n in which if n not in known]
+                if unknown:
+                    raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
+                picked = [known[n] for n in which]
+            chosen = [(s, s.images_missing, s.prompts_missing) for s in picked]
+        rows = [(s.name, images) for s, images, _ in chosen]
+        return BuildPlan(self.budget.label(len(self.prompt_set)), rows, sum(calls for _, _, calls in chosen))
 
     # -- build ---------------------------------------------------------------------------------
     def build(

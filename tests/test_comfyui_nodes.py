@@ -369,7 +369,7 @@ def test_build_announces_its_plan_reports_eta_and_ends_on_interrupt(env, monkeyp
     FakeGenerator.interrupt_after = 3
     with pytest.raises(Interrupted):
         build(env, budget="allx1")
-    assert sent[0] == ("gmi.build.plan", {"budget": "4x1", "images": 16, "checkpoints": [
+    assert sent[0] == ("gmi.build.plan", {"budget": "4x1", "images": 16, "generate_calls": 16, "checkpoints": [
         {"name": n, "images": 4} for n in env.names]}), "the plan is announced before anything renders"
     progress = [data for event, data in sent if event == "gmi.build.progress"]
     assert progress[0]["images_planned"] == 16 and progress[0]["eta_s"] is None

@@ -19,6 +19,7 @@ from modules import sd_models
 from pydantic import BaseModel, Field
 
 from gmi_core.errors import CheckpointError, EncoderUnavailable, GmiError, ImageError, NoSpecsError
+from gmi_core.families import LIMITS
 from gmi_core.images import load_image
 from gmi_core.ranker import METHODS
 
@@ -41,11 +42,11 @@ class HTTPException(Exception):
 
 class BuildRequest(BaseModel):
     checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
-    images_per_prompt: int | None = Field(None, ge=1, le=64)
-    steps: int | None = Field(None, ge=1, le=150)
-    cfg: float | None = Field(None, ge=0, le=30)
-    width: int | None = Field(None, ge=64, le=2048)
-    height: int | None = Field(None, ge=64, le=2048)
+    budget: str | None = Field(None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)")
+    steps: int | None = Field(None, ge=LIMITS["steps"][0], le=LIMITS["steps"][1], description="every family (default: per family)")
+    cfg: float | None = Field(None, ge=LIMITS["cfg"][0], le=LIMITS["cfg"][1], description="every family")
+    width: int | None = Field(None, ge=LIMITS["width"][0], le=LIMITS["width"][1], description="every family")
+    height: int | None = Field(None, ge=LIMITS["height"][0], le=LIMITS["height"][1], description="every family")
     sampler: str | None = None
     scheduler: str | None = None
     prompt_set: str | None = None
