@@ -52,7 +52,7 @@ export function renderRanking(container, data) {
     container.append(
       el("div", { class: "gmi-row" + (row.name === data.chosen ? " gmi-chosen" : ""), title: row.sha256 },
         el("span", { class: "gmi-rank", text: String(row.rank) }),
-        el("span", { class: "gmi-name", text: row.name }),
+        el("span", { class: "gmi-name", text: row.name + (row.partial ? ` (partial spec: ${row.images_done} images)` : "") }),
         el("span", { class: "gmi-score", text: Number(row.score).toFixed(4) }),
         thumbs));
   }
@@ -81,6 +81,13 @@ function attachRanking(nodeType) {
 }
 
 // ---- the side panel ----------------------------------------------------------------------------
+export function buildProgressText(p) {
+  const eta = p.eta_s == null ? "ETA after the first images"
+    : `ETA ${Math.floor(p.eta_s / 60)}m${String(Math.round(p.eta_s % 60)).padStart(2, "0")}s`;
+  return `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.images_done}/${p.images_total} images · ` +
+    `build ${p.images_rendered}/${p.images_planned} · ${eta}`;
+}
+
 class GmiPanel {
   constructor() {
     this.root = el("div", { class: "gmi-panel" });
@@ -95,8 +102,12 @@ class GmiPanel {
     this.buildButton.onclick = () => this.buildMissing();
     this.root.append(el("h3", { text: "gmi specs" }), this.info, el("div", {}, this.buildButton, refresh),
       this.progress, this.progressText, this.table);
+    api.addEventListener("gmi.build.plan", (e) => this.onPlan(e.detail));
     api.addEventListener("gmi.build.progress", (e) => this.onProgress(e.detail));
     api.addEventListener("gmi.build.done", (e) => this.onDone(e.detail));
+    for (const ended of ["execution_interrupted", "execution_error"]) {  // a build stopped by ComfyUI itself
+      api.addEventListener(ended, () => { if (this.progress.style.display !== "none") this.onDone({ built: [], failed: [], cancelled: true }); });
+    }
   }
 
   async refresh() {
@@ -108,13 +119,13 @@ class GmiPanel {
       this.config = data.config;
       const c = data.config;
       this.info.textContent = `${data.encoder_id} · ${data.prompt_set.name} (${data.prompt_set.size} prompts) · ` +
-        `${c.images_per_prompt} img/prompt · ${c.steps} steps · ${c.width}x${c.height}`;
+        `budget ${data.budget.name}: ${data.budget.images} img/checkpoint · ${data.images_missing} to render`;
       this.table.replaceChildren();
       for (const s of data.checkpoints) {
-        this.table.append(el("tr", {},
-          el("td", { text: s.name, title: s.sha256 }),
-          el("td", { class: "gmi-state-" + s.state, text: s.state }),
-          el("td", { text: `${s.prompts_done}/${s.prompts_total}` })));
+        this.table.append(el("tr", { title: s.detail || s.sha256 },
+          el("td", { text: s.name }),
+          el("td", { class: "gmi-state-" + s.state, text: s.state + (s.current ? "" : " *") }),
+          el("td", { text: `${s.images_done}/${s.images_budget} img` })));
       }
       for (const s of data.skipped) {
         this.table.append(el("tr", {}, el("td", { text: s.name }), el("td", { text: "skipped" }),
@@ -131,8 +142,8 @@ class GmiPanel {
       gmi_encoder: { class_type: "GMILoadEncoder", inputs: { encoder: c.encoder, allow_download: false } },
       gmi_build: { class_type: "GMIBuildSpecs", inputs: {
         encoder: ["gmi_encoder", 0], which: "missing", prompt_set: c.prompt_set, max_prompts: c.max_prompts,
-        images_per_prompt: c.images_per_prompt, steps: c.steps, cfg: c.cfg, sampler_name: c.sampler_name,
-        scheduler: c.scheduler, width: c.width, height: c.height, seed: c.seed, checkpoints: "", negative_prompt: "" } },
+        budget: c.budget, family_settings: c.family_settings, sampler_name: c.sampler_name,
+        scheduler: c.scheduler, seed: c.seed, checkpoints: "", negative_prompt: "" } },
     };
     const r = await api.fetchApi("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ prompt, client_id: api.clientId }) });
@@ -140,10 +151,16 @@ class GmiPanel {
     else this.progressText.textContent = "build queued…";
   }
 
+  onPlan(plan) {
+    this.progress.style.display = "";
+    this.progress.value = 0;
+    this.progressText.textContent = `budget ${plan.budget}: ${plan.images} images to render`;
+  }
+
   onProgress(p) {
     this.progress.style.display = "";
-    this.progress.value = p.images_total ? p.images_done / p.images_total : 0;
-    this.progressText.textContent = `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.prompts_done}/${p.prompts_total} prompts`;
+    this.progress.value = p.images_planned ? p.images_rendered / p.images_planned : 0;
+    this.progressText.textContent = buildProgressText(p);
   }
 
   onDone(report) {

@@ -56,8 +56,10 @@ def ranking_html(data: dict) -> str:
             for m in r["top_prompts"]
             if m.get("thumbnail")
         )
+        partial = (f"<br><small title='ranked with the images it has'>partial spec: {r['prompts_done']} prompts, "
+                   f"{r['images_done']} images</small>" if r.get("partial") else "")
         rows.append(
-            f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}</td><td><code>{r['short_hash']}</code></td>"
+            f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}{partial}</td><td><code>{r['short_hash']}</code></td>"
             f"<td>{r['score']:.4f}</td><td>{thumbs}</td></tr>"
         )
     excluded = "".join(f"<li>{html.escape(e['name'])}: {html.escape(e['reason'])}</li>" for e in data.get("excluded", []))
