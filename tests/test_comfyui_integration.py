@@ -87,8 +87,8 @@ def build_prompt(which="missing"):
         "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
         "build": {"class_type": "GMIBuildSpecs", "inputs": {
             "encoder": ["enc", 0], "which": which, "prompt_set": "platform", "max_prompts": MAX_PROMPTS,
-            "images_per_prompt": IMAGES_PER_PROMPT, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler",
-            "scheduler": "normal", "width": SIZE, "height": SIZE, "seed": 0, "checkpoints": "", "negative_prompt": ""}},
+            "budget": f"allx{IMAGES_PER_PROMPT}", "family_settings": f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
+            "sampler_name": "euler", "scheduler": "normal", "seed": 0, "checkpoints": "", "negative_prompt": ""}},
     }
 
 
@@ -165,6 +165,26 @@ def test_build_then_identify_each_checkpoint(comfy):
     # building again is a no-op: every spec is ready
     again = server.run_prompt(build_prompt(), timeout=120)["outputs"]["build"]["gmi_build"][0]
     assert again["built"] == []
+
+    # the build renders all seeds of a prompt in one batch; each image equals a plain KSampler run of its seed
+    from gmi_core.budgets import cell_seed, prompt_order
+    from gmi_core.encoders import load_encoder
+    from gmi_core.prompts import load_prompt_set
+    from gmi_core.spec import Spec
+
+    prompt_index = prompt_order(MAX_PROMPTS)[0]
+    text = load_prompt_set("platform").prompts[prompt_index]
+    seed = cell_seed(0, prompt_index, IMAGES_PER_PROMPT - 1)  # the last image of the batch
+    entry = server.run_prompt(query_and_identify_prompt(names[0], text, seed, "batch"), timeout=300)
+    spec_file = next(p for p in (server.base / "user" / "gmi" / "specs").glob("*/*.safetensors")
+                     if Spec.load(p).checkpoint_name == names[0])
+    spec = Spec.load(spec_file)
+    from PIL import Image
+
+    encoder = load_encoder(str(server.base / "models" / "gmi" / ENCODER_FILE))
+    plain = encoder.encode_images([Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8))])[0]
+    assert float(plain @ spec.image_features[prompt_index, IMAGES_PER_PROMPT - 1].float()) > 0.999
+    assert spec.seeds[prompt_index][IMAGES_PER_PROMPT - 1] == seed
 
     queries = {}
     for i, ckpt in enumerate(names):
