@@ -107,6 +107,7 @@ def fake_image(index: int, prompt: str, seed: int, size: int = 64) -> Image.Imag
 
 class FakeGenerator:
     calls: list = []
+    sizes: dict = {}
     interrupt_after: int | None = None
     state: dict = {}
 
@@ -119,6 +120,7 @@ class FakeGenerator:
         with safe_open(str(checkpoint.path), "pt") as f:
             index = int(f.metadata()["index"])
         FakeGenerator.calls.append((checkpoint.name, prompt, list(seeds)))
+        FakeGenerator.sizes[checkpoint.name] = (settings.width, settings.height, settings.steps)
         if FakeGenerator.interrupt_after is not None and len(FakeGenerator.calls) > FakeGenerator.interrupt_after:
             FakeGenerator.state["interrupt"] = True
         images = []
@@ -155,7 +157,7 @@ def env(tmp_path, monkeypatch):
         return (f"MODEL<{Path(path).name}>", f"CLIP<{Path(path).name}>", f"VAE<{Path(path).name}>")
 
     monkeypatch.setattr(nodes.identify_node, "load_checkpoint", fake_load)
-    FakeGenerator.calls, FakeGenerator.interrupt_after, FakeGenerator.state = [], None, state
+    FakeGenerator.calls, FakeGenerator.interrupt_after, FakeGenerator.state, FakeGenerator.sizes = [], None, state, {}
 
     ckpts = tmp_path / "models" / "checkpoints"
     names = [write_fake_checkpoint(ckpts / f"ck{i}.safetensors", i).name for i in range(4)]
@@ -393,3 +395,28 @@ def test_batched_noise_equals_each_seed_alone(env, monkeypatch):
     assert torch.equal(batch[1:2], sample.prepare_noise(latent[:1], 6))
     assert host.batches_exactly("euler") and host.batches_exactly("dpmpp_2m")
     assert not host.batches_exactly("euler_ancestral") and not host.batches_exactly("dpmpp_2m_sde_gpu")
+
+
+def test_each_family_renders_at_its_own_size(env):
+    """An SDXL-layout header gets SDXL's 1024 px and steps; SD1 keeps 512 px; the node's text changes one family."""
+    ckpts = env.base / "models" / "checkpoints"
+    save_file({
+        "model.diffusion_model.out.2.bias": torch.full((4,), 1.0),
+        "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
+    }, str(ckpts / "xl.safetensors"), metadata={"index": "1"})
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    node = env.nodes.GMIBuildSpecs()
+    node.build(encoder, "listed", "platform", "1x1", "", "euler", "normal", 0, checkpoints="xl.safetensors\nck0.safetensors")
+    assert FakeGenerator.sizes == {"xl.safetensors": (1024, 1024, 25), "ck0.safetensors": (512, 512, 20)}
+    status = env.nodes.routes.status_payload(env.nodes.settings.load())
+    assert {c["name"]: c["family"] for c in status["checkpoints"]}["xl.safetensors"] == "sdxl"
+    assert status["family_settings"]["sdxl"]["width"] == 1024 and status["budget"]["images"] == 1
+
+    FakeGenerator.sizes = {}
+    node.build(encoder, "listed", "platform", "1x2", "sdxl.width=768 sdxl.height=768", "euler", "normal", 0,
+               checkpoints="xl.safetensors")
+    assert FakeGenerator.sizes == {"xl.safetensors": (1024, 1024, 25)}, "a spec is topped up with its own settings"
+    status = env.nodes.routes.status_payload(env.nodes.settings.load())
+    xl = {c["name"]: c for c in status["checkpoints"]}["xl.safetensors"]
+    assert xl["state"] == "ready" and not xl["current"] and "width 1024 (now 768)" in xl["detail"]
