@@ -169,10 +169,12 @@ class ComfyGenerator:
     def __init__(self, on_image=None):
         self.on_image = on_image  # called with the number of images finished (progress bar)
         self._loaded: tuple[Path, tuple] | None = None
+        self._negative: tuple[str, object] | None = None  # the loaded checkpoint's encoding of the negative prompt
 
     def _models(self, checkpoint: CheckpointInfo):
         if self._loaded is None or self._loaded[0] != Path(checkpoint.path):
             self.release()
+            self._negative = None
             try:
                 self._loaded = (Path(checkpoint.path), load_checkpoint(checkpoint.path))
             except CheckpointError:
@@ -187,7 +189,9 @@ class ComfyGenerator:
 
         model, clip, vae = self._models(checkpoint)
         positive = _encode(clip, prompt)
-        negative = _encode(clip, settings.negative_prompt)
+        if self._negative is None or self._negative[0] != settings.negative_prompt:
+            self._negative = (settings.negative_prompt, _encode(clip, settings.negative_prompt))  # once per checkpoint
+        negative = self._negative[1]
         groups = [list(seeds)] if batches_exactly(settings.sampler) else [[seed] for seed in seeds]
         images = []
         for group in groups:

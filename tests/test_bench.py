@@ -253,3 +253,19 @@ def test_roundtrip_tiny(tmp_path):
     assert r["gmi"]["1"]["n_tasks"] == 2 and set(r["gmi"]["1"]) == QUALITY_KEYS
     assert r["gmi"]["1"]["top1"] == 1.0  # the generating checkpoint ranks first
     assert math.isclose(data["families"]["roundtrip"]["chance_top1"], 0.5)
+
+
+def test_default_budget_choice_is_the_closest_to_full():
+    from gmi_core.bench.synthetic import choose_budget
+
+    def row(images, top1):
+        return {"images_per_spec": images, "top1": top1, "top4": 1.0, "mean_rank": 1.0, "n_tasks": 100}
+
+    curve = {"e_subtle_x16": {"16x1": row(16, 0.5), "55x1": row(55, 0.70), "32x2": row(64, 0.77), "55x2": row(110, 0.83),
+                              "55x4": row(220, 0.84)},
+             "c_example_b1": {k: row(v["images_per_spec"], 1.0) for k, v in
+                              {"16x1": row(16, 0), "55x1": row(55, 0), "32x2": row(64, 0), "55x2": row(110, 0), "55x4": row(220, 0)}.items()}}
+    choice = choose_budget(curve)
+    assert choice["budget"] == "32x2" and not choice["within_tolerance"] and choice["top1_gap_to_full"]["e_subtle_x16"] == 0.07
+    curve["e_subtle_x16"]["55x1"]["top1"] = 0.83
+    assert choose_budget(curve)["budget"] == "55x1" and choose_budget(curve)["within_tolerance"]

@@ -225,7 +225,7 @@ def quality_tables(data: dict) -> str:
             lines.append(_row([fam] + cells))
         choice = data.get("budget_choice") or {}
         if choice:
-            lines.append(f"Smallest budget <= 64 images within 0.02 top-1 of full: {choice.get('budget')} {choice}")
+            lines.append(f"Best budget of <= 64 images (smallest worst top-1 gap to full): {choice.get('budget')} {choice}")
     targets = data.get("targets") or []
     if targets:
         lines.append("\nTargets")

@@ -350,21 +350,23 @@ def budget_curve(image: torch.Tensor, q_img: torch.Tensor, weights: torch.Tensor
 
 
 def choose_budget(results_budget: dict, families=BUDGET_FAMILIES, max_images: int = 64) -> dict:
-    """The smallest budget of at most ``max_images`` whose top-1 is within BUDGET_TOLERANCE of the full budget
-    on every one of ``families``."""
+    """Of the budgets of at most ``max_images``, the one with the smallest worst top-1 gap to the full budget over
+    ``families`` (fewest images on ties), and whether that gap is within BUDGET_TOLERANCE."""
     full = FULL_BUDGET.size_label()
     present = [f for f in families if f in results_budget and full in results_budget[f]]
     if not present:
         return {"budget": None, "reason": f"no results for {', '.join(families)}"}
-    labels = sorted(results_budget[present[0]], key=lambda b: results_budget[present[0]][b]["images_per_spec"])
-    for label in labels:
-        rows = {f: results_budget[f].get(label) for f in present}
-        if any(r is None or r["images_per_spec"] > max_images for r in rows.values()):
+    candidates = []
+    for label, row in results_budget[present[0]].items():
+        if row["images_per_spec"] > max_images or any(label not in results_budget[f] for f in present):
             continue
-        gaps = {f: round(results_budget[f][full]["top1"] - r["top1"], 4) for f, r in rows.items()}
-        if all(gap <= BUDGET_TOLERANCE for gap in gaps.values()):
-            return {"budget": label, "images_per_spec": rows[present[0]]["images_per_spec"], "top1_gap_to_full": gaps}
-    return {"budget": None, "reason": f"no budget of <= {max_images} images is within {BUDGET_TOLERANCE} of full"}
+        gaps = {f: round(results_budget[f][full]["top1"] - results_budget[f][label]["top1"], 4) for f in present}
+        candidates.append((max(gaps.values()), row["images_per_spec"], label, gaps))
+    if not candidates:
+        return {"budget": None, "reason": f"no budget of <= {max_images} images was measured"}
+    worst, images, label, gaps = min(candidates)
+    return {"budget": label, "images_per_spec": images, "top1_gap_to_full": gaps,
+            "within_tolerance": worst <= BUDGET_TOLERANCE, "tolerance": BUDGET_TOLERANCE}
 
 
 def family_plan(quick: bool, many: list[int]) -> list[tuple[str, int]]:
@@ -503,7 +505,8 @@ def check_targets(data: dict) -> list[dict]:
             {
                 "target": f"default budget {DEFAULT_BUDGET} ({default}) <= 64 images and top-1 within {BUDGET_TOLERANCE} "
                 f"of full ({FULL_BUDGET.size_label()}) on {', '.join(BUDGET_FAMILIES)} (1 query image)",
-                "value": {"top1_gap_to_full": gaps, "smallest_passing_budget": choice.get("budget")},
+                "value": {"top1_gap_to_full": gaps, "best_budget_of_at_most_64_images": choice.get("budget"),
+                          "that_budget_within_tolerance": choice.get("within_tolerance")},
                 "met": bool(gaps) and all(g <= BUDGET_TOLERANCE for g in gaps.values())
                 and BUDGETS[DEFAULT_BUDGET].images(55) <= 64,
             }
