@@ -442,7 +442,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         data["plot"] = plot
         if budgets:
-            data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), budgets, cfg.d))
+            data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), budgets, f"d={cfg.d}"))
     return data
 
 
@@ -451,14 +451,13 @@ def budget_plot(path, results_budget: dict, dim: int | str):
     from .report import bar_chart
 
     first = next(iter(results_budget.values()))
-    labels = sorted(first, key=lambda b: (first[b]["images_per_spec"], b))
+    labels = {f"{b} = {first[b]['images_per_spec']} img": b for b in sorted(first, key=lambda b: (first[b]["images_per_spec"], b))}
     return bar_chart(
         path,
-        title=f"budget curve: gmi top-1, 1 query image (d={dim}); bars = " + ", ".join(
-            f"{b} ({first[b]['images_per_spec']} img)" for b in labels),
+        title=f"budget curve: gmi top-1 per budget (prompts x images), 1 query image ({dim})",
         groups=list(results_budget),
-        series=labels,
-        values=lambda g, s, n: results_budget[g].get(s, {}).get("top1"),
+        series=list(labels),
+        values=lambda g, s, n: results_budget[g].get(labels[s], {}).get("top1"),
     )
 
 
