@@ -98,8 +98,9 @@ class Config:
         and height apply to every family)."""
         base = GenerationSettings(sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
                                   scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")))
-        per_family = {family: {name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS} for family in FAMILIES}
         every = {name: overrides[name] for name in PER_FAMILY_FIELDS if overrides.get(name) is not None}
+        per_family = {family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
+                      for family in FAMILIES}
         return cls(
             encoder=os.environ.get(ENV_ENCODER) or str(opt("gmi_encoder")),
             pretrained=str(opt("gmi_encoder_pretrained")),
@@ -107,7 +108,7 @@ class Config:
             spec_root=spec_dir(),
             prompt_set=str(overrides.get("prompt_set") or opt("gmi_prompt_set")),
             budget=str(overrides.get("budget") or opt("gmi_budget")),
-            settings=FamilySettings.defaults(base, {**per_family, "*": every}),
+            settings=FamilySettings.defaults(base, per_family),
         )
 
 
