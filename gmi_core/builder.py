@@ -1,4 +1,9 @@
-"""Building one checkpoint's spec through any Generator, saving after every prompt so nothing is lost."""
+"""Building or topping up one checkpoint's spec through any Generator, saving after every prompt.
+
+A build renders only the cells of the budget the spec lacks (one generator call per prompt, all its missing
+seeds at once), so a larger budget later adds images and never re-renders. A spec keeps the generation
+settings it was started with; only ``restart`` (build "all") renders it again with the current ones.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .budgets import Budget, cell_seed
 from .encoders import ClipEncoder
 from .errors import Cancelled, GmiError, SpecError
 from .images import to_rgb
@@ -19,14 +25,9 @@ from .store import SpecStore
 log = logging.getLogger(__name__)
 
 
-def spec_seeds(prompt_count: int, images_per_prompt: int, base_seed: int) -> list[list[int]]:
-    """Distinct, reproducible seeds: prompt i, image s gets base + i * S + s."""
-    return [[base_seed + i * images_per_prompt + s for s in range(images_per_prompt)] for i in range(prompt_count)]
-
-
-def matches_request(spec: Spec, seeds: list[list[int]], settings: GenerationSettings) -> bool:
-    """Whether an existing spec was built the way we would build it now (else it is stale)."""
-    return spec.seeds == seeds and spec.settings == settings
+def missing_images(image_counts, budget: Budget) -> int:
+    """Images a build to ``budget`` renders for a spec with these per-prompt counts."""
+    return sum(max(0, budget.images_per_prompt - image_counts[i]) for i in budget.prompt_indices(len(image_counts)))
 
 
 def build_spec(
@@ -38,31 +39,29 @@ def build_spec(
     checkpoint: CheckpointInfo,
     generator: Generator,
     settings: GenerationSettings,
-    images_per_prompt: int,
+    budget: Budget,
     base_seed: int = 0,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     position: tuple[int, int] = (0, 1),
     restart: bool = False,
 ) -> Spec:
-    """Generate, encode and store; resumes a partial spec built with the same settings unless ``restart``.
+    """Generate, encode and store the budget's missing images; ``restart`` renders everything again.
 
     The old file is replaced only when the first new prompt is saved, so a rebuild that fails to start
     (unloadable checkpoint, cancelled at once) leaves the existing spec as it was.
     """
     key = SpecKey(checkpoint.sha256, encoder.encoder_id, prompt_set.hash)
-    seeds = spec_seeds(len(prompt_set), images_per_prompt, base_seed)
+    n = len(prompt_set)
     try:
         spec = store.load(key)
     except SpecError as exc:
         store.quarantine(key, str(exc))
         spec = None
-    if spec is not None and restart:
-        spec = None
-    elif spec is not None and not matches_request(spec, seeds, settings):
-        log.info("gmi: spec of %s was built with other settings; rebuilding", checkpoint.name)
+    if spec is not None and (restart or not spec.image_done.any()):
         spec = None
     if spec is None:
+        s = budget.images_per_prompt
         spec = Spec.empty(
             checkpoint_name=checkpoint.name,
             sha256=checkpoint.sha256,
@@ -70,46 +69,56 @@ def build_spec(
             prompt_set_name=prompt_set.name,
             prompt_set_hash=prompt_set.hash,
             prompts=list(prompt_set.prompts),
-            seeds=seeds,
+            seeds=[[cell_seed(base_seed, i, j) for j in range(s)] for i in range(n)],
             settings=settings,
             prompt_features=prompt_features,
             feature_dim=encoder.dim,
+            family=checkpoint.family or "",
         )
+    elif spec.settings != settings:
+        log.info("gmi: %s keeps the settings its spec was started with (%s)", checkpoint.name, spec.settings)
+    spec.grow(budget.images_per_prompt, base_seed)
     spec.checkpoint_name = checkpoint.name
     if checkpoint.popularity is not None:
         spec.extra["popularity"] = checkpoint.popularity
-    total = len(prompt_set)
+    indices = budget.prompt_indices(n)
+    need = budget.images_per_prompt
+    rendered = 0
 
     def report(message: str) -> None:
         if progress:
-            done = int(spec.done.sum())
+            counts = spec.image_counts
             progress(
                 BuildProgress(
                     checkpoint=checkpoint.name,
                     checkpoint_index=position[0],
                     checkpoint_count=position[1],
-                    prompts_done=done,
-                    prompts_total=total,
-                    images_done=done * images_per_prompt,
-                    images_total=total * images_per_prompt,
+                    prompts_done=sum(counts[i] >= need for i in indices),
+                    prompts_total=len(indices),
+                    images_done=sum(min(counts[i], need) for i in indices),
+                    images_total=len(indices) * need,
                     message=message,
+                    images_rendered=rendered,
                 )
             )
 
-    report("resuming" if spec.done.any() else "starting")
-    for i, prompt in enumerate(prompt_set.prompts):
-        if spec.done[i]:
+    report("resuming" if spec.image_done.any() else "starting")
+    for i in indices:
+        have = spec.image_counts[i]
+        if have >= need:
             continue
         if should_cancel and should_cancel():
-            raise Cancelled(f"build of {checkpoint.name} interrupted after {int(spec.done.sum())}/{total} prompts (saved)")
-        images = generator.generate(checkpoint, prompt, seeds[i], settings)
-        if len(images) != images_per_prompt:
-            raise GmiError(f"generator returned {len(images)} images for {images_per_prompt} seeds")
+            raise Cancelled(f"build of {checkpoint.name} interrupted after {rendered} new images (saved)")
+        images = generator.generate(checkpoint, spec.prompts[i], spec.seeds[i][have:need], spec.settings)
+        if len(images) != need - have:
+            raise GmiError(f"generator returned {len(images)} images for {need - have} seeds")
         images = [to_rgb(img) for img in images]
-        spec.image_features[i] = encoder.encode_images(images).to(torch.float16)
-        spec.pixel_features[i] = torch.from_numpy(np.stack([pixel_feature(img) for img in images])).to(torch.float16)
-        spec.thumbnails[i] = torch.from_numpy(thumbnail(images[0]))
-        spec.done[i] = True
+        spec.image_features[i, have:need] = encoder.encode_images(images).to(torch.float16)
+        spec.pixel_features[i, have:need] = torch.from_numpy(np.stack([pixel_feature(img) for img in images])).to(torch.float16)
+        if have == 0:
+            spec.thumbnails[i] = torch.from_numpy(thumbnail(images[0]))
+        spec.image_done[i, have:need] = True
         store.save(spec)
-        report(prompt)
+        rendered += need - have
+        report(spec.prompts[i])
     return spec

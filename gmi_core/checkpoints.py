@@ -10,7 +10,7 @@ from safetensors import safe_open
 from .hashing import cached_sha256, sha256_file
 from .protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint
 
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -52,9 +52,30 @@ def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[str | No
             keys = list(handle.keys())
             for name in (keys[0], keys[-1]) if keys else ():
                 handle.get_slice(name).get_shape()
+            family, reason = checkpoint_family(keys)
+            if family == "sd2" and sd2_predicts_v(handle, keys):
+                family = "sd2-v"
     except Exception as exc:  # noqa: BLE001 - every parse failure means the same thing to the user
         return None, f"unreadable or truncated safetensors file ({str(exc).splitlines()[0][:200]})"
-    return checkpoint_family(keys)
+    return family, reason
+
+
+V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def sd2_predicts_v(handle, keys) -> bool:
+    """SD2 768-v (v-prediction) rather than SD2 base: header metadata, a ``v_pred`` key, else ComfyUI's
+    heuristic on one LayerNorm bias (1,280 values read; v models spread it wider than 0.09)."""
+    meta = handle.metadata() or {}
+    architecture = meta.get("modelspec.architecture", "").lower()
+    if architecture or meta.get("modelspec.prediction_type"):
+        return architecture.endswith("-v") or meta.get("modelspec.prediction_type", "").lower() in ("v", "v_prediction")
+    if "v_pred" in keys:
+        return True
+    if V_PROBE not in keys:
+        return False
+    bias = handle.get_tensor(V_PROBE).float()
+    return bool(bias.std(unbiased=False) > 0.09)
 
 
 class FolderCheckpointSource:
@@ -88,5 +109,5 @@ class FolderCheckpointSource:
             except OSError as exc:  # vanished or unreadable while listing: skipped with the reason
                 listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable ({exc.strerror or exc})"))
                 continue
-            listing.checkpoints.append(CheckpointInfo(name, path, sha))
+            listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
         return listing

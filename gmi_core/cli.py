@@ -8,15 +8,25 @@ import os
 import sys
 from pathlib import Path
 
+from .budgets import BUDGETS, DEFAULT_BUDGET
 from .errors import GmiError
+from .families import FAMILY_DEFAULTS
 from .limits import json_safe
 from .protocols import BuildProgress
 
 DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))
 
 
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA after the first images"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"ETA {hours}h{minutes:02d}m" if hours else f"ETA {minutes}m{secs:02d}s"
+
+
 def _progress_bar():
-    """A tqdm bar over images, one per checkpoint, for BuildProgress callbacks."""
+    """A tqdm bar over the images of one checkpoint, with the whole build's ETA, for BuildProgress callbacks."""
     from tqdm import tqdm
 
     state = {"bar": None, "name": None}
@@ -26,11 +36,12 @@ def _progress_bar():
             if state["bar"] is not None:
                 state["bar"].close()
             label = f"[{p.checkpoint_index + 1}/{p.checkpoint_count}] {p.checkpoint}"
-            state["bar"] = tqdm(total=p.images_total, desc=label, unit="img", file=sys.stderr)
+            state["bar"] = tqdm(total=p.images_total, initial=p.images_done, desc=label, unit="img", file=sys.stderr)
             state["name"] = p.checkpoint
         bar = state["bar"]
         bar.update(p.images_done - bar.n)
-        if p.prompts_done == p.prompts_total:
+        bar.set_postfix_str(f"build {p.images_rendered}/{p.images_planned} img, {format_eta(p.eta_s)}", refresh=False)
+        if p.images_done == p.images_total:
             bar.close()
 
     return update
@@ -44,12 +55,17 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-weights", type=Path, help="explicit CLIP weights file (.safetensors)")
     parser.add_argument("--allow-download", action="store_true", help="download CLIP weights if missing")
     parser.add_argument("--prompt-set", default="platform", help="built-in set name or a .json/.txt file")
-    parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--budget", default=DEFAULT_BUDGET,
+                        help=f"spec budget: {', '.join(f'{k} ({v.label()})' for k, v in BUDGETS.items())} or PROMPTSxIMAGES")
+    parser.add_argument("--set", action="append", default=[], metavar="FAMILY.FIELD=VALUE",
+                        help="per-family generation setting, e.g. sdxl.steps=30 or sd1.width=640 (no family: all families); "
+                             "defaults: " + "; ".join(f"{f} {v['width']}x{v['height']} {v['steps']} steps cfg {v['cfg']}"
+                                                       for f, v in FAMILY_DEFAULTS.items()))
+    parser.add_argument("--steps", type=int, help="steps for every family (same as --set steps=N)")
+    parser.add_argument("--cfg", type=float, help="CFG for every family")
+    parser.add_argument("--width", type=int, help="width for every family")
+    parser.add_argument("--height", type=int, help="height for every family")
     parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="base seed of spec images")
 
 
@@ -57,16 +73,21 @@ def _engine(args):
     from .checkpoints import FolderCheckpointSource
     from .encoders import load_encoder
     from .engine import Gmi
+    from .families import FamilySettings, parse_overrides
     from .prompts import load_prompt_set
     from .protocols import GenerationSettings
 
     if not args.models.is_dir():
         raise GmiError(f"models folder {args.models} does not exist")
+    overrides = parse_overrides(args.set)
+    for name in ("steps", "cfg", "width", "height"):
+        if getattr(args, name) is not None:
+            overrides.setdefault("*", {})[name] = getattr(args, name)
+    settings = FamilySettings.defaults(GenerationSettings(sampler=args.sampler), overrides)
     encoder = load_encoder(
         args.encoder, args.pretrained, args.clip_weights, [args.home / "clip", args.models], args.allow_download
     )
-    settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width, height=args.height)
-    gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.images_per_prompt, settings, args.seed)
+    gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.budget, settings, args.seed)
 
     def announce(path: Path) -> None:
         print(f"gmi: hashing {path.name} ({path.stat().st_size / 2**30:.1f} GiB, once; cached after)", file=sys.stderr)
@@ -85,6 +106,9 @@ def cmd_build(args) -> int:
         print(f"{item.name}: skipped: {item.reason}", file=sys.stderr)
     generator = DiffusersGenerator(config=args.config, local_files_only=not args.allow_download)
     which = args.which if args.which in ("missing", "all") else args.which.split(",")
+    plan = gmi.plan(source, which)
+    print(f"gmi: budget {plan.budget}: {plan.images} image(s) to render for "
+          f"{sum(1 for _, n in plan.checkpoints if n)} checkpoint(s)", file=sys.stderr)
     try:
         report = gmi.build(source, generator, which, progress=_progress_bar())
     except KeyboardInterrupt:
@@ -107,10 +131,15 @@ def cmd_specs(args) -> int:
         return 0
     if not statuses and not skipped:
         print(empty_folder_message(args.models, skipped))
+        return 0
+    print(f"budget {gmi.budget.label(len(gmi.prompt_set))}; {gmi.plan(source).images} image(s) missing in all")
+    print(f"{'state':8} {'images':>9} {'budget':8} {'family':6} {'hash':10}  checkpoint  (detail)")
     for s in statuses:
-        print(f"{s.state:8} {s.prompts_done:3}/{s.prompts_total:<3} {s.sha256[:10]}  {s.name}  {s.detail}")
+        images = f"{s.images_done}/{s.images_budget}"
+        detail = f"  ({s.detail})" if s.detail else ""
+        print(f"{s.state:8} {images:>9} {s.budget_done or '-':8} {s.family or '?':6} {s.sha256[:10]}  {s.name}{detail}")
     for s in skipped:
-        print(f"{'skipped':8} {'':7} {'':10}  {s.name}  {s.reason}")
+        print(f"{'skipped':8} {'':9} {'':8} {'':6} {'':10}  {s.name}  {s.reason}")
     return 0
 
 
@@ -125,7 +154,8 @@ def _print_ranking(result) -> None:
     print(f"{'rank':>4}  {'score':>10}  {'hash':10}  checkpoint  (best-matching spec prompts)")
     for r in result.ranking:
         prompts = "; ".join(m.prompt for m in r.top_prompts[:2])
-        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}  ({prompts})")
+        flag = f" [partial spec: {r.prompts_done} prompts, {r.images_done} images]" if r.partial else ""
+        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}{flag}  ({prompts})")
     for name, reason in result.excluded:
         print(f"   -  not ranked: {name}: {reason}")
 

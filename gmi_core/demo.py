@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .budgets import Budget
 from .checkpoints import FolderCheckpointSource
 from .diffusers_generator import DiffusersGenerator
 from .encoders import load_encoder, save_encoder, tiny_encoder
@@ -52,7 +53,7 @@ def run_demo(workdir: Path, checkpoints: int = 4, seed: int = 0, images_per_prom
     source = FolderCheckpointSource(models, hash_cache=workdir / "hashes.json")
     generator = DiffusersGenerator(config=config, device="cpu")
     gmi = Gmi(workdir / "specs", load_encoder(str(encoder_file)), load_prompt_set("platform"),
-              images_per_prompt=images_per_prompt, settings=DEMO_SETTINGS)
+              budget=Budget(None, images_per_prompt), settings=DEMO_SETTINGS)
     gmi.build(source, generator, progress=progress)
 
     rng = random.Random(seed)

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .builder import build_spec
+from .budgets import Budget, covered_budget, parse_budget
+from .builder import build_spec, missing_images
 from .encoders import ClipEncoder
 from .errors import Busy, Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
+from .families import FamilySettings
 from .images import to_rgb
 from .interrogator import Interrogator
-from .limits import check_identify, check_images_per_prompt, check_settings, json_safe
+from .limits import check_identify, check_settings, json_safe
 from .locks import spec_lock
 from .paths import one_line
 from .prompts import PromptSet, load_prompt_set
 from .protocols import (
+    BuildProgress,
     CheckpointInfo,
     CheckpointListing,
     CheckpointSource,
@@ -40,12 +43,44 @@ STATES = ("ready", "partial", "missing", "stale", "corrupt")
 
 @dataclass
 class SpecStatus:
+    """One checkpoint's spec against the engine's budget and settings.
+
+    ``ready``: the budget is built; ``partial``: usable, fewer images than the budget; ``missing``: no spec;
+    ``stale``: only a spec of another version of the file or another encoder / prompt set; ``corrupt``.
+    ``current`` is False when the spec was built with other generation settings: it stays usable and is
+    topped up with its own settings; ``detail`` says so.
+    """
+
     name: str
     sha256: str
     state: str  # one of STATES
-    prompts_done: int
-    prompts_total: int
+    prompts_done: int  # budget prompts with all their images
+    prompts_total: int  # prompts in the budget
     detail: str = ""
+    family: str = ""
+    images_done: int = 0  # images in the spec
+    images_budget: int = 0  # images the budget asks for
+    images_missing: int = 0  # images "build missing" would render
+    prompts_missing: int = 0  # generator calls (one per prompt) that renders them
+    budget_done: str | None = None  # the largest named budget the spec covers
+    current: bool = True
+
+
+@dataclass
+class BuildPlan:
+    """What a build will render, known before it starts (front ends show it)."""
+
+    budget: str
+    checkpoints: list[tuple[str, int]] = field(default_factory=list)  # (name, images to render)
+    generate_calls: int = 0  # one per prompt with missing images
+
+    @property
+    def images(self) -> int:
+        return sum(n for _, n in self.checkpoints)
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "images": self.images, "generate_calls": self.generate_calls,
+                "checkpoints": [{"name": n, "images": k} for n, k in self.checkpoints]}
 
 
 @dataclass
@@ -80,6 +115,9 @@ class RankedCheckpoint:
     score: float
     top_prompts: list[PromptMatch]
     aliases: list[str] = field(default_factory=list)  # other file names with the same sha256
+    prompts_done: int = 0  # prompts with images in the spec
+    images_done: int = 0
+    partial: bool = False  # the spec holds less than the engine's budget
 
     @property
     def short_hash(self) -> str:
@@ -114,6 +152,9 @@ class IdentifyResult:
                     "score": r.score,
                     "top_prompts": [asdict(p) for p in r.top_prompts],
                     "aliases": list(r.aliases),
+                    "prompts_done": r.prompts_done,
+                    "images_done": r.images_done,
+                    "partial": r.partial,
                 }
                 for r in self.ranking
             ],
@@ -129,15 +170,20 @@ class Gmi:
         spec_root: Path,
         encoder: ClipEncoder,
         prompt_set: PromptSet | None = None,
-        images_per_prompt: int = 4,
-        settings: GenerationSettings | None = None,
+        budget: Budget | str | None = None,
+        settings: FamilySettings | GenerationSettings | None = None,
         base_seed: int = 0,
     ):
+        """``settings``: per family (default: :mod:`gmi_core.families`), or one GenerationSettings for all."""
         self.store = SpecStore(spec_root)
         self.encoder = encoder
         self.prompt_set = prompt_set or load_prompt_set("platform")
-        self.images_per_prompt = check_images_per_prompt(images_per_prompt)
-        self.settings = check_settings(settings or GenerationSettings())
+        self.budget = parse_budget(budget)
+        if isinstance(settings, GenerationSettings):
+            settings = FamilySettings.uniform(settings)
+        self.settings = settings or FamilySettings.defaults()
+        for _, family_settings in self.settings.rows:
+            check_settings(family_settings)
         self.base_seed = base_seed
         self.interrogator = Interrogator(encoder, cache_dir=self.store.root / "cache")
         self._prompt_features: torch.Tensor | None = None
@@ -153,6 +199,9 @@ class Gmi:
     def key(self, checkpoint: CheckpointInfo) -> SpecKey:
         return SpecKey(checkpoint.sha256, self.encoder.encoder_id, self.prompt_set.hash)
 
+    def settings_for(self, checkpoint: CheckpointInfo) -> GenerationSettings:
+        return self.settings.for_family(checkpoint.family)
+
     # -- status --------------------------------------------------------------------------------
     def status(self, source: CheckpointSource) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
         return self._status(source.list_checkpoints())
@@ -160,27 +209,81 @@ class Gmi:
     def _status(self, listing: CheckpointListing) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
         entries, problems = self.store.scan()
         by_key = {e.key: e for e in entries}
+        n = len(self.prompt_set)
+        budget_prompts = self.budget.prompt_indices(n)
+        need = self.budget.images_per_prompt
         statuses = []
         for ckpt in listing.checkpoints:
-            total = len(self.prompt_set)
+            base = dict(prompts_total=len(budget_prompts), family=ckpt.family or "", images_budget=self.budget.images(n),
+                        images_missing=self.budget.images(n), prompts_missing=len(budget_prompts))
             entry = by_key.get(self.key(ckpt))
             if entry is None:
+                state, detail = "missing", ""
                 path = self.store.path_for(self.key(ckpt))
                 if path.exists():  # a file identify would refuse: corrupt, rebuilt by "build missing"
-                    reason = problems.get(str(path.relative_to(self.store.root)), "unreadable spec file")
-                    statuses.append(SpecStatus(ckpt.name, ckpt.sha256, "corrupt", 0, total, reason))
+                    state = "corrupt"
+                    detail = problems.get(str(path.relative_to(self.store.root)), "unreadable spec file")
                 else:
-                    statuses.append(SpecStatus(ckpt.name, ckpt.sha256, "missing", 0, total))
+                    detail = self._why_stale(ckpt, entries)
+                    state = "stale" if detail else "missing"
+                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, detail=detail, **base))
                 continue
-            fresh = entry.images_per_prompt == self.images_per_prompt and GenerationSettings.from_dict(
-                entry.settings
-            ) == self.settings and entry.prompts_total == total
-            if not fresh:
-                state, detail = "stale", "built with other settings"
-            else:
-                state, detail = ("ready" if entry.complete else "partial"), ""
-            statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, entry.prompts_done, total, detail))
+            counts = entry.image_counts
+            base["images_missing"] = missing_images(counts, self.budget)
+            base["prompts_missing"] = sum(counts[i] < need for i in budget_prompts)
+            wanted = self.settings_for(ckpt)
+            used = GenerationSettings.from_dict(entry.settings)
+            current = used == wanted
+            detail = "" if current else f"built with other settings ({_settings_diff(used, wanted)}); usable, kept"
+            statuses.append(SpecStatus(
+                ckpt.name, ckpt.sha256, "partial" if base["images_missing"] else "ready",
+                sum(counts[i] >= need for i in budget_prompts), detail=detail, images_done=sum(counts),
+                budget_done=covered_budget(counts, n), current=current, **base,
+            ))
         return statuses, listing.skipped
+
+    def _why_stale(self, ckpt: CheckpointInfo, entries: list[ManifestEntry]) -> str:
+        """Why only an unusable spec exists for ``ckpt`` (empty: none exists)."""
+        for e in entries:
+            if e.sha256 == ckpt.sha256 and e.encoder_id != self.encoder.encoder_id:
+                return f"spec built for encoder {e.encoder_id}"
+            if e.sha256 == ckpt.sha256:
+                return f"spec built for prompt set {e.prompt_set_name} ({e.prompt_set_hash})"
+        for e in entries:
+            if e.checkpoint_name == ckpt.name and e.encoder_id == self.encoder.encoder_id and e.prompt_set_hash == self.prompt_set.hash:
+                return f"checkpoint file changed since its spec was built (was {e.sha256[:10]})"
+        return ""
+
+    # -- build planning ------------------------------------------------------------------------
+    def plan(self, source: CheckpointSource, which: str | Sequence[str] = "missing") -> BuildPlan:
+        """How many images a build of ``which`` renders, per checkpoint, before it starts."""
+        statuses, skipped = self._status(source.list_checkpoints())
+        return self._plan(statuses, which, skipped)
+
+    def _plan(self, statuses: list[SpecStatus], which, skipped: Sequence[SkippedCheckpoint] = ()) -> BuildPlan:
+        """Names that gmi skipped (not a checkpoint it can use) are left out here and reported by the caller;
+        several names of one file (same sha256) are built once, under the first name."""
+        if isinstance(which, str) and which not in ("missing", "all"):
+            which = [which]
+        if which == "all":
+            picked = statuses
+        elif which == "missing":
+            picked = [s for s in statuses if s.state != "ready"]
+        else:
+            known = {s.name: s for s in statuses}
+            skipped_names = {s.name for s in skipped}
+            unknown = [n for n in which if n not in known and n not in skipped_names]
+            if unknown:
+                raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
+            picked = [known[n] for n in dict.fromkeys(which) if n in known]
+        seen: set[str] = set()
+        picked = [s for s in picked if not (s.sha256 in seen or seen.add(s.sha256))]
+        if which == "all":
+            chosen = [(s, s.images_budget, s.prompts_total) for s in picked]
+        else:
+            chosen = [(s, s.images_missing, s.prompts_missing) for s in picked]
+        rows = [(s.name, images) for s, images, _ in chosen]
+        return BuildPlan(self.budget.label(len(self.prompt_set)), rows, sum(calls for _, _, calls in chosen))
 
     # -- build ---------------------------------------------------------------------------------
     def build(
@@ -191,22 +294,24 @@ class Gmi:
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> BuildReport:
-        """Build specs: ``which`` is "missing" (not ready), "all", or a list of checkpoint names."""
+        """Build specs up to the budget: ``which`` is "missing" (not ready: adds only the images a spec lacks),
+        "all" (renders every spec again with the current settings), or a list of checkpoint names (top up)."""
         checkpoints = source.list_checkpoints()
         statuses, skipped = self._status(checkpoints)
         report = BuildReport(skipped=list(skipped))
         listing = {c.name: c for c in checkpoints.checkpoints}
-        if isinstance(which, str) and which not in ("missing", "all"):
-            which = [which]
-        if isinstance(which, str):
-            names = [s.name for s in statuses if which == "all" or s.state != "ready"]
-        else:
-            skipped_by_name = {s.name: s for s in skipped}
-            unknown = [n for n in which if n not in listing and n not in skipped_by_name]
-            if unknown:
-                raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
-            names = [n for n in dict.fromkeys(which) if n in listing]
-        names = self._one_name_per_file(names, listing)
+        plan = self._plan(statuses, which, skipped)
+        names = [name for name, _ in plan.checkpoints]
+        started, rendered = time.perf_counter(), {}
+
+        def overall(p: BuildProgress) -> None:
+            rendered[p.checkpoint] = p.images_rendered
+            total = sum(rendered.values())
+            per_image = (time.perf_counter() - started) / total if total else None
+            if progress:
+                progress(replace(p, images_planned=plan.images, images_rendered=total, seconds_per_image=per_image,
+                                 eta_s=per_image * max(0, plan.images - total) if per_image else None))
+
         for index, name in enumerate(names):
             ckpt = listing[name]
             try:
@@ -219,10 +324,10 @@ class Gmi:
                         prompt_features=self.prompt_features,
                         checkpoint=ckpt,
                         generator=generator,
-                        settings=self.settings,
-                        images_per_prompt=self.images_per_prompt,
+                        settings=self.settings_for(ckpt),
+                        budget=self.budget,
                         base_seed=self.base_seed,
-                        progress=progress,
+                        progress=overall,
                         should_cancel=should_cancel,
                         position=(index, len(names)),
                         restart=which == "all",
@@ -239,16 +344,6 @@ class Gmi:
             finally:
                 generator.release()
         return report
-
-    @staticmethod
-    def _one_name_per_file(names: list[str], listing: dict[str, CheckpointInfo]) -> list[str]:
-        """Several names for one file (same sha256) are built once, under the first name."""
-        seen, out = set(), []
-        for name in names:
-            if listing[name].sha256 not in seen:
-                seen.add(listing[name].sha256)
-                out.append(name)
-        return out
 
     # -- identify ------------------------------------------------------------------------------
     def interrogate(self, images: Sequence[Image.Image]) -> str:
@@ -290,11 +385,6 @@ class Gmi:
                 spec.extra["popularity"] = wanted[spec.sha256].popularity
                 spec.extra["aliases"] = aliases.get(spec.sha256, [])
             specs.append(spec)
-        if specs:  # one ranking needs one shape: keep the most common images-per-prompt
-            counts = Counter(s.images_per_prompt for s in specs)
-            common = max(counts, key=lambda n: (counts[n], n == self.images_per_prompt))
-            excluded += [(s.checkpoint_name, f"spec has {s.images_per_prompt} images per prompt, others {common}") for s in specs if s.images_per_prompt != common]
-            specs = [s for s in specs if s.images_per_prompt == common]
         return specs, excluded
 
     def _load_cached(self, entry: ManifestEntry) -> Spec | None:
@@ -347,8 +437,12 @@ class Gmi:
                 PromptMatch(i, spec.prompts[i], float(ranking.weights[i]) if ranking.weights is not None else 0.0, c)
                 for i, c in ranking.top_prompts(index)
             ]
-            ranked.append(RankedCheckpoint(position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches,
-                                           list(spec.extra.get("aliases", []))))
+            counts = spec.image_counts
+            ranked.append(RankedCheckpoint(
+                position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches,
+                aliases=list(spec.extra.get("aliases", [])), prompts_done=sum(c > 0 for c in counts),
+                images_done=sum(counts), partial=missing_images(counts, self.budget) > 0,
+            ))
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:
@@ -369,3 +463,10 @@ class Gmi:
 
     def fingerprint(self) -> str:
         return f"{self.encoder.encoder_id}|{self.prompt_set.hash}|{self.store.fingerprint()}"
+
+
+def _settings_diff(used: GenerationSettings, wanted: GenerationSettings) -> str:
+    """``steps 20 (now 30), 512x512 (now 1024x1024)``: what differs, for the UIs."""
+    a, b = used.to_dict(), wanted.to_dict()
+    parts = [f"{k} {a[k]!r} (now {b[k]!r})" for k in a if a[k] != b[k]]
+    return ", ".join(parts)

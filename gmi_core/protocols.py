@@ -26,6 +26,7 @@ class CheckpointInfo:
     path: Path
     sha256: str
     popularity: float | None = None  # download count or similar, used only by the `download` baseline
+    family: str | None = None  # sd1, sd2, sd2-v, sdxl (from the file header); picks the generation settings
 
     @property
     def short_hash(self) -> str:
@@ -105,7 +106,12 @@ ProgressCallback = Callable[["BuildProgress"], None]
 
 @dataclass(frozen=True)
 class BuildProgress:
-    """Reported after each finished prompt of a spec build."""
+    """Reported after each finished prompt of a spec build.
+
+    ``prompts_*`` / ``images_*`` count the current spec's cells within the budget; ``images_planned`` and
+    ``images_rendered`` count the whole build (every checkpoint), and ``seconds_per_image`` / ``eta_s`` are
+    measured over this build's images so far (None before the first one).
+    """
 
     checkpoint: str
     checkpoint_index: int
@@ -115,3 +121,10 @@ class BuildProgress:
     images_done: int
     images_total: int
     message: str = ""
+    images_planned: int = 0
+    images_rendered: int = 0
+    seconds_per_image: float | None = None
+    eta_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

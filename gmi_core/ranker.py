@@ -7,6 +7,12 @@ Notation follows DESIGN.md. With unit vectors, k(a, b) = exp(-gamma * (2 - 2 a.b
 where c_mi is the mean kernel between the query images and checkpoint m's images for prompt i,
 Kbar_m the N x N matrix of mean kernels between its prompts' image sets, and W_m the prompt
 weights (restricted to the prompts the spec has finished). Lower is better.
+
+Specs may hold different numbers of images per prompt (budgets, partial builds): the bank pads them
+to the largest S and carries a per-image mask, c and Kbar are masked means, and Kbar's diagonal
+(two images of one prompt) leaves out each image's kernel with itself, so that a spec with one
+image per prompt is not penalised for it; where a spec has a single image of a prompt, that entry
+is the bank's mean for the prompt.
 """
 
 from __future__ import annotations
@@ -30,11 +36,18 @@ class FeatureBank:
     done: torch.Tensor  # [M, N] bool
     pixel: torch.Tensor | None = None  # [M, N, S, p]
     popularity: list[float | None] = field(default_factory=list)
+    image_mask: torch.Tensor | None = None  # [M, N, S] bool: rendered images; None = every image of a done prompt
     _kbar_cache: dict = field(default_factory=dict, repr=False)  # median gammas and Kbar per feature view
 
     @property
     def size(self) -> int:
         return int(self.image.shape[0])
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self.image_mask is not None:
+            return self.image_mask
+        return self.done[:, :, None].expand(self.image.shape[:3])
 
     @classmethod
     def from_specs(cls, specs) -> FeatureBank:
@@ -43,16 +56,21 @@ class FeatureBank:
         keys = {(s.encoder_id, s.prompt_set_hash) for s in specs}
         if len(keys) != 1:
             raise ValueError(f"specs from different encoders or prompt sets cannot be ranked together: {sorted(keys)}")
-        shapes = {tuple(s.image_features.shape) for s in specs}
-        if len(shapes) != 1:
-            raise ValueError(f"specs differ in shape (images per prompt?): {sorted(shapes)}")
+        width = max(s.images_per_prompt for s in specs)  # pad every spec to the most images per prompt
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            extra = width - t.shape[1]
+            return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1) if extra else t
+
+        mask = torch.stack([padded(s.image_done) for s in specs])
         return cls(
             names=[s.checkpoint_name for s in specs],
-            image=torch.stack([s.image_features for s in specs]),
+            image=torch.stack([padded(s.image_features) for s in specs]),
             prompt=specs[0].prompt_features,
-            done=torch.stack([s.done for s in specs]),
-            pixel=torch.stack([s.pixel_features for s in specs]),
+            done=mask.any(dim=2),
+            pixel=torch.stack([padded(s.pixel_features) for s in specs]),
             popularity=[s.extra.get("popularity") for s in specs],
+            image_mask=mask,
         )
 
 
@@ -112,31 +130,54 @@ def similarities(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows @ q[j] for j in range(len(q))], dim=1).float()
 
 
-def _query_means(image: torch.Tensor, query: torch.Tensor, gamma: float) -> torch.Tensor:
-    """c[m, i] = mean over images s and queries u of k(z_u, z_{m,i,s}); chunked over m."""
+def _query_means(image: torch.Tensor, query: torch.Tensor, gamma: float, mask: torch.Tensor) -> torch.Tensor:
+    """c[m, i] = mean over rendered images s and queries u of k(z_u, z_{m,i,s}); chunked over m."""
     m, n, s, d = image.shape
     per_m = max(1, _CHUNK_ELEMENTS // max(1, n * s * d))
     out = []
     for start in range(0, m, per_m):
         block = similarities(image[start : start + per_m].reshape(-1, d), query)  # [(mb*n*s), n_q]
-        out.append(kernel(block, gamma).reshape(-1, n, s * len(query)).mean(-1))
+        k = kernel(block, gamma).reshape(-1, n, s, len(query)).mean(-1)
+        valid = mask[start : start + per_m].float()
+        out.append((k * valid).sum(-1) / valid.sum(-1).clamp(min=1))
     return torch.cat(out)
 
 
-def kbar(image: torch.Tensor, gamma: float, chunk: int = 32) -> torch.Tensor:
-    """Kbar[m, i, j] = mean over s, s' of k(z_{m,i,s}, z_{m,j,s'}); precomputable per spec and gamma."""
+def kbar(image: torch.Tensor, gamma: float, mask: torch.Tensor | None = None, chunk: int = 32) -> torch.Tensor:
+    """Kbar[m, i, j] = masked mean over image pairs (s, s') of k(z_{m,i,s}, z_{m,j,s'}), no image with itself.
+
+    Entries without a pair (unrendered prompts; the diagonal of a prompt with one image) take the mean of
+    that diagonal entry over the specs that have one, else 1 (every spec has one image per prompt: then
+    the kernel of an image with itself is the same for all and keeps the ranking fair).
+    """
     m, n, s, d = image.shape
+    mask = torch.ones(m, n, s, dtype=torch.bool) if mask is None else mask
     out = []
+    eye = torch.eye(n * s, dtype=torch.bool)
     for start in range(0, m, chunk):  # batched matrix products over a chunk of specs
         flat = image[start : start + chunk].float().reshape(-1, n * s, d)
-        out.append(kernel(torch.bmm(flat, flat.transpose(1, 2)), gamma).reshape(-1, n, s, n, s).mean(dim=(2, 4)))
-    return torch.cat(out) if out else torch.zeros(0, n, n)
+        valid = mask[start : start + chunk].reshape(-1, n * s).float()
+        pairs = (valid[:, :, None] * valid[:, None, :]).masked_fill(eye, 0)
+        k = kernel(torch.bmm(flat, flat.transpose(1, 2)), gamma) * pairs
+        sums = k.reshape(-1, n, s, n, s).sum(dim=(2, 4))
+        counts = pairs.reshape(-1, n, s, n, s).sum(dim=(2, 4))
+        out.append(torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan"))))
+    if not out:
+        return torch.zeros(0, n, n)
+    result = torch.cat(out)
+    diagonal = torch.diagonal(result, dim1=1, dim2=2)  # [M, N], a view
+    known = ~torch.isnan(diagonal)
+    per_prompt = torch.where(known, diagonal, 0).sum(0) / known.sum(0).clamp(min=1)
+    overall = float(diagonal[known].mean()) if known.any() else 1.0
+    fill = torch.where(known.any(0), per_prompt, torch.full_like(per_prompt, overall))
+    diagonal.copy_(torch.where(known, diagonal, fill.expand_as(diagonal)))
+    return torch.nan_to_num(result, nan=0.0)  # pairs with an unrendered prompt carry zero weight
 
 
-def _weighted_scores(image, query, gamma, weights, done, kbar_m):
+def _weighted_scores(image, query, gamma, weights, mask, kbar_m):
     """Scores [M] and contributions [M, N] for per-checkpoint prompt weights (rows renormalised)."""
-    c = _query_means(image, query, gamma)
-    w = weights.unsqueeze(0) * done.float()
+    c = _query_means(image, query, gamma, mask)
+    w = weights.unsqueeze(0) * mask.any(dim=2).float()
     totals = w.sum(dim=1, keepdim=True)
     w = torch.where(totals > 0, w / totals.clamp(min=1e-12), w)
     self_term = (torch.bmm(kbar_m, w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=1)  # w_m^T Kbar_m w_m; einsum is far slower
@@ -189,8 +230,8 @@ def rank(
         gamma = bank._kbar_cache[view]
     cache_key = (*view, round(gamma, 9))
     if cache_key not in bank._kbar_cache:
-        bank._kbar_cache[cache_key] = kbar(image, gamma)
-    scores, contributions = _weighted_scores(image, query, gamma, weights, bank.done, bank._kbar_cache[cache_key])
+        bank._kbar_cache[cache_key] = kbar(image, gamma, bank.mask)
+    scores, contributions = _weighted_scores(image, query, gamma, weights, bank.mask, bank._kbar_cache[cache_key])
     order = torch.argsort(scores, stable=True)
     return Ranking(method, gamma, scores, order, weights, contributions)
 

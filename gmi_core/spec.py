@@ -19,15 +19,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .budgets import cell_seed
 from .errors import GmiError, SpecError
 from .limits import check_settings
 from .paths import set_default_mode
 from .protocols import GenerationSettings
 
-SPEC_FORMAT_VERSION = 1
+SPEC_FORMAT_VERSION = 2  # 2: per-image mask ``image_done`` [N, S] and ``family``; version 1 files load as well
+READABLE_VERSIONS = (1, 2)
 PIXEL_FEATURE_SIZE = 8  # rkme_basic compares 8x8 RGB thumbnails (192 values)
 THUMBNAIL_SIZE = 64
-_TENSORS = ("image_features", "prompt_features", "pixel_features", "thumbnails", "done")
+_TENSORS = ("image_features", "prompt_features", "pixel_features", "thumbnails", "image_done")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,11 @@ class SpecKey:
 
 @dataclass
 class Spec:
-    """Features for N prompts x S images. Rows of unfinished prompts are zero and ``done`` is False."""
+    """Features for N prompts x S images; ``image_done[i, s]`` marks the rendered ones (the others are zero).
+
+    Images of one prompt are rendered in seed order, so each prompt holds a prefix of its S images; which
+    prompts are rendered first is the budget order (:mod:`gmi_core.budgets`).
+    """
 
     checkpoint_name: str
     sha256: str
@@ -53,16 +59,37 @@ class Spec:
     prompt_features: torch.Tensor  # [N, d] float16, unit rows
     pixel_features: torch.Tensor  # [N, S, 3*8*8] float16, unit rows
     thumbnails: torch.Tensor  # [N, 64, 64, 3] uint8, the first image of each prompt
-    done: torch.Tensor  # [N] bool
+    image_done: torch.Tensor  # [N, S] bool
     extra: dict = field(default_factory=dict)
+    family: str = ""  # the checkpoint family whose generation settings were used
 
     @property
     def key(self) -> SpecKey:
         return SpecKey(self.sha256, self.encoder_id, self.prompt_set_hash)
 
     @property
+    def done(self) -> torch.Tensor:
+        """[N] bool: prompts with at least one image (the ones a ranking can use)."""
+        return self.image_done.any(dim=1)
+
+    @property
+    def image_counts(self) -> list[int]:
+        return self.image_done.sum(dim=1).tolist()
+
+    @property
     def complete(self) -> bool:
-        return bool(self.done.all())
+        return bool(self.image_done.all())
+
+    def grow(self, images_per_prompt: int, base_seed: int) -> None:
+        """Room for ``images_per_prompt`` images per prompt; new cells get their fixed seeds, old ones stay."""
+        n, s = self.image_done.shape
+        extra = images_per_prompt - s
+        if extra <= 0:
+            return
+        self.image_features = torch.cat([self.image_features, self.image_features.new_zeros(n, extra, self.image_features.shape[-1])], 1)
+        self.pixel_features = torch.cat([self.pixel_features, self.pixel_features.new_zeros(n, extra, self.pixel_features.shape[-1])], 1)
+        self.image_done = torch.cat([self.image_done, self.image_done.new_zeros(n, extra)], 1)
+        self.seeds = [row + [cell_seed(base_seed, i, j) for j in range(s, images_per_prompt)] for i, row in enumerate(self.seeds)]
 
     @property
     def n_prompts(self) -> int:
@@ -86,6 +113,7 @@ class Spec:
         settings: GenerationSettings,
         prompt_features: torch.Tensor,
         feature_dim: int,
+        family: str = "",
     ) -> Spec:
         n, s = len(prompts), len(seeds[0])
         return cls(
@@ -101,7 +129,8 @@ class Spec:
             prompt_features=prompt_features.to(torch.float16).contiguous(),
             pixel_features=torch.zeros(n, s, 3 * PIXEL_FEATURE_SIZE**2, dtype=torch.float16),
             thumbnails=torch.zeros(n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3, dtype=torch.uint8),
-            done=torch.zeros(n, dtype=torch.bool),
+            image_done=torch.zeros(n, s, dtype=torch.bool),
+            family=family,
         )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -110,7 +139,7 @@ class Spec:
             "prompt_features": self.prompt_features.contiguous(),
             "pixel_features": self.pixel_features.contiguous(),
             "thumbnails": self.thumbnails.contiguous(),
-            "done": self.done.to(torch.uint8).contiguous(),
+            "image_done": self.image_done.to(torch.uint8).contiguous(),
         }
 
     def metadata(self) -> dict:
@@ -122,6 +151,7 @@ class Spec:
             "prompt_set": {"name": self.prompt_set_name, "hash": self.prompt_set_hash, "prompts": self.prompts},
             "seeds": self.seeds,
             "settings": self.settings.to_dict(),
+            "family": self.family,
             "complete": self.complete,
             "extra": self.extra,
         }
@@ -161,13 +191,16 @@ class Spec:
                 raise ValueError("metadata is not an object")
         except (KeyError, ValueError) as exc:
             raise SpecError(f"spec file {path} has no valid gmi metadata") from exc
-        if meta.get("format_version") != SPEC_FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise SpecError(f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}")
+        covered = meta if meta["format_version"] >= 2 else None  # version 1 checksummed the tensors only
+        if _content_hash(tensors, covered) != meta.get("content_sha256"):
+            raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
+        if meta["format_version"] == 1 and "done" in tensors and "image_features" in tensors:  # whole prompts
+            tensors["image_done"] = tensors.pop("done").bool()[:, None].expand(tensors["image_features"].shape[:2]).clone()
         missing = [name for name in _TENSORS if name not in tensors]
         if missing:
             raise SpecError(f"spec file {path} lacks tensors {missing}")
-        if _content_hash(tensors, meta) != meta.get("content_sha256"):
-            raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
         try:
             spec = cls(
                 checkpoint_name=meta["checkpoint_name"],
@@ -182,8 +215,9 @@ class Spec:
                 prompt_features=tensors["prompt_features"],
                 pixel_features=tensors["pixel_features"],
                 thumbnails=tensors["thumbnails"],
-                done=tensors["done"].bool(),
+                image_done=tensors["image_done"].bool(),
                 extra=dict(meta.get("extra", {})),
+                family=str(meta.get("family", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SpecError(f"spec file {path} has incomplete metadata: {exc}") from exc
@@ -200,7 +234,7 @@ class Spec:
             (tuple(self.prompt_features.shape) == (n, d), f"prompt_features shape {tuple(self.prompt_features.shape)}"),
             (self.pixel_features.shape[:2] == (n, s), "pixel_features shape"),
             (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8, "thumbnails shape"),
-            (tuple(self.done.shape) == (n,), "done mask shape"),
+            (tuple(self.image_done.shape) == (n, s), "image_done mask shape"),
         ]
         for ok, what in checks:
             if not ok:
@@ -216,7 +250,7 @@ class Spec:
             values = getattr(self, name).float()
             if not torch.isfinite(values).all():
                 raise SpecError(f"{origin}: {name} holds NaN or infinite values")
-        finished = self.image_features[self.done].float()
+        finished = self.image_features[self.image_done].float()
         if finished.numel() and not torch.allclose(finished.norm(dim=-1), torch.ones(()), atol=1e-2):
             raise SpecError(f"{origin}: image features are not unit vectors")
 
@@ -225,11 +259,12 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} in metadata")
 
 
-def _content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    """sha256 over every tensor and the metadata (all of it but this checksum field)."""
+def _content_hash(tensors: dict[str, torch.Tensor], meta: dict | None) -> str:
+    """sha256 over every tensor and the metadata (all of it but this checksum field; None: tensors only)."""
     digest = hashlib.sha256()
-    covered = {k: v for k, v in meta.items() if k != "content_sha256"}
-    digest.update(json.dumps(covered, sort_keys=True, allow_nan=False).encode())
+    if meta is not None:
+        covered = {k: v for k, v in meta.items() if k != "content_sha256"}
+        digest.update(json.dumps(covered, sort_keys=True, allow_nan=False).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         digest.update(name.encode())

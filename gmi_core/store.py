@@ -39,7 +39,13 @@ class ManifestEntry:
     settings: dict
     images_per_prompt: int
     mtime: float
+    image_counts: list[int]  # rendered images per prompt (set order)
     size: int = -1
+    family: str = ""
+
+    @property
+    def images_done(self) -> int:
+        return sum(self.image_counts)
 
     @property
     def key(self) -> SpecKey:
@@ -197,7 +203,9 @@ class SpecStore:
             settings=spec.settings.to_dict(),
             images_per_prompt=spec.images_per_prompt,
             mtime=stamp[0],
+            image_counts=[int(c) for c in spec.image_counts],
             size=stamp[1],
+            family=spec.family,
         )
 
     def _valid_entry(self, rel: str, fields) -> ManifestEntry | None:
@@ -211,6 +219,10 @@ class SpecStore:
                 and all(type(getattr(entry, f)) is int and getattr(entry, f) >= 0 for f in ("prompts_done", "prompts_total", "images_per_prompt", "size"))
                 and isinstance(entry.mtime, (int, float))
                 and isinstance(entry.complete, bool)
+                and isinstance(entry.family, str)
+                and isinstance(entry.image_counts, list)
+                and len(entry.image_counts) == entry.prompts_total
+                and all(type(c) is int and 0 <= c <= entry.images_per_prompt for c in entry.image_counts)
                 and str(self.path_for(entry.key).relative_to(self.root)) == rel
             )
         except (TypeError, ValueError, SpecError):

@@ -1,19 +1,20 @@
-"""One gmi engine per (encoder, prompt set, build settings), cached for the life of the ComfyUI process."""
+"""One gmi engine per (encoder, prompt set, budget, build settings), cached for the life of the ComfyUI process."""
 
 from __future__ import annotations
 
 import threading
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from pathlib import Path
 
+from ..gmi_core.budgets import Budget, parse_budget
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
 from ..gmi_core.errors import InvalidInput, NotFound
+from ..gmi_core.families import FamilySettings
 from ..gmi_core.paths import check_component, resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
-from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.store import SpecStore
-from . import host
+from . import host, settings
 
 OPEN_CLIP_MODELS = ["ViT-L-14/openai", "ViT-B-16/openai", "ViT-B-32/openai"]
 _LOCK = threading.RLock()
@@ -106,29 +107,20 @@ def source() -> host.ComfyCheckpointSource:
 def get_engine(
     encoder: ClipEncoder,
     prompt_set: PromptSet,
-    images_per_prompt: int | None = None,
-    settings: GenerationSettings | None = None,
+    budget: Budget | str | None = None,
+    family_settings: FamilySettings | None = None,
     base_seed: int = 0,
 ) -> Gmi:
-    """The engine for these settings. ``images_per_prompt=None`` (identify): what the store was built with."""
-    if images_per_prompt is None:
-        images_per_prompt = stored_images_per_prompt(encoder.encoder_id, prompt_set.hash)
-    settings = settings or GenerationSettings()
-    key = (id(encoder), encoder.encoder_id, prompt_set.hash, images_per_prompt, settings, base_seed)
+    """The engine for these settings; ``budget=None`` (identify, status): the panel's last budget."""
+    budget = parse_budget(budget if budget is not None else settings.load()["budget"])
+    family_settings = family_settings or FamilySettings.defaults()
+    key = (id(encoder), encoder.encoder_id, prompt_set.hash, budget, family_settings, base_seed)
     with _LOCK:
         if key in _ENGINES:
             _ENGINES.move_to_end(key)
             return _ENGINES[key]
-        engine = Gmi(spec_root(), encoder, prompt_set, images_per_prompt=images_per_prompt, settings=settings, base_seed=base_seed)
+        engine = Gmi(spec_root(), encoder, prompt_set, budget=budget, settings=family_settings, base_seed=base_seed)
         _ENGINES[key] = engine
         while len(_ENGINES) > _MAX_ENGINES:
             _ENGINES.popitem(last=False)
         return engine
-
-
-def stored_images_per_prompt(encoder_id: str, prompt_set_hash: str, default: int = 4) -> int:
-    """The images-per-prompt most specs of this encoder and prompt set were built with."""
-    counts = Counter(
-        e.images_per_prompt for e in store().entries() if e.encoder_id == encoder_id and e.prompt_set_hash == prompt_set_hash
-    )
-    return counts.most_common(1)[0][0] if counts else default

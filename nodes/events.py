@@ -6,6 +6,7 @@ import logging
 
 log = logging.getLogger("gmi")
 
+BUILD_PLAN = "gmi.build.plan"  # before a build starts: images to render, per checkpoint
 BUILD_PROGRESS = "gmi.build.progress"
 BUILD_DONE = "gmi.build.done"
 

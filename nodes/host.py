@@ -123,7 +123,7 @@ class ComfyCheckpointSource:
             except OSError as exc:
                 listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable: {exc}"))
                 continue
-            listing.checkpoints.append(CheckpointInfo(name, path, sha))
+            listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
         return listing
 
 
@@ -141,16 +141,40 @@ def load_checkpoint(path: Path):
     return model, clip, vae
 
 
+# Samplers that draw fresh noise while sampling: ComfyUI seeds that noise once per batch, so an image in a batch
+# would differ from its single-seed render. These run one seed per call; every other sampler runs a batch.
+STOCHASTIC_SAMPLER_MARKS = ("ancestral", "sde", "ddpm", "lcm", "seeds_", "sa_solver")
+
+
+def batches_exactly(sampler: str) -> bool:
+    """Whether a batch with per-image noise renders each image as a single-seed run would."""
+    return not any(mark in sampler for mark in STOCHASTIC_SAMPLER_MARKS)
+
+
+def per_seed_noise(latent: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """The noise ComfyUI draws for each seed alone (``prepare_noise`` seeds one generator per call), stacked."""
+    import comfy.sample
+
+    return torch.cat([comfy.sample.prepare_noise(latent[:1], int(seed)) for seed in seeds])
+
+
 class ComfyGenerator:
-    """Renders spec images the way a KSampler graph would: the checkpoint's CLIP, sampler and VAE."""
+    """Renders spec images the way a KSampler graph would: the checkpoint's CLIP, sampler and VAE.
+
+    All seeds of a prompt go through one sampler call (a batch with each image's own noise), as a KSampler
+    with a batch of latents would; stochastic samplers get one call per seed so results never depend on
+    the batch.
+    """
 
     def __init__(self, on_image=None):
-        self.on_image = on_image  # called after every image (progress bar)
+        self.on_image = on_image  # called with the number of images finished (progress bar)
         self._loaded: tuple[Path, tuple] | None = None
+        self._negative: tuple[str, object] | None = None  # the loaded checkpoint's encoding of the negative prompt
 
     def _models(self, checkpoint: CheckpointInfo):
         if self._loaded is None or self._loaded[0] != Path(checkpoint.path):
             self.release()
+            self._negative = None
             try:
                 self._loaded = (Path(checkpoint.path), load_checkpoint(checkpoint.path))
             except CheckpointError:
@@ -165,23 +189,25 @@ class ComfyGenerator:
 
         model, clip, vae = self._models(checkpoint)
         positive = _encode(clip, prompt)
-        negative = _encode(clip, settings.negative_prompt)
+        if self._negative is None or self._negative[0] != settings.negative_prompt:
+            self._negative = (settings.negative_prompt, _encode(clip, settings.negative_prompt))  # once per checkpoint
+        negative = self._negative[1]
+        groups = [list(seeds)] if batches_exactly(settings.sampler) else [[seed] for seed in seeds]
         images = []
-        for seed in seeds:
+        for group in groups:
             mm.throw_exception_if_processing_interrupted()
-            latent = torch.zeros([1, 4, settings.height // 8, settings.width // 8])
+            latent = torch.zeros([len(group), 4, settings.height // 8, settings.width // 8])
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
-            noise = comfy.sample.prepare_noise(latent, int(seed))
             samples = comfy.sample.sample(
-                model, noise, settings.steps, settings.cfg, settings.sampler, settings.scheduler,
-                positive, negative, latent, denoise=1.0, disable_pbar=True, seed=int(seed),
+                model, per_seed_noise(latent, group), settings.steps, settings.cfg, settings.sampler,
+                settings.scheduler, positive, negative, latent, denoise=1.0, disable_pbar=True, seed=int(group[0]),
             )
             decoded = vae.decode(samples)
             if decoded.ndim == 5:  # some VAEs return [B, T, H, W, C]
                 decoded = decoded.reshape(-1, *decoded.shape[-3:])
             images += tensor_to_pils(decoded)
             if self.on_image:
-                self.on_image()
+                self.on_image(len(group))
         return images
 
     def release(self) -> None:

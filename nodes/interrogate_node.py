@@ -24,6 +24,6 @@ class GMIInterrogate:
         }}
 
     def interrogate(self, encoder, image):
-        engine = engines.get_engine(encoder, engines.get_prompt_set("platform"), images_per_prompt=1)
+        engine = engines.get_engine(encoder, engines.get_prompt_set("platform"))
         text = engine.interrogate(tensor_to_pils(image))
         return {"ui": {"text": [text]}, "result": (text,)}

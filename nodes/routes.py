@@ -31,7 +31,6 @@ from ..gmi_core.errors import (
 )
 from ..gmi_core.images import load_image
 from ..gmi_core.paths import one_line, redact
-from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.ranker import METHODS
 from ..gmi_core.spec import SpecKey
 from . import engines, settings
@@ -72,29 +71,30 @@ def status_config(query) -> dict:
     return config
 
 
-def generation_settings(config: dict) -> GenerationSettings:
+def family_settings(config: dict):
+    """The panel's per-family build settings, every value checked against the host's samplers and limits."""
     samplers, schedulers = sampler_choices()
-    gen = GenerationSettings(
-        steps=config["steps"], cfg=config["cfg"], sampler=config["sampler_name"], scheduler=config["scheduler"],
-        width=config["width"], height=config["height"],
-    )
-    limits.check_settings(gen, samplers, schedulers)
-    limits.check_images_per_prompt(config["images_per_prompt"])
-    return gen
+    per_family = settings.family_settings(config["family_settings"], config["sampler_name"], config["scheduler"])
+    for _, row in per_family.rows:
+        limits.check_settings(row, samplers, schedulers)
+    return per_family
 
 
 def status_payload(config: dict) -> dict:
     """Per-checkpoint spec state for the panel, for the given (or the last used) build settings."""
-    gen = generation_settings(config)
+    per_family = family_settings(config)
     encoder = engines.get_encoder(config["encoder"])
     prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
-    engine = engines.get_engine(encoder, prompts, config["images_per_prompt"], gen, config["seed"])
+    engine = engines.get_engine(encoder, prompts, config["budget"], per_family, config["seed"])
     statuses, skipped = engine.status(engines.source())
     note = "" if statuses or skipped else "the checkpoints folders hold no checkpoint files; put Stable Diffusion checkpoints in models/checkpoints"
     return limits.json_safe({
         "config": config,
         "encoder_id": encoder.encoder_id,
         "prompt_set": {"name": prompts.name, "hash": prompts.hash, "size": len(prompts)},
+        "budget": engine.budget.to_dict(len(prompts)),
+        "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),
+        "family_settings": per_family.to_dict(),
         "checkpoints": [s.__dict__ for s in statuses],
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
         "note": note,

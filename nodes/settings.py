@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
+from ..gmi_core.budgets import DEFAULT_BUDGET
+from ..gmi_core.families import FamilySettings, parse_overrides
+from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.store import write_json_atomic
 from . import host
 
@@ -12,13 +16,10 @@ DEFAULTS = {
     "encoder": "ViT-L-14/openai",
     "prompt_set": "platform",
     "max_prompts": 0,
-    "images_per_prompt": 4,
-    "steps": 20,
-    "cfg": 7.0,
+    "budget": DEFAULT_BUDGET,
+    "family_settings": "",
     "sampler_name": "euler",
     "scheduler": "normal",
-    "width": 512,
-    "height": 512,
     "seed": 0,
 }
 
@@ -48,3 +49,10 @@ def save(values: dict) -> None:
     current = load()
     current.update({k: values[k] for k in DEFAULTS if k in values})
     write_json_atomic(path(), current)
+
+
+def family_settings(text: str, sampler: str, scheduler: str, negative_prompt: str = "") -> FamilySettings:
+    """Per-family settings from the Build node's text (``sdxl.steps=30, sd1.width=640``; empty: the defaults)."""
+    items = [item for item in re.split(r"[\s,;]+", text or "") if item]
+    base = GenerationSettings(sampler=sampler, scheduler=scheduler, negative_prompt=negative_prompt or "")
+    return FamilySettings.defaults(base, parse_overrides(items))

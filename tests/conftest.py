@@ -21,7 +21,7 @@ class TinyWorld:
     encoder_file: Path
     settings: object
     prompt_set: object
-    images_per_prompt: int
+    budget: str
 
     def source(self):
         from gmi_core.checkpoints import FolderCheckpointSource
@@ -41,7 +41,7 @@ class TinyWorld:
             spec_root or self.root / "specs",
             encoder or load_encoder(str(self.encoder_file)),
             prompt_set or self.prompt_set,
-            images_per_prompt=self.images_per_prompt,
+            budget=self.budget,
             settings=self.settings,
         )
 
@@ -54,7 +54,7 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
 
     root = tmp_path_factory.mktemp("tiny_world")
     models, config, encoder_file = prepare_demo_models(root, TINY_CHECKPOINTS)
-    world = TinyWorld(root, models, config, encoder_file, DEMO_SETTINGS, load_prompt_set("platform").head(10), 2)
+    world = TinyWorld(root, models, config, encoder_file, DEMO_SETTINGS, load_prompt_set("platform").head(10), "allx2")
     report = world.gmi().build(world.source(), world.generator())
     assert len(report.built) == TINY_CHECKPOINTS and not report.failed
     return world

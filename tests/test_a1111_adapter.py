@@ -61,10 +61,10 @@ def world(webui, encoder_file, tmp_path):
     opts = webui.shared.opts
     opts.set("gmi_encoder", str(encoder_file))
     opts.set("gmi_prompt_set", prompts.name)
-    opts.set("gmi_images_per_prompt", 2)
-    opts.set("gmi_steps", 3)
-    opts.set("gmi_width", 64)
-    opts.set("gmi_height", 64)
+    opts.set("gmi_budget", "allx2")
+    opts.set("gmi_sd1_steps", 3)
+    opts.set("gmi_sd1_width", 64)
+    opts.set("gmi_sd1_height", 64)
     opts.set("sd_model_checkpoint", "model_0.safetensors")
     webui.reload_model_weights()
     return webui
@@ -197,8 +197,14 @@ def test_build_job_holds_queue_lock_reports_progress_and_identifies(world):
     progress = world.modules["modules.progress"].tasks
     assert progress == [("queued", job.id), ("start", job.id), ("finish", job.id)]
     assert job.images_done == job.images_total == 6
+    assert job.images_planned == job.images_rendered == 18 and job.eta_s == 0 and job.seconds_per_image > 0
     status = runtime.status()
     assert [c["state"] for c in status["checkpoints"]] == ["ready"] * 3
+    assert status["images_missing"] == 0 and status["settings"]["sd1"]["width"] == 64
+    assert status["settings"]["sdxl"]["width"] == 1024 and [c["family"] for c in status["checkpoints"]] == ["sd1"] * 3
+    other = runtime.status(steps=7, budget="allx3")  # API overrides: every family, and the budget
+    assert {v["steps"] for v in other["settings"].values()} == {7} and other["images_missing"] == 3 * 3
+    assert {c["state"] for c in other["checkpoints"]} == {"partial"} and not any(c["current"] for c in other["checkpoints"])
     assert status["spec_dir"] == str(world.models_path / "gmi")
     # an unseen prompt and seed from each checkpoint ranks it first
     fake = world

@@ -58,8 +58,8 @@ def server(tmp_path_factory):
     srv = WebuiServer(webui, data, REPO, data / "webui.log", api_auth=API_AUTH)
     try:
         srv.start()
-        srv.settings = {"gmi_encoder": str(encoder), "gmi_prompt_set": prompts.name, "gmi_images_per_prompt": IMAGES_PER_PROMPT,
-                        "gmi_steps": 3, "gmi_width": 64, "gmi_height": 64, "gmi_sampler": "Euler"}
+        srv.settings = {"gmi_encoder": str(encoder), "gmi_prompt_set": prompts.name, "gmi_budget": f"allx{IMAGES_PER_PROMPT}",
+                        "gmi_sd1_steps": 3, "gmi_sd1_width": 64, "gmi_sd1_height": 64, "gmi_sampler": "Euler"}
         yield srv
     finally:
         srv.stop()
@@ -81,7 +81,7 @@ def test_roundtrip_in_real_webui(server):
     t0 = time.time()
     server.post("/sdapi/v1/options", server.settings)  # Settings > GMI, as a user would set them
     _, options = server.get("/sdapi/v1/options")
-    assert options["gmi_images_per_prompt"] == IMAGES_PER_PROMPT and options["gmi_encoder"] == server.settings["gmi_encoder"]
+    assert options["gmi_budget"] == f"allx{IMAGES_PER_PROMPT}" and options["gmi_encoder"] == server.settings["gmi_encoder"]
 
     _, specs = server.get("/gmi/v1/specs")
     names = [c["name"] for c in specs["checkpoints"]]

@@ -78,7 +78,10 @@ def test_exact_and_kbar_fast_paths_match_ranker(small_bank):
     g = 0.9
     m, n, s, d = bank.image.shape
     flat = bank.image[m - 1].float().reshape(n * s, d)  # Kbar by its definition, for one spec
-    naive = torch.exp(-g * (2 - 2 * flat @ flat.T).clamp(min=0)).reshape(n, s, n, s).mean(dim=(1, 3))
+    pairs = torch.exp(-g * (2 - 2 * flat @ flat.T).clamp(min=0)).reshape(n, s, n, s)
+    naive = pairs.mean(dim=(1, 3))
+    for i in range(n):  # two images of one prompt: distinct images only (s != s')
+        naive[i, i] = (pairs[i, :, i, :].sum() - pairs[i, :, i, :].diagonal().sum()) / (s * (s - 1))
     assert torch.allclose(ranker.kbar(bank.image, g)[m - 1], naive, atol=1e-6)
     w = ranker.prompt_weights(bank.prompt, q_text[0])
     fast = exact_scores(bank.image.half(), ranker.kbar(bank.image, g), queries[0, :2], w, g)
@@ -142,6 +145,14 @@ def test_synthetic_json_shape(tmp_path):
     assert data["results"]["a_easy"]["download"]["1"]["top1"] == pytest.approx(1 / 16, abs=0.03)
     assert all("met" in t for t in data["targets"])
     assert (tmp_path / "s.png").stat().st_size > 1000
+    curve = data["results_budget"]["c_example_b1"]
+    assert {"16x1", "32x1", "55x1", "55x2", "55x4"} <= set(curve)
+    for label, row in curve.items():
+        assert set(row) == {"images_per_spec", "top1", "top4", "mean_rank", "n_tasks"}
+        p, s = map(int, label.split("x"))
+        assert row["images_per_spec"] == p * s and 0 <= row["top1"] <= row["top4"] <= 1
+    assert curve["55x4"]["top1"] == data["results"]["c_example_b1"]["gmi"]["1"]["top1"], "the full budget is the main run"
+    assert "budget" in data["budget_choice"] and (tmp_path / "s-budget.png").stat().st_size > 1000
 
 
 def test_synthetic_is_seeded(tmp_path):
@@ -242,3 +253,19 @@ def test_roundtrip_tiny(tmp_path):
     assert r["gmi"]["1"]["n_tasks"] == 2 and set(r["gmi"]["1"]) == QUALITY_KEYS
     assert r["gmi"]["1"]["top1"] == 1.0  # the generating checkpoint ranks first
     assert math.isclose(data["families"]["roundtrip"]["chance_top1"], 0.5)
+
+
+def test_default_budget_choice_is_the_closest_to_full():
+    from gmi_core.bench.synthetic import choose_budget
+
+    def row(images, top1):
+        return {"images_per_spec": images, "top1": top1, "top4": 1.0, "mean_rank": 1.0, "n_tasks": 100}
+
+    curve = {"e_subtle_x16": {"16x1": row(16, 0.5), "55x1": row(55, 0.70), "32x2": row(64, 0.77), "55x2": row(110, 0.83),
+                              "55x4": row(220, 0.84)},
+             "c_example_b1": {k: row(v["images_per_spec"], 1.0) for k, v in
+                              {"16x1": row(16, 0), "55x1": row(55, 0), "32x2": row(64, 0), "55x2": row(110, 0), "55x4": row(220, 0)}.items()}}
+    choice = choose_budget(curve)
+    assert choice["budget"] == "32x2" and not choice["within_tolerance"] and choice["top1_gap_to_full"]["e_subtle_x16"] == 0.07
+    curve["e_subtle_x16"]["55x1"]["top1"] = 0.83
+    assert choose_budget(curve)["budget"] == "55x1" and choose_budget(curve)["within_tolerance"]

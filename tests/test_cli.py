@@ -12,7 +12,7 @@ def _engine_args(world, home):
     prompts.write_text("\n".join(world.prompt_set.prompts[:3]))
     s = world.settings
     return ["--models", str(world.models), "--home", str(home), "--encoder", str(world.encoder_file),
-            "--prompt-set", str(prompts), "--images-per-prompt", "2", "--steps", str(s.steps), "--cfg", str(s.cfg),
+            "--prompt-set", str(prompts), "--budget", "allx2", "--steps", str(s.steps), "--cfg", str(s.cfg),
             "--width", str(s.width), "--height", str(s.height)]
 
 
@@ -21,6 +21,7 @@ def test_build_specs_identify_json(tiny_world, tmp_path, capsys):
     assert main(["build", *args, "--config", str(tiny_world.config), "--json"]) == 0
     out = capsys.readouterr()
     assert len(json.loads(out.out)["built"]) == 4
+    assert "24 image(s) to render for 4 checkpoint(s)" in out.err, "the plan is shown before the build starts"
     assert out.err.count("gmi: hashing") == 4, "first sight of each checkpoint is announced"
 
     assert main(["specs", *args, "--json"]) == 0
@@ -28,6 +29,11 @@ def test_build_specs_identify_json(tiny_world, tmp_path, capsys):
     assert "gmi: hashing" not in out.err, "hashes come from the cache afterwards"
     rows = json.loads(out.out)
     assert [r["state"] for r in rows] == ["ready"] * 4 and all(r["prompts_done"] == 3 for r in rows)
+    assert all(r["images_done"] == 6 and r["family"] == "sd1" and r["current"] for r in rows)
+
+    assert main(["specs", *args[:-8], "--budget", "allx3", "--steps", "9", *args[-6:]]) == 0
+    table = capsys.readouterr().out
+    assert "12 image(s) missing" in table and table.count("partial") == 4 and "steps 4 (now 9)" in table
 
     checkpoint = tiny_world.source().list_checkpoints().checkpoints[2]
     image = tiny_world.generator().generate(checkpoint, "a tiger walking through the jungle", [4242], tiny_world.settings)[0]
@@ -36,7 +42,7 @@ def test_build_specs_identify_json(tiny_world, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"method", "pseudo_prompt", "ranking"} <= set(out) and out["method"] == "gmi"
     assert len(out["ranking"]) == 3 and out["ranking"][0]["name"] == checkpoint.name
-    assert set(out["ranking"][0]) >= {"rank", "name", "sha256", "score", "top_prompts"}
+    assert set(out["ranking"][0]) >= {"rank", "name", "sha256", "score", "top_prompts", "partial", "images_done"}
 
     assert main(["identify", str(tmp_path / "query.png"), *args]) == 0
     assert checkpoint.name in capsys.readouterr().out

@@ -93,8 +93,8 @@ def build_prompt(which="missing"):
         "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
         "build": {"class_type": "GMIBuildSpecs", "inputs": {
             "encoder": ["enc", 0], "which": which, "prompt_set": "platform", "max_prompts": MAX_PROMPTS,
-            "images_per_prompt": IMAGES_PER_PROMPT, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler",
-            "scheduler": "normal", "width": SIZE, "height": SIZE, "seed": 0, "checkpoints": "", "negative_prompt": ""}},
+            "budget": f"allx{IMAGES_PER_PROMPT}", "family_settings": f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
+            "sampler_name": "euler", "scheduler": "normal", "seed": 0, "checkpoints": "", "negative_prompt": ""}},
     }
 
 
@@ -194,6 +194,26 @@ def test_build_then_identify_each_checkpoint(comfy):
     again = server.run_prompt(build_prompt(), timeout=120)["outputs"]["build"]["gmi_build"][0]
     assert again["built"] == []
 
+    # the build renders all seeds of a prompt in one batch; each image equals a plain KSampler run of its seed
+    from gmi_core.budgets import cell_seed, prompt_order
+    from gmi_core.encoders import load_encoder
+    from gmi_core.prompts import load_prompt_set
+    from gmi_core.spec import Spec
+
+    prompt_index = prompt_order(MAX_PROMPTS)[0]
+    text = load_prompt_set("platform").prompts[prompt_index]
+    seed = cell_seed(0, prompt_index, IMAGES_PER_PROMPT - 1)  # the last image of the batch
+    entry = server.run_prompt(query_and_identify_prompt(names[0], text, seed, "batch"), timeout=300)
+    spec_file = next(p for p in (server.base / "user" / "gmi" / "specs").glob("*/*.safetensors")
+                     if Spec.load(p).checkpoint_name == names[0])
+    spec = Spec.load(spec_file)
+    from PIL import Image
+
+    encoder = load_encoder(str(server.base / "models" / "gmi" / ENCODER_FILE))
+    plain = encoder.encode_images([Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8))])[0]
+    assert float(plain @ spec.image_features[prompt_index, IMAGES_PER_PROMPT - 1].float()) > 0.999
+    assert spec.seeds[prompt_index][IMAGES_PER_PROMPT - 1] == seed
+
     queries = {}
     for i, ckpt in enumerate(names):
         entry = server.run_prompt(query_and_identify_prompt(ckpt, QUERY_PROMPTS[i], QUERY_SEED + i, f"{i}"), timeout=300)
@@ -270,8 +290,8 @@ def test_example_workflows_run(comfy):
     build[only(build, "GMILoadEncoder")]["inputs"]["encoder"] = ENCODER_FILE
     build_id = only(build, "GMIBuildSpecs")
     assert build[build_id]["inputs"]["which"] == "missing"
-    build[build_id]["inputs"].update(max_prompts=MAX_PROMPTS, images_per_prompt=IMAGES_PER_PROMPT, steps=STEPS,
-                                     width=SIZE, height=SIZE)
+    build[build_id]["inputs"].update(max_prompts=MAX_PROMPTS, budget=f"allx{IMAGES_PER_PROMPT}",
+                                     family_settings=f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}")
     with new_checkpoint(server, names[0], "added-by-user.safetensors") as added:
         report = server.run_prompt(build, timeout=600)["outputs"][build_id]["gmi_build"][0]
         assert report["built"] == [added] and not report["failed"], report
@@ -365,8 +385,10 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
             page.locator(".gmi-panel .gmi-build-missing").click()
             status = page.locator(".gmi-panel .gmi-build-status")
             page.wait_for_function("!document.querySelector('.gmi-panel .gmi-progress').hidden")
-            assert re.fullmatch(rf"1/1 {re.escape(added)}: \d/{MAX_PROMPTS} prompts", status.inner_text()), status.inner_text()
-            page.wait_for_function(f"""/: [1-{MAX_PROMPTS - 1}]\\/|^built/.test(
+            images = MAX_PROMPTS * IMAGES_PER_PROMPT
+            assert re.fullmatch(rf"budget .*: {images} images to render|1/1 {re.escape(added)}: \d+/{images} images · build \d+/{images} · ETA.*",
+                                status.inner_text()), status.inner_text()
+            page.wait_for_function(f"""/ build [1-{images - 1}]\\/|^built/.test(
                 document.querySelector('.gmi-panel .gmi-build-status').textContent)""")  # a moment mid-build, if caught
             page.screenshot(path=str(shots / "comfyui-panel.png"))
             page.wait_for_function("/^built 1/.test(document.querySelector('.gmi-panel .gmi-build-status').textContent)")

@@ -107,6 +107,7 @@ def fake_image(index: int, prompt: str, seed: int, size: int = 64) -> Image.Imag
 
 class FakeGenerator:
     calls: list = []
+    sizes: dict = {}
     interrupt_after: int | None = None
     state: dict = {}
 
@@ -119,6 +120,7 @@ class FakeGenerator:
         with safe_open(str(checkpoint.path), "pt") as f:
             index = int(f.metadata()["index"])
         FakeGenerator.calls.append((checkpoint.name, prompt, list(seeds)))
+        FakeGenerator.sizes[checkpoint.name] = (settings.width, settings.height, settings.steps)
         if FakeGenerator.interrupt_after is not None and len(FakeGenerator.calls) > FakeGenerator.interrupt_after:
             FakeGenerator.state["interrupt"] = True
         images = []
@@ -155,7 +157,7 @@ def env(tmp_path, monkeypatch):
         return (f"MODEL<{Path(path).name}>", f"CLIP<{Path(path).name}>", f"VAE<{Path(path).name}>")
 
     monkeypatch.setattr(nodes.identify_node, "load_checkpoint", fake_load)
-    FakeGenerator.calls, FakeGenerator.interrupt_after, FakeGenerator.state = [], None, state
+    FakeGenerator.calls, FakeGenerator.interrupt_after, FakeGenerator.state, FakeGenerator.sizes = [], None, state, {}
 
     ckpts = tmp_path / "models" / "checkpoints"
     names = [write_fake_checkpoint(ckpts / f"ck{i}.safetensors", i).name for i in range(4)]
@@ -166,10 +168,11 @@ def env(tmp_path, monkeypatch):
     return types.SimpleNamespace(pack=pack, nodes=nodes, base=tmp_path, names=names, loaded=loaded, state=state)
 
 
-def build(env, which="missing", max_prompts=4, images_per_prompt=2, checkpoints=""):
+def build(env, which="missing", max_prompts=4, budget="allx2", checkpoints=""):
     (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
     return env.nodes.GMIBuildSpecs().build(
-        encoder, which, "platform", max_prompts, images_per_prompt, 3, 7.0, "euler", "normal", 64, 64, 0, checkpoints=checkpoints
+        encoder, which, "platform", budget, "steps=3 width=64 height=64", "euler", "normal", 0, max_prompts=max_prompts,
+        checkpoints=checkpoints,
     ), encoder
 
 
@@ -360,3 +363,60 @@ def test_routes(env):
                 assert r.status in (400, 404)
 
     asyncio.run(scenario())
+
+
+def test_build_announces_its_plan_reports_eta_and_ends_on_interrupt(env, monkeypatch):
+    sent = []
+    monkeypatch.setattr(env.nodes.events, "send", lambda event, data: sent.append((event, data)))
+    FakeGenerator.interrupt_after = 3
+    with pytest.raises(Interrupted):
+        build(env, budget="allx1")
+    assert sent[0] == ("gmi.build.plan", {"budget": "4x1", "images": 16, "generate_calls": 16, "checkpoints": [
+        {"name": n, "images": 4} for n in env.names]}), "the plan is announced before anything renders"
+    progress = [data for event, data in sent if event == "gmi.build.progress"]
+    assert progress[0]["images_planned"] == 16 and progress[0]["eta_s"] is None
+    assert progress[-1]["images_rendered"] == 4 and progress[-1]["seconds_per_image"] > 0 and progress[-1]["eta_s"] > 0
+    assert sent[-1][0] == "gmi.build.done" and sent[-1][1]["cancelled"], "the panel's progress ends on interrupt"
+
+    FakeGenerator.interrupt_after, FakeGenerator.calls, sent[:] = None, [], []
+    build(env, budget="allx2")  # a larger budget: only the missing images
+    assert sent[0][1]["images"] == 4 * 4 * 2 - 4
+    assert sum(len(seeds) for _, _, seeds in FakeGenerator.calls) == 28
+
+
+def test_batched_noise_equals_each_seed_alone(env, monkeypatch):
+    sample = types.ModuleType("comfy.sample")
+    sample.prepare_noise = lambda latent, seed: torch.randn(latent.size(), generator=torch.manual_seed(seed))
+    monkeypatch.setitem(sys.modules, "comfy.sample", sample)
+    monkeypatch.setattr(sys.modules["comfy"], "sample", sample, raising=False)
+    host = env.nodes.host
+    latent = torch.zeros(3, 4, 8, 8)
+    batch = host.per_seed_noise(latent, [5, 6, 7])
+    assert torch.equal(batch[1:2], sample.prepare_noise(latent[:1], 6))
+    assert host.batches_exactly("euler") and host.batches_exactly("dpmpp_2m")
+    assert not host.batches_exactly("euler_ancestral") and not host.batches_exactly("dpmpp_2m_sde_gpu")
+
+
+def test_each_family_renders_at_its_own_size(env):
+    """An SDXL-layout header gets SDXL's 1024 px and steps; SD1 keeps 512 px; the node's text changes one family."""
+    ckpts = env.base / "models" / "checkpoints"
+    save_file({
+        "model.diffusion_model.out.2.bias": torch.full((4,), 1.0),
+        "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
+    }, str(ckpts / "xl.safetensors"), metadata={"index": "1"})
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    node = env.nodes.GMIBuildSpecs()
+    node.build(encoder, "listed", "platform", "1x1", "", "euler", "normal", 0, checkpoints="xl.safetensors\nck0.safetensors")
+    assert FakeGenerator.sizes == {"xl.safetensors": (1024, 1024, 25), "ck0.safetensors": (512, 512, 20)}
+    status = env.nodes.routes.status_payload(env.nodes.settings.load())
+    assert {c["name"]: c["family"] for c in status["checkpoints"]}["xl.safetensors"] == "sdxl"
+    assert status["family_settings"]["sdxl"]["width"] == 1024 and status["budget"]["images"] == 1
+
+    FakeGenerator.sizes = {}
+    node.build(encoder, "listed", "platform", "1x2", "sdxl.width=768 sdxl.height=768", "euler", "normal", 0,
+               checkpoints="xl.safetensors")
+    assert FakeGenerator.sizes == {"xl.safetensors": (1024, 1024, 25)}, "a spec is topped up with its own settings"
+    status = env.nodes.routes.status_payload(env.nodes.settings.load())
+    xl = {c["name"]: c for c in status["checkpoints"]}["xl.safetensors"]
+    assert xl["state"] == "ready" and not xl["current"] and "width 1024 (now 768)" in xl["detail"]

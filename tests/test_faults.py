@@ -76,7 +76,7 @@ class World:
         return FolderCheckpointSource(self.models, hash_cache=self.home / "hashes.json")
 
     def gmi(self, **kw) -> Gmi:
-        return Gmi(self.home / "specs", self.encoder, self.prompts, images_per_prompt=2, settings=SETTINGS, **kw)
+        return Gmi(self.home / "specs", self.encoder, self.prompts, budget="allx2", settings=SETTINGS, **kw)
 
     def states(self) -> dict[str, str]:
         return {s.name: s.state for s in self.gmi().status(self.source())[0]}
@@ -601,9 +601,9 @@ BAD_SETTINGS = [
 def test_faults_numbers_build_settings_refused_before_anything_runs(tmp_path, bad):
     w = World(tmp_path)
     with pytest.raises(InvalidInput):
-        Gmi(w.home / "specs", w.encoder, w.prompts, 2, GenerationSettings(**{**SETTINGS.to_dict(), **bad}))
+        Gmi(w.home / "specs", w.encoder, w.prompts, "allx2", GenerationSettings(**{**SETTINGS.to_dict(), **bad}))
     with pytest.raises(InvalidInput):
-        Gmi(w.home / "specs", w.encoder, w.prompts, 0, SETTINGS)
+        Gmi(w.home / "specs", w.encoder, w.prompts, "allx0", SETTINGS)
     with pytest.raises(InvalidInput, match="unknown sampler"):
         limits.check_settings(GenerationSettings(sampler="warp"), samplers=["euler"], schedulers=["normal"])
 
@@ -854,9 +854,10 @@ def test_faults_numbers_comfyui_malformed_requests_are_4xx_never_500(env, case):
     asyncio.run(scenario())
 
 
-BAD_STATUS_QUERIES = ["steps=abc", "steps=0", "cfg=nan", "cfg=inf", "width=65", "width=99999", "sampler_name=warp",
-                      "images_per_prompt=-1", "prompt_set=../../secret.txt", "encoder=/etc/x.safetensors",
-                      "max_prompts=1e9", "seed=1.5"]
+BAD_STATUS_QUERIES = ["family_settings=steps%3Dabc", "family_settings=steps%3D0", "family_settings=cfg%3Dnan",
+                      "family_settings=cfg%3Dinf", "family_settings=width%3D65", "family_settings=sdxl.width%3D99999",
+                      "family_settings=sd9.steps%3D3", "sampler_name=warp", "budget=0x-1", "budget=banana",
+                      "prompt_set=../../secret.txt", "encoder=/etc/x.safetensors", "max_prompts=1e9", "seed=1.5"]
 
 
 @pytest.mark.parametrize("q", BAD_STATUS_QUERIES)
@@ -887,7 +888,7 @@ def test_faults_status_comfyui_route_shows_corrupt_and_no_paths(env):  # noqa: F
 
     async def scenario():
         async with TestClient(TestServer(app)) as client:
-            r = await client.get("/gmi/status?encoder=tiny.safetensors&max_prompts=4&images_per_prompt=2&steps=3&width=64&height=64")
+            r = await client.get("/gmi/status?encoder=tiny.safetensors&max_prompts=4&budget=allx2&family_settings=steps%3D3+width%3D64+height%3D64")
             data = await r.json()
             states = sorted(c["state"] for c in data["checkpoints"])
             assert r.status == 200 and states == ["corrupt", "ready", "ready", "ready"], data
@@ -1122,7 +1123,7 @@ def test_etiquette_a1111_refresh_reports_first_time_hashing(gradio_tab, a1111_wo
     assert len(hashing) == len(a1111_world.hash_calls) == 2
     assert all(f"hashing {c.split('/', 1)[1]}" in h for c, h in zip(a1111_world.hash_calls, hashing))
     note, rows, selected = steps[-1]
-    assert [r[2] for r in rows[:3]] == ["missing"] * 3 and selected["choices"][:3] == ["model_0.safetensors", "model_1.safetensors", "model_2.safetensors"]
+    assert [r[3] for r in rows[:3]] == ["missing"] * 3 and selected["choices"][:3] == ["model_0.safetensors", "model_1.safetensors", "model_2.safetensors"]
     assert len(list(ui.refresh_status())) == 1  # hashed once: no hashing messages the second time
 
 

@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 
-from gmi_core.builder import spec_seeds
+from gmi_core.budgets import cell_seed, prompt_order
 from gmi_core.encoders import tiny_encoder
 from gmi_core.errors import Cancelled, NoSpecsError, SpecError
+from gmi_core.families import FamilySettings
 from gmi_core.prompts import load_prompt_set
 from gmi_core.ranker import FeatureBank
 from gmi_core.spec import Spec
@@ -29,7 +30,7 @@ def test_spec_written_reloaded_and_equal(tiny_world, tmp_path):
     assert again.metadata() == spec.metadata()
     for name in ("image_features", "prompt_features", "pixel_features", "thumbnails", "done"):
         assert torch.equal(getattr(again, name), getattr(spec, name)), name
-    assert again.complete and again.seeds == spec_seeds(10, 2, 0)
+    assert again.complete and again.seeds == [[cell_seed(0, i, s) for s in range(2)] for i in range(10)]
     assert not list(tmp_path.glob("*.tmp")), "atomic write leaves no temp file"
 
 
@@ -95,14 +96,15 @@ def test_interrupted_build_resumes_without_regenerating(tiny_world, tmp_path):
     first = CountingGenerator(tiny_world.generator())
     report = gmi.build(source, first, which=[source.list_checkpoints().checkpoints[0].name],
                        should_cancel=lambda: len(first.prompts) >= 4)
-    assert report.cancelled and first.prompts == list(tiny_world.prompt_set.prompts[:4])
+    order = [tiny_world.prompt_set.prompts[i] for i in prompt_order(10)]
+    assert report.cancelled and first.prompts == order[:4]
     status = {s.name: s for s in gmi.status(source)[0]}
     name = source.list_checkpoints().checkpoints[0].name
     assert status[name].state == "partial" and status[name].prompts_done == 4
 
     second = CountingGenerator(tiny_world.generator())
     gmi.build(source, second, which=[name])
-    assert second.prompts == list(tiny_world.prompt_set.prompts[4:])
+    assert second.prompts == order[4:]
     assert {s.name: s.state for s in gmi.status(source)[0]}[name] == "ready"
     rebuilt = gmi.store.load(gmi.key(source.list_checkpoints().checkpoints[0]))
     reference = tiny_world.gmi().store.load(gmi.key(source.list_checkpoints().checkpoints[0]))
@@ -124,12 +126,16 @@ def test_generator_exception_keeps_finished_prompts(tiny_world, tmp_path):
     assert {s.name: s.prompts_done for s in gmi.status(source)[0]}[name] == 3
 
 
-def test_changed_settings_make_a_spec_stale(tiny_world):
+def test_changed_steps_keep_specs_usable_and_say_why(tiny_world):
     from dataclasses import replace
 
     gmi = tiny_world.gmi()
-    gmi.settings = replace(gmi.settings, steps=9)
-    assert {s.state for s in gmi.status(tiny_world.source())[0]} == {"stale"}
+    gmi.settings = FamilySettings.uniform(replace(tiny_world.settings, steps=9))
+    statuses = gmi.status(tiny_world.source())[0]
+    assert {s.state for s in statuses} == {"ready"}, "other settings never make a spec stale"
+    assert not any(s.current for s in statuses) and all("steps 4 (now 9)" in s.detail for s in statuses)
+    assert gmi.plan(tiny_world.source(), "missing").images == 0, "build missing renders nothing for them"
+    assert gmi.plan(tiny_world.source(), "all").images == 4 * 20, "only 'all' renders them again"
 
 
 def test_specs_of_another_encoder_or_prompt_set_are_never_mixed(tiny_world, tmp_path):

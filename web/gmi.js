@@ -104,7 +104,7 @@ function rankingRow(data, row, container) {
   }
   return el("div", { class: "gmi-row" + (row.name === data.chosen ? " gmi-chosen" : ""), title: row.sha256 },
     el("span", { class: "gmi-rank", text: String(row.rank) }),
-    el("span", { class: "gmi-name", text: row.name }),
+    el("span", { class: "gmi-name", text: row.name + (row.partial ? ` (partial spec: ${row.images_done} images)` : "") }),
     el("span", { class: "gmi-score", text: Number(row.score).toFixed(4) }),
     thumbs);
 }
@@ -150,9 +150,8 @@ function summarySection() {
   return {
     element,
     update(status) {
-      const c = status.config;
       element.textContent = `${status.encoder_id} · ${status.prompt_set.name} (${status.prompt_set.size} prompts) · ` +
-        `${c.images_per_prompt} img/prompt · ${c.steps} steps · ${c.width}x${c.height}`;
+        `budget ${status.budget.name}: ${status.budget.images} img/checkpoint · ${status.images_missing} to render`;
     },
   };
 }
@@ -164,8 +163,8 @@ function buildPrompt(config) {
     gmi_encoder: { class_type: "GMILoadEncoder", inputs: { encoder: c.encoder, allow_download: false } },
     gmi_build: { class_type: "GMIBuildSpecs", inputs: {
       encoder: ["gmi_encoder", 0], which: "missing", prompt_set: c.prompt_set, max_prompts: c.max_prompts,
-      images_per_prompt: c.images_per_prompt, steps: c.steps, cfg: c.cfg, sampler_name: c.sampler_name,
-      scheduler: c.scheduler, width: c.width, height: c.height, seed: c.seed, checkpoints: "", negative_prompt: "" } },
+      budget: c.budget, family_settings: c.family_settings, sampler_name: c.sampler_name,
+      scheduler: c.scheduler, seed: c.seed, checkpoints: "", negative_prompt: "" } },
   };
 }
 
@@ -174,6 +173,13 @@ async function queueBuildMissing(config) {
   const r = await api.fetchApi("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ prompt: buildPrompt(c), client_id: api.clientId }) });
   if (!r.ok) throw new Error((await r.text()).slice(0, 300));
+}
+
+export function buildProgressText(p) {
+  const eta = p.eta_s == null ? "ETA after the first images"
+    : `ETA ${Math.floor(p.eta_s / 60)}m${String(Math.round(p.eta_s % 60)).padStart(2, "0")}s`;
+  return `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.images_done}/${p.images_total} images · ` +
+    `build ${p.images_rendered}/${p.images_planned} · ${eta}`;
 }
 
 function buildSection(panel) {
@@ -192,19 +198,28 @@ function buildSection(panel) {
     }
   };
   refresh.onclick = () => panel.refresh();
+  api.addEventListener("gmi.build.plan", ({ detail: plan }) => {
+    progress.hidden = false;
+    progress.value = 0;
+    text.textContent = `budget ${plan.budget}: ${plan.images} images to render`;
+  });
   api.addEventListener("gmi.build.progress", ({ detail: p }) => {
     progress.hidden = false;
-    progress.value = p.images_total ? p.images_done / p.images_total : 0;
-    text.textContent = `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.prompts_done}/${p.prompts_total} prompts`;
+    progress.value = p.images_planned ? p.images_rendered / p.images_planned : 0;
+    text.textContent = buildProgressText(p);
   });
-  api.addEventListener("gmi.build.done", ({ detail: report }) => {
+  const ended = (report) => {
     progress.hidden = true;
     const failed = report.failed.map((f) => `${f.name}: ${f.reason}`).join("; ");
     text.textContent = `built ${report.built.length}` + (report.cancelled ? " (interrupted)" : "") +
       (failed ? ` · failed: ${failed}` : "");
     if (setting(SETTING.toastOnBuild, true)) toast(failed ? "warn" : "success", "GMI", text.textContent);
     panel.refresh();
-  });
+  };
+  api.addEventListener("gmi.build.done", ({ detail: report }) => ended(report));
+  for (const stopped of ["execution_interrupted", "execution_error"]) {  // a build stopped by ComfyUI itself
+    api.addEventListener(stopped, () => { if (!progress.hidden) ended({ built: [], failed: [], cancelled: true }); });
+  }
   return {
     element: el("div", {}, el("div", { class: "gmi-actions" }, button, refresh), progress, text),
     update(status) { config = status.config; },
@@ -213,13 +228,14 @@ function buildSection(panel) {
 
 function specTableSection() {
   const table = el("table", { class: "gmi-table" });
-  const row = (name, title, state, detail) => el("tr", {},
-    el("td", { text: name, title }), el("td", { class: "gmi-state-" + state, text: state }), el("td", { text: detail }));
+  const row = (name, title, state, detail) => el("tr", { title },
+    el("td", { text: name }), el("td", { class: "gmi-state-" + state, text: state }), el("td", { text: detail }));
   return {
     element: table,
     update(status) {
       table.replaceChildren(
-        ...status.checkpoints.map((s) => row(s.name, s.sha256, s.state, `${s.prompts_done}/${s.prompts_total}`)),
+        ...status.checkpoints.map((s) => row(s.name, s.detail || s.sha256, s.state + (s.current ? "" : " *"),
+          `${s.images_done}/${s.images_budget} img`)),
         ...status.skipped.map((s) => row(s.name, "", "skipped", s.reason)));
     },
   };

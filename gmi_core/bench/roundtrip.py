@@ -29,6 +29,7 @@ TASK_SEED_BASE = 10**6
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from ..budgets import Budget
     from ..checkpoints import FolderCheckpointSource
     from ..diffusers_generator import DiffusersGenerator
     from ..encoders import load_encoder, tiny_encoder
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..protocols import GenerationSettings
     from . import machine_info
     from .report import bar_chart
-    from .synthetic import PAPER, _metrics
+    from .synthetic import PAPER, _metrics, budget_plot
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
             Path(args.specs) if args.specs else work / "specs",
             encoder,
             platform,
-            images_per_prompt=images_per_prompt,
+            budget=Budget(None, images_per_prompt),
             settings=settings,
         )
         t = time.perf_counter()
@@ -94,6 +95,9 @@ def run(args: argparse.Namespace) -> dict:
 
         only = _Only()
         positions = {m: {n: [] for n in QUERY_SIZES} for m in METHODS}
+        specs, _ = gmi.load_specs(only)
+        budget_banks = budget_cut_banks(specs)
+        budget_positions = {label: [] for label in budget_banks}
         u = max(QUERY_SIZES)
         t = time.perf_counter()
         identify_s = 0.0
@@ -101,6 +105,10 @@ def run(args: argparse.Namespace) -> dict:
             for ei, prompt in enumerate(evaluation.prompts):
                 seeds = [TASK_SEED_BASE + (ci * len(evaluation) + ei) * u + j for j in range(u)]
                 images = generator.generate(ckpt, prompt, seeds, settings)
+                t0 = time.perf_counter()
+                for label, position in rank_budgets(gmi, budget_banks, specs, ckpt, images[0], args.prompt_source == "true" and prompt).items():
+                    budget_positions[label].append(position)
+                identify_s += time.perf_counter() - t0
                 for n in QUERY_SIZES:
                     query_prompt = prompt if args.prompt_source == "true" else None
                     for method in METHODS:
@@ -117,6 +125,11 @@ def run(args: argparse.Namespace) -> dict:
     torch_positions = {m: {n: torch.tensor(v) for n, v in per.items()} for m, per in positions.items()}
     results = {"roundtrip": {m: {str(n): _metrics(torch_positions[m][n]) for n in QUERY_SIZES} for m in METHODS}}
     family = "roundtrip"
+    results_budget = {family: {}}
+    for label, found in budget_positions.items():
+        metrics = _metrics(torch.tensor(found))
+        results_budget[family][label] = {"images_per_spec": budget_banks[label][1],
+                                         **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")}}
     data = {
         "command": "roundtrip",
         "machine": machine_info(),
@@ -136,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
             "identify_s_total": round(identify_s, 1),
         },
         "results": results,
+        "results_budget": results_budget,
         "families": {family: {"checkpoints": len(checkpoints), "chance_top1": round(1 / len(checkpoints), 4)}},
         "paper": PAPER,
     }
@@ -158,7 +172,46 @@ def run(args: argparse.Namespace) -> dict:
             chance={family: 1 / len(checkpoints)},
         )
         data["plot"] = plot
+        data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), results_budget,
+                                              f"{encoder.encoder_id}, {len(checkpoints)} checkpoints"))
     return data
+
+
+def budget_cut_banks(specs) -> dict:
+    """label -> (FeatureBank holding only the cells of that budget, images per spec), from the built specs."""
+    import torch
+
+    from ..budgets import CURVE
+    from ..ranker import FeatureBank
+
+    full = FeatureBank.from_specs(specs)
+    n, width = full.image.shape[1], full.image.shape[2]
+    banks = {}
+    for budget in CURVE:
+        label = budget.size_label(n)
+        if label in banks or budget.images_per_prompt > width:
+            continue
+        keep = torch.zeros_like(full.mask)
+        keep[:, budget.prompt_indices(n), : budget.images_per_prompt] = True
+        mask = full.mask & keep
+        bank = FeatureBank(full.names, full.image, full.prompt, mask.any(dim=2), full.pixel, full.popularity, mask)
+        banks[label] = (bank, budget.images(n))
+    return banks
+
+
+def rank_budgets(gmi, banks: dict, specs, checkpoint, image, true_prompt) -> dict:
+    """1-based position of ``checkpoint`` in the gmi ranking of one query image, per budget."""
+    from ..ranker import rank
+
+    query = gmi.encoder.encode_images([image])
+    pseudo = true_prompt or gmi.interrogator.prompt_from_features(query)
+    text = gmi.encoder.encode_texts([pseudo])[0]
+    truth = [s.sha256 for s in specs].index(checkpoint.sha256)
+    out = {}
+    for label, (bank, _) in banks.items():
+        order = rank(bank, "gmi", query, text).order.tolist()
+        out[label] = order.index(truth) + 1
+    return out
 
 
 def format_tables(data: dict) -> str:

@@ -307,6 +307,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def build_overhead(args: argparse.Namespace) -> dict:
     """Spec build (generate + encode + store) time / the same generation alone, tiny checkpoints, one run."""
+    from ..budgets import Budget, cell_seed
     from ..checkpoints import FolderCheckpointSource
     from ..diffusers_generator import DiffusersGenerator
     from ..encoders import tiny_encoder
@@ -324,11 +325,9 @@ def build_overhead(args: argparse.Namespace) -> dict:
         prompts = load_prompt_set("platform").head(args.build_prompts)
         settings = GenerationSettings(steps=args.build_steps, width=64, height=64)
         gen = DiffusersGenerator(config=config, device="cpu")
-        gmi = Gmi(root / "specs", tiny_encoder(0, device="cpu"), prompts, images_per_prompt=2, settings=settings)
+        gmi = Gmi(root / "specs", tiny_encoder(0, device="cpu"), prompts, budget=Budget(None, 2), settings=settings)
         _ = gmi.prompt_features  # text features are computed once per prompt set, not per build
-        from ..builder import spec_seeds
-
-        seeds = spec_seeds(len(prompts), 2, gmi.base_seed)
+        seeds = [[cell_seed(gmi.base_seed, i, s) for s in range(2)] for i in range(len(prompts))]
 
         def plain_run() -> float:
             t = time.perf_counter()

@@ -39,9 +39,11 @@ import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
+from ..budgets import BUDGETS, CURVE, DEFAULT_BUDGET
 from ..fastrank import concat_kbar, concat_means, query_means_many, rank_positions, scores_from_means
 from ..ranker import METHODS, FeatureBank, concat_features, kbar, median_gamma, prompt_weights, rank
 
@@ -316,7 +318,55 @@ def evaluate_family(
             .values.max()
             < 1e-4
         )
-    return {"results": results, "gamma_sweep": gamma_sweep, "info": info}
+    curve = budget_curve(image, q_img, weights_gmi, truth) if m <= BUDGET_CURVE_MAX_M else None
+    return {"results": results, "gamma_sweep": gamma_sweep, "info": info, "budget": curve}
+
+
+BUDGET_CURVE_MAX_M = 100  # the curve is measured on families up to this many checkpoints
+FULL_BUDGET = BUDGETS["full"]
+BUDGET_FAMILIES = ("e_subtle_x16", "c_example_b1")  # the families the default budget must match the full one on
+BUDGET_TOLERANCE = 0.02
+
+
+def budget_curve(image: torch.Tensor, q_img: torch.Tensor, weights: torch.Tensor, truth: torch.Tensor,
+                 budgets=CURVE) -> dict:
+    """gmi with 1 query image, specs cut to each budget's cells exactly as a smaller build would hold them
+    (the first P prompts of the budget order, the first S seeds), gamma by the median heuristic on them."""
+    n = image.shape[1]
+    out = {}
+    for budget in budgets:
+        label = budget.size_label(n)
+        if label in out or budget.images_per_prompt > image.shape[2]:
+            continue
+        idx = budget.prompt_indices(n)
+        sub = image[:, idx, : budget.images_per_prompt]
+        g = median_gamma(sub)
+        means = query_means_many(sub, q_img[:, :1], [g], (1,))[(g, 1)]
+        w = weights[:, idx]
+        w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)  # the ranker renormalises over the finished prompts
+        metrics = _metrics(rank_positions(scores_from_means(means, kbar(sub, g), w), truth))
+        out[label] = {"images_per_spec": budget.images(n), **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")}}
+    return out
+
+
+def choose_budget(results_budget: dict, families=BUDGET_FAMILIES, max_images: int = 64) -> dict:
+    """Of the budgets of at most ``max_images``, the one with the smallest worst top-1 gap to the full budget over
+    ``families`` (fewest images on ties), and whether that gap is within BUDGET_TOLERANCE."""
+    full = FULL_BUDGET.size_label()
+    present = [f for f in families if f in results_budget and full in results_budget[f]]
+    if not present:
+        return {"budget": None, "reason": f"no results for {', '.join(families)}"}
+    candidates = []
+    for label, row in results_budget[present[0]].items():
+        if row["images_per_spec"] > max_images or any(label not in results_budget[f] for f in present):
+            continue
+        gaps = {f: round(results_budget[f][full]["top1"] - results_budget[f][label]["top1"], 4) for f in present}
+        candidates.append((max(gaps.values()), row["images_per_spec"], label, gaps))
+    if not candidates:
+        return {"budget": None, "reason": f"no budget of <= {max_images} images was measured"}
+    worst, images, label, gaps = min(candidates)
+    return {"budget": label, "images_per_spec": images, "top1_gap_to_full": gaps,
+            "within_tolerance": worst <= BUDGET_TOLERANCE, "tolerance": BUDGET_TOLERANCE}
 
 
 def family_plan(quick: bool, many: list[int]) -> list[tuple[str, int]]:
@@ -339,7 +389,7 @@ def run(args: argparse.Namespace) -> dict:
     many = args.many or ([16, 64] if args.quick else [16, 100, 1000])
     cap = args.max_tasks or (96 if args.quick else 1000)
     min_tasks = 48 if args.quick else 288
-    results, sweeps, infos, timing = {}, {}, {}, {}
+    results, sweeps, infos, timing, budgets = {}, {}, {}, {}, {}
     for index, (name, m) in enumerate(family_plan(args.quick, many)):
         if args.families and not any(name.startswith(f) for f in args.families):
             continue
@@ -349,6 +399,8 @@ def run(args: argparse.Namespace) -> dict:
         results[name], infos[name] = out["results"], out["info"]
         if out["gamma_sweep"]:
             sweeps[name] = out["gamma_sweep"]
+        if out["budget"]:
+            budgets[name] = out["budget"]
         timing[name] = round(time.perf_counter() - started, 2)
     data = {
         "command": "synthetic",
@@ -364,8 +416,13 @@ def run(args: argparse.Namespace) -> dict:
             "gamma_factors": list(GAMMA_FACTORS),
             "max_tasks_per_family": cap,
             "rkme_basic": "simulated pixel features: a random projection of the image feature with 10% of the energy, 90% noise (modelling assumption)",
+            "budgets": {"named": {k: b.label() for k, b in BUDGETS.items()}, "default": DEFAULT_BUDGET,
+                        "curve": "gmi, 1 query image; specs rendered at 4 images per prompt and cut to each budget",
+                        "families": f"M <= {BUDGET_CURVE_MAX_M}"},
         },
         "results": results,
+        "results_budget": budgets,
+        "budget_choice": choose_budget(budgets),
         "gamma_sweep": sweeps,
         "families": infos,
         "family_seconds": timing,
@@ -384,12 +441,27 @@ def run(args: argparse.Namespace) -> dict:
             chance={g: infos[g]["chance_top1"] for g in results},
         )
         data["plot"] = plot
+        if budgets:
+            data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), budgets, f"d={cfg.d}"))
     return data
 
 
-def _default_plot(out, command: str):
-    from pathlib import Path
+def budget_plot(path, results_budget: dict, dim: int | str):
+    """Top-1 per family for each budget (bars ordered by images per spec)."""
+    from .report import bar_chart
 
+    first = next(iter(results_budget.values()))
+    labels = {f"{b} = {first[b]['images_per_spec']} img": b for b in sorted(first, key=lambda b: (first[b]["images_per_spec"], b))}
+    return bar_chart(
+        path,
+        title=f"budget curve: gmi top-1 per budget (prompts x images), 1 query image ({dim})",
+        groups=list(results_budget),
+        series=list(labels),
+        values=lambda g, s, n: results_budget[g].get(labels[s], {}).get("top1"),
+    )
+
+
+def _default_plot(out, command: str):
     return Path(out).with_suffix(".png") if out else Path(f"bench-{command}.png")
 
 
@@ -422,6 +494,22 @@ def check_targets(data: dict) -> list[dict]:
                     **({"beaten_by": worse} if worse else {}),
                 }
             )
+    choice = data.get("budget_choice") or {}
+    if choice:
+        rb = data.get("results_budget", {})
+        default = BUDGETS[DEFAULT_BUDGET].size_label()
+        gaps = {f: round(rb[f][FULL_BUDGET.size_label()]["top1"] - rb[f][default]["top1"], 4)
+                for f in BUDGET_FAMILIES if f in rb and default in rb[f]}
+        checks.append(
+            {
+                "target": f"default budget {DEFAULT_BUDGET} ({default}) <= 64 images and top-1 within {BUDGET_TOLERANCE} "
+                f"of full ({FULL_BUDGET.size_label()}) on {', '.join(BUDGET_FAMILIES)} (1 query image)",
+                "value": {"top1_gap_to_full": gaps, "best_budget_of_at_most_64_images": choice.get("budget"),
+                          "that_budget_within_tolerance": choice.get("within_tolerance")},
+                "met": bool(gaps) and all(g <= BUDGET_TOLERANCE for g in gaps.values())
+                and BUDGETS[DEFAULT_BUDGET].images(55) <= 64,
+            }
+        )
     for fam, methods in res.items():
         big = fam.startswith("d_many_") and int(fam.rsplit("_", 1)[1]) > 100
         if fam.startswith(("a_", "b_", "d_")) and not big:

@@ -47,11 +47,11 @@ class HTTPException(Exception):
 
 class BuildRequest(BaseModel):
     checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
-    images_per_prompt: int | None = Field(None, ge=1, le=limits.MAX_IMAGES_PER_PROMPT)
-    steps: int | None = Field(None, ge=1, le=limits.MAX_STEPS)
-    cfg: float | None = Field(None, ge=0, le=limits.MAX_CFG)
-    width: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE)
-    height: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE)
+    budget: str | None = Field(None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)")
+    steps: int | None = Field(None, ge=1, le=limits.MAX_STEPS, description="every family (default: per family)")
+    cfg: float | None = Field(None, ge=0, le=limits.MAX_CFG, description="every family")
+    width: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE, description="every family")
+    height: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE, description="every family")
     sampler: str | None = Field(None, max_length=100)
     scheduler: str | None = Field(None, max_length=100)
     prompt_set: str | None = Field(None, max_length=1000)
@@ -129,8 +129,8 @@ def _gmi_errors(exc: Exception) -> HTTPException:
 def check_overrides(overrides: dict) -> None:
     """The build numbers and names through gmi's one validation, with the samplers this WebUI knows."""
     config = runtime.Config.from_opts(**overrides)
-    limits.check_settings(config.settings, *host_sampler_names())
-    limits.check_images_per_prompt(config.images_per_prompt)
+    for _, row in config.settings.rows:
+        limits.check_settings(row, *host_sampler_names())
     runtime.get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
 
 

@@ -40,6 +40,10 @@ class BuildJob:
     checkpoint: str = ""
     images_done: int = 0
     images_total: int = 0
+    images_planned: int | None = None  # known before the first image renders
+    images_rendered: int = 0
+    seconds_per_image: float | None = None
+    eta_s: float | None = None
     report: dict | None = None
     error: str | None = None
     started: float = field(default_factory=time.time)
@@ -54,6 +58,10 @@ class BuildJob:
             "checkpoint": self.checkpoint,
             "images_done": self.images_done,
             "images_total": self.images_total,
+            "images_planned": self.images_planned,
+            "images_rendered": self.images_rendered,
+            "seconds_per_image": self.seconds_per_image,
+            "eta_s": self.eta_s,
             "report": self.report,
             "error": self.error,
             "started": self.started,
@@ -79,21 +87,11 @@ def active_job() -> BuildJob | None:
         return next((j for j in _jobs.values() if j.state in ("queued", "running")), None)
 
 
-def planned_prompts(engine, which) -> int:
-    """How many generate calls (one per prompt) the build will make; sets the WebUI's job_count."""
-    statuses, _ = engine.status(runtime.source())
-    if which == "all":
-        chosen = statuses
-    elif which == "missing":
-        chosen = [s for s in statuses if s.state != "ready"]
-    else:
-        names = set(which)
-        chosen = [s for s in statuses if s.name in names]
-    total = 0
-    for s in chosen:
-        resumable = s.state == "partial" and which != "all"
-        total += s.prompts_total - (s.prompts_done if resumable else 0)
-    return total
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA after the first images"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"ETA {minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"ETA {minutes}m{secs:02d}s"
 
 
 def run_build_locked(job: BuildJob) -> dict:
@@ -117,14 +115,19 @@ def run_build_locked(job: BuildJob) -> dict:
 def _run(job: BuildJob, state) -> dict:
     """The build itself; errors go to run_build_locked."""
     engine = runtime.get_engine(**job.overrides)
-    state.job_count = max(1, planned_prompts(engine, job.which))
+    plan = engine.plan(runtime.source(), job.which)
+    job.images_planned = plan.images
+    job.message = f"budget {plan.budget}: {plan.images} images to render"
+    state.job_count = max(1, plan.generate_calls)
     state.job_no = 0
-    state.textinfo = "gmi: building specs"
+    state.textinfo = "gmi: " + job.message
 
     def on_progress(p: BuildProgress) -> None:
         job.checkpoint = p.checkpoint
-        job.message = f"{p.checkpoint} ({p.checkpoint_index + 1}/{p.checkpoint_count}): {p.prompts_done}/{p.prompts_total} prompts"
         job.images_done, job.images_total = p.images_done, p.images_total
+        job.images_rendered, job.seconds_per_image, job.eta_s = p.images_rendered, p.seconds_per_image, p.eta_s
+        job.message = (f"{p.checkpoint} ({p.checkpoint_index + 1}/{p.checkpoint_count}): {p.images_done}/{p.images_total} images; "
+                       f"build {p.images_rendered}/{p.images_planned}, {format_eta(p.eta_s)}")
         state.textinfo = "gmi: " + job.message
 
     report = engine.build(

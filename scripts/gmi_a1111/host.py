@@ -95,7 +95,7 @@ class WebuiCheckpointSource:
             if reason is not None:
                 listing.skipped.append(SkippedCheckpoint(info.name, path, reason))
                 continue
-            listing.checkpoints.append(CheckpointInfo(info.name, path, sha))
+            listing.checkpoints.append(CheckpointInfo(info.name, path, sha, family=family))
         return listing
 
     def title_for(self, checkpoint: CheckpointInfo) -> str:

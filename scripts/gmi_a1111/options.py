@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from modules import shared
 
+from gmi_core.families import FAMILIES, LIMITS, SIZE_MULTIPLE
 from gmi_core.ranker import METHODS
 
 from . import runtime
 
 SECTION = ("gmi", "GMI (checkpoint identification)")
+PER_FAMILY_PREFIXES = tuple(f"gmi_{family.replace('-', '')}_" for family in FAMILIES)
 
 
 def _component_args(key: str):
@@ -19,14 +21,11 @@ def _component_args(key: str):
 
     if key == "gmi_method":
         return gr.Dropdown, {"choices": list(METHODS)}
-    if key == "gmi_images_per_prompt":
-        return gr.Slider, {"minimum": 1, "maximum": 16, "step": 1}
-    if key == "gmi_steps":
-        return gr.Slider, {"minimum": 1, "maximum": 150, "step": 1}
-    if key in ("gmi_width", "gmi_height"):
-        return gr.Slider, {"minimum": 64, "maximum": 2048, "step": 8}
-    if key == "gmi_cfg":
-        return gr.Slider, {"minimum": 0.0, "maximum": 30.0, "step": 0.5}
+    name = key.rsplit("_", 1)[-1]
+    if key.startswith(PER_FAMILY_PREFIXES) and name in LIMITS:
+        lo, hi = LIMITS[name]
+        step = SIZE_MULTIPLE if name in ("width", "height") else (0.5 if name == "cfg" else 1)
+        return gr.Slider, {"minimum": lo, "maximum": hi, "step": step}
     if key == "gmi_top_k":
         return gr.Slider, {"minimum": 1, "maximum": 50, "step": 1}
     return None, None

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from modules import call_queue, paths, sd_models, shared
 
+from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
 from gmi_core.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder, load_encoder, wrap_open_clip
 from gmi_core.engine import Gmi, IdentifyResult
 from gmi_core.errors import EncoderUnavailable, GmiError, InvalidInput
+from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
 from gmi_core.limits import json_safe
 from gmi_core.paths import resolve_inside
 from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
@@ -29,6 +31,14 @@ from .host import WebuiCheckpointSource, WebuiGenerator, WebuiSwitcher, webui_ch
 log = logging.getLogger("gmi")
 
 ENV_ENCODER = "GMI_A1111_ENCODER"  # overrides the encoder setting (tests, headless servers)
+FIELD_LABELS = {"width": "width of spec images", "height": "height of spec images", "steps": "sampling steps",
+                "cfg": "CFG scale"}
+
+
+def family_option(family: str, name: str) -> str:
+    """``gmi_sdxl_steps``: the option holding one family's setting."""
+    return f"gmi_{family.replace('-', '')}_{name}"
+
 
 # option key -> (default, label); registered by scripts/gmi_settings.py
 OPTIONS: dict[str, tuple[object, str]] = {
@@ -37,11 +47,10 @@ OPTIONS: dict[str, tuple[object, str]] = {
     "gmi_allow_download": (False, "Allow downloading CLIP weights when they are not on disk"),
     "gmi_spec_dir": ("", "Spec folder (empty: models/gmi in the WebUI's models folder)"),
     "gmi_prompt_set": ("platform", "Prompt set: 'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets"),
-    "gmi_images_per_prompt": (4, "Images per prompt when building specs"),
-    "gmi_steps": (20, "Sampling steps when building specs"),
-    "gmi_cfg": (7.0, "CFG scale when building specs"),
-    "gmi_width": (512, "Width of spec images"),
-    "gmi_height": (512, "Height of spec images"),
+    "gmi_budget": (DEFAULT_BUDGET, "Spec budget: " + ", ".join(f"{k} ({v.label()})" for k, v in BUDGETS.items())
+                   + ", or PROMPTSxIMAGES such as 32x2; a larger budget later adds only the missing images"),
+    **{family_option(family, name): (FAMILY_DEFAULTS[family][name], f"{family.upper()} checkpoints: {FIELD_LABELS[name]}")
+       for family in FAMILIES for name in PER_FAMILY_FIELDS},
     "gmi_sampler": ("Euler", "Sampler for spec images"),
     "gmi_scheduler": ("Automatic", "Schedule type for spec images"),
     "gmi_top_k": (5, "Checkpoints shown in a ranking"),
@@ -88,27 +97,26 @@ class Config:
     allow_download: bool
     spec_root: Path
     prompt_set: str
-    images_per_prompt: int
-    settings: GenerationSettings
+    budget: str
+    settings: FamilySettings
 
     @classmethod
     def from_opts(cls, **overrides) -> Config:
-        settings = GenerationSettings(
-            steps=int(overrides.get("steps") or opt("gmi_steps")),
-            cfg=float(overrides.get("cfg") or opt("gmi_cfg")),
-            sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
-            scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")),
-            width=int(overrides.get("width") or opt("gmi_width")),
-            height=int(overrides.get("height") or opt("gmi_height")),
-        )
+        """Settings > GMI, with per-request ``overrides`` (budget, sampler, scheduler, prompt_set; steps, cfg, width
+        and height apply to every family)."""
+        base = GenerationSettings(sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
+                                  scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")))
+        every = {name: overrides[name] for name in PER_FAMILY_FIELDS if overrides.get(name) is not None}
+        per_family = {family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
+                      for family in FAMILIES}
         return cls(
             encoder=os.environ.get(ENV_ENCODER) or str(opt("gmi_encoder")),
             pretrained=str(opt("gmi_encoder_pretrained")),
             allow_download=bool(opt("gmi_allow_download")),
             spec_root=spec_dir(),
             prompt_set=str(overrides.get("prompt_set") or opt("gmi_prompt_set")),
-            images_per_prompt=int(overrides.get("images_per_prompt") or opt("gmi_images_per_prompt")),
-            settings=settings,
+            budget=str(overrides.get("budget") or opt("gmi_budget")),
+            settings=FamilySettings.defaults(base, per_family),
         )
 
 
@@ -225,7 +233,7 @@ def get_engine(**overrides) -> Gmi:
                 spec_root=config.spec_root,
                 encoder=encoder,
                 prompt_set=prompt_set,
-                images_per_prompt=config.images_per_prompt,
+                budget=config.budget,
                 settings=config.settings,
             )
             _engines[config] = engine
@@ -294,7 +302,8 @@ def status(on_hashing=None, **overrides) -> dict:
         "encoder": engine.encoder.encoder_id,
         "spec_dir": str(engine.store.root),
         "prompt_set": {"name": engine.prompt_set.name, "hash": engine.prompt_set.hash, "size": len(engine.prompt_set)},
-        "images_per_prompt": engine.images_per_prompt,
+        "budget": engine.budget.to_dict(len(engine.prompt_set)),
+        "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),
         "settings": engine.settings.to_dict(),
         "checkpoints": [
             {
@@ -306,6 +315,12 @@ def status(on_hashing=None, **overrides) -> dict:
                 "prompts_done": s.prompts_done,
                 "prompts_total": s.prompts_total,
                 "detail": s.detail,
+                "family": s.family,
+                "images_done": s.images_done,
+                "images_budget": s.images_budget,
+                "images_missing": s.images_missing,
+                "budget_done": s.budget_done,
+                "current": s.current,
             }
             for s in statuses
         ],

@@ -64,8 +64,10 @@ def ranking_html(data: dict) -> str:
             for m in r["top_prompts"]
             if m.get("thumbnail")
         )
+        partial = (f"<br><small title='ranked with the images it has'>partial spec: {r['prompts_done']} prompts, "
+                   f"{r['images_done']} images</small>" if r.get("partial") else "")
         rows.append(
-            f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}</td><td><code>{r['short_hash']}</code></td>"
+            f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}{partial}</td><td><code>{r['short_hash']}</code></td>"
             f"<td>{r['score']:.4f}</td><td>{thumbs}</td></tr>"
         )
     excluded = "".join(f"<li>{html.escape(e['name'])}: {html.escape(e['reason'])}</li>" for e in data.get("excluded", []))
@@ -84,13 +86,18 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
         data = runtime.status(on_hashing=on_hashing)
     except (GmiError, OSError) as exc:
         return [], [], [], _error_html(one_line(exc))
-    rows = [[c["name"], c["short_hash"], c["state"],
-             f"{c['prompts_done']}/{c['prompts_total']}" + (f" ({c['detail']})" if c["detail"] else "")] for c in data["checkpoints"]]
-    rows += [[s["name"], "", "skipped", s["reason"]] for s in data["skipped"]]
+    rows = [[c["name"], c["short_hash"], c["family"], c["state"], f"{c['images_done']}/{c['images_budget']}",
+             c["detail"] or ("" if c["current"] else "other settings")] for c in data["checkpoints"]]
+    rows += [[s["name"], "", "", "skipped", "", s["reason"]] for s in data["skipped"]]
     names = [c["name"] for c in data["checkpoints"]]
     todo = [c["name"] for c in data["checkpoints"] if c["state"] != "ready"]
+    budget = data["budget"]
+    sizes = "; ".join(f"{f} {v['width']}x{v['height']}, {v['steps']} steps, CFG {v['cfg']}" for f, v in data["settings"].items())
     note = (f"Encoder <code>{html.escape(data['encoder'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
-            f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(data['spec_dir'])}</code>")
+            f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(data['spec_dir'])}</code>.<br>"
+            f"Budget <b>{html.escape(budget['name'])}</b>: {budget['prompts']} prompts x {budget['images_per_prompt']} "
+            f"image(s) = {budget['images']} per checkpoint; <b>{data['images_missing']} image(s) to render</b> for the "
+            f"checkpoints without a ready spec.<br>Per family (Settings &gt; GMI): {html.escape(sizes)}")
     if data.get("note"):
         note += f"<p>{html.escape(data['note'])}</p>"
     return rows, names, todo, note
@@ -147,15 +154,14 @@ def on_new_image(prompt, interrogated):
     return gr.update(), "", interrogated
 
 
-def do_build(task_id, names, prompt_set, images_per_prompt, steps, width, height, sampler):
+def do_build(task_id, names, prompt_set, budget, sampler):
     """Runs inside wrap_gradio_gpu_call: the queue lock is held and shared.state has begun."""
     if not names:
         return "", "<p>Nothing selected.</p>"
     running = build.active_job()
     if running is not None:
         return "", _error_html(f"busy: a gmi build is already {running.state} ({running.id})")
-    overrides = {"prompt_set": prompt_set or None, "images_per_prompt": int(images_per_prompt), "steps": int(steps),
-                 "width": int(width), "height": int(height), "sampler": sampler or None}
+    overrides = {"prompt_set": prompt_set or None, "budget": (budget or "").strip() or None, "sampler": sampler or None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     job = build.new_job(list(names), overrides, job_id=task_id)
     report = build.run_build_locked(job)
@@ -210,15 +216,12 @@ def on_ui_tabs():
             use_btn.click(None, [choice], [choice], _js=SWITCH_JS)
         with gr.Tab("Build specs") as build_tab:
             note_html = gr.HTML("<p>Spec status loads when this tab opens (or press Refresh).</p>")
-            table = gr.Dataframe([], headers=["checkpoint", "hash", "spec", "prompts / reason"], interactive=False)
+            table = gr.Dataframe([], headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"],
+                                 interactive=False)
             selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():
                 prompt_set = gr.Textbox(str(runtime.opt("gmi_prompt_set")), label="Prompt set ('platform' or a file)")
-                images_per_prompt = gr.Slider(1, 16, value=int(runtime.opt("gmi_images_per_prompt")), step=1, label="Images per prompt")
-                steps = gr.Slider(1, 150, value=int(runtime.opt("gmi_steps")), step=1, label="Steps")
-            with gr.Row():
-                width = gr.Slider(64, 2048, value=int(runtime.opt("gmi_width")), step=8, label="Width")
-                height = gr.Slider(64, 2048, value=int(runtime.opt("gmi_height")), step=8, label="Height")
+                budget = gr.Textbox(str(runtime.opt("gmi_budget")), label=runtime.OPTIONS["gmi_budget"][1])
                 sampler = gr.Dropdown(_sampler_names(), value=str(runtime.opt("gmi_sampler")), label="Sampler")
             with gr.Row():
                 refresh_btn = gr.Button("Refresh")
@@ -233,7 +236,7 @@ def on_ui_tabs():
             refresh_btn.click(refresh, [], [note_html, table, selected])
             build_btn.click(
                 call_queue.wrap_gradio_gpu_call(do_build, extra_outputs=[""]),
-                [task_id, selected, prompt_set, images_per_prompt, steps, width, height, sampler],
+                [task_id, selected, prompt_set, budget, sampler],
                 [build_message, build_result],
                 _js=BUILD_JS,
             ).then(refresh, [], [note_html, table, selected])

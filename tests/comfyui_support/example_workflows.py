@@ -40,9 +40,9 @@ EXAMPLES = {
     """,
     "gmi_build_specs": r"""
     const enc = add("GMILoadEncoder", [40, 60], {encoder: "ViT-L-14/openai", allow_download: false});
-    const b = add("GMIBuildSpecs", [420, 60], {which: "missing", prompt_set: "platform", max_prompts: 0}, [400, 520]);
+    const b = add("GMIBuildSpecs", [420, 60], {which: "missing", prompt_set: "platform", budget: "standard", max_prompts: 0}, [400, 520]);
     enc.connect(0, b, "encoder");
-    note([40, 260], [360, 320], "## Build the specs\n\nRenders the prompt set once per checkpoint in `models/checkpoints` with ComfyUI's own sampler and keeps the CLIP features of the images: the **spec** GMI Identify ranks by.\n\n`which = missing` only builds what is new or unfinished; an interrupted build resumes. Progress shows on the node and in the **GMI** sidebar tab.\n\nUse the same encoder, prompt set and max_prompts in GMI Identify.");
+    note([40, 260], [360, 320], "## Build the specs\n\nRenders the prompt set once per checkpoint in `models/checkpoints` with ComfyUI's own sampler and keeps the CLIP features of the images: the **spec** GMI Identify ranks by.\n\n`budget` sets the images per checkpoint (quick 16, standard 64, full 220); a larger budget later adds only the missing images. Size, steps and CFG follow each checkpoint's family (SD1 512, SD2-v 768, SDXL 1024; change them in `family_settings`).\n\n`which = missing` tops every spec up to the budget; an interrupted build resumes. Progress shows on the node and in the **GMI** sidebar tab.\n\nUse the same encoder, prompt set and max_prompts in GMI Identify.");
     """,
 }
 
