@@ -35,8 +35,8 @@ def _progress_bar():
     return update
 
 
-def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=Path, required=True, help="folder of .safetensors checkpoints")
+def _add_engine_options(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
+    parser.add_argument("--models", type=Path, required=models_required, help="folder of .safetensors checkpoints")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
     parser.add_argument("--encoder", default="ViT-L-14", help="open_clip model name, or a gmi encoder .safetensors file")
     parser.add_argument("--pretrained", default="openai", help="open_clip pretrained tag")
@@ -59,10 +59,11 @@ def _engine(args):
     from .prompts import load_prompt_set
     from .protocols import GenerationSettings
 
-    if not args.models.is_dir():
+    if args.models is not None and not args.models.is_dir():
         raise GmiError(f"models folder {args.models} does not exist")
     encoder = load_encoder(
-        args.encoder, args.pretrained, args.clip_weights, [args.home / "clip", args.models], args.allow_download
+        args.encoder, args.pretrained, args.clip_weights, [args.home / "clip", *([args.models] if args.models else [])],
+        args.allow_download,
     )
     settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width, height=args.height)
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.images_per_prompt, settings, args.seed)
@@ -70,6 +71,8 @@ def _engine(args):
     def announce(path: Path) -> None:
         print(f"gmi: hashing {path.name} ({path.stat().st_size / 2**30:.1f} GiB, once; cached after)", file=sys.stderr)
 
+    if args.models is None:
+        return gmi, None
     return gmi, FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json", on_hashing=announce)
 
 
@@ -114,7 +117,8 @@ def _print_ranking(result) -> None:
     print(f"{'rank':>4}  {'score':>10}  {'hash':10}  checkpoint  (best-matching spec prompts)")
     for r in result.ranking:
         prompts = "; ".join(m.prompt for m in r.top_prompts[:2])
-        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}  ({prompts})")
+        marks = ("" if r.installed else " [not installed]") + ("" if r.kind == "generated" else f" [{r.kind}]")
+        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}{marks}  ({prompts})")
     for name, reason in result.excluded:
         print(f"   -  not ranked: {name}: {reason}")
 
@@ -124,7 +128,8 @@ def cmd_identify(args) -> int:
 
     images = [load_image(path) for path in args.images]
     gmi, source = _engine(args)
-    result = gmi.identify(images, args.prompt, args.method, args.top_k, source, gamma=args.gamma, tau=args.tau)
+    result = gmi.identify(images, args.prompt, args.method, args.top_k, source, gamma=args.gamma, tau=args.tau,
+                          include_not_installed=args.include_not_installed)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -175,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument("--gamma", type=float, help="kernel width (default: median heuristic)")
     identify.add_argument("--tau", type=float, help="prompt-weight temperature (default: clipped cosine)")
     identify.add_argument("--json", action="store_true")
+    identify.add_argument("--include-not-installed", action="store_true",
+                          help="also rank imported specs of checkpoints that are not in --models (marked)")
     identify.set_defaults(func=cmd_identify)
+
+    from .library_cli import add_library_commands
+
+    add_library_commands(commands, _add_engine_options)
 
     demo = commands.add_parser("demo", help="end-to-end run on tiny random checkpoints (no downloads)")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_HOME / "demo")

@@ -17,6 +17,7 @@ from .encoders import ClipEncoder
 from .errors import Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
 from .images import to_rgb
 from .interrogator import Interrogator
+from .observed import OBSERVED, merge, row_source, spec_counts, spec_kind
 from .prompts import PromptSet, load_prompt_set
 from .protocols import (
     CheckpointInfo,
@@ -43,6 +44,7 @@ class SpecStatus:
     prompts_done: int
     prompts_total: int
     detail: str = ""
+    observed_images: int = 0  # images in the checkpoint's observed spec (import-images)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class PromptMatch:
     prompt: str
     weight: float
     contribution: float
+    prompt_set_hash: str = ""  # the stored spec this row comes from ("observed" for the user's own images)
+    spec_index: int = -1  # the row in that stored spec
 
 
 @dataclass
@@ -76,6 +80,9 @@ class RankedCheckpoint:
     sha256: str
     score: float
     top_prompts: list[PromptMatch]
+    installed: bool = True  # False: an imported spec of a checkpoint that is not on this machine
+    kind: str = "generated"  # generated / observed / mixed
+    counts: dict = field(default_factory=dict)
 
     @property
     def short_hash(self) -> str:
@@ -109,6 +116,9 @@ class IdentifyResult:
                     "short_hash": r.short_hash,
                     "score": r.score,
                     "top_prompts": [asdict(p) for p in r.top_prompts],
+                    "installed": r.installed,
+                    "kind": r.kind,
+                    "counts": r.counts,
                 }
                 for r in self.ranking
             ],
@@ -138,6 +148,7 @@ class Gmi:
         self._prompt_features: torch.Tensor | None = None
         self._bank_cache: tuple[tuple, FeatureBank] | None = None
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
+        self._merged_cache: dict[str, tuple] = {}
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -153,7 +164,9 @@ class Gmi:
         return self._status(source.list_checkpoints())
 
     def _status(self, listing: CheckpointListing) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
-        by_key = {e.key: e for e in self.store.entries()}
+        entries = self.store.entries()
+        by_key = {e.key: e for e in entries}
+        observed = {e.sha256: e.prompts_done for e in entries if e.prompt_set_hash == OBSERVED and e.encoder_id == self.encoder.encoder_id}
         statuses = []
         for ckpt in listing.checkpoints:
             total = len(self.prompt_set)
@@ -161,7 +174,7 @@ class Gmi:
             if entry is None:
                 corrupt = self.store.path_for(self.key(ckpt)).exists()
                 state = "corrupt" if corrupt else "missing"
-                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, total))
+                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, total, observed_images=observed.get(ckpt.sha256, 0)))
                 continue
             fresh = entry.images_per_prompt == self.images_per_prompt and GenerationSettings.from_dict(
                 entry.settings
@@ -170,7 +183,8 @@ class Gmi:
                 state, detail = "stale", "built with other settings"
             else:
                 state, detail = ("ready" if entry.complete else "partial"), ""
-            statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, entry.prompts_done, total, detail))
+            statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, entry.prompts_done, total, detail,
+                                       observed.get(ckpt.sha256, 0)))
         return statuses, listing.skipped
 
     # -- build ---------------------------------------------------------------------------------
@@ -229,8 +243,15 @@ class Gmi:
     def interrogate(self, images: Sequence[Image.Image]) -> str:
         return self.interrogator.interrogate([to_rgb(i) for i in images])
 
-    def load_specs(self, source: CheckpointSource | None = None) -> tuple[list[Spec], list[tuple[str, str]]]:
-        """Usable specs for this encoder and prompt set, and (name, reason) for those left out."""
+    def load_specs(
+        self, source: CheckpointSource | None = None, include_not_installed: bool = False
+    ) -> tuple[list[Spec], list[tuple[str, str]]]:
+        """Usable specs for this encoder and prompt set, and (name, reason) for those left out.
+
+        A checkpoint's generated spec and its observed spec (:mod:`gmi_core.observed`) become one.
+        Specs of checkpoints the source does not list (imported ones) are left out unless
+        ``include_not_installed``; they then carry ``extra["installed"] = False``.
+        """
         excluded: list[tuple[str, str]] = []
         if source is not None:
             listing = source.list_checkpoints()
@@ -239,12 +260,15 @@ class Gmi:
         else:
             wanted = None
         entries = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
-        entries = [e for e in entries if e.prompt_set_hash == self.prompt_set.hash]
+        entries = [e for e in entries if e.prompt_set_hash in (self.prompt_set.hash, OBSERVED)]
         found = {e.sha256 for e in entries}
         if wanted is not None:
             excluded += [(c.name, self._why_unusable(c)) for sha, c in wanted.items() if sha not in found]
-            entries = [e for e in entries if e.sha256 in wanted]
-        specs = []
+            foreign = {e.sha256 for e in entries if e.sha256 not in wanted}
+            if foreign and not include_not_installed:
+                excluded.append((f"{len(foreign)} checkpoint(s) not installed", "imported specs; include them with the not-installed option"))
+                entries = [e for e in entries if e.sha256 in wanted]
+        parts: dict[str, dict[str, Spec]] = {}
         for entry in entries:
             try:
                 spec = self._load_cached(entry)
@@ -254,16 +278,37 @@ class Gmi:
             if spec is None or not spec.done.any():
                 excluded.append((entry.checkpoint_name, "spec has no finished prompt"))
                 continue
-            if wanted is not None:
-                spec.checkpoint_name = wanted[spec.sha256].name
-                spec.extra["popularity"] = wanted[spec.sha256].popularity
-            specs.append(spec)
-        if specs:  # one ranking needs one shape: keep the most common images-per-prompt
-            counts = Counter(s.images_per_prompt for s in specs)
+            parts.setdefault(entry.sha256, {})[OBSERVED if entry.prompt_set_hash == OBSERVED else "generated"] = spec
+        generated = [p["generated"] for p in parts.values() if "generated" in p]
+        if generated:  # one ranking needs one shape: keep the most common images-per-prompt
+            counts = Counter(s.images_per_prompt for s in generated)
             common = max(counts, key=lambda n: (counts[n], n == self.images_per_prompt))
-            excluded += [(s.checkpoint_name, f"spec has {s.images_per_prompt} images per prompt, others {common}") for s in specs if s.images_per_prompt != common]
-            specs = [s for s in specs if s.images_per_prompt == common]
+            for spec in generated:
+                if spec.images_per_prompt != common:
+                    excluded.append((spec.checkpoint_name, f"spec has {spec.images_per_prompt} images per prompt, others {common}"))
+                    del parts[spec.sha256]["generated"]
+        specs = []
+        for sha, pair in parts.items():
+            if not pair:
+                continue
+            spec = self._merged(pair.get("generated"), pair.get(OBSERVED))
+            installed = wanted is None or sha in wanted
+            if wanted is not None and installed:
+                spec.checkpoint_name = wanted[sha].name
+                spec.extra["popularity"] = wanted[sha].popularity
+            spec.extra["installed"] = installed
+            specs.append(spec)
         return specs, excluded
+
+    def _merged(self, generated: Spec | None, observed: Spec | None) -> Spec:
+        """merge(), cached while both parts are the same loaded objects (merging copies features)."""
+        key = (id(generated), id(observed))
+        sha = (generated or observed).sha256
+        cached = self._merged_cache.get(sha)
+        if cached is None or cached[0] != key:
+            cached = (key, merge(generated, observed), (generated, observed))
+            self._merged_cache[sha] = cached
+        return cached[1]
 
     def _load_cached(self, entry: ManifestEntry) -> Spec | None:
         """A spec read (and checksummed) once per file version, not on every identification."""
@@ -289,10 +334,11 @@ class Gmi:
         source: CheckpointSource | None = None,
         gamma: float | None = None,
         tau: float | None = None,
+        include_not_installed: bool = False,
     ) -> IdentifyResult:
         if not images:
             raise GmiError("identify needs at least one reference image")
-        specs, excluded = self.load_specs(source)
+        specs, excluded = self.load_specs(source, include_not_installed)
         if not specs:
             detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
             raise NoSpecsError(f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first")
@@ -311,10 +357,11 @@ class Gmi:
         for position, index in enumerate(order, start=1):
             spec = specs[index]
             matches = [
-                PromptMatch(i, spec.prompts[i], float(ranking.weights[i]) if ranking.weights is not None else 0.0, c)
+                PromptMatch(i, spec.prompts[i], ranking.weight(index, i), c, *row_source(spec, i))
                 for i, c in ranking.top_prompts(index)
             ]
-            ranked.append(RankedCheckpoint(position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches))
+            ranked.append(RankedCheckpoint(position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches,
+                                           spec.extra.get("installed", True), spec_kind(spec), spec_counts(spec)))
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:
@@ -325,8 +372,11 @@ class Gmi:
         return self._bank_cache[1]
 
     # -- for UIs -------------------------------------------------------------------------------
-    def spec_thumbnail(self, sha256: str, prompt_index: int) -> Image.Image:
-        spec = self.store.load(SpecKey(sha256, self.encoder.encoder_id, self.prompt_set.hash))
+    def spec_thumbnail(self, sha256: str, prompt_index: int, prompt_set_hash: str | None = None) -> Image.Image:
+        """Row ``prompt_index`` of the stored spec ``prompt_set_hash`` (default: this engine's prompt set)."""
+        if prompt_set_hash not in (None, self.prompt_set.hash, OBSERVED):
+            raise GmiError(f"no spec of prompt set {prompt_set_hash!r} here")
+        spec = self.store.load(SpecKey(sha256, self.encoder.encoder_id, prompt_set_hash or self.prompt_set.hash))
         if spec is None:
             raise NoSpecsError(f"no spec for {sha256[:10]}")
         if not 0 <= prompt_index < spec.n_prompts or not spec.done[prompt_index]:

@@ -22,11 +22,16 @@ _CHUNK_ELEMENTS = 1 << 24  # feature values converted to float32 at a time
 
 @dataclass
 class FeatureBank:
-    """Stacked features of M specs that share one encoder and one prompt set."""
+    """Stacked features of M specs of one encoder.
+
+    Specs that share one prompt set keep one prompt tensor [N, d]. Specs with their own prompts
+    (observed specs, mixed specs) are padded to [M, N_max, d]: padded rows have ``done`` False and
+    zero features, and each spec's prompt weights come from its own prompts (see :func:`rank`).
+    """
 
     names: list[str]
     image: torch.Tensor  # [M, N, S, d]
-    prompt: torch.Tensor  # [N, d]
+    prompt: torch.Tensor  # [N, d] shared, or [M, N, d] per spec
     done: torch.Tensor  # [M, N] bool
     pixel: torch.Tensor | None = None  # [M, N, S, p]
     popularity: list[float | None] = field(default_factory=list)
@@ -41,8 +46,10 @@ class FeatureBank:
         if not specs:
             raise ValueError("no specs to rank")
         keys = {(s.encoder_id, s.prompt_set_hash) for s in specs}
+        if len({encoder for encoder, _ in keys}) != 1:
+            raise ValueError(f"specs from different encoders cannot be ranked together: {sorted(keys)}")
         if len(keys) != 1:
-            raise ValueError(f"specs from different encoders or prompt sets cannot be ranked together: {sorted(keys)}")
+            return cls._padded(specs)
         shapes = {tuple(s.image_features.shape) for s in specs}
         if len(shapes) != 1:
             raise ValueError(f"specs differ in shape (images per prompt?): {sorted(shapes)}")
@@ -55,6 +62,34 @@ class FeatureBank:
             popularity=[s.extra.get("popularity") for s in specs],
         )
 
+    @classmethod
+    def _padded(cls, specs) -> FeatureBank:
+        """Specs with their own prompt sets: rows padded to the longest spec.
+
+        Images per prompt must divide the largest S: each row's images are repeated up to S_max,
+        which leaves every mean kernel (and so every score) exactly as it was.
+        """
+        s_max = max(s.images_per_prompt for s in specs)
+        if any(s_max % s.images_per_prompt for s in specs):
+            raise ValueError(f"images per prompt {sorted({s.images_per_prompt for s in specs})} do not divide {s_max}")
+        n_max = max(s.n_prompts for s in specs)
+
+        def pad(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.ndim == 3:
+                tensor = tensor.repeat_interleave(s_max // tensor.shape[1], dim=1)
+            out = torch.zeros((n_max, *tensor.shape[1:]), dtype=tensor.dtype)
+            out[: len(tensor)] = tensor
+            return out
+
+        return cls(
+            names=[s.checkpoint_name for s in specs],
+            image=torch.stack([pad(s.image_features) for s in specs]),
+            prompt=torch.stack([pad(s.prompt_features) for s in specs]),
+            done=torch.stack([pad(s.done) for s in specs]),
+            pixel=torch.stack([pad(s.pixel_features) for s in specs]),
+            popularity=[s.extra.get("popularity") for s in specs],
+        )
+
 
 @dataclass
 class Ranking:
@@ -62,8 +97,14 @@ class Ranking:
     gamma: float | None
     scores: torch.Tensor  # [M], lower is better
     order: torch.Tensor  # [M] indices into the bank, best first
-    weights: torch.Tensor | None  # [N] prompt weights (before masking), None for `download`
+    weights: torch.Tensor | None  # [N] or [M, N] prompt weights (before masking), None for `download`
     contributions: torch.Tensor | None  # [M, N] how much each prompt pulled checkpoint m towards the query
+
+    def weight(self, index: int, prompt: int) -> float:
+        """Prompt ``prompt``'s weight for checkpoint ``index`` (shared or per-spec weights)."""
+        if self.weights is None:
+            return 0.0
+        return float(self.weights[index, prompt] if self.weights.ndim == 2 else self.weights[prompt])
 
     def top_prompts(self, index: int, k: int = 3) -> list[tuple[int, float]]:
         """(prompt index, contribution) of the prompts that matched checkpoint ``index`` best."""
@@ -75,12 +116,16 @@ class Ranking:
 
 
 def prompt_weights(prompt_features: torch.Tensor, query_text: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-    """w_i = max(cos(q_i, q_u), 0) normalised; or softmax(cos / tau) when a temperature is given."""
+    """w_i = max(cos(q_i, q_u), 0) normalised; or softmax(cos / tau) when a temperature is given.
+
+    prompt_features [N, d] gives [N]; per-spec prompts [M, N, d] give [M, N], each row normalised.
+    """
     cos = prompt_features.float() @ query_text.float()
     if tau is not None:
-        return torch.softmax(cos / tau, dim=0)
+        return torch.softmax(cos / tau, dim=-1)
     w = cos.clamp(min=0)
-    return w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
+    totals = w.sum(dim=-1, keepdim=True)
+    return torch.where(totals > 0, w / totals.clamp(min=1e-12), torch.full_like(w, 1.0 / w.shape[-1]))
 
 
 def median_gamma(features: torch.Tensor, sample: int = 1024, seed: int = 0) -> float:
@@ -136,7 +181,7 @@ def kbar(image: torch.Tensor, gamma: float, chunk: int = 32) -> torch.Tensor:
 def _weighted_scores(image, query, gamma, weights, done, kbar_m):
     """Scores [M] and contributions [M, N] for per-checkpoint prompt weights (rows renormalised)."""
     c = _query_means(image, query, gamma)
-    w = weights.unsqueeze(0) * done.float()
+    w = (weights if weights.ndim == 2 else weights.unsqueeze(0)) * done.float()
     totals = w.sum(dim=1, keepdim=True)
     w = torch.where(totals > 0, w / totals.clamp(min=1e-12), w)
     self_term = (torch.bmm(kbar_m, w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=1)  # w_m^T Kbar_m w_m; einsum is far slower
@@ -158,7 +203,7 @@ def rank(
     """Rank every checkpoint in ``bank`` for one query (one or several images)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    n_prompts = bank.prompt.shape[0]
+    n_prompts = bank.prompt.shape[-2]
     uniform = torch.full((n_prompts,), 1.0 / n_prompts)
     if method == "download":
         popularity = bank.popularity or [None] * bank.size
@@ -198,7 +243,8 @@ def rank(
 def concat_features(image, prompt, query_images, query_text):
     """[z, q] / sqrt(2): unit vectors again, so the same kernel code applies."""
     m, n, s, d = image.shape
-    q_rep = prompt.float()[None, :, None, :].expand(m, n, s, d)
+    per_spec = prompt.float() if prompt.ndim == 3 else prompt.float()[None]
+    q_rep = per_spec[:, :, None, :].expand(m, n, s, d)
     stacked = torch.cat([image.float(), q_rep], dim=-1) / 2**0.5
     query = torch.cat([query_images.float(), query_text.float().expand(len(query_images), -1)], dim=-1) / 2**0.5
     return stacked, query
