@@ -69,16 +69,22 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # -- export --------------------------------------------------------------------------------------
-def builtin_set_name(prompt_set_hash: str) -> str | None:
+def builtin_prompt_set(name: str, count: int) -> PromptSet:
+    """A built-in set, or its first ``count`` prompts (what a host's "max prompts" option builds)."""
+    full = load_prompt_set(name)
+    return full if count == len(full) else full.head(count)
+
+
+def builtin_set_name(prompt_set_hash: str, count: int) -> str | None:
     for name in BUILTIN_SETS:
-        if load_prompt_set(name).hash == prompt_set_hash:
+        if count <= len(load_prompt_set(name)) and builtin_prompt_set(name, count).hash == prompt_set_hash:
             return name
     return None
 
 
 def encode_spec(spec: Spec, prefix: str, thumbnails: bool = False, lossless: bool = False) -> tuple[dict, dict]:
     """(tensors with ``prefix``, metadata entry) of one spec."""
-    builtin = builtin_set_name(spec.prompt_set_hash)
+    builtin = builtin_set_name(spec.prompt_set_hash, spec.n_prompts)
     tensors = {f"{prefix}done": spec.done.to(torch.uint8).contiguous()}
     encoding = {}
     if lossless:
@@ -279,7 +285,8 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
     builtin = ps.get("builtin")
     if builtin:
         _need(builtin in BUILTIN_SETS, f"unknown built-in prompt set {builtin!r}")
-        prompt_set = load_prompt_set(builtin)
+        _need(n <= len(load_prompt_set(builtin)), "more prompts than the built-in set has")
+        prompt_set = builtin_prompt_set(builtin, n)
         _need(prompt_set.hash == ps["hash"], f"prompt set {builtin!r} hash {ps['hash']} differs from this gmi's {prompt_set.hash}")
         prompts = list(prompt_set.prompts)
         features = prompt_features(encoder_id, prompt_set)
