@@ -22,7 +22,8 @@ def ui_ranking(result, encoder_id: str, prompt_set_hash: str, chosen: str) -> di
     data = result.to_dict()
     for row in data["ranking"]:
         for match in row["top_prompts"]:
-            match["thumbnail"] = thumbnail_url(row["sha256"], encoder_id, prompt_set_hash, match["index"])
+            match["thumbnail"] = thumbnail_url(row["sha256"], encoder_id, match.get("prompt_set_hash") or prompt_set_hash,
+                                               match.get("spec_index", match["index"]))
     data["chosen"] = chosen
     return data
 
@@ -64,9 +65,10 @@ class GMIIdentify:
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
         result = engine.identify(tensor_to_pils(image), prompt=prompt or None, method=method, top_k=None, source=engines.source())
-        if pick_rank > len(result.ranking):
-            raise GmiError(f"pick_rank {pick_rank} but only {len(result.ranking)} checkpoint(s) have specs")
-        chosen = result.ranking[pick_rank - 1]
+        installed = [r for r in result.ranking if r.installed]  # only installed checkpoints can be switched to
+        if pick_rank > len(installed):
+            raise GmiError(f"pick_rank {pick_rank} but only {len(installed)} installed checkpoint(s) have specs")
+        chosen = installed[pick_rank - 1]
         model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
         ui = ui_ranking(result, encoder.encoder_id, prompts.hash, chosen.name)
         if top_k:

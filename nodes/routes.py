@@ -13,6 +13,7 @@ import re
 
 from ..gmi_core.errors import GmiError
 from ..gmi_core.images import load_image
+from ..gmi_core.observed import OBSERVED
 from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.ranker import METHODS
 from ..gmi_core.spec import SpecKey
@@ -58,7 +59,8 @@ def identify_payload(images, fields: dict) -> dict:
     if method not in METHODS:
         raise GmiError(f"unknown method {method!r}")
     engine = engines.get_engine(encoder, prompts)
-    result = engine.identify(images, prompt=fields.get("prompt") or None, method=method, source=engines.source())
+    result = engine.identify(images, prompt=fields.get("prompt") or None, method=method, source=engines.source(),
+                             include_not_installed=fields.get("include_not_installed") in ("1", "true"))
     top_k = _int(fields.get("top_k"), 0)
     data = ui_ranking(result, encoder.encoder_id, prompts.hash, result.best.name)
     if top_k:
@@ -132,13 +134,18 @@ def register(server) -> None:
     async def thumbnail(request):
         q = request.query
         sha, enc, psh = q.get("sha256", ""), q.get("encoder_id", ""), q.get("prompt_set_hash", "")
-        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc and re.fullmatch(r"[0-9a-f]{1,64}", psh)):
+        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc
+                and (re.fullmatch(r"[0-9a-f]{1,64}", psh) or psh == OBSERVED)):
             return error(GmiError("bad spec key"))
         try:
             png = await run(thumbnail_png, sha, enc, psh, _int(q.get("prompt"), -1, -1))
         except (FileNotFoundError, GmiError) as exc:
             return error(exc, 404)
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=60"})
+
+    from . import library_routes
+
+    library_routes.register(routes, run, error)
 
 
 def register_if_running() -> bool:

@@ -9,7 +9,7 @@ from PIL import Image, PngImagePlugin
 
 from gmi_core.cli import main
 from gmi_core.image_metadata import decode_user_comment, parse_comfy_prompt, parse_infotext
-from gmi_core.observed import OBSERVED, MAX_OBSERVED_IMAGES, observed_key
+from gmi_core.observed import MAX_OBSERVED_IMAGES, OBSERVED, observed_key
 from gmi_core.prompts import load_prompt_set
 
 IMAGE_PROMPTS = 8  # per checkpoint, from the platform set (the user's own prompts)
