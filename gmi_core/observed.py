@@ -231,6 +231,20 @@ def _select(candidates: list[Candidate], room: int) -> list[Candidate]:
     return sorted(chosen, key=lambda c: str(c.path))
 
 
+def folder_inside(base: Path, subfolder: str = "") -> Path:
+    """``subfolder`` of ``base`` (a host's output/input/models folder); GmiError if it leaves ``base``."""
+    base = Path(base).resolve()
+    sub = str(subfolder or "").strip()
+    if len(sub) > 500 or "\x00" in sub or Path(sub).is_absolute():
+        raise GmiError("subfolder must be a relative path inside the root folder")
+    folder = (base / sub).resolve()
+    if folder != base and base not in folder.parents:
+        raise GmiError("subfolder leaves the root folder")
+    if not folder.is_dir():
+        raise GmiError(f"no folder {sub or '.'} in {base}")
+    return folder
+
+
 def observed_key(sha256: str, encoder_id: str) -> SpecKey:
     return SpecKey(sha256, encoder_id, OBSERVED)
 

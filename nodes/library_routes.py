@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..gmi_core.errors import GmiError
 from ..gmi_core.library_map import build_map
-from ..gmi_core.observed import import_images
+from ..gmi_core.observed import folder_inside, import_images
 from . import engines, settings
 
 log = logging.getLogger("gmi")
@@ -30,16 +30,7 @@ def root_folder(root: str) -> Path:
 
 def confined_folder(root: str, subfolder: str = "") -> Path:
     """``subfolder`` of a host root, refused when it leaves the root (absolute, ``..``, symlink out)."""
-    base = root_folder(root)
-    sub = str(subfolder or "").strip()
-    if len(sub) > 500 or "\x00" in sub or Path(sub).is_absolute():
-        raise GmiError("subfolder must be a relative path inside the root folder")
-    folder = (base / sub).resolve()
-    if folder != base and base not in folder.parents:
-        raise GmiError("subfolder leaves the root folder")
-    if not folder.is_dir():
-        raise GmiError(f"no folder {sub or '.'} in {root}")
-    return folder
+    return folder_inside(root_folder(root), subfolder)
 
 
 def _engine(fields: dict):
