@@ -50,6 +50,8 @@ class GMIIdentify:
                 "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "empty = interrogate the image"}),
                 "prompt_set": (engines.prompt_set_choices(), {"default": "platform"}),
                 "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "as used for the build"}),
+                "include_not_installed": ("BOOLEAN", {"default": False, "tooltip": "also rank imported specs of checkpoints "
+                                                      "that are not installed (shown, never loaded)"}),
             },
         }
 
@@ -61,10 +63,12 @@ class GMIIdentify:
         except Exception:  # noqa: BLE001 - never block execution on a status check
             return float("nan")
 
-    def identify(self, encoder, image, method, top_k, pick_rank, prompt="", prompt_set="platform", max_prompts=0):
+    def identify(self, encoder, image, method, top_k, pick_rank, prompt="", prompt_set="platform", max_prompts=0,
+                 include_not_installed=False):
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
-        result = engine.identify(tensor_to_pils(image), prompt=prompt or None, method=method, top_k=None, source=engines.source())
+        result = engine.identify(tensor_to_pils(image), prompt=prompt or None, method=method, top_k=None, source=engines.source(),
+                                 include_not_installed=bool(include_not_installed))
         installed = [r for r in result.ranking if r.installed]  # only installed checkpoints can be switched to
         if pick_rank > len(installed):
             raise GmiError(f"pick_rank {pick_rank} but only {len(installed)} installed checkpoint(s) have specs")

@@ -52,13 +52,21 @@ export function renderRanking(container, data) {
     container.append(
       el("div", { class: "gmi-row" + (row.name === data.chosen ? " gmi-chosen" : ""), title: row.sha256 },
         el("span", { class: "gmi-rank", text: String(row.rank) }),
-        el("span", { class: "gmi-name", text: row.name }),
+        el("span", { class: "gmi-name", text: row.name + rowMarks(row) }),
         el("span", { class: "gmi-score", text: Number(row.score).toFixed(4) }),
         thumbs));
   }
   for (const ex of data.excluded || []) {
     container.append(el("div", { class: "gmi-head", text: `left out: ${ex.name} (${ex.reason})` }));
   }
+}
+
+// "not installed" (an imported spec, never loaded) and the spec kind when it is not generated
+function rowMarks(row) {
+  const marks = [];
+  if (row.installed === false) marks.push(`not installed, ${row.short_hash}`);
+  if (row.kind && row.kind !== "generated") marks.push(row.kind);
+  return marks.length ? ` (${marks.join("; ")})` : "";
 }
 
 function attachRanking(nodeType) {
@@ -95,6 +103,7 @@ class GmiPanel {
     this.buildButton.onclick = () => this.buildMissing();
     this.root.append(el("h3", { text: "gmi specs" }), this.info, el("div", {}, this.buildButton, refresh),
       this.progress, this.progressText, this.table);
+    this.addLibrarySection();
     api.addEventListener("gmi.build.progress", (e) => this.onProgress(e.detail));
     api.addEventListener("gmi.build.done", (e) => this.onDone(e.detail));
   }
@@ -114,7 +123,7 @@ class GmiPanel {
         this.table.append(el("tr", {},
           el("td", { text: s.name, title: s.sha256 }),
           el("td", { class: "gmi-state-" + s.state, text: s.state }),
-          el("td", { text: `${s.prompts_done}/${s.prompts_total}` })));
+          el("td", { text: `${s.prompts_done}/${s.prompts_total}` + (s.observed_images ? ` + ${s.observed_images} observed` : "") })));
       }
       for (const s of data.skipped) {
         this.table.append(el("tr", {}, el("td", { text: s.name }), el("td", { text: "skipped" }),
@@ -138,6 +147,41 @@ class GmiPanel {
       body: JSON.stringify({ prompt, client_id: api.clientId }) });
     if (!r.ok) this.progressText.textContent = "could not queue the build: " + (await r.text()).slice(0, 300);
     else this.progressText.textContent = "build queued…";
+  }
+
+  // specs without generating: import the output folder's images, show near-duplicate groups
+  addLibrarySection() {
+    const importButton = el("button", { text: "Import images from output" });
+    const groupsButton = el("button", { text: "Near-duplicate groups" });
+    this.libraryText = el("div");
+    importButton.onclick = () => this.importImages();
+    groupsButton.onclick = () => this.showGroups();
+    this.root.append(el("h4", { text: "specs from your images" }), el("div", {}, importButton, groupsButton), this.libraryText);
+  }
+
+  async importImages() {
+    this.libraryText.textContent = "reading the output folder…";
+    const c = this.config || {};
+    const r = await api.fetchApi("/gmi/import-images", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ root: "output", subfolder: "", encoder: c.encoder, prompt_set: c.prompt_set, max_prompts: c.max_prompts }) });
+    const data = await r.json();
+    if (!r.ok) { this.libraryText.textContent = "gmi: " + data.error; return; }
+    const skipped = Object.entries(data.skipped_by_reason).map(([k, v]) => `${v} ${k}`).join(", ");
+    this.libraryText.textContent = `scanned ${data.scanned}, added ${data.added_total} image(s) to ` +
+      `${Object.keys(data.added).length} observed spec(s)` + (skipped ? `; skipped: ${skipped}` : "");
+    this.refresh();
+  }
+
+  async showGroups() {
+    this.libraryText.textContent = "comparing specs…";
+    const c = this.config || {};
+    const q = new URLSearchParams({ encoder: c.encoder || "", prompt_set: c.prompt_set || "platform", max_prompts: c.max_prompts || 0 });
+    const r = await api.fetchApi("/gmi/map?" + q);
+    const data = await r.json();
+    if (!r.ok) { this.libraryText.textContent = "gmi: " + data.error; return; }
+    this.libraryText.replaceChildren(el("div", { text: data.groups.length ?
+      `${data.groups.length} near-duplicate group(s) among ${data.checkpoints.length} checkpoints:` : "no near-duplicates" }));
+    for (const g of data.groups) this.libraryText.append(el("div", { text: "• " + g.join(", ") }));
   }
 
   onProgress(p) {
