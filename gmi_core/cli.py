@@ -129,7 +129,7 @@ def cmd_identify(args) -> int:
     images = [load_image(path) for path in args.images]
     gmi, source = _engine(args)
     result = gmi.identify(images, args.prompt, args.method, args.top_k, source, gamma=args.gamma, tau=args.tau,
-                          include_not_installed=args.include_not_installed)
+                          include_not_installed=args.include_not_installed, centre=args.centre)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument("--json", action="store_true")
     identify.add_argument("--include-not-installed", action="store_true",
                           help="also rank imported specs of checkpoints that are not in --models (marked)")
+    identify.add_argument("--centre", action="store_true",
+                          help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see README)")
     identify.set_defaults(func=cmd_identify)
 
     from .library_cli import add_library_commands

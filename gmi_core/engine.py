@@ -335,6 +335,7 @@ class Gmi:
         gamma: float | None = None,
         tau: float | None = None,
         include_not_installed: bool = False,
+        centre: bool = False,
     ) -> IdentifyResult:
         if not images:
             raise GmiError("identify needs at least one reference image")
@@ -351,7 +352,7 @@ class Gmi:
         query_text = self.encoder.encode_texts([pseudo])[0]
         query_pixels = torch.from_numpy(np.stack([pixel_feature(i) for i in images]))
         bank = self._bank(specs)
-        ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau)
+        ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau, centre=centre)
         ranked = []
         order = ranking.order.tolist()[: top_k or None]
         for position, index in enumerate(order, start=1):

@@ -199,8 +199,12 @@ def rank(
     query_pixels: torch.Tensor | None = None,
     gamma: float | None = None,
     tau: float | None = None,
+    centre: bool = False,
 ) -> Ranking:
-    """Rank every checkpoint in ``bank`` for one query (one or several images)."""
+    """Rank every checkpoint in ``bank`` for one query (one or several images).
+
+    ``centre``: gmi / rkme_clip on prompt-conditionally centred features (:mod:`gmi_core.centring`).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     n_prompts = bank.prompt.shape[-2]
@@ -227,7 +231,9 @@ def rank(
             weights = prompt_weights(bank.prompt, query_text, tau)
         elif method == "rkme_concat":
             image, query = concat_features(bank.image, bank.prompt, query_images, query_text)
-    view = (method == "rkme_basic", method == "rkme_concat")  # which stored features are compared
+        if centre and method in ("gmi", "rkme_clip"):
+            image, query = _centred(bank, query_images, query_text)
+    view = (method == "rkme_basic", method == "rkme_concat", centre and method in ("gmi", "rkme_clip"))
     if gamma is None:
         if view not in bank._kbar_cache:
             bank._kbar_cache[view] = median_gamma(image)
@@ -238,6 +244,17 @@ def rank(
     scores, contributions = _weighted_scores(image, query, gamma, weights, bank.done, bank._kbar_cache[cache_key])
     order = torch.argsort(scores, stable=True)
     return Ranking(method, gamma, scores, order, weights, contributions)
+
+
+def _centred(bank: FeatureBank, query_images: torch.Tensor, query_text: torch.Tensor | None):
+    from .centring import centre_library, centre_query
+
+    if query_text is None:
+        raise ValueError("centring needs a query text feature (pseudo-prompt or user prompt)")
+    if "centred" not in bank._kbar_cache:
+        bank._kbar_cache["centred"] = centre_library(bank.image, bank.prompt, bank.done)
+    image, rows_prompt, rows_image = bank._kbar_cache["centred"]
+    return image, centre_query(query_images, query_text, rows_prompt, rows_image)
 
 
 def concat_features(image, prompt, query_images, query_text):

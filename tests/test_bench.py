@@ -242,3 +242,17 @@ def test_roundtrip_tiny(tmp_path):
     assert r["gmi"]["1"]["n_tasks"] == 2 and set(r["gmi"]["1"]) == QUALITY_KEYS
     assert r["gmi"]["1"]["top1"] == 1.0  # the generating checkpoint ranks first
     assert math.isclose(data["families"]["roundtrip"]["chance_top1"], 0.5)
+
+
+def test_centred_ranking_matches_the_bench_estimator(small_bank):
+    """rank(centre=True) scores what bench synthetic's gmi_centred measures (one implementation, gmi_core/centring.py)."""
+    from gmi_core.centring import centre_library, centre_query
+
+    bank, queries, _, q_text = small_bank
+    got = ranker.rank(bank, "gmi", queries[0], q_text[0], centre=True, gamma=1.1).scores
+    image, rows_p, rows_z = centre_library(bank.image, bank.prompt, bank.done)
+    query = centre_query(queries[0], q_text[0], rows_p, rows_z)
+    w = ranker.prompt_weights(bank.prompt, q_text[0])
+    c = ranker.kernel(torch.einsum("mnsd,ud->mnsu", image, query), 1.1).mean(dim=(2, 3))
+    want = torch.einsum("i,mij,j->m", w, ranker.kbar(image, 1.1), w) - 2 * c @ w
+    assert torch.allclose(got, want, atol=1e-5)

@@ -122,6 +122,8 @@ def test_import_images_builds_observed_specs_that_identify(tiny_world, user_fold
         query = tiny_world.generator().generate(ckpt, evaluation[index], [QUERY_SEED + index], tiny_world.settings)
         result = gmi.identify(query, prompt=evaluation[index], source=source)
         assert result.ranking[0].name == ckpt.name, result.to_dict()
+        centred = gmi.identify(query, prompt=evaluation[index], source=source, centre=True)
+        assert centred.ranking[0].name == ckpt.name, centred.to_dict()
         assert result.ranking[0].kind == OBSERVED and result.ranking[0].counts["generated_images"] == 0
         match = result.ranking[0].top_prompts[0]
         assert match.prompt_set_hash == OBSERVED and gmi.spec_thumbnail(ckpt.sha256, match.spec_index, OBSERVED)
@@ -171,3 +173,36 @@ def test_preview_next_to_checkpoint_is_attributed(tiny_world, tmp_path):
     assert attributor.attribute(preview, ImageMetadata()).checkpoint == ckpt
     other = ImageMetadata(source="a1111", model_hash=listing.checkpoints[0].short_hash)
     assert attributor.attribute(preview, other).checkpoint is None  # location and metadata disagree: not guessed
+
+
+def test_padded_bank_scores_each_spec_as_if_alone():
+    """Per-spec prompts [M, N, d]: padding rows and repeating one-image rows to S change no score."""
+    import torch
+
+    from gmi_core.observed import merge
+    from gmi_core.protocols import GenerationSettings
+    from gmi_core.ranker import FeatureBank, rank
+    from gmi_core.spec import Spec
+
+    g = torch.Generator().manual_seed(0)
+
+    def unit(*shape):
+        x = torch.randn(*shape, generator=g)
+        return (x / x.norm(dim=-1, keepdim=True)).half()
+
+    def spec(n, s, kind, sha):
+        extra = {} if kind == "generated" else {"kind": OBSERVED, "counts": {"generated_images": 0, "observed_images": n}}
+        psh = "p" if kind == "generated" else OBSERVED
+        return Spec(sha, sha * 64, "enc", psh, psh, [f"{sha}{i}" for i in range(n)], [[0] * s] * n, GenerationSettings(),
+                    unit(n, s, 16), unit(n, 16), unit(n, s, 12), torch.zeros(n, 2, 2, 3, dtype=torch.uint8),
+                    torch.ones(n, dtype=torch.bool), extra)
+
+    generated, observed, other = spec(6, 4, "generated", "a"), spec(9, 1, OBSERVED, "b"), spec(6, 4, "generated", "c")
+    specs = [generated, observed, merge(other, spec(5, 1, OBSERVED, "c"))]
+    query, text, pixels = unit(2, 16).float(), unit(16).float(), unit(2, 12).float()
+    bank = FeatureBank.from_specs(specs)
+    assert bank.prompt.shape == (3, 11, 16) and bank.image.shape == (3, 11, 4, 16)
+    for method in ("gmi", "rkme_clip", "rkme_concat", "rkme_basic"):
+        together = rank(bank, method, query, text, pixels, gamma=0.7).scores
+        alone = [float(rank(FeatureBank.from_specs([s]), method, query, text, pixels, gamma=0.7).scores[0]) for s in specs]
+        assert torch.allclose(together, torch.tensor(alone), atol=1e-5), method

@@ -4,6 +4,7 @@
   *observed* (K images, one per prompt, the prompts drawn at random per checkpoint from the
   evaluation distribution, as a user's own renders are); queries are held-out evaluation prompts.
   Libraries: all generated, all observed (K = 8 .. 64), and half/half (kinds mixed in one ranking).
+  Methods: gmi, rkme_clip, and gmi_centred (gmi on prompt-conditionally centred features, gmi_core/centring.py).
 * exchange: ranking with specs after the exchange format's int8 / int4 encoding against the fp16 originals.
 * library_map: relative prompt-aligned distances of near-duplicates (one lineage) against distinct
   checkpoints in the near-duplicate family; the threshold gmi uses must fall between them.
@@ -15,6 +16,7 @@ import math
 
 import torch
 
+from ..centring import centre_library, centre_query
 from ..exchange import dequantise, quantise
 from ..fastrank import query_means_many, rank_positions
 from ..library_map import NEAR_DUPLICATE_THRESHOLD, distances
@@ -71,7 +73,8 @@ def _library(world, platform, kinds: list[int], seed: int):
     return image, prompts, done
 
 
-def observed_vs_generated(cfg, seed: int, families=("a_easy", "e_subtle_x16"), tasks_per_ckpt: int = 12) -> dict:
+def observed_vs_generated(cfg, seed: int, families=("a_easy", "e_subtle_x16", "e_subtle_x64"),
+                          tasks_per_ckpt: int = 12) -> dict:
     from .synthetic import make_family
 
     out = {}
@@ -90,9 +93,16 @@ def observed_vs_generated(cfg, seed: int, families=("a_easy", "e_subtle_x16"), t
             image, prompts, done = _library(world, platform, kinds, seed)
             gamma = median_gamma(image[done])
             row = {}
-            for method, weighted in (("gmi", True), ("rkme_clip", False)):
+            c_image, rows_p, rows_z = centre_library(image, prompts, done)
+            c_query = centre_query(q_img, q_text, rows_p, rows_z)
+            c_gamma = median_gamma(c_image[done])
+            for method, weighted in (("gmi", True), ("rkme_clip", False), ("gmi_centred", True)):
                 for u in QUERY_SIZES:
-                    pos = rank_positions(_scores(image, prompts, done, q_img, q_text, gamma, weighted, u), truth)
+                    if method == "gmi_centred":
+                        scores = _scores(c_image, prompts, done, c_query, q_text, c_gamma, True, u)
+                    else:
+                        scores = _scores(image, prompts, done, q_img, q_text, gamma, weighted, u)
+                    pos = rank_positions(scores, truth)
                     row.setdefault(method, {})[str(u)] = _metrics(pos)
                     if label.startswith("half"):
                         kind = torch.tensor(kinds)[truth] > 0

@@ -454,8 +454,8 @@ def format_tables(data: dict) -> str:
         lines = ["", "observed specs (the user's own prompts, 1 image each) vs generated (55 platform prompts x 4): top-1, 1 / 4 query images"]
         for family, rows in data["observed"].items():
             for label, row in rows.items():
-                lines.append(f"  {family:14} {label:34} gmi {row['gmi']['1']['top1']:.3f} / {row['gmi']['4']['top1']:.3f}   "
-                             f"rkme_clip {row['rkme_clip']['1']['top1']:.3f} / {row['rkme_clip']['4']['top1']:.3f}")
+                lines.append(f"  {family:14} {label:34} " + "   ".join(
+                    f"{m} {row[m]['1']['top1']:.3f} / {row[m]['4']['top1']:.3f}" for m in ("gmi", "rkme_clip", "gmi_centred")))
         for family, row in data["exchange"].items():
             if isinstance(row, dict):
                 lines.append(f"  exchange int8 {family:14} gmi top-1 fp16 {row['fp16']['1']['top1']:.3f} -> int8 "
