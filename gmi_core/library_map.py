@@ -211,8 +211,9 @@ def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) ->
     xy = lib.coords.astype(float)
     lo, hi = xy.min(0), xy.max(0)
     span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
-    pts = [(margin + (x - lo[0]) / span[0] * (width - 2 * margin), margin + (y - lo[1]) / span[1] * (height - 2 * margin))
-           for x, y in xy]
+    label_room = 190  # labels are drawn to the right of their points
+    pts = [(margin + (x - lo[0]) / span[0] * (width - 2 * margin - label_room),
+            margin + (y - lo[1]) / span[1] * (height - 2 * margin)) for x, y in xy]
     colour = {i: COLOURS[g % len(COLOURS)] for g, members in enumerate(lib.groups) for i in members}
     for members in lib.groups:
         for a in members:

@@ -78,4 +78,7 @@ def test_map_cli_groups_a_reupload_and_a_merge_of_real_checkpoints(tiny_world, t
     from PIL import Image
 
     assert Image.open(tmp_path / "map.png").size == (900, 700)
+    assert main(["map", "--models", str(models), "--home", str(home), "--encoder", str(tiny_world.encoder_file),
+                 "--prompt-set", str(prompts)]) == 0
+    assert "group 1: " in capsys.readouterr().out
 

@@ -134,6 +134,9 @@ def test_import_images_builds_observed_specs_that_identify(tiny_world, user_fold
     again = json.loads(capsys.readouterr().out)
     assert again["added_total"] == 0 and {e.file: e.mtime for e in gmi.store.entries()} == mtimes
     assert sum("already in the observed spec" in s["reason"] for s in again["skipped"]) == IMAGE_PROMPTS * len(checkpoints)
+    assert main(args[:-1]) == 0  # the summary for people
+    text = capsys.readouterr().out
+    assert "added 0 to 0 observed spec(s)" in text and "no generation metadata" in text
     assert MAX_OBSERVED_IMAGES >= IMAGE_PROMPTS
 
 
