@@ -148,12 +148,31 @@ def decode_user_comment(raw) -> str:
     return raw.decode("utf-8", errors="replace").strip("\x00").strip()
 
 
+def _png_text_after_data(path: Path) -> bool:
+    """Whether a PNG has text chunks after IDAT, found by walking chunk headers (nothing is decoded)."""
+    seen_data = False
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        while True:
+            header = handle.read(8)
+            if len(header) < 8:
+                return False
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"IDAT":
+                seen_data = True
+            elif seen_data and kind in (b"tEXt", b"zTXt", b"iTXt"):
+                return True
+            elif kind == b"IEND":
+                return False
+            handle.seek(length + 4, 1)
+
+
 def read_metadata(path: Path) -> ImageMetadata:
     """The generation metadata of one image file; ImageError when it is not a readable image."""
     try:
         with Image.open(path) as image:
             texts = dict(getattr(image, "text", None) or {}) if image.format == "PNG" else {}
-            if image.format == "PNG" and not texts:
+            if image.format == "PNG" and not texts and _png_text_after_data(path):
                 image.load()  # text chunks after the image data are read only on load
                 texts = dict(image.text or {})
             comment = None

@@ -209,3 +209,19 @@ def test_padded_bank_scores_each_spec_as_if_alone():
         together = rank(bank, method, query, text, pixels, gamma=0.7).scores
         alone = [float(rank(FeatureBank.from_specs([s]), method, query, text, pixels, gamma=0.7).scores[0]) for s in specs]
         assert torch.allclose(together, torch.tensor(alone), atol=1e-5), method
+
+
+def test_text_chunks_after_the_image_data_are_read(tmp_path):
+    """Some tools append their text chunks after IDAT; PIL reads those only when loading."""
+    import zlib
+
+    from gmi_core.image_metadata import read_metadata
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    data = (tmp_path / "plain.png").read_bytes()
+    text = b"parameters\x00" + infotext("a fox", 3, "0123456789", "m").encode()
+    chunk = len(text).to_bytes(4, "big") + b"tEXt" + text + zlib.crc32(b"tEXt" + text).to_bytes(4, "big")
+    iend = data.rindex(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(data[:iend] + chunk + data[iend:])
+    assert read_metadata(tmp_path / "late.png").model_hash == "0123456789"
+    assert read_metadata(tmp_path / "plain.png").source == ""
