@@ -59,13 +59,19 @@ def parse_infotext(text: str) -> ImageMetadata:
                 pass
         params[key.strip()] = value
     seed = params.get("Seed", "")
-    return ImageMetadata(
+    meta = ImageMetadata(
         source="a1111",
         prompt="\n".join(prompt_lines).strip() or None,
         seed=int(seed) if str(seed).lstrip("-").isdigit() else None,
         model_hash=(params.get("Model hash") or "").strip().lower() or None,
         model_name=(params.get("Model") or "").strip() or None,
     )
+    # a refiner or a hires-fix checkpoint means a second checkpoint drew part of the image
+    others = [params.get(k, "").strip() for k in ("Refiner", "Hires checkpoint")]
+    others = [o for o in others if o and o.lower() != "use same checkpoint"]
+    if others:
+        meta.checkpoint_names = [meta.model_name or meta.model_hash or "?", *others]
+    return meta
 
 
 def _link(value) -> str | None:

@@ -84,6 +84,8 @@ def test_metadata_parsers():
     meta = parse_infotext(infotext("a red fox,\nin snow", 42, "0123456789", "my model"))
     assert (meta.prompt, meta.seed, meta.model_hash, meta.model_name) == ("a red fox,\nin snow", 42, "0123456789", "my model")
     assert parse_infotext("just a prompt").model_hash is None
+    refined = parse_infotext(infotext("a fox", 1, "0123456789", "base") + ", Refiner: other [abcdef0123], Refiner switch at: 0.8")
+    assert refined.checkpoint_names == ["base", "other [abcdef0123]"]  # two checkpoints: attributed to neither
     graph = json.loads(comfy_graph(["a.safetensors", "b.safetensors"], "a fox", 3))
     meta = parse_comfy_prompt(graph)
     assert meta.checkpoint_names == ["a.safetensors", "b.safetensors"] and meta.prompt == "a fox" and meta.seed == 3
