@@ -76,6 +76,7 @@ def build_spec(
             feature_dim=encoder.dim,
         )
     spec.checkpoint_name = checkpoint.name
+    spec.extra["kind"] = "generated"  # vs "observed" (gmi_core.observed); specs without the key are generated too
     if checkpoint.popularity is not None:
         spec.extra["popularity"] = checkpoint.popularity
     total = len(prompt_set)

@@ -310,9 +310,9 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
     else:
         thumbs = torch.zeros(n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3, dtype=torch.uint8)
     seeds = [[int(x) for x in row] for row in entry["seeds"]]
-    extra = {"imported": True}
+    extra = {"imported": True, "kind": kind}
     if kind == OBSERVED:
-        extra.update(kind=OBSERVED, counts={k: int(v) for k, v in entry["counts"].items()})
+        extra["counts"] = {k: int(v) for k, v in entry["counts"].items()}
     if isinstance(entry.get("popularity"), (int, float)):
         extra["popularity"] = float(entry["popularity"])
     spec = Spec(

@@ -52,12 +52,13 @@ def spec_view(spec: Spec, anchors: torch.Tensor) -> SpecView:
             continue
         own = spec.image_features[i] if i < n_generated else spec.image_features[i, :1]  # merged rows repeat one image
         rows.append(i)
-        images.append(own.float())
+        images.append(own)  # stored precision; converted block by block where kernels are computed
         row_of += [len(rows) - 1] * len(own)
     z = torch.cat(images)
     row_of = torch.tensor(row_of)
     sizes = torch.bincount(row_of).float()
-    cos = anchors.float() @ spec.prompt_features[rows].float().T  # [A, R]
+    unit = torch.nn.functional.normalize
+    cos = unit(anchors.float(), dim=-1) @ unit(spec.prompt_features[rows].float(), dim=-1).T  # [A, R]; fp16-safe
     exact = cos > _ALIGNED_COS
     soft = torch.softmax(cos / SOFT_ALIGN_TAU, dim=1)
     row_w = torch.where(exact.any(dim=1, keepdim=True), exact.float() / exact.sum(1, keepdim=True).clamp(min=1), soft)
@@ -72,7 +73,8 @@ def spec_view(spec: Spec, anchors: torch.Tensor) -> SpecView:
 
 def _self_terms(view: SpecView, gamma: float) -> torch.Tensor:
     """||mu(a)||^2 per anchor, each image's kernel with itself left out (biased where a row has one image)."""
-    k = kernel(view.images @ view.images.T, gamma)
+    z = view.images.float()
+    k = kernel(z @ z.T, gamma)
     w = view.weights
     full = ((w @ k) * w).sum(1)
     diag = (w**2).sum(1)
@@ -93,7 +95,7 @@ def distances(specs: list[Spec], anchors: torch.Tensor, gamma: float | None = No
         stacked = torch.stack([views[i].aligned for i in fast])  # [F, A, S, d]
         f, a, s, d = stacked.shape
         for j in range(a):
-            x = stacked[:, j].reshape(f * s, d)
+            x = stacked[:, j].reshape(f * s, d).float()
             block = kernel(x @ x.T, gamma).reshape(f, s, f, s).mean(dim=(1, 3))
             cross[torch.tensor(fast)[:, None], torch.tensor(fast)[None, :], j] = block
     fast_set = set(fast)
@@ -101,7 +103,7 @@ def distances(specs: list[Spec], anchors: torch.Tensor, gamma: float | None = No
         for j in range(i + 1, m):
             if i in fast_set and j in fast_set:
                 continue
-            k = kernel(views[i].images @ views[j].images.T, gamma)
+            k = kernel(views[i].images.float() @ views[j].images.float().T, gamma)
             cross[i, j] = cross[j, i] = ((views[i].weights @ k) * views[j].weights).sum(1)
     d2 = (selfs[:, None, :] + selfs[None, :, :] - 2 * cross).mean(-1)
     d2.fill_diagonal_(0)
