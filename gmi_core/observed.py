@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,7 +293,8 @@ def import_images(gmi, listing: CheckpointListing, folder: Path,
         spec = _extend(spec, rows, ckpt, gmi.encoder)
         gmi.store.save(spec)
         report.added[ckpt.name] = len(rows["prompts"])
-        report.specs.append({"name": ckpt.name, "sha256": sha, "kind": spec_kind(spec), **spec_counts(spec)})
+        report.specs.append({"name": ckpt.name, "sha256": sha, "kind": spec_kind(spec), **spec_counts(spec),
+                             "attributed_by": dict(Counter(rows["how"]))})
     return report
 
 

@@ -112,6 +112,7 @@ def test_import_images_builds_observed_specs_that_identify(tiny_world, user_fold
     assert "truncated" in reasons["bad/truncated.png"] or "unreadable" in reasons["bad/truncated.png"]
     for spec in report["specs"]:
         assert spec["kind"] == OBSERVED and spec["generated_images"] == 0 and spec["observed_images"] == IMAGE_PROMPTS
+        assert spec["attributed_by"] == {"hash": 4, "name": 4}  # A1111 hash, ComfyUI ckpt_name / A1111 "Model:" only
 
     gmi = tiny_world.gmi(spec_root=home / "specs")
     entries = gmi.store.entries()
