@@ -109,7 +109,7 @@ class Attributor:
         if len(meta.checkpoint_names) > 1:
             return Attribution(None, f"names {len(meta.checkpoint_names)} checkpoints ({', '.join(meta.checkpoint_names)}): ambiguous")
         if meta.model_hash:
-            hits = self.by_hash(meta.model_hash)
+            hits = _distinct(self.by_hash(meta.model_hash))
             if len(hits) == 1:
                 return Attribution(hits[0], how="hash")
             if len(hits) > 1:
@@ -121,7 +121,7 @@ class Attributor:
             return Attribution(None, "metadata names no checkpoint")
         hits = []
         for key in name_keys(name):
-            hits += [c for c in self.by_name.get(key, []) if c not in hits]
+            hits = _distinct(hits + self.by_name.get(key, []))
             if hits:
                 break
         if len(hits) == 1:
@@ -129,6 +129,11 @@ class Attributor:
         if len(hits) > 1:
             return Attribution(None, f"checkpoint name {name!r} fits {len(hits)} checkpoints ({', '.join(c.name for c in hits)}): ambiguous")
         return Attribution(None, f"checkpoint {name!r} is not installed")
+
+
+def _distinct(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """One entry per file content: two names of one file (a link, a copy) are one checkpoint, not ambiguous."""
+    return list({c.sha256: c for c in checkpoints}.values())
 
 
 def name_keys(name: str) -> list[str]:
