@@ -216,18 +216,20 @@ def read_exchange(path: Path, prompt_features: PromptFeatures) -> list[tuple[str
     if _content_hash(tensors) != meta.get("content_sha256"):
         raise GmiError(f"{path}: content checksum mismatch (file damaged or edited)")
     entries = meta.get("specs")
-    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SPECS_PER_FILE:
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SPECS_PER_FILE or not all(isinstance(e, dict) for e in entries):
         raise GmiError(f"{path}: no spec list")
-    prefixes = [e.get("prefix") if isinstance(e, dict) else None for e in entries]
-    claimed = {name for name in tensors if any(isinstance(p, str) and name.startswith(p) for p in prefixes)}
-    if len(set(prefixes)) != len(prefixes) or claimed != set(tensors):
+    prefixes = [e.get("prefix") for e in entries]
+    if not all(isinstance(p, str) and p for p in prefixes) or len(set(prefixes)) != len(prefixes):
+        raise GmiError(f"{path}: spec prefixes missing or repeated")
+    claimed = {name for name in tensors if any(name.startswith(p) for p in prefixes)}
+    if claimed != set(tensors):
         raise GmiError(f"{path}: tensors and spec list do not match")
     out = []
     for entry in entries:
-        label = str((entry.get("checkpoint") or {}).get("name", "?"))[:200] if isinstance(entry.get("checkpoint"), dict) else "?"
+        label = str(entry["checkpoint"].get("name", "?"))[:200] if isinstance(entry.get("checkpoint"), dict) else "?"
         try:
             out.append((label, decode_spec(entry, tensors, prompt_features), ""))
-        except (SpecError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (SpecError, KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
             out.append((label, None, f"invalid spec: {exc}"))
     return out
 
@@ -235,6 +237,11 @@ def read_exchange(path: Path, prompt_features: PromptFeatures) -> list[tuple[str
 def _need(ok: bool, what: str) -> None:
     if not ok:
         raise SpecError(what)
+
+
+def _str(value, what: str) -> str:
+    _need(isinstance(value, str), f"{what} is not a string")
+    return value
 
 
 def _tensor(tensors: dict, name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
@@ -254,21 +261,22 @@ def _exponents(t: torch.Tensor, name: str) -> torch.Tensor:
 def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> Spec:
     """One validated Spec from a metadata entry and the file's tensors."""
     prefix, ckpt = entry["prefix"], entry["checkpoint"]
-    sha, encoder_id = str(ckpt["sha256"]), str(entry["encoder_id"])
+    _need(isinstance(ckpt, dict), "checkpoint is not an object")
+    sha, encoder_id = _str(ckpt["sha256"], "sha256"), _str(entry["encoder_id"], "encoder_id")
     _need(bool(_HEX64.fullmatch(sha)), "checkpoint sha256 is not 64 lower-case hex digits")
     _need(ckpt.get("autov2") == sha[:10], "AutoV2 short hash does not match the sha256")
     _need(bool(_ENCODER_ID.fullmatch(encoder_id)) and ".." not in encoder_id, f"bad encoder id {encoder_id!r}")
-    name = str(ckpt["name"])
+    name = _str(ckpt["name"], "checkpoint name")
     _need(0 < len(name) <= 300 and "\x00" not in name, "bad checkpoint name")
     kind = entry["kind"]
     _need(kind in ("generated", OBSERVED), f"unknown spec kind {kind!r}")
-    ps = entry["prompt_set"]
-    budget = entry["budget"]
+    ps, budget, enc = entry["prompt_set"], entry["budget"], entry["encoding"]
+    _need(all(isinstance(x, dict) for x in (ps, budget, enc, entry["settings"], entry["counts"])), "malformed metadata")
+    _str(ps["name"], "prompt set name"), _str(ps["hash"], "prompt set hash")
     n, s = int(budget["prompts"]), int(budget["images_per_prompt"])
     _need(0 < n <= 100_000 and 0 < s <= 1024, "budget out of range")
     done = _tensor(tensors, f"{prefix}done", torch.uint8, (n,))
     _need(bool((done <= 1).all()), "done mask is not 0/1")
-    enc = entry["encoding"]
     if enc["image_features"] == FP16:
         image = _tensor(tensors, f"{prefix}image_features", torch.float16, (n, s, -1))
         pixel = _tensor(tensors, f"{prefix}pixel_features", torch.float16, (n, s, -1))
@@ -293,7 +301,8 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
         _need(features is not None, f"its prompt features need encoder {encoder_id} (not loaded here) or a local spec of it")
         features = features.to(torch.float16)
     else:
-        prompts = [str(p) for p in ps["prompts"]]
+        _need(isinstance(ps["prompts"], list), "prompts are not a list")
+        prompts = [_str(p, "prompt") for p in ps["prompts"]]
         if kind == OBSERVED:
             _need(ps["hash"] == OBSERVED, "observed spec with a prompt-set hash")
         else:
@@ -313,18 +322,36 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
     extra = {"imported": True, "kind": kind}
     if kind == OBSERVED:
         extra["counts"] = {k: int(v) for k, v in entry["counts"].items()}
-    if isinstance(entry.get("popularity"), (int, float)):
-        extra["popularity"] = float(entry["popularity"])
+    popularity = entry.get("popularity")
+    _need(popularity is None or (isinstance(popularity, (int, float)) and not isinstance(popularity, bool) and popularity >= 0),
+          "bad popularity")
+    if popularity is not None:
+        extra["popularity"] = float(popularity)
     spec = Spec(
         checkpoint_name=name, sha256=sha, encoder_id=encoder_id, prompt_set_name=str(ps["name"]),
         prompt_set_hash=str(ps["hash"]), prompts=prompts, seeds=seeds,
-        settings=GenerationSettings.from_dict(dict(entry["settings"])),
+        settings=_settings(entry["settings"]),
         image_features=image.contiguous(), prompt_features=features.contiguous(), pixel_features=pixel.contiguous(),
         thumbnails=thumbs.contiguous(), done=done.bool(), extra=extra,
     )
     _need(int(spec.done.sum()) == int(budget["prompts_done"]), "budget does not match the done mask")
+    _need(int(budget["images"]) == int(budget["prompts_done"]) * s, "budget images do not match")
+    counts = entry["counts"]
+    want = {"generated_images": int(budget["images"]) if kind == "generated" else 0,
+            "observed_images": int(budget["prompts_done"]) if kind == OBSERVED else 0}
+    _need(counts == want, f"counts {counts} do not match the budget")
     spec.validate("imported spec")
     return spec
+
+
+def _settings(data: dict) -> GenerationSettings:
+    """Every field of GenerationSettings, each of its declared type (no silent defaults); later fields are ignored."""
+    defaults = GenerationSettings().to_dict()
+    _need(set(defaults) <= set(data), f"settings lack {sorted(set(defaults) - set(data))}")
+    for key, default in defaults.items():
+        ok = isinstance(data[key], (int, float)) if isinstance(default, float) else isinstance(data[key], type(default))
+        _need(ok and not isinstance(data[key], bool), f"setting {key} has the wrong type")
+    return GenerationSettings.from_dict(data)
 
 
 def _images(spec: Spec) -> int:

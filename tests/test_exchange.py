@@ -205,3 +205,26 @@ def test_observed_spec_exports_with_its_own_prompts(tmp_path):
     back = store.load(store.entries()[0].key)
     assert back.prompts == spec.prompts and back.extra["kind"] == OBSERVED
     assert (back.prompt_features.float() - spec.prompt_features.float()).abs().max() < 0.01
+
+
+def test_mangled_metadata_is_rejected_per_spec_never_raised(tmp_path):
+    """Every field of a spec entry replaced by wrong types: each file is rejected with a reason, nothing crashes."""
+    from safetensors import safe_open
+
+    spec = default_size_spec(2)
+    good = write_exchange([spec], tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as handle:
+        meta = json.loads(handle.metadata()[HEADER_KEY])
+    tensors = load_file(str(good))
+    store = SpecStore(tmp_path / "store")
+    paths = []
+    for key in meta["specs"][0]:
+        for bad in ((None,) if key != "popularity" else ()) + ([], -1, {"a": 1}) + (("x",) if key != "encoder_id" else ()):
+            broken = json.loads(json.dumps(meta))
+            broken["specs"][0][key] = bad
+            path = tmp_path / f"bad-{key}-{len(paths)}.safetensors"
+            save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(broken)})
+            paths.append(path)
+    report = import_files(store, paths, lambda *_: spec.prompt_features)
+    assert [a.action for a in report.actions] == ["rejected"] * len(paths), [(a.file, a.action) for a in report.actions if a.action != "rejected"]
+    assert store.entries() == []
