@@ -174,7 +174,18 @@ def _png_text_after_data(path: Path) -> bool:
 
 
 def read_metadata(path: Path) -> ImageMetadata:
-    """The generation metadata of one image file; ImageError when it is not a readable image."""
+    """The generation metadata of one image file; ImageError when it is not a readable image.
+
+    Metadata that cannot be parsed (odd graphs, wrong types) yields ``problem`` instead of an exception.
+    """
+    texts, comment = _raw_metadata(path)
+    try:
+        return _parse(texts, comment)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, RecursionError) as exc:
+        return ImageMetadata(source="unparsable", problem=f"unparsable generation metadata ({type(exc).__name__})")
+
+
+def _raw_metadata(path: Path) -> tuple[dict, object]:
     try:
         with Image.open(path) as image:
             texts = dict(getattr(image, "text", None) or {}) if image.format == "PNG" else {}
@@ -188,6 +199,10 @@ def read_metadata(path: Path) -> ImageMetadata:
         raise ImageError(f"{path.name}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path.name}: unreadable or truncated image ({exc})") from exc
+    return texts, comment
+
+
+def _parse(texts: dict, comment) -> ImageMetadata:
     if texts.get("prompt"):
         try:
             graph = json.loads(texts["prompt"])

@@ -228,3 +228,22 @@ def test_text_chunks_after_the_image_data_are_read(tmp_path):
     (tmp_path / "late.png").write_bytes(data[:iend] + chunk + data[iend:])
     assert read_metadata(tmp_path / "late.png").model_hash == "0123456789"
     assert read_metadata(tmp_path / "plain.png").source == ""
+
+
+def test_odd_metadata_never_raises(tmp_path):
+    from gmi_core.image_metadata import read_metadata
+    from gmi_core.observed import Attributor
+    from gmi_core.protocols import CheckpointListing
+
+    odd = [("prompt", '{"1": {"inputs": [1, 2]}}'), ("prompt", '{"1": "x", "2": {"class_type": "K", "inputs": '
+           '{"positive": ["9", 0], "ckpt_name": 5}}}'), ("prompt", "[1, 2]"), ("prompt", "null"),
+           ("prompt", "[" * 5000 + "]" * 5000), ("workflow", '{"nodes": "x"}'), ("workflow", '{"nodes": [{"type": 1}]}'),
+           ("parameters", "Steps: 20, Seed: x, Model hash: , Model: "), ("parameters", "\n\n"), ("parameters", '"' * 100)]
+    attributor = Attributor(CheckpointListing())
+    for index, (key, value) in enumerate(odd):
+        info = PngImagePlugin.PngInfo()
+        info.add_text(key, value)
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+        who = attributor.attribute(path, read_metadata(path))
+        assert who.checkpoint is None and who.reason, (key, value)
