@@ -45,3 +45,10 @@ def test_build_tab_imports_infotext_images_and_shows_groups(world):  # noqa: F81
     groups = library.groups_report()
     assert len(groups["checkpoints"]) == 3 and groups["groups"] == []
     assert "No near-duplicates" in library.groups_html()
+
+    api = gmi("api")  # the same through /gmi/v1/import-images and /gmi/v1/map
+    assert api.import_images(api.ImportImagesRequest(root="outputs"))["added_total"] == 0
+    with pytest.raises(api.HTTPException) as err:
+        api.import_images(api.ImportImagesRequest(root="outputs", subfolder="../../.."))
+    assert err.value.status_code == 422 and "leaves the root" in err.value.detail
+    assert api.library_map()["groups"] == []

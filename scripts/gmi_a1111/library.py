@@ -49,7 +49,9 @@ def groups_report() -> dict:
     specs, excluded = engine.load_specs(runtime.source(), include_not_installed=True)
     if not specs:
         return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    return build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
+    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
+    data.pop("relative_distance")  # M x M: large for big libraries; `python -m gmi_core map --json` has it
+    return data
 
 
 def groups_html() -> str:
