@@ -1,7 +1,8 @@
 """Installs what the host lacks, never torch: run by A1111 / Forge on launch and by ComfyUI-Manager.
 
 Each requirement in requirements.txt is checked first; missing ones are installed with the host's
-current torch pinned, so pip cannot swap the host's torch build.
+current torch pinned, so pip cannot swap the host's torch build. Silent when nothing is missing (it runs
+on every WebUI start). `--skip-install` (given to this script, or the WebUI's own flag) installs nothing.
 """
 
 from __future__ import annotations
@@ -38,13 +39,25 @@ def torch_pin() -> list[str]:
         return []
 
 
-def install() -> None:
+def webui_launch():
+    """A1111 / Forge's ``launch`` module (their pip wrapper and parsed command line), or None elsewhere."""
+    try:
+        import launch
+    except ImportError:
+        return None
+    return launch
+
+
+def install(argv: list[str] | None = None) -> None:
     needed = missing_requirements()
     if not needed:
         return
-    try:
-        import launch  # A1111 / Forge: their pip wrapper logs into the console they show
-    except ImportError:
+    launch = webui_launch()
+    skip = "--skip-install" in (sys.argv[1:] if argv is None else argv)
+    if skip or getattr(getattr(launch, "args", None), "skip_install", False):
+        print(f"gmi: --skip-install, not installing: {', '.join(needed)}")
+        return
+    if launch is None:
         subprocess.check_call([sys.executable, "-m", "pip", "install", *needed, *torch_pin()])
         return
     args = " ".join(f'"{r}"' for r in needed + torch_pin())

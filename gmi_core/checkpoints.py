@@ -79,10 +79,14 @@ class FolderCheckpointSource:
             if reason:
                 listing.skipped.append(SkippedCheckpoint(name, path, reason))
                 continue
-            sha = cached_sha256(path, self.hash_cache)
-            if sha is None:
-                if self.on_hashing:
-                    self.on_hashing(path)
-                sha = sha256_file(path, self.hash_cache)
+            try:
+                sha = cached_sha256(path, self.hash_cache)
+                if sha is None:
+                    if self.on_hashing:
+                        self.on_hashing(path)
+                    sha = sha256_file(path, self.hash_cache)
+            except OSError as exc:  # vanished or unreadable while listing: skipped with the reason
+                listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable ({exc.strerror or exc})"))
+                continue
             listing.checkpoints.append(CheckpointInfo(name, path, sha))
         return listing

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import GmiError
+from .limits import json_safe
 from .protocols import BuildProgress
 
 DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))
@@ -82,9 +83,9 @@ def cmd_build(args) -> int:
     gmi, source = _engine(args)
     statuses, skipped = gmi.status(source)
     if not statuses:
-        print(f"no usable checkpoints in {args.models}", file=sys.stderr)
+        print(empty_folder_message(args.models, skipped), file=sys.stderr)
     for item in skipped:
-        print(f"skipped {item.name}: {item.reason}", file=sys.stderr)
+        print(f"{item.name}: skipped: {item.reason}", file=sys.stderr)
     generator = DiffusersGenerator(config=args.config, local_files_only=not args.allow_download)
     which = args.which if args.which in ("missing", "all") else args.which.split(",")
     try:
@@ -92,9 +93,11 @@ def cmd_build(args) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished prompts are saved; run build again to resume", file=sys.stderr)
         return 130
+    for item in report.skipped[len(skipped):]:  # skipped during the build (another process builds it)
+        print(f"{item.name}: skipped: {item.reason}", file=sys.stderr)
     for name, reason in report.failed:
-        print(f"failed {name}: {reason}", file=sys.stderr)
-    print(json.dumps(report.to_dict(), indent=1) if args.json else f"built {len(report.built)} spec(s)")
+        print(f"{name}: failed: {reason}", file=sys.stderr)
+    print(json.dumps(json_safe(report.to_dict()), indent=1, allow_nan=False) if args.json else f"built {len(report.built)} spec(s)")
     return 1 if report.failed else 0
 
 
@@ -103,13 +106,21 @@ def cmd_specs(args) -> int:
     statuses, skipped = gmi.status(source)
     if args.json:
         rows = [vars(s) for s in statuses] + [{"name": s.name, "state": "skipped", "detail": s.reason} for s in skipped]
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(json_safe(rows), indent=1, allow_nan=False))
         return 0
+    if not statuses and not skipped:
+        print(empty_folder_message(args.models, skipped))
     for s in statuses:
         print(f"{s.state:8} {s.prompts_done:3}/{s.prompts_total:<3} {s.sha256[:10]}  {s.name}  {s.detail}")
     for s in skipped:
         print(f"{'skipped':8} {'':7} {'':10}  {s.name}  {s.reason}")
     return 0
+
+
+def empty_folder_message(folder: Path, skipped) -> str:
+    if skipped:
+        return f"no usable checkpoints in {folder}: {len(skipped)} file(s) skipped (see why below)"
+    return f"the models folder {folder} holds no checkpoint files (.safetensors); put Stable Diffusion checkpoints there"
 
 
 def _print_ranking(result) -> None:
@@ -131,7 +142,7 @@ def cmd_identify(args) -> int:
     result = gmi.identify(images, args.prompt, args.method, args.top_k, source, gamma=args.gamma, tau=args.tau,
                           include_not_installed=args.include_not_installed, centre=args.centre)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        print(json.dumps(result.to_dict(), indent=1, allow_nan=False))
     else:
         _print_ranking(result)
     return 0
@@ -211,4 +222,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except GmiError as exc:
         print(f"gmi: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only store, a folder where a file should be: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"gmi: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2

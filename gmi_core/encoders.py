@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import EncoderUnavailable
+from .errors import EncoderUnavailable, NotFound
+from .paths import check_component, resolve_inside
 
 DEFAULT_MODEL = "ViT-L-14"
 DEFAULT_PRETRAINED = "openai"
@@ -125,6 +126,8 @@ def resolve_weights(
         if not weights.is_file():
             raise EncoderUnavailable(f"CLIP weights file {weights} does not exist")
         return weights
+    check_component(model_name, "CLIP model name")  # a name, never a path out of the search folders
+    check_component(pretrained, "CLIP weights tag")
     candidates = [
         f"{model_name}-{pretrained}.safetensors",
         f"{model_name}.safetensors",
@@ -174,8 +177,11 @@ def load_encoder(
     """An encoder by open_clip model name (weights resolved), or by a path to a gmi encoder file."""
     if str(name).endswith(".safetensors") and weights is None:
         weights = Path(name)
-        if not weights.is_absolute():
-            weights = next((Path(d) / name for d in search_dirs if (Path(d) / name).is_file()), weights)
+        if not weights.is_absolute():  # a relative name resolves only inside the search folders
+            try:
+                weights = resolve_inside(name, search_dirs, "encoder file")
+            except NotFound as exc:
+                raise EncoderUnavailable(str(exc)) from None
         return _load_file(weights, model_name=None, pretrained=pretrained, device=device)
     path = resolve_weights(name, pretrained, weights, search_dirs, allow_download)
     return _load_file(path, model_name=name, pretrained=pretrained, device=device)

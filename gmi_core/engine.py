@@ -14,10 +14,13 @@ from PIL import Image
 
 from .builder import build_spec
 from .encoders import ClipEncoder
-from .errors import Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
+from .errors import Busy, Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
 from .images import to_rgb
 from .interrogator import Interrogator
+from .limits import check_identify, check_images_per_prompt, check_settings, json_safe
+from .locks import spec_lock
 from .observed import OBSERVED, merge, row_source, spec_counts, spec_kind
+from .paths import one_line
 from .prompts import PromptSet, load_prompt_set
 from .protocols import (
     CheckpointInfo,
@@ -83,6 +86,7 @@ class RankedCheckpoint:
     installed: bool = True  # False: an imported spec of a checkpoint that is not on this machine
     kind: str = "generated"  # generated / observed / mixed
     counts: dict = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)  # other file names with the same sha256
 
     @property
     def short_hash(self) -> str:
@@ -103,7 +107,7 @@ class IdentifyResult:
         return self.ranking[0]
 
     def to_dict(self) -> dict:
-        return {
+        return json_safe({
             "method": self.method,
             "pseudo_prompt": self.pseudo_prompt,
             "prompt_source": self.prompt_source,
@@ -119,11 +123,12 @@ class IdentifyResult:
                     "installed": r.installed,
                     "kind": r.kind,
                     "counts": r.counts,
+                    "aliases": list(r.aliases),
                 }
                 for r in self.ranking
             ],
             "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
-        }
+        })
 
 
 class Gmi:
@@ -141,8 +146,8 @@ class Gmi:
         self.store = SpecStore(spec_root)
         self.encoder = encoder
         self.prompt_set = prompt_set or load_prompt_set("platform")
-        self.images_per_prompt = images_per_prompt
-        self.settings = settings or GenerationSettings()
+        self.images_per_prompt = check_images_per_prompt(images_per_prompt)
+        self.settings = check_settings(settings or GenerationSettings())
         self.base_seed = base_seed
         self.interrogator = Interrogator(encoder, cache_dir=self.store.root / "cache")
         self._prompt_features: torch.Tensor | None = None
@@ -164,7 +169,7 @@ class Gmi:
         return self._status(source.list_checkpoints())
 
     def _status(self, listing: CheckpointListing) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:
-        entries = self.store.entries()
+        entries, problems = self.store.scan()
         by_key = {e.key: e for e in entries}
         observed = {e.sha256: e.prompts_done for e in entries if e.prompt_set_hash == OBSERVED and e.encoder_id == self.encoder.encoder_id}
         statuses = []
@@ -172,9 +177,13 @@ class Gmi:
             total = len(self.prompt_set)
             entry = by_key.get(self.key(ckpt))
             if entry is None:
-                corrupt = self.store.path_for(self.key(ckpt)).exists()
-                state = "corrupt" if corrupt else "missing"
-                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, total, observed_images=observed.get(ckpt.sha256, 0)))
+                path = self.store.path_for(self.key(ckpt))
+                observed_images = observed.get(ckpt.sha256, 0)
+                if path.exists():  # a file identify would refuse: corrupt, rebuilt by "build missing"
+                    reason = problems.get(str(path.relative_to(self.store.root)), "unreadable spec file")
+                    statuses.append(SpecStatus(ckpt.name, ckpt.sha256, "corrupt", 0, total, reason, observed_images))
+                else:
+                    statuses.append(SpecStatus(ckpt.name, ckpt.sha256, "missing", 0, total, observed_images=observed_images))
                 continue
             fresh = entry.images_per_prompt == self.images_per_prompt and GenerationSettings.from_dict(
                 entry.settings
@@ -206,38 +215,54 @@ class Gmi:
         if isinstance(which, str):
             names = [s.name for s in statuses if which == "all" or s.state != "ready"]
         else:
-            unknown = [n for n in which if n not in listing]
+            skipped_by_name = {s.name: s for s in skipped}
+            unknown = [n for n in which if n not in listing and n not in skipped_by_name]
             if unknown:
                 raise CheckpointError(f"unknown checkpoint(s): {', '.join(unknown)}")
-            names = list(which)
+            names = [n for n in dict.fromkeys(which) if n in listing]
+        names = self._one_name_per_file(names, listing)
         for index, name in enumerate(names):
             ckpt = listing[name]
             try:
-                build_spec(
-                    store=self.store,
-                    encoder=self.encoder,
-                    prompt_set=self.prompt_set,
-                    prompt_features=self.prompt_features,
-                    checkpoint=ckpt,
-                    generator=generator,
-                    settings=self.settings,
-                    images_per_prompt=self.images_per_prompt,
-                    base_seed=self.base_seed,
-                    progress=progress,
-                    should_cancel=should_cancel,
-                    position=(index, len(names)),
-                    restart=which == "all",
-                )
+                with spec_lock(self.store.path_for(self.key(ckpt))):
+                    self.store.remove_temp_files(self.key(ckpt))
+                    build_spec(
+                        store=self.store,
+                        encoder=self.encoder,
+                        prompt_set=self.prompt_set,
+                        prompt_features=self.prompt_features,
+                        checkpoint=ckpt,
+                        generator=generator,
+                        settings=self.settings,
+                        images_per_prompt=self.images_per_prompt,
+                        base_seed=self.base_seed,
+                        progress=progress,
+                        should_cancel=should_cancel,
+                        position=(index, len(names)),
+                        restart=which == "all",
+                    )
                 report.built.append(name)
+            except Busy as exc:
+                report.skipped.append(SkippedCheckpoint(name, ckpt.path, str(exc)))
             except Cancelled:
                 report.cancelled = True
                 break
             except (GmiError, RuntimeError, ValueError, OSError) as exc:
                 log.warning("gmi: building the spec of %s failed: %s", name, exc)
-                report.failed.append((name, f"{type(exc).__name__}: {exc}"))
+                report.failed.append((name, one_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {one_line(exc)}"))
             finally:
                 generator.release()
         return report
+
+    @staticmethod
+    def _one_name_per_file(names: list[str], listing: dict[str, CheckpointInfo]) -> list[str]:
+        """Several names for one file (same sha256) are built once, under the first name."""
+        seen, out = set(), []
+        for name in names:
+            if listing[name].sha256 not in seen:
+                seen.add(listing[name].sha256)
+                out.append(name)
+        return out
 
     # -- identify ------------------------------------------------------------------------------
     def interrogate(self, images: Sequence[Image.Image]) -> str:
@@ -253,9 +278,15 @@ class Gmi:
         ``include_not_installed``; they then carry ``extra["installed"] = False``.
         """
         excluded: list[tuple[str, str]] = []
+        aliases: dict[str, list[str]] = {}
         if source is not None:
             listing = source.list_checkpoints()
-            wanted = {c.sha256: c for c in listing.checkpoints}
+            wanted = {}
+            for c in listing.checkpoints:  # one file, several names: ranked once, the others listed as aliases
+                if c.sha256 in wanted:
+                    aliases.setdefault(c.sha256, []).append(c.name)
+                else:
+                    wanted[c.sha256] = c
             excluded += [(s.name, s.reason) for s in listing.skipped]
         else:
             wanted = None
@@ -296,6 +327,7 @@ class Gmi:
             if wanted is not None and installed:
                 spec.checkpoint_name = wanted[sha].name
                 spec.extra["popularity"] = wanted[sha].popularity
+                spec.extra["aliases"] = aliases.get(sha, [])
             spec.extra["installed"] = installed
             specs.append(spec)
         return specs, excluded
@@ -339,6 +371,7 @@ class Gmi:
     ) -> IdentifyResult:
         if not images:
             raise GmiError("identify needs at least one reference image")
+        top_k, gamma, tau = check_identify(top_k, gamma, tau)
         specs, excluded = self.load_specs(source, include_not_installed)
         if not specs:
             detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
@@ -362,7 +395,8 @@ class Gmi:
                 for i, c in ranking.top_prompts(index)
             ]
             ranked.append(RankedCheckpoint(position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches,
-                                           spec.extra.get("installed", True), spec_kind(spec), spec_counts(spec)))
+                                           spec.extra.get("installed", True), spec_kind(spec), spec_counts(spec),
+                                           list(spec.extra.get("aliases", []))))
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:

@@ -27,3 +27,15 @@ class NoSpecsError(GmiError):
 
 class Cancelled(GmiError):
     """The user interrupted a long job; finished work has been saved."""
+
+
+class InvalidInput(GmiError):
+    """A number, name or size outside what gmi accepts (front ends answer 400/422)."""
+
+
+class NotFound(GmiError):
+    """A named file is not among the files gmi may read (front ends answer 404, without the server path)."""
+
+
+class Busy(GmiError):
+    """Another job holds what this one needs (a spec being built, a build while switching)."""

@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import GmiError, SpecError
+from .errors import Busy, GmiError, SpecError
+from .locks import spec_lock
 from .observed import OBSERVED, spec_counts, spec_kind
 from .prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from .protocols import GenerationSettings
@@ -136,7 +137,8 @@ def write_exchange(specs: Sequence[Spec], out: Path, thumbnails: bool = False, l
         t, entry = encode_spec(spec, f"s{index}.", thumbnails, lossless)
         tensors.update(t)
         entries.append(entry)
-    meta = {"format": FORMAT, "version": VERSION, "specs": entries, "content_sha256": _content_hash(tensors)}
+    meta = {"format": FORMAT, "version": VERSION, "specs": entries}
+    meta["content_sha256"] = _content_hash(tensors, meta)  # over the tensors and the metadata, as local spec files
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
@@ -213,7 +215,11 @@ def read_exchange(path: Path, prompt_features: PromptFeatures) -> list[tuple[str
         raise GmiError(f"{path}: not a gmi spec file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("version") != VERSION:
         raise GmiError(f"{path}: spec file version {meta.get('version')!r}; this gmi reads version {VERSION}")
-    if _content_hash(tensors) != meta.get("content_sha256"):
+    try:
+        intact = _content_hash(tensors, meta) == meta.get("content_sha256")
+    except (TypeError, ValueError):  # metadata JSON cannot hold (NaN, odd types): not a file this gmi wrote
+        intact = False
+    if not intact:
         raise GmiError(f"{path}: content checksum mismatch (file damaged or edited)")
     entries = meta.get("specs")
     if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SPECS_PER_FILE or not all(isinstance(e, dict) for e in entries):
@@ -371,7 +377,12 @@ def import_files(store: SpecStore, paths: Sequence[Path], prompt_features: Promp
             if spec is None:
                 report.actions.append(ImportAction(str(path), label, "", "rejected", reason))
                 continue
-            report.actions.append(_store_one(store, spec, str(path)))
+            key = SpecKey(spec.sha256, spec.encoder_id, spec.prompt_set_hash)
+            try:
+                with spec_lock(store.path_for(key)):  # a build of this spec in progress: compare after, not during
+                    report.actions.append(_store_one(store, spec, str(path)))
+            except Busy as exc:
+                report.actions.append(ImportAction(str(path), spec.checkpoint_name, spec.sha256, "rejected", str(exc)))
     return report
 
 
@@ -383,7 +394,7 @@ def _store_one(store: SpecStore, spec: Spec, path: str) -> ImportAction:
         store.quarantine(key, str(exc))
         local = None
     if local is not None:
-        if _content_hash(local._tensors()) == _content_hash(spec._tensors()):
+        if _content_hash(local._tensors(), {}) == _content_hash(spec._tensors(), {}):
             return ImportAction(path, spec.checkpoint_name, spec.sha256, "identical", "the same spec is already here")
         if _images(local) >= _images(spec):
             return ImportAction(path, spec.checkpoint_name, spec.sha256, "kept-local",

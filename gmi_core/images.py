@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, InvalidInput
+from .limits import MAX_UPLOAD_BYTES, check_pixels
 
-MAX_PIXELS = 16384 * 16384  # larger than any sane render; PIL's bomb check still guards beyond it
 WORKING_SIZE = 1024  # CLIP sees 224 px; bigger images are downscaled once, early
 
 
@@ -36,30 +38,51 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """An RGB image from a path or bytes; ImageError saying why when it cannot be read."""
-    label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+def _open_file(path: Path, label: str):
+    """A handle on a regular file within the byte limit; folders, devices and FIFOs are refused unopened."""
     try:
-        if isinstance(source, bytes):
-            if not source:
-                raise ImageError(f"{label}: empty file")
-            handle = io.BytesIO(source)
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ImageError(f"{label}: no such file")
-            handle = open(path, "rb")
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{label}: not a regular file")
+    if info.st_size > MAX_UPLOAD_BYTES:
+        raise ImageError(f"{label}: file larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot read ({exc.strerror})") from None
+
+
+def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """An RGB image from a path or bytes; ImageError saying why when it cannot be read.
+
+    The pixel limit is checked from the header before decoding; PIL's global bomb limit is left alone
+    (changing it from a request thread would change it for every other thread too).
+    """
+    label = name or (Path(source).name if not isinstance(source, bytes) else "uploaded image")
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(f"{label}: empty file")
+        if len(source) > MAX_UPLOAD_BYTES:
+            raise ImageError(f"{label}: larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+        handle = io.BytesIO(source)
+    else:
+        handle = _open_file(Path(source), label)
+    try:
         with handle, Image.open(handle) as image:
+            try:
+                check_pixels(*image.size, label=label)
+            except InvalidInput as exc:
+                raise ImageError(str(exc)) from None
             image.draft("RGB", (WORKING_SIZE, WORKING_SIZE))  # JPEG: decode large files at reduced size
             image.load()
             return to_rgb(image)
     except UnidentifiedImageError as exc:
         raise ImageError(f"{label}: not an image file PIL can read") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{label}: image too large ({exc})") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{label}: unreadable or truncated image ({exc})") from exc
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    except Image.DecompressionBombError:
+        raise ImageError(f"{label}: image too large (over PIL's decompression-bomb limit)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{label}: unreadable or truncated image ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc

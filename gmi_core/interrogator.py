@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from .data import read_text
 from .encoders import ClipEncoder
 from .store import safe_name
+
+log = logging.getLogger(__name__)
 
 # How many labels of each category go into the prompt, in prompt order.
 PROMPT_LAYOUT = (("medium", 1), ("subject", 2), ("style", 2), ("lighting", 1), ("colour", 1), ("mood", 1))
@@ -53,17 +58,24 @@ class Interrogator:
             if cache.is_file():
                 try:
                     loaded = load_file(str(cache))
-                    if set(loaded) == set(self.vocabulary):
+                    if set(loaded) == set(self.vocabulary) and all(
+                        loaded[k].ndim == 2 and loaded[k].shape[0] == len(v) and bool(torch.isfinite(loaded[k].float()).all())
+                        for k, v in self.vocabulary.items()
+                    ):
                         self._embeddings = {k: v.float() for k, v in loaded.items()}
                         return self._embeddings
                 except Exception:  # noqa: BLE001 - a broken cache is recomputed, never trusted
                     pass
         self._embeddings = {cat: self.encoder.encode_texts(labels) for cat, labels in self.vocabulary.items()}
-        if cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in self._embeddings.items()}, str(tmp))
-            tmp.replace(cache)
+        if cache:  # best effort: identification works the same when the cache cannot be written
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in self._embeddings.items()}, str(tmp))
+                tmp.replace(cache)
+            except OSError as exc:
+                log.warning("gmi: label cache not written (%s)", exc.strerror or exc)
+                tmp.unlink(missing_ok=True)
         return self._embeddings
 
     def rank_labels(self, image_features: torch.Tensor) -> dict[str, list[LabelScore]]:

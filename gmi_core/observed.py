@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import GmiError, ImageError, SpecError
+from .errors import Busy, GmiError, ImageError, SpecError
 from .image_metadata import ImageMetadata, read_metadata
 from .images import load_image
+from .locks import spec_lock
+from .paths import inside, one_line
 from .protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 from .spec import Spec, SpecKey, pixel_feature, thumbnail
 
@@ -199,6 +201,9 @@ def scan(folder: Path, attributor: Attributor, report: ImportImagesReport,
     for index, path in enumerate(paths):
         report.scanned += 1
         label = str(path.relative_to(folder))
+        if not inside(path, folder):  # a link out of the folder: its target is not the user's to import here
+            report.skipped.append((label, "unreadable: a link that leaves the folder"))
+            continue
         if progress and index % 50 == 0:
             progress(f"reading metadata {index + 1}/{len(paths)}")
         try:
@@ -236,20 +241,6 @@ def _select(candidates: list[Candidate], room: int) -> list[Candidate]:
     return sorted(chosen, key=lambda c: str(c.path))
 
 
-def folder_inside(base: Path, subfolder: str = "") -> Path:
-    """``subfolder`` of ``base`` (a host's output/input/models folder); GmiError if it leaves ``base``."""
-    base = Path(base).resolve()
-    sub = str(subfolder or "").strip()
-    if len(sub) > 500 or "\x00" in sub or Path(sub).is_absolute():
-        raise GmiError("subfolder must be a relative path inside the root folder")
-    folder = (base / sub).resolve()
-    if folder != base and base not in folder.parents:
-        raise GmiError("subfolder leaves the root folder")
-    if not folder.is_dir():
-        raise GmiError(f"no folder {sub or '.'} in {base}")
-    return folder
-
-
 def observed_key(sha256: str, encoder_id: str) -> SpecKey:
     return SpecKey(sha256, encoder_id, OBSERVED)
 
@@ -270,37 +261,53 @@ def import_images(gmi, listing: CheckpointListing, folder: Path,
     for cand in scan(folder, attributor, report, progress):
         by_ckpt[cand.checkpoint.sha256].append(cand)
     for sha, candidates in sorted(by_ckpt.items(), key=lambda kv: kv[1][0].checkpoint.name.lower()):
-        ckpt = candidates[0].checkpoint
         key = observed_key(sha, gmi.encoder.encoder_id)
         try:
-            spec = gmi.store.load(key)
-        except SpecError as exc:
-            gmi.store.quarantine(key, str(exc))
-            spec = None
-        known = set(spec.extra.get("observed_files", [])) if spec is not None else set()
-        fresh = []
-        for cand in candidates:
-            cand.file_sha256 = _file_sha256(cand.path)
-            if cand.file_sha256 in known:
-                report.skipped.append((str(cand.path.relative_to(folder)), f"already in the observed spec of {ckpt.name}"))
-            else:
-                known.add(cand.file_sha256)
-                fresh.append(cand)
-        room = MAX_OBSERVED_IMAGES - (spec.n_prompts if spec is not None else 0)
-        chosen = _select(fresh, max(0, room))
-        for cand in fresh:
-            if cand not in chosen:
-                report.skipped.append((str(cand.path.relative_to(folder)),
-                                       f"observed spec of {ckpt.name} is full (cap {MAX_OBSERVED_IMAGES} images)"))
-        rows = _encode_rows(gmi, chosen, folder, report, progress, ckpt.name)
-        if not rows:
-            continue
-        spec = _extend(spec, rows, ckpt, gmi.encoder)
-        gmi.store.save(spec)
-        report.added[ckpt.name] = len(rows["prompts"])
-        report.specs.append({"name": ckpt.name, "sha256": sha, "kind": spec_kind(spec), **spec_counts(spec),
-                             "attributed_by": dict(Counter(rows["how"]))})
+            with spec_lock(gmi.store.path_for(key)):  # the same per-spec lock builds take: no lost extension
+                _import_checkpoint(gmi, key, candidates, folder, report, progress)
+        except Busy:
+            report.skipped += [(str(c.path.relative_to(folder)), f"busy: the observed spec of {c.checkpoint.name} "
+                                "is being written by another import") for c in candidates]
     return report
+
+
+def _import_checkpoint(gmi, key: SpecKey, candidates: list[Candidate], folder: Path, report: ImportImagesReport,
+                       progress: Callable[[str], None] | None) -> None:
+    """Extend one checkpoint's observed spec with its new images (called under the spec's lock)."""
+    ckpt = candidates[0].checkpoint
+    try:
+        spec = gmi.store.load(key)
+    except SpecError as exc:
+        gmi.store.quarantine(key, str(exc))
+        spec = None
+    known = set(spec.extra.get("observed_files", [])) if spec is not None else set()
+    fresh = []
+    for cand in candidates:
+        label = str(cand.path.relative_to(folder))
+        try:
+            cand.file_sha256 = _file_sha256(cand.path)
+        except OSError as exc:
+            report.skipped.append((label, f"unreadable: {one_line(exc)}"))
+            continue
+        if cand.file_sha256 in known:
+            report.skipped.append((label, f"already in the observed spec of {ckpt.name}"))
+        else:
+            known.add(cand.file_sha256)
+            fresh.append(cand)
+    room = MAX_OBSERVED_IMAGES - (spec.n_prompts if spec is not None else 0)
+    chosen = _select(fresh, max(0, room))
+    for cand in fresh:
+        if cand not in chosen:
+            report.skipped.append((str(cand.path.relative_to(folder)),
+                                   f"observed spec of {ckpt.name} is full (cap {MAX_OBSERVED_IMAGES} images)"))
+    rows = _encode_rows(gmi, chosen, folder, report, progress, ckpt.name)
+    if not rows:
+        return
+    spec = _extend(spec, rows, ckpt, gmi.encoder)
+    gmi.store.save(spec)
+    report.added[ckpt.name] = len(rows["prompts"])
+    report.specs.append({"name": ckpt.name, "sha256": key.sha256, "kind": spec_kind(spec), **spec_counts(spec),
+                         "attributed_by": dict(Counter(rows["how"]))})
 
 
 def _encode_rows(gmi, chosen: list[Candidate], folder: Path, report: ImportImagesReport,

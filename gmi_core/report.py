@@ -36,7 +36,7 @@ def write_report(
             f"<br>w={m.weight:.3f}</figcaption></figure>"
             for m in entry.top_prompts
         )
-        mark = " ✔ generating checkpoint" if true_checkpoint == entry.name else ""
+        mark = " &#10004; generating checkpoint" if true_checkpoint == entry.name else ""
         rows.append(
             f"<tr><td>{entry.rank}</td><td>{html.escape(entry.name)}{mark}</td><td><code>{entry.short_hash}</code></td>"
             f"<td>{entry.score:.5f}</td><td class=t>{thumbs}</td></tr>"

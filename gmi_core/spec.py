@@ -1,7 +1,8 @@
 """The specification of one checkpoint: CLIP features of its images per prompt, plus metadata.
 
 On disk a spec is one safetensors file (no pickle). Its JSON metadata rides in the safetensors
-header and carries a sha256 of the tensor bytes, so a truncated or edited file is rejected on load.
+header and carries a sha256 of the tensor bytes and of the metadata itself, so a truncated file or
+an edited tensor or field is rejected on load.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import SpecError
+from .errors import GmiError, SpecError
+from .limits import check_settings
+from .paths import set_default_mode
 from .protocols import GenerationSettings
 
 SPEC_FORMAT_VERSION = 1
@@ -129,11 +132,12 @@ class Spec:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = self._tensors()
         meta = self.metadata()
-        meta["content_sha256"] = _content_hash(tensors)
+        meta["content_sha256"] = _content_hash(tensors, meta)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"gmi": json.dumps(meta)})
+            save_file(tensors, tmp, metadata={"gmi": json.dumps(meta, allow_nan=False)})
+            set_default_mode(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -152,15 +156,17 @@ class Spec:
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
         try:
-            meta = json.loads(header["gmi"])
-        except (KeyError, json.JSONDecodeError) as exc:
+            meta = json.loads(header["gmi"], parse_constant=_refuse_constant)
+            if not isinstance(meta, dict):
+                raise ValueError("metadata is not an object")
+        except (KeyError, ValueError) as exc:
             raise SpecError(f"spec file {path} has no valid gmi metadata") from exc
         if meta.get("format_version") != SPEC_FORMAT_VERSION:
             raise SpecError(f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}")
         missing = [name for name in _TENSORS if name not in tensors]
         if missing:
             raise SpecError(f"spec file {path} lacks tensors {missing}")
-        if _content_hash(tensors) != meta.get("content_sha256"):
+        if _content_hash(tensors, meta) != meta.get("content_sha256"):
             raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
         try:
             spec = cls(
@@ -179,7 +185,7 @@ class Spec:
                 done=tensors["done"].bool(),
                 extra=dict(meta.get("extra", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SpecError(f"spec file {path} has incomplete metadata: {exc}") from exc
         spec.validate(str(path))
         return spec
@@ -199,6 +205,13 @@ class Spec:
         for ok, what in checks:
             if not ok:
                 raise SpecError(f"{origin}: inconsistent spec ({what})")
+        texts = [self.checkpoint_name, self.sha256, self.encoder_id, self.prompt_set_name, self.prompt_set_hash]
+        if not all(isinstance(t, str) and t for t in texts) or not all(isinstance(p, str) for p in self.prompts):
+            raise SpecError(f"{origin}: metadata fields of the wrong type")
+        try:
+            check_settings(self.settings)
+        except GmiError as exc:
+            raise SpecError(f"{origin}: bad generation settings ({exc})") from None
         for name in ("image_features", "prompt_features", "pixel_features"):
             values = getattr(self, name).float()
             if not torch.isfinite(values).all():
@@ -208,8 +221,15 @@ class Spec:
             raise SpecError(f"{origin}: image features are not unit vectors")
 
 
-def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} in metadata")
+
+
+def _content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """sha256 over every tensor and the metadata (all of it but this checksum field)."""
     digest = hashlib.sha256()
+    covered = {k: v for k, v in meta.items() if k != "content_sha256"}
+    digest.update(json.dumps(covered, sort_keys=True, allow_nan=False).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         digest.update(name.encode())

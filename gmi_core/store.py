@@ -1,7 +1,9 @@
 """On-disk spec store: one file per (checkpoint sha256, encoder, prompt set), plus a manifest.
 
-The manifest is a cache for fast listing; the spec files are the truth. A missing or broken
-manifest is rebuilt from the files' headers (no tensors are read for that).
+The manifest is a cache for fast listing; the spec files are the truth. Each file version (size and
+mtime) is verified once, exactly as identification would load it, and the manifest remembers the
+result: a spec that identification would refuse is listed as a problem, never as ready. A manifest
+of the wrong shape is rebuilt; writing it is best effort, so listing works on a read-only store.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from .errors import SpecError
+from .paths import redact, set_default_mode
 from .spec import Spec, SpecKey
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ManifestEntry:
     settings: dict
     images_per_prompt: int
     mtime: float
+    size: int = -1
 
     @property
     def key(self) -> SpecKey:
@@ -53,7 +55,8 @@ def write_json_atomic(path: Path, data) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
+            json.dump(data, handle, indent=1, allow_nan=False)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -76,15 +79,19 @@ class SpecStore:
         path = self.path_for(key)
         if not path.exists():
             return None
-        spec = Spec.load(path)
-        if spec.key != key:
-            raise SpecError(f"spec file {path} holds {spec.key}, not {key}")
+        try:
+            spec = Spec.load(path)
+            if spec.key != key:
+                raise SpecError(f"spec file {path.name} holds the spec of another key ({spec.sha256[:10]}), not {key.sha256[:10]}")
+        except SpecError as exc:
+            self.mark_corrupt(path, str(exc))
+            raise
         return spec
 
     def save(self, spec: Spec) -> Path:
         path = self.path_for(spec.key)
         spec.save(path)
-        self._update_manifest(path)
+        self._update_manifest(path, spec)
         return path
 
     def quarantine(self, key: SpecKey, reason: str) -> Path | None:
@@ -98,71 +105,158 @@ class SpecStore:
         self._drop_from_manifest(path)
         return target
 
+    def remove_temp_files(self, key: SpecKey) -> int:
+        """Temp files a killed writer of this spec left behind; call only while holding the spec's lock."""
+        path = self.path_for(key)
+        removed = 0
+        for tmp in path.parent.glob(f"{path.name}.*.tmp") if path.parent.is_dir() else ():
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass
+        return removed
+
     # -- manifest -------------------------------------------------------------------------
     def entries(self) -> list[ManifestEntry]:
-        """All specs in the store, from the manifest (rebuilt from file headers when stale)."""
-        manifest = self._read_manifest()
-        files = {str(p.relative_to(self.root)): p for p in (self.root / "specs").glob("*/*.safetensors")}
-        entries = {}
-        dirty = set(manifest) != set(files)
+        """All usable specs in the store, from the manifest (each new file version verified once)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[ManifestEntry], dict[str, str]]:
+        """(usable specs, {relative file: why identification would refuse it}) — the reasons hold no server paths."""
+        manifest, known_problems = self._read_manifest()
+        spec_dir = self.root / "specs"
+        files = {str(p.relative_to(self.root)): p for p in spec_dir.glob("*/*.safetensors")} if spec_dir.is_dir() else {}
+        entries: dict[str, ManifestEntry] = {}
+        problems: dict[str, dict] = {}
+        dirty = set(manifest) | set(known_problems) != set(files)
         for rel, path in files.items():
-            entry = manifest.get(rel)
-            if entry is None or entry.mtime != path.stat().st_mtime:
-                entry = self._entry_from_header(path)
-                dirty = True
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            stamp = (st.st_mtime, st.st_size)
+            entry, problem = manifest.get(rel), known_problems.get(rel)
+            if entry is not None and (entry.mtime, entry.size) == stamp:
+                entries[rel] = entry
+                continue
+            if problem is not None and (problem["mtime"], problem["size"]) == stamp:
+                problems[rel] = problem
+                continue
+            dirty = True
+            entry, reason = self._verify(path, stamp)
             if entry is not None:
                 entries[rel] = entry
+            else:
+                problems[rel] = {"mtime": stamp[0], "size": stamp[1], "reason": reason}
         if dirty:
-            self._write_manifest(entries)
-        return sorted(entries.values(), key=lambda e: (e.checkpoint_name.lower(), e.file))
+            self._write_manifest(entries, problems)
+        ordered = sorted(entries.values(), key=lambda e: (e.checkpoint_name.lower(), e.file))
+        return ordered, {rel: p["reason"] for rel, p in problems.items()}
+
+    def mark_corrupt(self, path: Path, reason: str) -> None:
+        """Record that identification refused this file, so status shows it as corrupt too."""
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        rel = str(path.relative_to(self.root))
+        entries, problems = self._read_manifest()
+        entries.pop(rel, None)
+        problems[rel] = {"mtime": st.st_mtime, "size": st.st_size, "reason": redact(reason)}
+        self._write_manifest(entries, problems)
 
     def fingerprint(self) -> str:
         """Changes whenever a spec file is written, replaced or removed."""
         return ";".join(f"{e.file}@{e.mtime}" for e in self.entries())
 
-    def _entry_from_header(self, path: Path) -> ManifestEntry | None:
+    def _verify(self, path: Path, stamp: tuple[float, int]) -> tuple[ManifestEntry | None, str]:
+        """(entry, "") when identification would accept the file at this path, else (None, reason)."""
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})["gmi"])
-                done = handle.get_slice("done")[:]
-                shape = handle.get_slice("image_features").get_shape()
-            return ManifestEntry(
-                file=str(path.relative_to(self.root)),
-                checkpoint_name=meta["checkpoint_name"],
-                sha256=meta["sha256"],
-                encoder_id=meta["encoder_id"],
-                prompt_set_hash=meta["prompt_set"]["hash"],
-                prompt_set_name=meta["prompt_set"]["name"],
-                complete=bool(meta["complete"]),
-                prompts_done=int(done.sum()),
-                prompts_total=int(shape[0]),
-                settings=dict(meta["settings"]),
-                images_per_prompt=int(shape[1]),
-                mtime=path.stat().st_mtime,
-            )
-        except Exception as exc:  # noqa: BLE001 - any unreadable header means "not listed"
-            log.warning("gmi: spec file %s is unreadable (%s); it will be rebuilt when needed", path, exc)
-            return None
+            spec = Spec.load(path)
+            if self.path_for(spec.key) != path:
+                raise SpecError(f"spec file {path.name} holds the spec of {spec.sha256[:10]} and is trusted only at its own path")
+        except SpecError as exc:
+            log.warning("gmi: spec file %s is unusable (%s); it shows as corrupt and is rebuilt by 'build missing'", path, exc)
+            return None, redact(str(exc))
+        except OSError as exc:
+            return None, f"unreadable ({exc.strerror or exc})"
+        return self._entry_from_spec(path, spec, stamp), ""
 
-    def _read_manifest(self) -> dict[str, ManifestEntry]:
+    def _entry_from_spec(self, path: Path, spec: Spec, stamp: tuple[float, int]) -> ManifestEntry:
+        return ManifestEntry(
+            file=str(path.relative_to(self.root)),
+            checkpoint_name=spec.checkpoint_name,
+            sha256=spec.sha256,
+            encoder_id=spec.encoder_id,
+            prompt_set_hash=spec.prompt_set_hash,
+            prompt_set_name=spec.prompt_set_name,
+            complete=spec.complete,
+            prompts_done=int(spec.done.sum()),
+            prompts_total=spec.n_prompts,
+            settings=spec.settings.to_dict(),
+            images_per_prompt=spec.images_per_prompt,
+            mtime=stamp[0],
+            size=stamp[1],
+        )
+
+    def _valid_entry(self, rel: str, fields) -> ManifestEntry | None:
+        """A manifest entry of the right shape whose file name matches its own key; else None (re-verified)."""
+        try:
+            entry = ManifestEntry(**fields)
+            ok = (
+                entry.file == rel
+                and all(isinstance(getattr(entry, f), str) for f in ("checkpoint_name", "encoder_id", "prompt_set_hash", "prompt_set_name"))
+                and isinstance(entry.settings, dict)
+                and all(type(getattr(entry, f)) is int and getattr(entry, f) >= 0 for f in ("prompts_done", "prompts_total", "images_per_prompt", "size"))
+                and isinstance(entry.mtime, (int, float))
+                and isinstance(entry.complete, bool)
+                and str(self.path_for(entry.key).relative_to(self.root)) == rel
+            )
+        except (TypeError, ValueError, SpecError):
+            return None
+        return entry if ok else None
+
+    def _read_manifest(self) -> tuple[dict[str, ManifestEntry], dict[str, dict]]:
         path = self.root / MANIFEST
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            return {rel: ManifestEntry(**fields) for rel, fields in raw["entries"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            return {}
+        except (OSError, ValueError):
+            return {}, {}
+        if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
+            return {}, {}
+        entries = {}
+        for rel, fields in raw["entries"].items():
+            entry = self._valid_entry(rel, fields) if isinstance(fields, dict) else None
+            if entry is not None:
+                entries[rel] = entry
+        problems = {}
+        raw_problems = raw.get("problems")
+        for rel, item in (raw_problems.items() if isinstance(raw_problems, dict) else ()):
+            if (isinstance(item, dict) and isinstance(item.get("reason"), str) and isinstance(item.get("mtime"), (int, float))
+                    and type(item.get("size")) is int):
+                problems[rel] = {"mtime": item["mtime"], "size": item["size"], "reason": item["reason"][:500]}
+        return entries, problems
 
-    def _write_manifest(self, entries: dict[str, ManifestEntry]) -> None:
-        write_json_atomic(self.root / MANIFEST, {"entries": {rel: asdict(e) for rel, e in entries.items()}})
+    def _write_manifest(self, entries: dict[str, ManifestEntry], problems: dict[str, dict] | None = None) -> None:
+        """Best effort: the manifest is a cache, so a full disk or read-only store never fails a read."""
+        data = {"entries": {rel: asdict(e) for rel, e in entries.items()}, "problems": problems or {}}
+        try:
+            write_json_atomic(self.root / MANIFEST, data)
+        except (OSError, ValueError) as exc:
+            log.warning("gmi: spec manifest not written (%s); listing reads the spec files again next time", exc)
 
-    def _update_manifest(self, path: Path) -> None:
-        entries = self._read_manifest()
-        entry = self._entry_from_header(path)
-        if entry is not None:
-            entries[entry.file] = entry
-            self._write_manifest(entries)
+    def _update_manifest(self, path: Path, spec: Spec) -> None:
+        entries, problems = self._read_manifest()
+        st = path.stat()
+        entry = self._entry_from_spec(path, spec, (st.st_mtime, st.st_size))
+        entries[entry.file] = entry
+        problems.pop(entry.file, None)
+        self._write_manifest(entries, problems)
 
     def _drop_from_manifest(self, path: Path) -> None:
-        entries = self._read_manifest()
-        entries.pop(str(path.relative_to(self.root)), None)
-        self._write_manifest(entries)
+        entries, problems = self._read_manifest()
+        rel = str(path.relative_to(self.root))
+        entries.pop(rel, None)
+        problems.pop(rel, None)
+        self._write_manifest(entries, problems)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
-from ..gmi_core.errors import EncoderUnavailable, GmiError
+from ..gmi_core.errors import InvalidInput, NotFound
+from ..gmi_core.paths import check_component, resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.store import SpecStore
@@ -37,13 +38,17 @@ def get_encoder(name: str, allow_download: bool = False) -> ClipEncoder:
         if key in _ENCODERS:
             _ENCODERS.move_to_end(key)
             return _ENCODERS[key]
-        path = host.encoder_file_path(name) if name.endswith(".safetensors") else None
+        if not isinstance(name, str) or not name:
+            raise InvalidInput("name an encoder")
         if name.endswith(".safetensors"):
-            if path is None:
-                raise EncoderUnavailable(f"no encoder file {name!r} in {', '.join(map(str, host.encoder_search_dirs()))}")
+            if name not in encoder_choices():  # only files ComfyUI lists in models/gmi, by their listed name
+                raise NotFound(f"no encoder file {name[:200]!r} in models/gmi")
+            path = resolve_inside(name, host.encoder_search_dirs(), "encoder file")
             encoder = load_encoder(str(path), search_dirs=host.encoder_search_dirs())
         else:
             model, _, pretrained = name.partition("/")
+            check_component(model, "CLIP model name")
+            check_component(pretrained or "openai", "CLIP weights tag")
             encoder = load_encoder(
                 model, pretrained or "openai", search_dirs=host.encoder_search_dirs(), allow_download=allow_download
             )
@@ -72,9 +77,11 @@ def get_prompt_set(name: str, max_prompts: int = 0) -> PromptSet:
     if name in BUILTIN_SETS:
         prompts = load_prompt_set(name)
     else:
-        if Path(name).name != name or name.startswith("."):
-            raise GmiError(f"prompt set {name!r}: give a file name from {prompt_set_dir()}")
-        prompts = load_prompt_set(str(prompt_set_dir() / name))
+        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+            raise InvalidInput(f"prompt set {str(name)[:200]!r}: give a file name from the gmi/prompt_sets folder")
+        path = resolve_inside(name, [prompt_set_dir()], "prompt set")  # symlinks out of the folder are refused
+        prompts = load_prompt_set(str(path))
+        prompts = PromptSet(Path(name).stem, prompts.prompts)
     if max_prompts and max_prompts < len(prompts):
         prompts = prompts.head(int(max_prompts))
     return prompts

@@ -34,24 +34,43 @@ class GMIIdentify:
     OUTPUT_NODE = True
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING", "STRING")
     RETURN_NAMES = ("model", "clip", "vae", "checkpoint_name", "ranking_json")
-    DESCRIPTION = "Finds the local checkpoint that best matches the reference image(s) and loads it."
+    DESCRIPTION = (
+        "Ranks every local checkpoint that has a spec by how likely it made the reference image(s), shows the "
+        "ranking with the closest spec images in the node, and loads the checkpoint at pick_rank: wire its MODEL, "
+        "CLIP and VAE into a KSampler to generate with it."
+    )
+    OUTPUT_TOOLTIPS = (
+        "The chosen checkpoint's diffusion model.",
+        "The chosen checkpoint's text encoder (CLIP).",
+        "The chosen checkpoint's VAE.",
+        "File name of the chosen checkpoint, as listed in models/checkpoints.",
+        "The whole ranking as JSON: method, pseudo-prompt, score and closest spec prompts per checkpoint.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "encoder": (ENCODER_TYPE,),
-                "image": ("IMAGE", {"tooltip": "one or more reference images (a batch)"}),
-                "method": (list(METHODS), {"default": DEFAULT_METHOD}),
-                "top_k": ("INT", {"default": 5, "min": 0, "max": 1000, "tooltip": "rows shown; 0 = all"}),
-                "pick_rank": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "1 = the best match"}),
+                "encoder": (ENCODER_TYPE, {"tooltip": "The CLIP encoder the specs were built with (GMI Load CLIP Encoder)."}),
+                "image": ("IMAGE", {"tooltip": "One or more reference images (a batch); more images give a steadier ranking."}),
+                "method": (list(METHODS), {"default": DEFAULT_METHOD, "tooltip": (
+                    "gmi: prompt-weighted kernel mean distance (recommended). The rkme_* and download methods are "
+                    "the baselines of the source paper.")}),
+                "top_k": ("INT", {"default": 5, "min": 0, "max": 1000, "tooltip": "Rows shown in the node's ranking; 0 = all."}),
+                "pick_rank": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                      "tooltip": "Which row's checkpoint to load: 1 = the best match, 2 = the runner-up, ..."}),
             },
             "optional": {
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "empty = interrogate the image"}),
-                "prompt_set": (engines.prompt_set_choices(), {"default": "platform"}),
-                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "as used for the build"}),
-                "include_not_installed": ("BOOLEAN", {"default": False, "tooltip": "also rank imported specs of checkpoints "
-                                                      "that are not installed (shown, never loaded)"}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                    "The prompt the reference image was made with, if known. Empty = gmi guesses one from the image "
+                    "(see GMI Interrogate).")}),
+                "prompt_set": (engines.prompt_set_choices(), {"default": "platform",
+                                                              "tooltip": "The prompt set the specs were built with."}),
+                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                        "tooltip": "The max_prompts the specs were built with (0 = the whole set)."}),
+                "include_not_installed": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Also rank imported specs of checkpoints that are not installed here (marked 'not installed'; "
+                    "never loaded: pick_rank skips them).")}),
             },
         }
 

@@ -14,10 +14,14 @@ class GMIInterrogate:
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("prompt",)
     DESCRIPTION = "Describes the image with CLIP labels; edit the result and feed it to GMI Identify's prompt."
+    OUTPUT_TOOLTIPS = ("The pseudo-prompt: the labels closest to the image, joined into one prompt.",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"encoder": (ENCODER_TYPE,), "image": ("IMAGE",)}}
+        return {"required": {
+            "encoder": (ENCODER_TYPE, {"tooltip": "The CLIP encoder (GMI Load CLIP Encoder)."}),
+            "image": ("IMAGE", {"tooltip": "The image to describe; for a batch, their mean CLIP feature is described."}),
+        }}
 
     def interrogate(self, encoder, image):
         engine = engines.get_engine(encoder, engines.get_prompt_set("platform"), images_per_prompt=1)

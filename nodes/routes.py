@@ -1,7 +1,14 @@
 """HTTP routes under /gmi/ (also served under /api/gmi/): status, options, identify upload, thumbnails.
 
-Checkpoints are named only through ``folder_paths``; spec thumbnails come only from the spec store,
-addressed by validated keys. No request path is ever joined onto the file system.
+Access control: the routes are added to ``PromptServer.routes``, the table ComfyUI itself serves, so every
+middleware ComfyUI applies to its own routes applies to them too (its origin check against cross-site
+requests, CORS only when --enable-cors-header, whatever a front proxy or --tls setup adds). gmi adds no
+access path ComfyUI does not have.
+
+Checkpoints are named only through ``folder_paths``; prompt sets and encoder files only inside gmi's
+folders; spec thumbnails only from the spec store, addressed by validated keys. Uploads are counted while
+they are read (also chunked ones), and images are decoded off the event loop, after their header passed
+the pixel limit. Error bodies are one line without server paths; JSON never holds NaN.
 """
 
 from __future__ import annotations
@@ -11,72 +18,181 @@ import io
 import logging
 import re
 
-from ..gmi_core.errors import GmiError
+from ..gmi_core import limits
+from ..gmi_core.errors import (
+    Busy,
+    CheckpointError,
+    EncoderUnavailable,
+    GmiError,
+    ImageError,
+    InvalidInput,
+    NoSpecsError,
+    NotFound,
+)
 from ..gmi_core.images import load_image
 from ..gmi_core.observed import OBSERVED
+from ..gmi_core.paths import one_line, redact
 from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.ranker import METHODS
 from ..gmi_core.spec import SpecKey
 from . import engines, settings
+from .build_node import sampler_choices
 from .identify_node import ui_ranking
 
 log = logging.getLogger("gmi")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9._/\-\[\]:]{1,200}")
-MAX_UPLOAD = 32 * 1024 * 1024
+_FIELDS = {"encoder", "prompt_set", "max_prompts", "method", "prompt", "top_k", "include_not_installed"}
 
 
-def _int(value, default: int, lo: int = 0, hi: int = 10**6) -> int:
-    try:
-        return min(hi, max(lo, int(value)))
-    except (TypeError, ValueError):
+def _count(name: str, value, default: int, allow_zero: bool = True) -> int:
+    """A request's whole number: absent -> default, 0 allowed where it means "all"; else InvalidInput."""
+    if value is None or value == "":
         return default
+    if allow_zero and str(value).strip() == "0":
+        return 0
+    return limits.positive_int(name, value, limits.MAX_TOP_K)
 
 
-def status_payload(config: dict) -> dict:
-    """Per-checkpoint spec state for the panel, for the given (or the last used) build settings."""
-    encoder = engines.get_encoder(config["encoder"])
-    prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
+def _flag(name: str, value) -> bool:
+    """A request's on/off field: absent, 0/false -> False; 1/true -> True; else InvalidInput."""
+    text = str(value if value is not None else "").strip().lower()
+    if text in ("", "0", "false"):
+        return False
+    if text in ("1", "true"):
+        return True
+    raise InvalidInput(f"{name} must be true or false, not {text[:40]!r}")
+
+
+def status_config(query) -> dict:
+    """The panel's saved build settings with the request's overrides, every value checked."""
+    config = settings.load()
+    for key, default in settings.DEFAULTS.items():
+        if key not in query:
+            continue
+        value = query[key]
+        if isinstance(default, int):
+            config[key] = _count(key, value, default)
+        elif isinstance(default, float):
+            try:
+                config[key] = float(value)
+            except ValueError:
+                raise InvalidInput(f"{key} must be a number") from None
+        else:
+            config[key] = str(value)[: limits.MAX_TEXT_FIELD]
+    return config
+
+
+def generation_settings(config: dict) -> GenerationSettings:
+    samplers, schedulers = sampler_choices()
     gen = GenerationSettings(
         steps=config["steps"], cfg=config["cfg"], sampler=config["sampler_name"], scheduler=config["scheduler"],
         width=config["width"], height=config["height"],
     )
+    limits.check_settings(gen, samplers, schedulers)
+    limits.check_images_per_prompt(config["images_per_prompt"])
+    return gen
+
+
+def status_payload(config: dict) -> dict:
+    """Per-checkpoint spec state for the panel, for the given (or the last used) build settings."""
+    gen = generation_settings(config)
+    encoder = engines.get_encoder(config["encoder"])
+    prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
     engine = engines.get_engine(encoder, prompts, config["images_per_prompt"], gen, config["seed"])
     statuses, skipped = engine.status(engines.source())
-    return {
+    note = "" if statuses or skipped else "the checkpoints folders hold no checkpoint files; put Stable Diffusion checkpoints in models/checkpoints"
+    return limits.json_safe({
         "config": config,
         "encoder_id": encoder.encoder_id,
         "prompt_set": {"name": prompts.name, "hash": prompts.hash, "size": len(prompts)},
         "checkpoints": [s.__dict__ for s in statuses],
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
-    }
+        "note": note,
+    })
 
 
-def identify_payload(images, fields: dict) -> dict:
-    encoder = engines.get_encoder(fields.get("encoder") or settings.load()["encoder"])
-    prompts = engines.get_prompt_set(fields.get("prompt_set") or "platform", _int(fields.get("max_prompts"), 0))
+def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
+    """Runs in a worker thread: decodes (header checked first), then ranks."""
+    top_k = _count("top_k", fields.get("top_k"), 0)
+    max_prompts = _count("max_prompts", fields.get("max_prompts"), 0)
+    include_not_installed = _flag("include_not_installed", fields.get("include_not_installed"))
     method = fields.get("method") or "gmi"
     if method not in METHODS:
-        raise GmiError(f"unknown method {method!r}")
+        raise InvalidInput(f"unknown method {method[:40]!r}; one of {', '.join(METHODS)}")
+    images = [load_image(data, name=f"image {i + 1}") for i, (_, data) in enumerate(raw_images)]
+    encoder = engines.get_encoder(fields.get("encoder") or settings.load()["encoder"])
+    prompts = engines.get_prompt_set(fields.get("prompt_set") or "platform", max_prompts)
     engine = engines.get_engine(encoder, prompts)
     result = engine.identify(images, prompt=fields.get("prompt") or None, method=method, source=engines.source(),
-                             include_not_installed=fields.get("include_not_installed") in ("1", "true"))
-    top_k = _int(fields.get("top_k"), 0)
+                             include_not_installed=include_not_installed)
     data = ui_ranking(result, encoder.encoder_id, prompts.hash, result.best.name)
     if top_k:
         data["ranking"] = data["ranking"][:top_k]
-    return data
+    return limits.json_safe(data)
 
 
 def thumbnail_png(sha256: str, encoder_id: str, prompt_set_hash: str, index: int) -> bytes:
     spec = engines.store().load(SpecKey(sha256, encoder_id, prompt_set_hash))
     if spec is None or not 0 <= index < spec.n_prompts or not bool(spec.done[index]):
-        raise FileNotFoundError("no such spec image")
+        raise NotFound("no such spec image")
     from PIL import Image
 
     out = io.BytesIO()
     Image.fromarray(spec.thumbnails[index].numpy(), "RGB").save(out, "PNG")
     return out.getvalue()
+
+
+def http_status(exc: Exception) -> int:
+    """One mapping from gmi's errors to HTTP: the client's fault 4xx, the server's 5xx."""
+    if isinstance(exc, limits.UploadTooLarge):
+        return 413
+    if isinstance(exc, (NotFound, CheckpointError)):
+        return 404
+    if isinstance(exc, (NoSpecsError, Busy)):
+        return 409
+    if isinstance(exc, EncoderUnavailable):
+        return 503
+    if isinstance(exc, OSError):
+        return 503
+    if isinstance(exc, (InvalidInput, ImageError, GmiError)):
+        return 400
+    return 500
+
+
+async def read_upload(request) -> tuple[list[tuple[str, bytes]], dict]:
+    """(files, fields) of a multipart body; bytes counted as they arrive, images counted before any decode."""
+    if request.content_type != "multipart/form-data":
+        raise InvalidInput("send multipart/form-data with the image(s) as file fields")
+    if request.content_length is not None and request.content_length > limits.MAX_UPLOAD_BYTES:
+        raise limits.UploadTooLarge(f"upload larger than {limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+    counter = limits.ByteCounter()
+    files, fields = [], {}
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if part is None:
+                break
+            chunks = []
+            while True:
+                chunk = await part.read_chunk(64 * 1024)
+                if not chunk:
+                    break
+                chunks.append(counter.add(chunk))
+            data = b"".join(chunks)
+            if part.filename is not None:
+                files.append((part.filename, data))
+                limits.check_image_count(len(files))  # refused before any image is decoded
+            elif part.name in _FIELDS:
+                text = data.decode("utf-8", errors="replace")
+                if len(text) > limits.MAX_TEXT_FIELD:
+                    raise InvalidInput(f"field {part.name} is longer than {limits.MAX_TEXT_FIELD} characters")
+                fields[part.name] = text
+    except (ValueError, AssertionError, RuntimeError, UnicodeError) as exc:
+        raise InvalidInput(f"malformed multipart body ({one_line(exc)})") from None
+    if not files:
+        raise InvalidInput("send at least one image as a multipart file field")
+    return files, fields
 
 
 def register(server) -> None:
@@ -87,10 +203,27 @@ def register(server) -> None:
     async def run(func, *args):
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
-    def error(exc: Exception, status: int = 400):
-        return web.json_response({"error": str(exc) or type(exc).__name__}, status=status)
+    def error(exc: Exception):
+        status = http_status(exc)
+        if status >= 500 and not isinstance(exc, (OSError, EncoderUnavailable)):
+            log.exception("gmi: unexpected error in a route")
+            message = f"internal error ({type(exc).__name__}); see the ComfyUI log"
+        else:
+            message = one_line(exc)
+        return web.json_response({"error": redact(message)}, status=status)
+
+    def guarded(handler):
+        async def wrapped(request):
+            try:
+                return await handler(request)
+            except Exception as exc:  # noqa: BLE001 - every fault becomes a one-line JSON error, never a traceback page
+                return error(exc)
+
+        wrapped.__name__ = handler.__name__
+        return wrapped
 
     @routes.get("/gmi/options")
+    @guarded
     async def options(request):
         return web.json_response({
             "encoders": engines.encoder_choices(),
@@ -100,52 +233,34 @@ def register(server) -> None:
         })
 
     @routes.get("/gmi/status")
+    @guarded
     async def status(request):
-        config = settings.load()
-        for key, default in settings.DEFAULTS.items():
-            if key in request.query:
-                value = request.query[key]
-                config[key] = _int(value, default) if isinstance(default, int) else type(default)(value)
-        try:
-            return web.json_response(await run(status_payload, config))
-        except GmiError as exc:
-            return error(exc, 409)
+        config = status_config(request.query)
+        return web.json_response(await run(status_payload, config))
 
     @routes.post("/gmi/identify")
+    @guarded
     async def identify(request):
-        if request.content_length and request.content_length > MAX_UPLOAD:
-            return error(GmiError("upload too large"), 413)
-        images, fields = [], {}
-        try:
-            reader = await request.multipart()
-            async for part in reader:
-                if part.filename:
-                    data = await part.read(decode=False)
-                    images.append(load_image(bytes(data), name=part.filename))
-                elif part.name:
-                    fields[part.name] = (await part.text())[:2000]
-            if not images:
-                raise GmiError("send at least one image as a multipart file field")
-            return web.json_response(await run(identify_payload, images, fields))
-        except GmiError as exc:
-            return error(exc)
+        files, fields = await read_upload(request)
+        return web.json_response(await run(identify_payload, files, fields))
 
     @routes.get("/gmi/thumbnail")
+    @guarded
     async def thumbnail(request):
         q = request.query
         sha, enc, psh = q.get("sha256", ""), q.get("encoder_id", ""), q.get("prompt_set_hash", "")
         if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc
                 and (re.fullmatch(r"[0-9a-f]{1,64}", psh) or psh == OBSERVED)):
-            return error(GmiError("bad spec key"))
-        try:
-            png = await run(thumbnail_png, sha, enc, psh, _int(q.get("prompt"), -1, -1))
-        except (FileNotFoundError, GmiError) as exc:
-            return error(exc, 404)
+            raise InvalidInput("bad spec key")
+        index = q.get("prompt", "")
+        if not index.isdigit() or len(index) > 6:
+            raise InvalidInput("prompt must be a prompt index")
+        png = await run(thumbnail_png, sha, enc, psh, int(index))
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     from . import library_routes
 
-    library_routes.register(routes, run, error)
+    library_routes.register(routes, run, guarded)
 
 
 def register_if_running() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from ..gmi_core.store import write_json_atomic
 from . import host
@@ -31,7 +32,16 @@ def load() -> dict:
         saved = json.loads(path().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         saved = {}
-    return {k: type(v)(saved.get(k, v)) for k, v in DEFAULTS.items()}
+    if not isinstance(saved, dict):
+        saved = {}
+    values = {}
+    for key, default in DEFAULTS.items():  # a hand-edited or broken value falls back to its default
+        try:
+            value = type(default)(saved.get(key, default))
+            values[key] = value if not isinstance(value, float) or math.isfinite(value) else default
+        except (TypeError, ValueError, OverflowError):
+            values[key] = default
+    return values
 
 
 def save(values: dict) -> None:

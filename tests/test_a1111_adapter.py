@@ -55,11 +55,12 @@ def world(webui, encoder_file, tmp_path):
     (webui.ckpt_dir / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     webui.refresh()
     gmi("options").on_ui_settings()
-    prompts = tmp_path / "prompts.json"
+    prompts = webui.models_path / "gmi" / "prompt_sets" / "prompts.json"  # prompt sets live in gmi's folder
+    prompts.parent.mkdir(parents=True)
     prompts.write_text(json.dumps(["a red car", "a portrait of a woman", "a bowl of fruit"]))
     opts = webui.shared.opts
     opts.set("gmi_encoder", str(encoder_file))
-    opts.set("gmi_prompt_set", str(prompts))
+    opts.set("gmi_prompt_set", prompts.name)
     opts.set("gmi_images_per_prompt", 2)
     opts.set("gmi_steps", 3)
     opts.set("gmi_width", 64)
@@ -340,19 +341,62 @@ def test_encoder_from_environment_overrides_setting(webui, encoder_file, monkeyp
     assert gmi("runtime").get_engine().encoder.encoder_id == "gmi-tiny-clip-s0"
 
 
-def test_routes_register_under_gmi_v1(webui):
-    pytest.importorskip("fastapi")
+def test_routes_exist_only_with_the_webui_api(webui):
+    fastapi = pytest.importorskip("fastapi")
     api = gmi("api")
-
-    class App:
-        def __init__(self):
-            self.routes = []
-
-        def add_api_route(self, path, endpoint, methods):
-            self.routes.append(type("R", (), {"path": path, "endpoint": endpoint, "methods": methods})())
-
-    app = App()
+    app = fastapi.FastAPI()
+    api.on_app_started(None, app)  # started without --api: the WebUI serves no API, gmi adds none
+    assert not [r for r in app.routes if r.path.startswith("/gmi/")]
+    webui.shared.cmd_opts.api = True
     api.on_app_started(None, app)
     api.on_app_started(None, app)  # UI reload registers nothing twice
-    assert sorted((r.path, r.methods[0]) for r in app.routes) == sorted(
+    assert sorted((r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/gmi/")) == sorted(
         ("/gmi/v1" + p, m) for p, _, m in api.ROUTES)
+
+
+def test_routes_use_the_webui_api_auth(world):
+    """--api-auth protects /gmi/v1/ with the very dependency the WebUI's Api puts on /sdapi/v1/."""
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    api = gmi("api")
+    world.shared.cmd_opts.api, world.shared.cmd_opts.api_auth = True, "alice:s3cret,bob:pw2"
+    app = fastapi.FastAPI()
+    world.modules["modules.api.api"].Api(app, world.modules["modules.call_queue"].queue_lock)
+    api.on_app_started(None, app)
+    ours = {r.path: r for r in app.routes if r.path.startswith("/gmi/v1")}
+    webui_route = next(r for r in app.routes if r.path == "/sdapi/v1/options")
+    assert len(ours) == 8
+    for route in ours.values():
+        assert [d.dependency for d in route.dependencies] == [d.dependency for d in webui_route.dependencies]
+    client = TestClient(app)
+    image = b64png(world.render(str(world.ckpt_dir / "model_0.safetensors"), "x", 1, 64, 64))
+    calls = [("GET", "/gmi/v1/specs", None), ("GET", "/gmi/v1/build", None), ("POST", "/gmi/v1/build", {"wait": True}),
+             ("POST", "/gmi/v1/identify", {"image": image}), ("POST", "/gmi/v1/interrogate", {"image": image}),
+             ("POST", "/gmi/v1/switch", {"checkpoint": "model_1.safetensors"}), ("GET", "/gmi/v1/build/x", None),
+             ("POST", "/gmi/v1/import-images", {"root": "outputs"}), ("GET", "/gmi/v1/map", None),
+             ("GET", "/sdapi/v1/options", None)]
+    for method, path, body in calls:
+        for auth in (None, ("alice", "wrong"), ("mallory", "s3cret"), ("bob", "pw")):
+            r = client.request(method, path, json=body, auth=auth)
+            assert r.status_code == 401, (method, path, auth, r.text)
+            assert r.headers["www-authenticate"] == "Basic"
+    assert not world.process_calls and world.shared.opts.sd_model_checkpoint == "model_0.safetensors"  # nothing ran
+    r = client.get("/gmi/v1/specs", auth=("alice", "s3cret"))
+    assert r.status_code == 200 and {c["name"] for c in r.json()["checkpoints"]} >= {"model_0.safetensors"}
+    assert client.get("/gmi/v1/build", auth=("bob", "pw2")).status_code == 404  # authenticated; no job yet
+
+
+def test_fallback_auth_when_the_webui_routes_are_not_found(world):
+    """--api-auth set but no /sdapi/v1/ route to copy from: gmi fails closed with the same check."""
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    api = gmi("api")
+    world.shared.cmd_opts.api_auth = "alice:s3cret"
+    app = fastapi.FastAPI()
+    api.on_app_started(None, app)
+    client = TestClient(app)
+    assert client.get("/gmi/v1/specs").status_code == 401
+    assert client.get("/gmi/v1/specs", auth=("alice", "nope")).status_code == 401
+    assert client.get("/gmi/v1/specs", auth=("alice", "s3cret")).status_code == 200

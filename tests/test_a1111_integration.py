@@ -5,6 +5,7 @@ SD1 checkpoints, builds specs through /gmi/v1/build (the WebUI's own txt2img pip
 each checkpoint with an unseen prompt and seed (/sdapi/v1/txt2img), identifies it through /gmi/v1/identify and
 asserts the generating checkpoint ranks first; then switches to it (/gmi/v1/switch) and checks /sdapi/v1/options.
 Also checks the auto-select script via alwayson_scripts, a skipped LoRA file, and that the GMI tab was built.
+The WebUI runs with --api-auth: /gmi/v1/ must refuse requests without those credentials, like /sdapi/v1/.
 
 The WebUI's Python (GMI_A1111_PYTHON, else <webui>/venv or <webui>/../venv) needs the WebUI's requirements
 (see shared/hosts/a1111.md: setuptools 80.9.0, clip-anytorch 2.6.0, torch 2.14.1).
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = 4
 IMAGES_PER_PROMPT = 2
 SPEC_PROMPTS = 4
+API_AUTH = "gmi-tester:s3cret-pass"
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +52,13 @@ def server(tmp_path_factory):
 
     save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 4)}, str(models / "some_lora.safetensors"))
     encoder = save_encoder(tiny_encoder(0), data / "models" / "gmi" / "clip" / "gmi-tiny.safetensors")
-    prompts = data / "spec_prompts.json"
+    prompts = data / "models" / "gmi" / "prompt_sets" / "spec_prompts.json"  # prompt sets live in gmi's folder
+    prompts.parent.mkdir(parents=True)
     prompts.write_text(json.dumps(list(load_prompt_set("platform").prompts[:SPEC_PROMPTS])))
-    srv = WebuiServer(webui, data, REPO, data / "webui.log")
+    srv = WebuiServer(webui, data, REPO, data / "webui.log", api_auth=API_AUTH)
     try:
         srv.start()
-        srv.settings = {"gmi_encoder": str(encoder), "gmi_prompt_set": str(prompts), "gmi_images_per_prompt": IMAGES_PER_PROMPT,
+        srv.settings = {"gmi_encoder": str(encoder), "gmi_prompt_set": prompts.name, "gmi_images_per_prompt": IMAGES_PER_PROMPT,
                         "gmi_steps": 3, "gmi_width": 64, "gmi_height": 64, "gmi_sampler": "Euler"}
         yield srv
     finally:
@@ -133,6 +136,21 @@ def test_roundtrip_in_real_webui(server):
     assert server.post("/gmi/v1/identify", {"image": reference, "top_k": 0}, expect_error=True)[0] == 422
     assert server.post("/gmi/v1/switch", {"checkpoint": "/etc/passwd"}, expect_error=True)[0] == 404
     print(f"round trip passed in {time.time() - t0:.1f}s after start-up")
+
+
+def test_api_auth_protects_gmi_routes_like_sdapi(server):
+    """--api-auth: without the credentials every /gmi/v1/ route answers 401, exactly as /sdapi/v1/ does."""
+    calls = [("GET", "/gmi/v1/specs", None), ("GET", "/gmi/v1/build", None), ("POST", "/gmi/v1/build", {"checkpoints": "all"}),
+             ("POST", "/gmi/v1/identify", {"image": "AAAA"}), ("POST", "/gmi/v1/interrogate", {"image": "AAAA"}),
+             ("POST", "/gmi/v1/switch", {"checkpoint": "tiny_sd1_1.safetensors"}), ("GET", "/sdapi/v1/options", None)]
+    user = API_AUTH.split(":")[0]
+    for method, path, body in calls:
+        for credentials in ("", f"{user}:wrong", "nobody:" + API_AUTH.split(":")[1]):
+            code, answer = server.request(method, path, body, expect_error=True, credentials=credentials)
+            assert code == 401, (method, path, credentials, code, answer)
+    code, specs = server.get("/gmi/v1/specs")
+    assert code == 200 and len(specs["checkpoints"]) == CHECKPOINTS
+    print(f"\n--api-auth: {len(calls) * 3} unauthenticated requests answered 401; with credentials 200")
 
 
 def test_gmi_tab_and_settings_are_in_the_ui(server):

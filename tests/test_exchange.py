@@ -22,12 +22,19 @@ from gmi_core.exchange import (
     write_exchange,
 )
 from gmi_core.observed import OBSERVED
+from gmi_core.spec import _content_hash
 from gmi_core.prompts import load_prompt_set
 from gmi_core.protocols import GenerationSettings
 from gmi_core.spec import Spec
 from gmi_core.store import SpecStore
 
 SIZE_TARGET = 200_000  # bytes per default spec without thumbnails (55 prompts x 4 images x 768-d)
+
+
+def resealed(tensors: dict, meta: dict) -> dict:
+    """The header of a hand-edited file with a valid checksum: the edit must be caught by the field checks."""
+    meta = dict(meta, content_sha256=_content_hash(tensors, {k: v for k, v in meta.items() if k != "content_sha256"}))
+    return {HEADER_KEY: json.dumps(meta)}
 
 
 def default_size_spec(seed: int = 0) -> Spec:
@@ -147,11 +154,11 @@ def test_import_never_replaces_a_bigger_spec_and_rejects_bad_files(tiny_world, t
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=header)
     meta = json.loads(header[HEADER_KEY])
     meta["specs"][0]["checkpoint"]["autov2"] = "0000000000"
-    save_file(load_file(str(small)), str(tmp_path / "badhash.safetensors"), metadata={HEADER_KEY: json.dumps(meta)})
+    save_file(load_file(str(small)), str(tmp_path / "badhash.safetensors"), metadata=resealed(load_file(str(small)), meta))
     (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"x" * 100)
     meta = json.loads(header[HEADER_KEY])
     meta["version"] = 99
-    save_file(load_file(str(small)), str(tmp_path / "future.safetensors"), metadata={HEADER_KEY: json.dumps(meta)})
+    save_file(load_file(str(small)), str(tmp_path / "future.safetensors"), metadata=resealed(load_file(str(small)), meta))
     names = ["edited", "badhash", "pickle", "future"]
     report = import_files(store, [tmp_path / f"{n}.safetensors" for n in names], derive)
     assert [a.action for a in report.actions] == ["rejected"] * 4
@@ -223,8 +230,9 @@ def test_mangled_metadata_is_rejected_per_spec_never_raised(tmp_path):
             broken = json.loads(json.dumps(meta))
             broken["specs"][0][key] = bad
             path = tmp_path / f"bad-{key}-{len(paths)}.safetensors"
-            save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(broken)})
+            save_file(tensors, str(path), metadata=resealed(tensors, broken))
             paths.append(path)
     report = import_files(store, paths, lambda *_: spec.prompt_features)
     assert [a.action for a in report.actions] == ["rejected"] * len(paths), [(a.file, a.action) for a in report.actions if a.action != "rejected"]
+    assert not [a.detail for a in report.actions if "checksum" in a.detail]  # caught by the field checks, not the seal
     assert store.entries() == []

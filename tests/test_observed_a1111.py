@@ -50,5 +50,5 @@ def test_build_tab_imports_infotext_images_and_shows_groups(world):  # noqa: F81
     assert api.import_images(api.ImportImagesRequest(root="outputs"))["added_total"] == 0
     with pytest.raises(api.HTTPException) as err:
         api.import_images(api.ImportImagesRequest(root="outputs", subfolder="../../.."))
-    assert err.value.status_code == 422 and "leaves the root" in err.value.detail
+    assert err.value.status_code == 400 and "'..' is not accepted" in err.value.detail
     assert api.library_map()["groups"] == []

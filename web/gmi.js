@@ -1,27 +1,46 @@
-// gmi for ComfyUI: renders the ranking inside the GMI Identify node and adds a "GMI" side panel
-// listing spec status per checkpoint with a "Build missing specs" action and live progress.
+// gmi for ComfyUI: the ranking (with thumbnails) inside the GMI Identify node, and a "GMI" sidebar tab with the
+// spec status per checkpoint, "Build missing specs", live build progress, and specs from the user's own images
+// (import the output folder, near-duplicate groups).
+//
+// Everything here stays inside elements this extension owns and goes through the front end's own APIs: the
+// sidebar tab API, extension settings, a DOM widget on our node, the Popover API for the enlarged thumbnail,
+// toasts. Styles live in <style> elements inside our own elements and every selector starts with ".gmi-", so
+// nothing restyles the rest of the page (checked by `comfy-test lint --strict`, tests/test_lint.py).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const STYLE = `
+const EXTENSION = "gmi.identify";
+const SETTING = {
+  thumbSize: "gmi.Ranking.ThumbnailSize",
+  thumbCount: "gmi.Ranking.ThumbnailCount",
+  toastOnBuild: "gmi.Panel.ToastOnBuild",
+};
+
+const RANKING_STYLE = `<style>
 .gmi-ranking { font: 12px sans-serif; color: var(--input-text, #ddd); overflow-y: auto; padding: 4px;
   box-sizing: border-box; background: var(--comfy-input-bg, #222); border-radius: 6px; }
 .gmi-ranking .gmi-head { opacity: .8; margin-bottom: 4px; white-space: normal; }
-.gmi-row { display: flex; align-items: center; gap: 6px; padding: 3px 2px; border-bottom: 1px solid #ffffff14; }
-.gmi-row.gmi-chosen { background: #2d6a4f55; border-radius: 4px; }
-.gmi-rank { width: 22px; text-align: right; font-weight: bold; }
-.gmi-name { flex: 1; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.gmi-score { width: 64px; text-align: right; font-family: monospace; opacity: .85; }
-.gmi-thumbs img { width: 40px; height: 40px; border-radius: 3px; margin-left: 2px; image-rendering: pixelated; }
+.gmi-ranking .gmi-row { display: flex; align-items: center; gap: 6px; padding: 3px 2px; border-bottom: 1px solid #ffffff14; }
+.gmi-ranking .gmi-row.gmi-chosen { background: #2d6a4f55; border-radius: 4px; }
+.gmi-ranking .gmi-rank { width: 22px; text-align: right; font-weight: bold; }
+.gmi-ranking .gmi-name { flex: 1; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.gmi-ranking .gmi-score { width: 64px; text-align: right; font-family: monospace; opacity: .85; }
+.gmi-ranking .gmi-thumbs img { border-radius: 3px; margin-left: 2px; image-rendering: pixelated; cursor: zoom-in; }
+.gmi-popover { padding: 8px; border: 1px solid #555; border-radius: 8px; background: var(--comfy-menu-bg, #353535);
+  color: var(--input-text, #ddd); font: 12px sans-serif; max-width: 300px; }
+.gmi-popover img { width: 256px; height: 256px; image-rendering: pixelated; display: block; margin-bottom: 6px; }
+</style>`;
+
+const PANEL_STYLE = `<style>
 .gmi-panel { padding: 8px; font: 13px sans-serif; color: var(--input-text, #ddd); }
-.gmi-panel table { width: 100%; border-collapse: collapse; margin: 6px 0; }
-.gmi-panel td { padding: 2px 4px; border-bottom: 1px solid #ffffff14; }
+.gmi-panel .gmi-info { opacity: .85; margin: 4px 0 8px; }
+.gmi-panel .gmi-table { width: 100%; border-collapse: collapse; margin: 6px 0; }
+.gmi-panel .gmi-table td { padding: 2px 4px; border-bottom: 1px solid #ffffff14; }
 .gmi-panel .gmi-state-ready { color: #74c69d; } .gmi-panel .gmi-state-missing { color: #f4a261; }
-.gmi-panel .gmi-state-partial, .gmi-panel .gmi-state-stale { color: #e9c46a; } .gmi-panel .gmi-state-corrupt { color: #e76f51; }
-.gmi-panel progress { width: 100%; } .gmi-panel button { margin-right: 6px; }
-.gmi-float { position: fixed; right: 12px; top: 60px; width: 360px; max-height: 70vh; overflow: auto; z-index: 1000;
-  background: var(--comfy-menu-bg, #353535); border: 1px solid #555; border-radius: 8px; }
-`;
+.gmi-panel .gmi-state-partial, .gmi-panel .gmi-state-stale { color: #e9c46a; }
+.gmi-panel .gmi-state-corrupt, .gmi-panel .gmi-state-skipped { color: #e76f51; }
+.gmi-panel .gmi-progress { width: 100%; } .gmi-panel .gmi-actions button { margin: 0 6px 6px 0; }
+</style>`;
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -34,28 +53,69 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-function apiUrl(path) {
-  return api.apiURL ? api.apiURL(path) : "/api" + path;
+function withStyle(root, style) {
+  root.insertAdjacentHTML("afterbegin", style);
+  return root;
+}
+
+function setting(id, fallback) {
+  const value = app.extensionManager?.setting?.get?.(id);
+  return value === undefined || value === null ? fallback : value;
+}
+
+function toast(severity, summary, detail) {
+  app.extensionManager?.toast?.add?.({ severity, summary, detail, life: 6000 });
+}
+
+async function getJson(path) {
+  const r = await api.fetchApi(path);
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || r.statusText);
+  return data;
 }
 
 // ---- ranking inside the Identify node ------------------------------------------------------
+
+// One shared popover per ranking element: the enlarged spec image of a clicked thumbnail (top layer, so the
+// canvas transform does not clip it).
+function thumbnailPopover(container) {
+  let pop = container.querySelector(":scope > .gmi-popover");
+  if (!pop) {
+    pop = el("div", { class: "gmi-popover", popover: "auto" }, el("img", { alt: "" }), el("div"));
+    container.append(pop);
+  }
+  return pop;
+}
+
+function showThumbnail(container, match) {
+  const pop = thumbnailPopover(container);
+  pop.querySelector("img").src = api.apiURL(match.thumbnail);
+  pop.querySelector("div").textContent = `${match.prompt} (weight ${match.weight.toFixed(3)})`;
+  if (!pop.matches(":popover-open")) pop.showPopover();
+}
+
+function rankingRow(data, row, container) {
+  const size = setting(SETTING.thumbSize, 40);
+  const thumbs = el("span", { class: "gmi-thumbs" });
+  for (const m of row.top_prompts.slice(0, setting(SETTING.thumbCount, 3))) {
+    const img = el("img", { src: api.apiURL(m.thumbnail), title: `${m.prompt} (weight ${m.weight.toFixed(3)})`, alt: "" });
+    img.style.width = img.style.height = `${size}px`;
+    img.onclick = () => showThumbnail(container, m);
+    thumbs.append(img);
+  }
+  return el("div", { class: "gmi-row" + (row.name === data.chosen ? " gmi-chosen" : ""), title: row.sha256 },
+    el("span", { class: "gmi-rank", text: String(row.rank) }),
+    el("span", { class: "gmi-name", text: row.name + rowMarks(row) }),
+    el("span", { class: "gmi-score", text: Number(row.score).toFixed(4) }),
+    thumbs);
+}
+
 export function renderRanking(container, data) {
-  container.replaceChildren();
+  container.querySelectorAll(":scope > .gmi-head, :scope > .gmi-row").forEach((e) => e.remove());
   if (!data) return;
   const who = data.prompt_source === "user" ? "prompt" : "pseudo-prompt";
   container.append(el("div", { class: "gmi-head", text: `${data.method} · ${who}: “${data.pseudo_prompt}”` }));
-  for (const row of data.ranking) {
-    const thumbs = el("span", { class: "gmi-thumbs" });
-    for (const m of row.top_prompts.slice(0, 3)) {
-      thumbs.append(el("img", { src: apiUrl(m.thumbnail), title: `${m.prompt} (weight ${m.weight.toFixed(3)})`, alt: "" }));
-    }
-    container.append(
-      el("div", { class: "gmi-row" + (row.name === data.chosen ? " gmi-chosen" : ""), title: row.sha256 },
-        el("span", { class: "gmi-rank", text: String(row.rank) }),
-        el("span", { class: "gmi-name", text: row.name + rowMarks(row) }),
-        el("span", { class: "gmi-score", text: Number(row.score).toFixed(4) }),
-        thumbs));
-  }
+  for (const row of data.ranking) container.append(rankingRow(data, row, container));
   for (const ex of data.excluded || []) {
     container.append(el("div", { class: "gmi-head", text: `left out: ${ex.name} (${ex.reason})` }));
   }
@@ -76,9 +136,10 @@ function attachRanking(nodeType) {
     const data = message?.gmi_ranking?.[0];
     if (!data) return;
     if (!this.gmiRankingEl) {
-      this.gmiRankingEl = el("div", { class: "gmi-ranking" });
+      this.gmiRankingEl = withStyle(el("div", { class: "gmi-ranking" }), RANKING_STYLE);
+      const rowHeight = 8 + Math.max(24, setting(SETTING.thumbSize, 40));
       this.addDOMWidget("gmi_ranking", "gmi_ranking", this.gmiRankingEl, { serialize: false, hideOnZoom: false,
-        getMinHeight: () => 60 + 46 * Math.min(6, (this.gmiLastRanking?.ranking?.length || 1)) });
+        getMinHeight: () => 64 + rowHeight * Math.min(8, (this.gmiLastRanking?.ranking?.length || 1)) });
     }
     this.gmiLastRanking = data;
     renderRanking(this.gmiRankingEl, data);
@@ -88,135 +149,179 @@ function attachRanking(nodeType) {
   };
 }
 
-// ---- the side panel ----------------------------------------------------------------------------
+// ---- the sidebar panel -----------------------------------------------------------------------
+// The panel is a list of sections. A section is a small function returning { element, update(status) }:
+// `update` gets each /gmi/status answer; a section may also listen to the server's gmi.* events. A new
+// section (library groups, import actions, ETA, ...) is one more function in PANEL_SECTIONS.
+
+function summarySection() {
+  const element = el("div", { class: "gmi-info", text: "loading…" });
+  return {
+    element,
+    update(status) {
+      const c = status.config;
+      element.textContent = `${status.encoder_id} · ${status.prompt_set.name} (${status.prompt_set.size} prompts) · ` +
+        `${c.images_per_prompt} img/prompt · ${c.steps} steps · ${c.width}x${c.height}`;
+    },
+  };
+}
+
+// The build prompt the panel queues: the same two nodes a user would wire, with the last used settings.
+function buildPrompt(config) {
+  const c = config;
+  return {
+    gmi_encoder: { class_type: "GMILoadEncoder", inputs: { encoder: c.encoder, allow_download: false } },
+    gmi_build: { class_type: "GMIBuildSpecs", inputs: {
+      encoder: ["gmi_encoder", 0], which: "missing", prompt_set: c.prompt_set, max_prompts: c.max_prompts,
+      images_per_prompt: c.images_per_prompt, steps: c.steps, cfg: c.cfg, sampler_name: c.sampler_name,
+      scheduler: c.scheduler, width: c.width, height: c.height, seed: c.seed, checkpoints: "", negative_prompt: "" } },
+  };
+}
+
+async function queueBuildMissing(config) {
+  const c = config || (await getJson("/gmi/options")).config;
+  const r = await api.fetchApi("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ prompt: buildPrompt(c), client_id: api.clientId }) });
+  if (!r.ok) throw new Error((await r.text()).slice(0, 300));
+}
+
+function buildSection(panel) {
+  const button = el("button", { class: "gmi-build-missing", text: "Build missing specs" });
+  const refresh = el("button", { text: "Refresh" });
+  const progress = el("progress", { class: "gmi-progress", max: "1", value: "0" });
+  const text = el("div", { class: "gmi-build-status" });
+  progress.hidden = true;
+  let config = null;
+  button.onclick = async () => {
+    try {
+      await queueBuildMissing(config);
+      text.textContent = "build queued…";
+    } catch (err) {
+      text.textContent = "could not queue the build: " + err.message;
+    }
+  };
+  refresh.onclick = () => panel.refresh();
+  api.addEventListener("gmi.build.progress", ({ detail: p }) => {
+    progress.hidden = false;
+    progress.value = p.images_total ? p.images_done / p.images_total : 0;
+    text.textContent = `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.prompts_done}/${p.prompts_total} prompts`;
+  });
+  api.addEventListener("gmi.build.done", ({ detail: report }) => {
+    progress.hidden = true;
+    const failed = report.failed.map((f) => `${f.name}: ${f.reason}`).join("; ");
+    text.textContent = `built ${report.built.length}` + (report.cancelled ? " (interrupted)" : "") +
+      (failed ? ` · failed: ${failed}` : "");
+    if (setting(SETTING.toastOnBuild, true)) toast(failed ? "warn" : "success", "GMI", text.textContent);
+    panel.refresh();
+  });
+  return {
+    element: el("div", {}, el("div", { class: "gmi-actions" }, button, refresh), progress, text),
+    update(status) { config = status.config; },
+  };
+}
+
+function specTableSection() {
+  const table = el("table", { class: "gmi-table" });
+  const row = (name, title, state, detail) => el("tr", {},
+    el("td", { text: name, title }), el("td", { class: "gmi-state-" + state, text: state }), el("td", { text: detail }));
+  return {
+    element: table,
+    update(status) {
+      table.replaceChildren(
+        ...status.checkpoints.map((s) => row(s.name, s.sha256, s.state, `${s.prompts_done}/${s.prompts_total}` +
+          (s.observed_images ? ` + ${s.observed_images} observed` : ""))),
+        ...status.skipped.map((s) => row(s.name, "", "skipped", s.reason)));
+    },
+  };
+}
+
+// Specs without generating: import the output folder's images as observed specs, show near-duplicate groups.
+function librarySection(panel) {
+  const importButton = el("button", { text: "Import images from output" });
+  const groupsButton = el("button", { text: "Near-duplicate groups" });
+  const text = el("div", { class: "gmi-library" });
+  let config = {};
+  importButton.onclick = async () => {
+    text.textContent = "reading the output folder…";
+    try {
+      const r = await api.fetchApi("/gmi/import-images", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ root: "output", subfolder: "", encoder: config.encoder, prompt_set: config.prompt_set,
+          max_prompts: config.max_prompts }) });
+      const data = await r.json();
+      if (!r.ok) throw new Error(data.error || r.statusText);
+      const skipped = Object.entries(data.skipped_by_reason).map(([k, v]) => `${v} ${k}`).join(", ");
+      text.textContent = `scanned ${data.scanned}, added ${data.added_total} image(s) to ` +
+        `${Object.keys(data.added).length} observed spec(s)` + (skipped ? `; skipped: ${skipped}` : "");
+      panel.refresh();
+    } catch (err) {
+      text.textContent = "gmi: " + err.message;
+    }
+  };
+  groupsButton.onclick = async () => {
+    text.textContent = "comparing specs…";
+    try {
+      const q = new URLSearchParams({ encoder: config.encoder || "", prompt_set: config.prompt_set || "platform",
+        max_prompts: config.max_prompts || 0 });
+      const data = await getJson("/gmi/map?" + q);
+      text.replaceChildren(el("div", { text: data.groups.length ?
+        `${data.groups.length} near-duplicate group(s) among ${data.checkpoints.length} checkpoints:` : "no near-duplicates" }),
+        ...data.groups.map((g) => el("div", { text: "• " + g.join(", ") })));
+    } catch (err) {
+      text.textContent = "gmi: " + err.message;
+    }
+  };
+  return {
+    element: el("div", {}, el("h4", { text: "Specs from your images" }),
+      el("div", { class: "gmi-actions" }, importButton, groupsButton), text),
+    update(status) { config = status.config; },
+  };
+}
+
+const PANEL_SECTIONS = [summarySection, buildSection, specTableSection, librarySection];
+
 class GmiPanel {
-  constructor() {
-    this.root = el("div", { class: "gmi-panel" });
-    this.info = el("div");
-    this.table = el("table");
-    this.progressText = el("div");
-    this.progress = el("progress", { max: "1", value: "0" });
-    this.progress.style.display = "none";
-    const refresh = el("button", { text: "Refresh" });
-    refresh.onclick = () => this.refresh();
-    this.buildButton = el("button", { text: "Build missing specs" });
-    this.buildButton.onclick = () => this.buildMissing();
-    this.root.append(el("h3", { text: "gmi specs" }), this.info, el("div", {}, this.buildButton, refresh),
-      this.progress, this.progressText, this.table);
-    this.addLibrarySection();
-    api.addEventListener("gmi.build.progress", (e) => this.onProgress(e.detail));
-    api.addEventListener("gmi.build.done", (e) => this.onDone(e.detail));
+  constructor(sections) {
+    this.error = el("div", { class: "gmi-info" });
+    this.sections = sections.map((make) => make(this));
+    this.root = withStyle(el("div", { class: "gmi-panel" }, el("h3", { text: "GMI specs" }), this.error,
+      ...this.sections.map((s) => s.element)), PANEL_STYLE);
   }
 
   async refresh() {
-    this.info.textContent = "loading…";
     try {
-      const r = await api.fetchApi("/gmi/status");
-      const data = await r.json();
-      if (!r.ok) throw new Error(data.error || r.statusText);
-      this.config = data.config;
-      const c = data.config;
-      this.info.textContent = `${data.encoder_id} · ${data.prompt_set.name} (${data.prompt_set.size} prompts) · ` +
-        `${c.images_per_prompt} img/prompt · ${c.steps} steps · ${c.width}x${c.height}`;
-      this.table.replaceChildren();
-      for (const s of data.checkpoints) {
-        this.table.append(el("tr", {},
-          el("td", { text: s.name, title: s.sha256 }),
-          el("td", { class: "gmi-state-" + s.state, text: s.state }),
-          el("td", { text: `${s.prompts_done}/${s.prompts_total}` + (s.observed_images ? ` + ${s.observed_images} observed` : "") })));
-      }
-      for (const s of data.skipped) {
-        this.table.append(el("tr", {}, el("td", { text: s.name }), el("td", { text: "skipped" }),
-          el("td", { text: s.reason })));
-      }
+      const status = await getJson("/gmi/status");
+      this.error.textContent = "";
+      for (const s of this.sections) s.update?.(status);
     } catch (err) {
-      this.info.textContent = "gmi: " + err.message;
+      this.error.textContent = "gmi: " + err.message;
     }
-  }
-
-  async buildMissing() {
-    const c = this.config || (await (await api.fetchApi("/gmi/options")).json()).config;
-    const prompt = {
-      gmi_encoder: { class_type: "GMILoadEncoder", inputs: { encoder: c.encoder, allow_download: false } },
-      gmi_build: { class_type: "GMIBuildSpecs", inputs: {
-        encoder: ["gmi_encoder", 0], which: "missing", prompt_set: c.prompt_set, max_prompts: c.max_prompts,
-        images_per_prompt: c.images_per_prompt, steps: c.steps, cfg: c.cfg, sampler_name: c.sampler_name,
-        scheduler: c.scheduler, width: c.width, height: c.height, seed: c.seed, checkpoints: "", negative_prompt: "" } },
-    };
-    const r = await api.fetchApi("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt, client_id: api.clientId }) });
-    if (!r.ok) this.progressText.textContent = "could not queue the build: " + (await r.text()).slice(0, 300);
-    else this.progressText.textContent = "build queued…";
-  }
-
-  // specs without generating: import the output folder's images, show near-duplicate groups
-  addLibrarySection() {
-    const importButton = el("button", { text: "Import images from output" });
-    const groupsButton = el("button", { text: "Near-duplicate groups" });
-    this.libraryText = el("div");
-    importButton.onclick = () => this.importImages();
-    groupsButton.onclick = () => this.showGroups();
-    this.root.append(el("h4", { text: "specs from your images" }), el("div", {}, importButton, groupsButton), this.libraryText);
-  }
-
-  async importImages() {
-    this.libraryText.textContent = "reading the output folder…";
-    const c = this.config || {};
-    const r = await api.fetchApi("/gmi/import-images", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ root: "output", subfolder: "", encoder: c.encoder, prompt_set: c.prompt_set, max_prompts: c.max_prompts }) });
-    const data = await r.json();
-    if (!r.ok) { this.libraryText.textContent = "gmi: " + data.error; return; }
-    const skipped = Object.entries(data.skipped_by_reason).map(([k, v]) => `${v} ${k}`).join(", ");
-    this.libraryText.textContent = `scanned ${data.scanned}, added ${data.added_total} image(s) to ` +
-      `${Object.keys(data.added).length} observed spec(s)` + (skipped ? `; skipped: ${skipped}` : "");
-    this.refresh();
-  }
-
-  async showGroups() {
-    this.libraryText.textContent = "comparing specs…";
-    const c = this.config || {};
-    const q = new URLSearchParams({ encoder: c.encoder || "", prompt_set: c.prompt_set || "platform", max_prompts: c.max_prompts || 0 });
-    const r = await api.fetchApi("/gmi/map?" + q);
-    const data = await r.json();
-    if (!r.ok) { this.libraryText.textContent = "gmi: " + data.error; return; }
-    this.libraryText.replaceChildren(el("div", { text: data.groups.length ?
-      `${data.groups.length} near-duplicate group(s) among ${data.checkpoints.length} checkpoints:` : "no near-duplicates" }));
-    for (const g of data.groups) this.libraryText.append(el("div", { text: "• " + g.join(", ") }));
-  }
-
-  onProgress(p) {
-    this.progress.style.display = "";
-    this.progress.value = p.images_total ? p.images_done / p.images_total : 0;
-    this.progressText.textContent = `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.prompts_done}/${p.prompts_total} prompts`;
-  }
-
-  onDone(report) {
-    this.progress.style.display = "none";
-    const failed = report.failed.map((f) => `${f.name}: ${f.reason}`).join("; ");
-    this.progressText.textContent = `built ${report.built.length}` + (report.cancelled ? " (interrupted)" : "") +
-      (failed ? ` · failed: ${failed}` : "");
-    this.refresh();
   }
 }
 
 app.registerExtension({
-  name: "gmi.identify",
+  name: EXTENSION,
+  settings: [
+    { id: SETTING.thumbSize, category: ["GMI", "Ranking", "Thumbnail size"], name: "Thumbnail size in the ranking (px)",
+      type: "slider", attrs: { min: 24, max: 128, step: 4 }, defaultValue: 40 },
+    { id: SETTING.thumbCount, category: ["GMI", "Ranking", "Thumbnails per checkpoint"],
+      name: "Spec images shown per checkpoint", type: "slider", attrs: { min: 0, max: 5, step: 1 }, defaultValue: 3 },
+    { id: SETTING.toastOnBuild, category: ["GMI", "Panel", "Toast"], name: "Show a notification when a build ends",
+      type: "boolean", defaultValue: true },
+  ],
+  commands: [
+    { id: "gmi.buildMissingSpecs", label: "GMI: Build missing specs", icon: "pi pi-search",
+      function: () => queueBuildMissing().catch((err) => toast("error", "GMI", err.message)) },
+  ],
   async setup() {
-    document.head.append(el("style", { text: STYLE }));
-    const panel = new GmiPanel();
-    if (app.extensionManager?.registerSidebarTab) {
-      app.extensionManager.registerSidebarTab({
-        id: "gmi", icon: "pi pi-search", title: "GMI", tooltip: "gmi: spec status and builds", type: "custom",
-        render: (container) => { container.append(panel.root); panel.refresh(); },
-      });
-    } else {  // older frontends: a floating panel toggled from the menu
-      const box = el("div", { class: "gmi-float" }, panel.root);
-      box.style.display = "none";
-      document.body.append(box);
-      const button = el("button", { text: "GMI" });
-      button.onclick = () => { box.style.display = box.style.display ? "" : "none"; if (!box.style.display) panel.refresh(); };
-      document.querySelector(".comfy-menu")?.append(button);
+    if (!app.extensionManager?.registerSidebarTab) {  // front ends before the sidebar API: the node still works
+      console.warn("gmi: this ComfyUI front end has no sidebar tab API; the GMI panel is not shown");
+      return;
     }
+    const panel = new GmiPanel(PANEL_SECTIONS);
+    app.extensionManager.registerSidebarTab({
+      id: "gmi", icon: "pi pi-search", title: "GMI", tooltip: "GMI: spec status and builds", type: "custom",
+      render: (container) => { container.append(panel.root); panel.refresh(); },
+    });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === "GMIIdentify") attachRanking(nodeType);

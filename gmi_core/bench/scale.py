@@ -9,7 +9,7 @@ the CLIP pass is not included), on this machine's CPU threads:
   ``null`` where the full features do not fit in RAM (100,000 specs = 33.8 GB fp16);
 * ``prefilter_ms``: the two-tier path of :class:`gmi_core.fastrank.CompactIndex` (linear-kernel
   weighted score on r-dim codes over all M, then the exact score on the top ``--candidates``);
-* ``prefilter_recall_at_10``: |top-10 of the two-tier path  ∩  top-10 of the exact score| / 10,
+* ``prefilter_recall_at_10``: |top-10 of the two-tier path intersect top-10 of the exact score| / 10,
   averaged over queries. Where exact does not fit in RAM it is computed by streaming the full
   features from a memory-mapped file (slow, a few queries), and the JSON says so.
 

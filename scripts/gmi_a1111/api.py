@@ -8,6 +8,10 @@ POST /gmi/v1/interrogate        {"image"|"images"} -> {"prompt"}
 POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256}
 POST /gmi/v1/import-images      {"root": "outputs"|"models", "subfolder": ""} -> observed specs from images on disk
 GET  /gmi/v1/map                near-duplicate groups and 2-D coordinates of the checkpoints with specs
+
+Access: the routes carry the same dependencies as the WebUI's own /sdapi/v1/ routes (its --api-auth check),
+and exist only when the WebUI serves its API (--api or --nowebui). Request bodies are read with a byte limit
+(also chunked ones); errors are one line without server paths; JSON never holds NaN.
 """
 
 from __future__ import annotations
@@ -15,21 +19,23 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import logging
 
 from modules import sd_models
 from pydantic import BaseModel, Field
 
-from gmi_core.errors import CheckpointError, EncoderUnavailable, GmiError, ImageError, NoSpecsError
+from gmi_core import limits
+from gmi_core.errors import Busy, CheckpointError, EncoderUnavailable, GmiError, ImageError, NoSpecsError, NotFound
 from gmi_core.images import load_image
+from gmi_core.paths import one_line, redact
 from gmi_core.ranker import METHODS
 
 from . import build, host, library, runtime
 
 log = logging.getLogger("gmi")
 PREFIX = "/gmi/v1"
-MAX_IMAGES = 16
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_REQUEST_BYTES = limits.MAX_UPLOAD_BYTES * 4 // 3 + 64 * 1024  # base64 images inside JSON
 
 
 class HTTPException(Exception):
@@ -43,23 +49,23 @@ class HTTPException(Exception):
 
 class BuildRequest(BaseModel):
     checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
-    images_per_prompt: int | None = Field(None, ge=1, le=64)
-    steps: int | None = Field(None, ge=1, le=150)
-    cfg: float | None = Field(None, ge=0, le=30)
-    width: int | None = Field(None, ge=64, le=2048)
-    height: int | None = Field(None, ge=64, le=2048)
-    sampler: str | None = None
-    scheduler: str | None = None
-    prompt_set: str | None = None
+    images_per_prompt: int | None = Field(None, ge=1, le=limits.MAX_IMAGES_PER_PROMPT)
+    steps: int | None = Field(None, ge=1, le=limits.MAX_STEPS)
+    cfg: float | None = Field(None, ge=0, le=limits.MAX_CFG)
+    width: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE)
+    height: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE)
+    sampler: str | None = Field(None, max_length=100)
+    scheduler: str | None = Field(None, max_length=100)
+    prompt_set: str | None = Field(None, max_length=1000)
     wait: bool = False
 
 
 class IdentifyRequest(BaseModel):
     image: str | None = Field(None, description="base64 image (a data: URI prefix is accepted)")
     images: list[str] | None = None
-    prompt: str | None = Field(None, max_length=2000)
-    top_k: int | None = Field(None, ge=1, le=1000)
-    method: str | None = None
+    prompt: str | None = Field(None, max_length=limits.MAX_TEXT_FIELD)
+    top_k: int | None = Field(None, ge=1, le=limits.MAX_TOP_K)
+    method: str | None = Field(None, max_length=100)
     thumbnails: bool = False
 
 
@@ -76,13 +82,13 @@ def decode_images(single: str | None, many: list[str] | None) -> list:
     encoded = ([single] if single else []) + list(many or [])
     if not encoded:
         raise HTTPException(422, "give a base64 image in 'image' or a list in 'images'")
-    if len(encoded) > MAX_IMAGES:
-        raise HTTPException(422, f"at most {MAX_IMAGES} images")
+    if len(encoded) > limits.MAX_IMAGES_PER_REQUEST:
+        raise HTTPException(422, f"at most {limits.MAX_IMAGES_PER_REQUEST} images per request")
     images = []
     for index, text in enumerate(encoded):
         if "," in text[:100] and text.startswith("data:"):
             text = text.split(",", 1)[1]
-        if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        if len(text) > limits.MAX_UPLOAD_BYTES * 4 // 3 + 4:
             raise HTTPException(413, f"image {index} is too large")
         try:
             raw = base64.b64decode(text, validate=True)
@@ -107,19 +113,50 @@ def resolve_names(names: list[str]) -> list[str]:
 
 
 def _gmi_errors(exc: Exception) -> HTTPException:
-    if isinstance(exc, EncoderUnavailable):
-        return HTTPException(503, str(exc))
-    if isinstance(exc, NoSpecsError):
-        return HTTPException(409, str(exc))
-    if isinstance(exc, CheckpointError):
-        return HTTPException(404, str(exc))
-    return HTTPException(400, str(exc))
+    """One mapping from gmi's errors to HTTP; the detail is one line without server paths."""
+    detail = one_line(exc) if isinstance(exc, OSError) else redact(str(exc))
+    if isinstance(exc, (EncoderUnavailable, OSError)):
+        return HTTPException(503, detail)
+    if isinstance(exc, (NoSpecsError, Busy)):
+        return HTTPException(409, detail)
+    if isinstance(exc, (CheckpointError, NotFound)):
+        return HTTPException(404, detail)
+    if isinstance(exc, limits.UploadTooLarge):
+        return HTTPException(413, detail)
+    if isinstance(exc, ImageError):
+        return HTTPException(422, detail)
+    return HTTPException(400, detail)
+
+
+def check_overrides(overrides: dict) -> None:
+    """The build numbers and names through gmi's one validation, with the samplers this WebUI knows."""
+    config = runtime.Config.from_opts(**overrides)
+    limits.check_settings(config.settings, *host_sampler_names())
+    limits.check_images_per_prompt(config.images_per_prompt)
+    runtime.get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
+
+
+def host_sampler_names() -> tuple[list[str] | None, list[str] | None]:
+    """The sampler and schedule names (and aliases) the WebUI accepts; None where it cannot tell."""
+    try:
+        from modules import sd_samplers
+
+        samplers = [n for s in sd_samplers.all_samplers for n in [s.name, *(s.aliases or [])]]
+    except (ImportError, AttributeError):
+        samplers = None
+    try:
+        from modules import sd_schedulers
+
+        schedulers = [n for s in sd_schedulers.schedulers for n in (s.name, s.label)] + ["Automatic"]
+    except (ImportError, AttributeError):
+        schedulers = None
+    return samplers, schedulers
 
 
 def specs():
     try:
         data = runtime.status()
-    except GmiError as exc:
+    except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
     job = build.latest_job()
     data["build"] = job.to_dict() if job else None
@@ -138,20 +175,20 @@ def start_build(req: BuildRequest):
     fields = req.model_dump() if hasattr(req, "model_dump") else req.dict()
     overrides = {k: v for k, v in fields.items() if k not in ("checkpoints", "wait") and v is not None}
     try:
-        runtime.get_engine(**overrides)  # fail fast (encoder, prompt set) before queueing
+        check_overrides(overrides)  # fail fast (numbers, names, prompt set) before queueing; the encoder loads in the job
         job = build.start_build(which, overrides, wait=req.wait)
     except build.BuildBusy as exc:
-        raise HTTPException(409, str(exc)) from None
-    except GmiError as exc:
+        raise HTTPException(409, f"busy: {exc}") from None
+    except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
-    return job.to_dict()
+    return limits.json_safe(job.to_dict())
 
 
 def build_status(job_id: str | None = None):
     job = build.get_job(job_id) if job_id else build.latest_job()
     if job is None:
-        raise HTTPException(404, f"no build job {job_id}" if job_id else "no build has run")
-    return job.to_dict()
+        raise HTTPException(404, f"no build job {job_id[:100]}" if job_id else "no build has run")
+    return limits.json_safe(job.to_dict())
 
 
 def identify(req: IdentifyRequest):
@@ -160,20 +197,23 @@ def identify(req: IdentifyRequest):
         raise HTTPException(422, f"unknown method {req.method!r}; one of {', '.join(METHODS)}")
     try:
         _, data = runtime.identify(images, req.prompt, req.method, req.top_k, thumbnails=req.thumbnails)
-    except GmiError as exc:
+    except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
-    return data
+    return limits.json_safe(data)
 
 
 def interrogate(req: InterrogateRequest):
     images = decode_images(req.image, req.images)
     try:
         return {"prompt": runtime.get_engine().interrogate(images)}
-    except GmiError as exc:
+    except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
 
 
 def switch(req: SwitchRequest):
+    running = build.active_job()
+    if running is not None:  # the switch would wait behind the whole build: refuse now instead
+        raise HTTPException(409, f"busy: a gmi build is {running.state} ({running.id}); switch when it has finished")
     try:
         info = host.resolve_checkpoint(req.checkpoint)
         title = host.switch_to_title(info.title)
@@ -184,22 +224,22 @@ def switch(req: SwitchRequest):
 
 
 class ImportImagesRequest(BaseModel):
-    root: str = Field("outputs", description="outputs | models (the WebUI's folders only)")
+    root: str = Field("outputs", max_length=20, description="outputs | models (the WebUI's folders only)")
     subfolder: str = Field("", max_length=500, description="relative folder inside root; scanned recursively")
 
 
 def import_images(req: ImportImagesRequest) -> dict:
     try:
         return library.import_images_report(req.root, req.subfolder)
-    except GmiError as exc:
-        raise HTTPException(422, str(exc)) from None
+    except (GmiError, OSError) as exc:
+        raise _gmi_errors(exc) from None
 
 
 def library_map() -> dict:
     try:
         return library.groups_report()
-    except GmiError as exc:
-        raise HTTPException(409, str(exc)) from None
+    except (GmiError, OSError) as exc:
+        raise _gmi_errors(exc) from None
 
 
 def _route(handler):
@@ -211,8 +251,100 @@ def _route(handler):
             return handler(*args, **kwargs)
         except HTTPException as exc:
             raise fastapi.HTTPException(exc.status_code, exc.detail) from None
+        except Exception as exc:  # noqa: BLE001 - a one-line error, never a traceback in the body
+            log.exception("gmi: unexpected error in %s", handler.__name__)
+            raise fastapi.HTTPException(500, f"internal error ({type(exc).__name__}); see the WebUI console") from None
 
     return wrapped
+
+
+def limited_body_route():
+    """An APIRoute that reads the request body with a counted limit before FastAPI parses it (chunked too)."""
+    from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
+
+    class LimitedBodyRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def limited(request):
+                if request.method == "POST":
+                    declared = request.headers.get("content-length", "")
+                    try:
+                        if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+                            raise limits.UploadTooLarge("request body too large")
+                        counter = limits.ByteCounter(MAX_REQUEST_BYTES)
+                        request._body = b"".join([counter.add(chunk) async for chunk in request.stream()])
+                    except limits.UploadTooLarge:
+                        return JSONResponse({"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
+                                            status_code=413)
+                    if not_a_json_number(request._body):
+                        return JSONResponse({"detail": "NaN and Infinity are not JSON numbers"}, status_code=422)
+                return await handler(request)
+
+            return limited
+
+    return LimitedBodyRoute
+
+
+def not_a_json_number(body: bytes) -> bool:
+    """Python's JSON reader accepts NaN/Infinity, which would then break FastAPI's own error answer (a 500)."""
+    if not any(token in body for token in (b"NaN", b"Infinity")):
+        return False
+
+    def refuse(constant):
+        raise OverflowError(constant)
+
+    try:
+        json.loads(body, parse_constant=refuse)
+    except OverflowError:
+        return True
+    except ValueError:
+        return False  # other JSON errors: FastAPI answers 422 itself
+    return False
+
+
+def auth_dependencies(app) -> list | None:
+    """The dependencies of the WebUI's /sdapi/v1/ routes (its --api-auth check), or None when it serves no API.
+
+    The WebUI adds ``Depends(api.auth)`` to each of its routes when --api-auth is given; gmi reuses exactly
+    those. If --api-auth is set but no such route is found, gmi fails closed with the same check.
+    """
+    for route in getattr(app, "routes", []):
+        if str(getattr(route, "path", "")).startswith("/sdapi/v1/"):
+            return list(getattr(route, "dependencies", None) or [])
+    cmd_opts = shared_cmd_opts()
+    if getattr(cmd_opts, "api_auth", None):
+        return [_fallback_auth(cmd_opts.api_auth)]
+    if getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False):
+        return []
+    return None
+
+
+def shared_cmd_opts():
+    from modules import shared
+
+    return getattr(shared, "cmd_opts", None)
+
+
+def _fallback_auth(api_auth: str):
+    """The WebUI's Api.auth, for the case its routes cannot be found: HTTP Basic against --api-auth."""
+    from secrets import compare_digest
+
+    from fastapi import Depends
+    from fastapi import HTTPException as FastapiHTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    credentials = dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item)
+    basic = Depends(HTTPBasic())
+
+    def auth(given: HTTPBasicCredentials = basic):
+        expected = credentials.get(given.username)
+        if expected is not None and compare_digest(given.password, expected):
+            return True
+        raise FastapiHTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    return Depends(auth)
 
 
 ROUTES = [
@@ -228,9 +360,17 @@ ROUTES = [
 ]
 
 
-def register(app) -> None:
+def register(app) -> bool:
+    """Adds the routes with the WebUI's own API dependencies; none when the WebUI serves no API."""
+    dependencies = auth_dependencies(app)
+    if dependencies is None:
+        log.info("gmi: the WebUI runs without --api, so the /gmi/v1 API is not served")
+        return False
+    route_class = limited_body_route()
     for path, handler, method in ROUTES:
-        app.add_api_route(PREFIX + path, _route(handler), methods=[method])
+        app.router.add_api_route(PREFIX + path, _route(handler), methods=[method], dependencies=dependencies,
+                                 route_class_override=route_class)
+    return True
 
 
 def on_app_started(_demo, app) -> None:

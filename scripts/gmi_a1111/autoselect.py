@@ -49,7 +49,8 @@ def apply(p, enabled, image, prompt: str | None = None) -> str | None:
         reference = as_image(image)
         if reference is None:
             raise GmiError("no reference image given")
-        result, data = runtime.identify([reference], prompt=prompt or None, top_k=1)
+        with runtime.holding_queue_lock():  # before_process runs inside the generation's queue lock
+            result, data = runtime.identify([reference], prompt=prompt or None, top_k=1)
     except (GmiError, OSError, ValueError) as exc:
         message = f"gmi auto-select skipped: {exc}"
         log.warning(message)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from modules import call_queue, shared
 
+from gmi_core.paths import one_line
 from gmi_core.protocols import BuildProgress
 
 from . import runtime
@@ -100,37 +101,45 @@ def run_build_locked(job: BuildJob) -> dict:
     state = shared.state
     job.state = "running"
     try:
-        engine = runtime.get_engine(**job.overrides)
-        state.job_count = max(1, planned_prompts(engine, job.which))
-        state.job_no = 0
-        state.textinfo = "gmi: building specs"
-
-        def on_progress(p: BuildProgress) -> None:
-            job.checkpoint = p.checkpoint
-            job.message = f"{p.checkpoint} ({p.checkpoint_index + 1}/{p.checkpoint_count}): {p.prompts_done}/{p.prompts_total} prompts"
-            job.images_done, job.images_total = p.images_done, p.images_total
-            state.textinfo = "gmi: " + job.message
-
-        report = engine.build(
-            runtime.source(),
-            runtime.generator(),
-            which=job.which,
-            progress=on_progress,
-            should_cancel=lambda: bool(state.interrupted),
-        )
-        job.report = report.to_dict()
-        job.state = "cancelled" if report.cancelled else "done"
-        if report.failed and not report.built and not report.cancelled:
-            job.state = "failed"
-            job.error = "; ".join(f"{n}: {r}" for n, r in report.failed)
-        return job.report
+        with runtime.holding_queue_lock():
+            return _run(job, state)
     except Exception as exc:  # noqa: BLE001 - reported to the user, logged in full
         job.state = "failed"
-        job.error = f"{type(exc).__name__}: {exc}"
+        job.error = one_line(exc)
         log.error("gmi: build failed\n%s", traceback.format_exc())
         return {"built": [], "skipped": [], "failed": [], "cancelled": False, "error": job.error}
     finally:
+        if job.state in ("queued", "running"):  # interrupted by something that is not an Exception
+            job.state, job.error = "failed", job.error or "build stopped"
         job.finished = time.time()
+
+
+def _run(job: BuildJob, state) -> dict:
+    """The build itself; errors go to run_build_locked."""
+    engine = runtime.get_engine(**job.overrides)
+    state.job_count = max(1, planned_prompts(engine, job.which))
+    state.job_no = 0
+    state.textinfo = "gmi: building specs"
+
+    def on_progress(p: BuildProgress) -> None:
+        job.checkpoint = p.checkpoint
+        job.message = f"{p.checkpoint} ({p.checkpoint_index + 1}/{p.checkpoint_count}): {p.prompts_done}/{p.prompts_total} prompts"
+        job.images_done, job.images_total = p.images_done, p.images_total
+        state.textinfo = "gmi: " + job.message
+
+    report = engine.build(
+        runtime.source(),
+        runtime.generator(),
+        which=job.which,
+        progress=on_progress,
+        should_cancel=lambda: bool(state.interrupted),
+    )
+    job.report = report.to_dict()
+    job.state = "cancelled" if report.cancelled else "done"
+    if report.failed and not report.built and not report.cancelled:
+        job.state = "failed"
+        job.error = "; ".join(f"{n}: {r}" for n, r in report.failed)
+    return job.report
 
 
 def new_job(which, overrides: dict | None = None, job_id: str | None = None) -> BuildJob:
@@ -143,6 +152,14 @@ def new_job(which, overrides: dict | None = None, job_id: str | None = None) -> 
 
 
 def _run_in_queue(job: BuildJob) -> None:
+    try:
+        _run_queued(job)
+    finally:  # whatever happened, the job leaves queued/running, so status and "busy" stay true
+        if not job.finished:
+            job.state, job.error, job.finished = "failed", job.error or "build did not start", time.time()
+
+
+def _run_queued(job: BuildJob) -> None:
     if webui_progress is not None:
         webui_progress.add_task_to_queue(job.id)
     with call_queue.queue_lock:

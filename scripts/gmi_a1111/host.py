@@ -3,8 +3,8 @@
 Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_webui.py):
 
 - ``sd_models.checkpoints_list`` / ``checkpoint_aliases`` (CheckpointInfo: filename, name, title, sha256,
-  ``calculate_shorthash()``), ``sd_models.list_models()``
-- ``hashes.sha256(filename, title)`` (the WebUI's own hash cache)
+  ``calculate_shorthash()``), ``sd_models.list_models()``, ``sd_models.get_closet_checkpoint_match``
+- ``hashes.sha256(filename, title)`` / ``hashes.sha256_from_cache`` (the WebUI's own hash cache)
 - ``processing.StableDiffusionProcessingTxt2Img`` + ``processing.process_images``
 - ``shared.state`` (interrupted, textinfo), ``shared.opts`` (set/save/sd_model_checkpoint), ``shared.config_filename``
 """
@@ -20,6 +20,7 @@ from modules import hashes, processing, sd_models, shared
 from gmi_core.checkpoints import inspect_checkpoint
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
 from gmi_core.hashing import sha256_file
+from gmi_core.paths import one_line
 from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings, SkippedCheckpoint
 
 log = logging.getLogger("gmi")
@@ -51,29 +52,30 @@ def webui_sha256(info, fallback_cache: Path | None = None) -> str | None:
     return sha
 
 
+def _cached_sha(info) -> str | None:
+    from_cache = getattr(hashes, "sha256_from_cache", None)
+    return from_cache(info.filename, f"checkpoint/{info.name}") if from_cache else None
+
+
 def resolve_checkpoint(name: str):
-    """A WebUI CheckpointInfo by title, name, model name, short hash or sha256; never a file path."""
+    """A WebUI CheckpointInfo, matched the way the WebUI matches ``sd_model_checkpoint`` overrides
+    (``get_closet_checkpoint_match``: an alias, else the shortest title containing the name); never a file path."""
     if not isinstance(name, str) or not name.strip():
         raise CheckpointError("no checkpoint named")
     name = name.strip()
-    info = sd_models.checkpoint_aliases.get(name)
+    info = sd_models.get_closet_checkpoint_match(name)
     if info is None:
-        lowered = name.lower()
-        for candidate in webui_checkpoints():
-            sha = getattr(candidate, "sha256", None) or ""
-            if lowered in (candidate.name.lower(), candidate.title.lower()) or (sha and lowered in (sha, sha[:10])):
-                info = candidate
-                break
-    if info is None:
-        raise CheckpointError(f"checkpoint {name!r} is not in the WebUI's checkpoint list (refresh the list if it is new)")
+        raise CheckpointError(f"checkpoint {name[:200]!r} is not in the WebUI's checkpoint list (refresh the list if it is new)")
     return info
 
 
 class WebuiCheckpointSource:
     """CheckpointSource over ``sd_models.checkpoints_list``; names are the WebUI's checkpoint names."""
 
-    def __init__(self, hash_cache: Path | None = None):
+    def __init__(self, hash_cache: Path | None = None, on_hashing=None):
+        """``on_hashing(name)`` is called before a checkpoint is hashed for the first time (it can take minutes)."""
         self.hash_cache = hash_cache
+        self.on_hashing = on_hashing
 
     def list_checkpoints(self) -> CheckpointListing:
         listing = CheckpointListing()
@@ -83,9 +85,11 @@ class WebuiCheckpointSource:
             family, reason = inspect_checkpoint(path, allow_pickle=True)
             if reason is None:
                 try:
+                    if self.on_hashing and not getattr(info, "sha256", None) and not _cached_sha(info):
+                        self.on_hashing(info.name)
                     sha = webui_sha256(info, self.hash_cache)
                 except OSError as exc:
-                    sha, reason = None, f"unreadable file ({exc})"
+                    sha, reason = None, f"unreadable file ({one_line(exc)})"
                 if not sha and reason is None:
                     reason = "no sha256 (hashing disabled and file unreadable)"
             if reason is not None:

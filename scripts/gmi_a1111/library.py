@@ -7,9 +7,11 @@ from pathlib import Path
 
 from modules import paths, shared
 
-from gmi_core.errors import GmiError
+from gmi_core import limits
+from gmi_core.errors import GmiError, InvalidInput
 from gmi_core.library_map import build_map
-from gmi_core.observed import folder_inside, import_images
+from gmi_core.observed import import_images
+from gmi_core.paths import folder_inside, one_line
 
 from . import runtime
 
@@ -23,19 +25,19 @@ def root_folder(root: str) -> Path:
     if root == "outputs":
         configured = str(getattr(shared.opts, "outdir_samples", "") or "").strip()
         return Path(configured) if configured else Path(paths.data_path) / "outputs"
-    raise GmiError(f"root must be one of {', '.join(ROOTS)}")
+    raise InvalidInput(f"root must be one of {', '.join(ROOTS)}")
 
 
 def import_images_report(root: str, subfolder: str) -> dict:
-    folder = folder_inside(root_folder(root), subfolder)
-    return import_images(runtime.get_engine(), runtime.source().list_checkpoints(), folder).to_dict()
+    folder = folder_inside(root_folder(root), subfolder, "subfolder")
+    return limits.json_safe(import_images(runtime.get_engine(), runtime.source().list_checkpoints(), folder).to_dict())
 
 
 def import_images_html(root: str, subfolder: str) -> str:
     try:
         report = import_images_report(root, subfolder)
-    except GmiError as exc:
-        return f"<div style='color:#c33'><b>gmi:</b> {html.escape(str(exc))}</div>"
+    except (GmiError, OSError) as exc:
+        return f"<div style='color:#c33'><b>gmi:</b> {html.escape(one_line(exc))}</div>"
     added = "".join(f"<li>{html.escape(n)}: {k} image(s)</li>" for n, k in report["added"].items())
     reasons = ", ".join(f"{k} {html.escape(r)}" for r, k in report["skipped_by_reason"].items())
     skipped = "".join(f"<li>{html.escape(s['file'])}: {html.escape(s['reason'])}</li>" for s in report["skipped"][:200])
@@ -51,14 +53,14 @@ def groups_report() -> dict:
         return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
     data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
     data.pop("relative_distance")  # M x M: large for big libraries; `python -m gmi_core map --json` has it
-    return data
+    return limits.json_safe(data)
 
 
 def groups_html() -> str:
     try:
         data = groups_report()
-    except GmiError as exc:
-        return f"<div style='color:#c33'><b>gmi:</b> {html.escape(str(exc))}</div>"
+    except (GmiError, OSError) as exc:
+        return f"<div style='color:#c33'><b>gmi:</b> {html.escape(one_line(exc))}</div>"
     if not data["checkpoints"]:
         return "<p>No specs yet.</p>"
     groups = "".join(f"<li>{', '.join(html.escape(n) for n in g)}</li>" for g in data["groups"])

@@ -10,15 +10,18 @@ import io
 import logging
 import os
 import threading
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules import paths, shared
+from modules import call_queue, paths, sd_models, shared
 
 from gmi_core.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder, load_encoder, wrap_open_clip
 from gmi_core.engine import Gmi, IdentifyResult
-from gmi_core.errors import EncoderUnavailable, GmiError
-from gmi_core.prompts import PromptSet, load_prompt_set
+from gmi_core.errors import EncoderUnavailable, GmiError, InvalidInput
+from gmi_core.limits import json_safe
+from gmi_core.paths import resolve_inside
+from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
 
 from .host import WebuiCheckpointSource, WebuiGenerator, WebuiSwitcher, webui_checkpoints
@@ -33,7 +36,7 @@ OPTIONS: dict[str, tuple[object, str]] = {
     "gmi_encoder_pretrained": (DEFAULT_PRETRAINED, "CLIP weights tag (open_clip 'pretrained' name)"),
     "gmi_allow_download": (False, "Allow downloading CLIP weights when they are not on disk"),
     "gmi_spec_dir": ("", "Spec folder (empty: models/gmi in the WebUI's models folder)"),
-    "gmi_prompt_set": ("platform", "Prompt set: 'platform' or a path to a JSON list / text file of prompts"),
+    "gmi_prompt_set": ("platform", "Prompt set: 'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets"),
     "gmi_images_per_prompt": (4, "Images per prompt when building specs"),
     "gmi_steps": (20, "Sampling steps when building specs"),
     "gmi_cfg": (7.0, "CFG scale when building specs"),
@@ -63,6 +66,11 @@ def models_dir() -> Path:
 def spec_dir() -> Path:
     configured = str(opt("gmi_spec_dir") or "").strip()
     return Path(configured) if configured else models_dir() / "gmi"
+
+
+def prompt_set_roots() -> list[Path]:
+    """Where prompt-set files may live: gmi's own folders and the WebUI's models folder."""
+    return [spec_dir() / "prompt_sets", spec_dir(), models_dir()]
 
 
 def encoder_search_dirs() -> list[Path]:
@@ -106,6 +114,8 @@ class Config:
 
 
 _lock = threading.RLock()
+_encoder_loading = threading.Lock()
+_queue_state = threading.local()
 _encoders: dict[tuple, ClipEncoder] = {}
 _engines: dict[Config, Gmi] = {}
 _prompt_sets: dict[str, PromptSet] = {}
@@ -135,11 +145,40 @@ def _webui_openai_clip(name: str, pretrained: str) -> ClipEncoder | None:
     return None
 
 
+@contextmanager
+def holding_queue_lock():
+    """Marks code that runs while this thread holds the WebUI's queue lock (a build job, a script in a generation)."""
+    previous = getattr(_queue_state, "held", False)
+    _queue_state.held = True
+    try:
+        yield
+    finally:
+        _queue_state.held = previous
+
+
+@contextmanager
+def webui_model_loading_excluded():
+    """No WebUI checkpoint load runs meanwhile: while one runs, InitializeOnMeta makes torch's Module.to
+    return None, so loading another model then fails. Loads run under the queue lock (switches, overrides)
+    or under ``sd_models.model_data.lock`` (the first load at start-up); take both, in the WebUI's order."""
+    with ExitStack() as stack:
+        if not getattr(_queue_state, "held", False):
+            stack.enter_context(call_queue.queue_lock)
+        model_lock = getattr(getattr(sd_models, "model_data", None), "lock", None)
+        if model_lock is not None:
+            stack.enter_context(model_lock)
+        yield
+
+
 def get_encoder(config: Config) -> ClipEncoder:
     key = (config.encoder, config.pretrained, config.allow_download)
     with _lock:
         if key in _encoders:
             return _encoders[key]
+    with webui_model_loading_excluded(), _encoder_loading:
+        with _lock:
+            if key in _encoders:
+                return _encoders[key]
         dirs = encoder_search_dirs()
         try:
             encoder = load_encoder(config.encoder, config.pretrained, search_dirs=dirs, allow_download=config.allow_download,
@@ -151,27 +190,42 @@ def get_encoder(config: Config) -> ClipEncoder:
                     f"{exc} (gmi also looked for the WebUI interrogator's {config.encoder}.pt in "
                     f"{', '.join(str(d) for d in dirs)}; choose another encoder in Settings > GMI)"
                 ) from exc
-        _encoders[key] = encoder
+        with _lock:
+            _encoders[key] = encoder
         log.info("gmi: CLIP encoder %s loaded", encoder.encoder_id)
         return encoder
 
 
-def get_prompt_set(name: str) -> PromptSet:
+def get_prompt_set(name: str, from_request: bool = False) -> PromptSet:
+    """A built-in set, or a file inside :func:`prompt_set_roots`; a request may only name it relatively."""
+    if name in BUILTIN_SETS:
+        path = name
+    else:
+        path = str(resolve_inside(name, prompt_set_roots(), "prompt set", allow_absolute=not from_request))
     with _lock:
-        if name not in _prompt_sets:
-            _prompt_sets[name] = load_prompt_set(name)
-        return _prompt_sets[name]
+        if path not in _prompt_sets:
+            _prompt_sets[path] = load_prompt_set(path)
+        return _prompt_sets[path]
 
 
 def get_engine(**overrides) -> Gmi:
+    """The engine for the settings plus ``overrides`` (from a request or the tab: checked like request input)."""
+    if not isinstance(overrides.get("prompt_set") or "", str):
+        raise InvalidInput("prompt_set must be a name")
     config = Config.from_opts(**overrides)
+    prompt_set = get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
     with _lock:
         engine = _engines.get(config)
-        if engine is None:
+        if engine is not None and engine.prompt_set.hash == prompt_set.hash:
+            return engine
+    encoder = get_encoder(config)  # may wait for the WebUI's model loading: not under _lock
+    with _lock:
+        engine = _engines.get(config)
+        if engine is None or engine.prompt_set.hash != prompt_set.hash:
             engine = Gmi(
                 spec_root=config.spec_root,
-                encoder=get_encoder(config),
-                prompt_set=get_prompt_set(config.prompt_set),
+                encoder=encoder,
+                prompt_set=prompt_set,
                 images_per_prompt=config.images_per_prompt,
                 settings=config.settings,
             )
@@ -187,8 +241,8 @@ def reset() -> None:
         _prompt_sets.clear()
 
 
-def source() -> WebuiCheckpointSource:
-    return WebuiCheckpointSource(hash_cache=spec_dir() / "cache" / "sha256.json")
+def source(on_hashing=None) -> WebuiCheckpointSource:
+    return WebuiCheckpointSource(hash_cache=spec_dir() / "cache" / "sha256.json", on_hashing=on_hashing)
 
 
 def generator() -> WebuiGenerator:
@@ -233,11 +287,13 @@ def identify(images, prompt: str | None = None, method: str | None = None, top_k
     return result, data
 
 
-def status(**overrides) -> dict:
+def status(on_hashing=None, **overrides) -> dict:
     engine = get_engine(**overrides)
-    statuses, skipped = engine.status(source())
+    statuses, skipped = engine.status(source(on_hashing))
     titles = titles_by_sha()
-    return {
+    note = "" if statuses or skipped else "the WebUI lists no checkpoints: put Stable Diffusion checkpoints in models/Stable-diffusion"
+    return json_safe({
+        "note": note,
         "encoder": engine.encoder.encoder_id,
         "spec_dir": str(engine.store.root),
         "prompt_set": {"name": engine.prompt_set.name, "hash": engine.prompt_set.hash, "size": len(engine.prompt_set)},
@@ -258,4 +314,4 @@ def status(**overrides) -> dict:
             for s in statuses
         ],
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
-    }
+    })

@@ -1,15 +1,23 @@
-"""The "Identify" tab (registered by scripts/gmi_tab.py through on_ui_tabs). Gradio 3.41 (A1111)."""
+"""The "Identify" tab (registered by scripts/gmi_tab.py through on_ui_tabs). Gradio 3.41 (A1111).
+
+Building the tab does nothing heavy (on_ui_tabs runs during start-up, beside the WebUI's model load):
+no encoder is loaded and no checkpoint hashed until the user opens "Build specs" or presses Refresh,
+and first-time hashing shows which file is being hashed.
+"""
 
 from __future__ import annotations
 
 import html
 import logging
+import queue
+import threading
 
 import gradio as gr
 from modules import call_queue, shared
 
 from gmi_core.errors import GmiError
 from gmi_core.images import load_image
+from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
 
 from . import build, library, runtime
@@ -77,48 +85,83 @@ def _marks(row: dict) -> str:
     return "".join(f" <small>({html.escape(m)})</small>" for m in marks)
 
 
-def status_rows() -> tuple[list[list], list[str], list[str], str]:
+def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]:
     """(table rows, all names, names without a ready spec, note) for the Build panel."""
     try:
-        data = runtime.status()
-    except GmiError as exc:
-        return [], [], [], _error_html(str(exc))
-    rows = [[c["name"], c["short_hash"], c["state"], f"{c['prompts_done']}/{c['prompts_total']}"
+        data = runtime.status(on_hashing=on_hashing)
+    except (GmiError, OSError) as exc:
+        return [], [], [], _error_html(one_line(exc))
+    rows = [[c["name"], c["short_hash"], c["state"],
+             f"{c['prompts_done']}/{c['prompts_total']}" + (f" ({c['detail']})" if c["detail"] else "")
              + (f" + {c['observed_images']} observed" if c.get("observed_images") else "")] for c in data["checkpoints"]]
     rows += [[s["name"], "", "skipped", s["reason"]] for s in data["skipped"]]
     names = [c["name"] for c in data["checkpoints"]]
     todo = [c["name"] for c in data["checkpoints"] if c["state"] != "ready"]
     note = (f"Encoder <code>{html.escape(data['encoder'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
             f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(data['spec_dir'])}</code>")
+    if data.get("note"):
+        note += f"<p>{html.escape(data['note'])}</p>"
     return rows, names, todo, note
 
 
+def refresh_status():
+    """Status on demand, as a generator: while checkpoints are hashed for the first time, says which one."""
+    names: queue.Queue = queue.Queue()
+    result = {}
+
+    def work():
+        try:
+            result["rows"] = status_rows(on_hashing=names.put)
+        finally:
+            names.put(None)
+
+    threading.Thread(target=work, name="gmi-status", daemon=True).start()
+    while (name := names.get()) is not None:
+        yield f"<p>gmi: hashing {html.escape(name)} (first time only; the WebUI caches it)…</p>", gr.update(), gr.update()
+    rows, all_names, todo, note = result.get("rows") or ([], [], [], _error_html("status failed; see the console"))
+    yield note, rows, gr.update(choices=all_names, value=todo)
+
+
 def do_identify(image, files, prompt, method, top_k):
+    """The prompt box holds only what the user typed (or asked Interrogate for); the prompt used goes to its own box."""
     try:
         images = _images_from(image, files)
         if not images:
             raise GmiError("upload a reference image first")
         result, data = runtime.identify(images, prompt or None, method, int(top_k), thumbnails=True)
-    except GmiError as exc:
-        return _error_html(str(exc)), gr.update(), gr.update(choices=[], value=None)
+    except (GmiError, OSError) as exc:
+        return _error_html(one_line(exc)), "", gr.update(choices=[], value=None)
     titles = [r["title"] for r in data["ranking"] if r.get("installed", True)]  # only installed ones can be used
-    return ranking_html(data), gr.update(value=result.pseudo_prompt), gr.update(choices=titles, value=titles[0] if titles else None)
+    used = f"{result.pseudo_prompt}  ({'typed' if result.prompt_source == 'user' else 'interrogated from this image'})"
+    return ranking_html(data), used, gr.update(choices=titles, value=titles[0] if titles else None)
 
 
 def do_interrogate(image, files):
+    """Fills the prompt box on request; remembered so that a new image clears it again."""
     try:
         images = _images_from(image, files)
         if not images:
             raise GmiError("upload a reference image first")
-        return runtime.get_engine().interrogate(images), ""
-    except GmiError as exc:
-        return gr.update(), _error_html(str(exc))
+        text = runtime.get_engine().interrogate(images)
+        return text, "", text
+    except (GmiError, OSError) as exc:
+        return gr.update(), _error_html(one_line(exc)), gr.update()
+
+
+def on_new_image(prompt, interrogated):
+    """A new reference image: a prompt that only came from the previous image's interrogation is cleared."""
+    if interrogated and prompt == interrogated:
+        return "", "", ""
+    return gr.update(), "", interrogated
 
 
 def do_build(task_id, names, prompt_set, images_per_prompt, steps, width, height, sampler):
     """Runs inside wrap_gradio_gpu_call: the queue lock is held and shared.state has begun."""
     if not names:
         return "", "<p>Nothing selected.</p>"
+    running = build.active_job()
+    if running is not None:
+        return "", _error_html(f"busy: a gmi build is already {running.state} ({running.id})")
     overrides = {"prompt_set": prompt_set or None, "images_per_prompt": int(images_per_prompt), "steps": int(steps),
                  "width": int(width), "height": int(height), "sampler": sampler or None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -162,18 +205,21 @@ def on_ui_tabs():
                         interrogate_btn = gr.Button("Interrogate")
                         identify_btn = gr.Button("Identify", variant="primary", elem_id="gmi_identify")
                 with gr.Column():
+                    used_prompt = gr.Textbox(label="Prompt used for ranking", interactive=False, elem_id="gmi_used_prompt")
                     result = gr.HTML(elem_id="gmi_ranking")
                     with gr.Row():
                         choice = gr.Dropdown([], label="Checkpoint", elem_id="gmi_choice")
                         use_btn = gr.Button("Use this checkpoint", elem_id="gmi_use")
-            identify_btn.click(do_identify, [image, files, prompt, method, top_k], [result, prompt, choice])
-            interrogate_btn.click(do_interrogate, [image, files], [prompt, result])
+            interrogated = gr.State("")
+            identify_btn.click(do_identify, [image, files, prompt, method, top_k], [result, used_prompt, choice])
+            interrogate_btn.click(do_interrogate, [image, files], [prompt, result, interrogated])
+            for source in (image, files):
+                source.change(on_new_image, [prompt, interrogated], [prompt, used_prompt, interrogated])
             use_btn.click(None, [choice], [choice], _js=SWITCH_JS)
-        with gr.Tab("Build specs"):
-            rows, names, todo, note = status_rows()
-            note_html = gr.HTML(note)
-            table = gr.Dataframe(rows, headers=["checkpoint", "hash", "spec", "prompts / reason"], interactive=False)
-            selected = gr.CheckboxGroup(names, value=todo, label="Checkpoints (default: all without a current spec)")
+        with gr.Tab("Build specs") as build_tab:
+            note_html = gr.HTML("<p>Spec status loads when this tab opens (or press Refresh).</p>")
+            table = gr.Dataframe([], headers=["checkpoint", "hash", "spec", "prompts / reason"], interactive=False)
+            selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():
                 prompt_set = gr.Textbox(str(runtime.opt("gmi_prompt_set")), label="Prompt set ('platform' or a file)")
                 images_per_prompt = gr.Slider(1, 16, value=int(runtime.opt("gmi_images_per_prompt")), step=1, label="Images per prompt")
@@ -190,10 +236,8 @@ def on_ui_tabs():
             build_message = gr.Textbox(label="Last progress", interactive=False)
             build_result = gr.HTML(elem_id="gmi_build_result")
 
-            def refresh():
-                r, n, t, note_text = status_rows()
-                return note_text, r, gr.update(choices=n, value=t)
-
+            refresh = refresh_status
+            build_tab.select(refresh, [], [note_html, table, selected])
             refresh_btn.click(refresh, [], [note_html, table, selected])
             build_btn.click(
                 call_queue.wrap_gradio_gpu_call(do_build, extra_outputs=[""]),

@@ -9,7 +9,10 @@ Signatures and behaviour follow stable-diffusion-webui v1.10.1:
   the options afterwards but leaves the override model loaded, honours ``state.interrupted`` and calls
   ``state.nextjob()`` once per batch.
 - ``shared.opts.set`` runs the option's ``onchange``; for sd_model_checkpoint that reloads the weights.
-- ``call_queue.queue_lock`` is not re-entrant (the real FIFOLock is not either).
+- ``call_queue.queue_lock`` is not re-entrant (the real FIFOLock is not either); ``sd_models.model_data.lock``
+  guards the first model load; ``sd_models.get_closet_checkpoint_match`` is the real function.
+- ``modules.api.api.Api``: registers /sdapi/v1/ routes on a FastAPI app, each with ``Depends(self.auth)`` (HTTP
+  Basic against ``--api-auth``) when ``cmd_opts.api_auth`` is set, like the real one.
 
 Images: a checkpoint "renders" its own colour (from its file bytes) plus prompt- and seed-dependent noise.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import threading
 import types
@@ -27,6 +31,16 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+try:  # the fake Api needs FastAPI (a test extra), like the real one
+    from secrets import compare_digest
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    _BASIC = Depends(HTTPBasic())
+except ImportError:  # pragma: no cover
+    Depends = HTTPException = HTTPBasicCredentials = _BASIC = None
 
 
 class FakeWebui:
@@ -53,12 +67,15 @@ class FakeWebui:
         m = {name: types.ModuleType(name) for name in (
             "modules", "modules.shared", "modules.sd_models", "modules.hashes", "modules.processing",
             "modules.call_queue", "modules.paths", "modules.progress", "modules.script_callbacks", "modules.scripts",
+            "modules.api", "modules.api.api",
         )}
         pkg = m["modules"]
         pkg.__path__ = []
         for name, module in m.items():
-            if name != "modules":
+            if name.count(".") == 1:
                 setattr(pkg, name.split(".", 1)[1], module)
+        m["modules.api"].__path__ = []
+        m["modules.api"].api = m["modules.api.api"]
 
         # ---- shared ----
         shared = m["modules.shared"]
@@ -134,7 +151,7 @@ class FakeWebui:
         shared.opts = Options()
         shared.state = State()
         shared.cmd_opts = types.SimpleNamespace(ckpt_dir=None, no_hashing=False, use_cpu=["all"], clip_models_path=None,
-                                                freeze_settings=False)
+                                                freeze_settings=False, api=False, api_auth=None, nowebui=False)
         shared.config_filename = self.config_filename
         shared.sd_model = None
         self.shared = shared
@@ -206,9 +223,25 @@ class FakeWebui:
                 if path.suffix.lower() in (".safetensors", ".ckpt"):
                     CheckpointInfo(path).register()
 
+        re_strip_checksum = re.compile(r"\s*\[[^]]+]\s*$")
+
+        def get_closet_checkpoint_match(search_string):
+            if not search_string:
+                return None
+            checkpoint_info = sd_models.checkpoint_aliases.get(search_string, None)
+            if checkpoint_info is not None:
+                return checkpoint_info
+            found = sorted([i for i in sd_models.checkpoints_list.values() if search_string in i.title], key=lambda x: len(x.title))
+            if found:
+                return found[0]
+            without_checksum = re.sub(re_strip_checksum, "", search_string)
+            found = sorted([i for i in sd_models.checkpoints_list.values() if without_checksum in i.title], key=lambda x: len(x.title))
+            return found[0] if found else None
+
         sd_models.CheckpointInfo = CheckpointInfo
         sd_models.list_models = list_models
-        sd_models.model_data = types.SimpleNamespace(sd_model=None)
+        sd_models.get_closet_checkpoint_match = get_closet_checkpoint_match
+        sd_models.model_data = types.SimpleNamespace(sd_model=None, lock=threading.Lock(), was_loaded_at_least_once=False)
         sd_models.reload_model_weights = lambda sd_model=None, info=None, forced_reload=False: fake.reload_model_weights()
         self.sd_models = sd_models
 
@@ -316,6 +349,32 @@ class FakeWebui:
             pass
 
         scripts.Script = Script
+
+        class Api:
+            """modules/api/api.py's Api: its auth dependency and add_api_route, a few of its routes."""
+
+            def __init__(self, app, queue_lock):
+                if shared.cmd_opts.api_auth:
+                    self.credentials = {}
+                    for auth in shared.cmd_opts.api_auth.split(","):
+                        user, password = auth.split(":")
+                        self.credentials[user] = password
+                self.app, self.queue_lock = app, queue_lock
+                self.add_api_route("/sdapi/v1/options", lambda: dict(shared.opts.data), methods=["GET"])
+                self.add_api_route("/sdapi/v1/sd-models", lambda: [{"title": t} for t in sd_models.checkpoints_list], methods=["GET"])
+
+            def add_api_route(self, path, endpoint, **kwargs):
+                if shared.cmd_opts.api_auth:
+                    return self.app.add_api_route(path, endpoint, dependencies=[Depends(self.auth)], **kwargs)
+                return self.app.add_api_route(path, endpoint, **kwargs)
+
+            def auth(self, credentials: HTTPBasicCredentials = _BASIC):
+                if credentials.username in self.credentials:
+                    if compare_digest(credentials.password, self.credentials[credentials.username]):
+                        return True
+                raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+        m["modules.api.api"].Api = Api
         return m
 
     # -- behaviour ------------------------------------------------------------------------------

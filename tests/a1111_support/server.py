@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -37,8 +38,11 @@ def free_port() -> int:
 
 
 class WebuiServer:
-    def __init__(self, webui: Path, data_dir: Path, extension_root: Path, log_path: Path, extra_env: dict | None = None):
+    def __init__(self, webui: Path, data_dir: Path, extension_root: Path, log_path: Path, extra_env: dict | None = None,
+                 api_auth: str | None = None):
+        """``api_auth`` ("user:password") starts the WebUI with --api-auth; requests then send those credentials."""
         self.webui, self.data_dir, self.log_path = Path(webui), Path(data_dir), Path(log_path)
+        self.api_auth = api_auth
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ext = self.data_dir / "extensions" / "gmi"
@@ -52,6 +56,8 @@ class WebuiServer:
 
     def start(self, timeout: float = 600) -> None:
         cmd = [str(webui_python(self.webui)), "launch.py", *LAUNCH_FLAGS, "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        if self.api_auth:
+            cmd += ["--api-auth", self.api_auth]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.webui, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -83,9 +89,15 @@ class WebuiServer:
         except OSError:
             return ""
 
-    def request(self, method: str, path: str, body=None, expect_error: bool = False, timeout: float = 600):
+    def request(self, method: str, path: str, body=None, expect_error: bool = False, timeout: float = 600,
+                credentials: str | None = None):
+        """``credentials``: "user:password" to send instead of the server's own, "" to send none."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        credentials = self.api_auth if credentials is None else credentials
+        if credentials:
+            headers["authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, json.loads(resp.read() or b"null")

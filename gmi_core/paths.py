@@ -1,0 +1,144 @@
+"""Names of files from users and requests, confined to gmi's folders; server paths kept out of messages.
+
+Every parameter that names a file (prompt set, encoder, checkpoint, spec key, thumbnail) goes through
+:func:`resolve_inside` or :func:`check_component`: after normalisation the file must lie inside one of the
+allowed roots (symlinks resolved), and errors never echo an absolute path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from urllib.parse import unquote
+
+from .errors import InvalidInput, NotFound
+
+_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,199}")
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/~-])(?:[A-Za-z]:)?[\\/](?:[^\s'"\\/]+[\\/])*([^\s'"\\/,;)]*)""")
+
+
+def check_component(name: str, what: str) -> str:
+    """A single file-name-like token (model name, tag): no separators, no '..', no encoded forms."""
+    if not isinstance(name, str) or not _COMPONENT.fullmatch(name) or ".." in name:
+        raise InvalidInput(f"{what} must be a plain name (letters, digits, . _ + @ -)")
+    return name
+
+
+def _rejected_name(text: str) -> str | None:
+    """Why a relative name is refused before touching the disk, or None when its form is acceptable."""
+    if not text or len(text) > 1000 or "\x00" in text or any(ord(c) < 32 for c in text):
+        return "empty or invalid name"
+    if unquote(text) != text:
+        return "URL-encoded names are not accepted"
+    if "\\" in text or PureWindowsPath(text).drive:
+        return "backslashes and drive letters are not accepted"
+    if ".." in PurePosixPath(text).parts:
+        return "'..' is not accepted"
+    return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def resolve_inside(name: str, roots: Sequence[Path], what: str, allow_absolute: bool = False) -> Path:
+    """The regular file ``name`` names inside one of ``roots``, after resolving symlinks and normalising.
+
+    A relative name is looked up under each root in turn; an absolute one (only with ``allow_absolute``, for
+    values from the host's settings) must itself lie inside a root. InvalidInput for a refused form, NotFound
+    when no allowed file matches; neither message contains a server path.
+    """
+    text = str(name)
+    absolute = text.startswith(("/", "\\")) or bool(PureWindowsPath(text).drive)
+    shown = "(an absolute path)" if absolute else repr(text[:200])
+    if absolute and not allow_absolute:
+        raise InvalidInput(f"{what} {shown}: absolute paths are not accepted; give a name inside gmi's folders")
+    reason = None if absolute else _rejected_name(text)
+    if reason:
+        raise InvalidInput(f"{what} {shown}: {reason}")
+    real_roots = [Path(r).resolve() for r in roots]
+    candidates = [Path(text)] if absolute else [root / text for root in real_roots]
+    for candidate in candidates:
+        try:
+            real = candidate.resolve()
+            mode = real.stat().st_mode
+        except (OSError, RuntimeError):
+            continue
+        if any(_inside(real, root) for root in real_roots) and stat.S_ISREG(mode):
+            return real
+    raise NotFound(f"{what} {shown} is not a file inside gmi's folders")
+
+
+def folder_inside(root: Path, subfolder: str, what: str = "folder") -> Path:
+    """The folder ``subfolder`` names inside ``root`` (a host's output/input/models folder), symlinks resolved.
+
+    Empty names the root itself. Absolute paths, '..', encoded forms and symlinks that leave the root are
+    InvalidInput; a folder that does not exist is NotFound. Messages never contain a server path.
+    """
+    raw = str(subfolder or "").strip()
+    if raw.startswith(("/", "\\")) or PureWindowsPath(raw).drive:
+        raise InvalidInput(f"{what} (an absolute path): absolute paths are not accepted; give a folder inside the root")
+    text = raw.rstrip("/")
+    shown = repr(text[:200]) if text else "'.'"
+    reason = _rejected_name(text) if text else None
+    if reason:
+        raise InvalidInput(f"{what} {shown}: {reason}")
+    real_root = Path(root).resolve()
+    try:
+        real = (real_root / text).resolve() if text else real_root
+    except (OSError, RuntimeError):
+        raise NotFound(f"{what} {shown} is not a folder inside the root") from None
+    if not _inside(real, real_root):
+        raise InvalidInput(f"{what} {shown} leaves the root folder (a link out of it)")
+    if not real.is_dir():
+        raise NotFound(f"{what} {shown} is not a folder inside the root")
+    return real
+
+
+def inside(path: Path, root: Path) -> bool:
+    """``path`` lies in ``root`` after resolving symlinks (a file found while walking a folder)."""
+    try:
+        return _inside(Path(path).resolve(), Path(root).resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def redact(message: str) -> str:
+    """A message for an HTTP body: absolute server paths reduced to their last component."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(path)", str(message))
+
+
+def one_line(exc: BaseException) -> str:
+    """An OS or other error as one line, without the server path (for HTTP bodies and status fields)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        name = Path(str(exc.filename)).name if exc.filename else ""
+        return f"{exc.strerror}" + (f": {name}" if name else "")
+    text = str(exc).strip().splitlines()
+    return redact(text[0] if text else type(exc).__name__)
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it where the OS allows (/proc), else set and restored once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)  # at import, before any request thread exists
+    os.umask(current)
+    return current
+
+
+FILE_MODE = 0o666 & ~_read_umask()
+
+
+def set_default_mode(path) -> None:
+    """Temp files from mkstemp are 0600; a finished file gets the mode any other new file would get."""
+    try:
+        os.chmod(path, FILE_MODE)
+    except OSError:
+        pass
