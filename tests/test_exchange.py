@@ -22,10 +22,9 @@ from gmi_core.exchange import (
     write_exchange,
 )
 from gmi_core.observed import OBSERVED
-from gmi_core.spec import _content_hash
 from gmi_core.prompts import load_prompt_set
 from gmi_core.protocols import GenerationSettings
-from gmi_core.spec import Spec
+from gmi_core.spec import Spec, _content_hash
 from gmi_core.store import SpecStore
 
 SIZE_TARGET = 200_000  # bytes per default spec without thumbnails (55 prompts x 4 images x 768-d)

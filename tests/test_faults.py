@@ -1083,7 +1083,7 @@ class _FakeGradio:
 
         self.module = __import__("types").ModuleType("gradio")
         for name in ("Blocks", "Tab", "Row", "Column", "Image", "File", "Textbox", "Dropdown", "Slider", "Button", "HTML",
-                     "Dataframe", "CheckboxGroup", "State"):
+                     "Dataframe", "CheckboxGroup", "State", "Accordion"):
             setattr(self.module, name, type(name, (Component,), {}))
         self.module.update = lambda **kwargs: {"__update__": True, **kwargs}
 
