@@ -79,6 +79,7 @@ def build_spec(
         log.info("gmi: %s keeps the settings its spec was started with (%s)", checkpoint.name, spec.settings)
     spec.grow(budget.images_per_prompt, base_seed)
     spec.checkpoint_name = checkpoint.name
+    spec.extra["kind"] = "generated"  # vs "observed" (gmi_core.observed); specs without the key are generated too
     if checkpoint.popularity is not None:
         spec.extra["popularity"] = checkpoint.popularity
     indices = budget.prompt_indices(n)

@@ -47,8 +47,8 @@ def _progress_bar():
     return update
 
 
-def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=Path, required=True, help="folder of .safetensors checkpoints")
+def _add_engine_options(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
+    parser.add_argument("--models", type=Path, required=models_required, help="folder of .safetensors checkpoints")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
     parser.add_argument("--encoder", default="ViT-L-14", help="open_clip model name, or a gmi encoder .safetensors file")
     parser.add_argument("--pretrained", default="openai", help="open_clip pretrained tag")
@@ -77,7 +77,7 @@ def _engine(args):
     from .prompts import load_prompt_set
     from .protocols import GenerationSettings
 
-    if not args.models.is_dir():
+    if args.models is not None and not args.models.is_dir():
         raise GmiError(f"models folder {args.models} does not exist")
     overrides = parse_overrides(args.set)
     for name in ("steps", "cfg", "width", "height"):
@@ -85,13 +85,16 @@ def _engine(args):
             overrides.setdefault("*", {})[name] = getattr(args, name)
     settings = FamilySettings.defaults(GenerationSettings(sampler=args.sampler), overrides)
     encoder = load_encoder(
-        args.encoder, args.pretrained, args.clip_weights, [args.home / "clip", args.models], args.allow_download
+        args.encoder, args.pretrained, args.clip_weights, [args.home / "clip", *([args.models] if args.models else [])],
+        args.allow_download,
     )
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.budget, settings, args.seed)
 
     def announce(path: Path) -> None:
         print(f"gmi: hashing {path.name} ({path.stat().st_size / 2**30:.1f} GiB, once; cached after)", file=sys.stderr)
 
+    if args.models is None:
+        return gmi, None
     return gmi, FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json", on_hashing=announce)
 
 
@@ -154,8 +157,9 @@ def _print_ranking(result) -> None:
     print(f"{'rank':>4}  {'score':>10}  {'hash':10}  checkpoint  (best-matching spec prompts)")
     for r in result.ranking:
         prompts = "; ".join(m.prompt for m in r.top_prompts[:2])
-        flag = f" [partial spec: {r.prompts_done} prompts, {r.images_done} images]" if r.partial else ""
-        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}{flag}  ({prompts})")
+        marks = ("" if r.installed else " [not installed]") + ("" if r.kind == "generated" else f" [{r.kind}]")
+        marks += f" [partial spec: {r.prompts_done} prompts, {r.images_done} images]" if r.partial else ""
+        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}{marks}  ({prompts})")
     for name, reason in result.excluded:
         print(f"   -  not ranked: {name}: {reason}")
 
@@ -165,7 +169,8 @@ def cmd_identify(args) -> int:
 
     images = [load_image(path) for path in args.images]
     gmi, source = _engine(args)
-    result = gmi.identify(images, args.prompt, args.method, args.top_k, source, gamma=args.gamma, tau=args.tau)
+    result = gmi.identify(images, args.prompt, args.method, args.top_k, source, gamma=args.gamma, tau=args.tau,
+                          include_not_installed=args.include_not_installed, centre=args.centre)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1, allow_nan=False))
     else:
@@ -216,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument("--gamma", type=float, help="kernel width (default: median heuristic)")
     identify.add_argument("--tau", type=float, help="prompt-weight temperature (default: clipped cosine)")
     identify.add_argument("--json", action="store_true")
+    identify.add_argument("--include-not-installed", action="store_true",
+                          help="also rank imported specs of checkpoints that are not in --models (marked)")
+    identify.add_argument("--centre", action="store_true",
+                          help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see README)")
     identify.set_defaults(func=cmd_identify)
+
+    from .library_cli import add_library_commands
+
+    add_library_commands(commands, _add_engine_options)
 
     demo = commands.add_parser("demo", help="end-to-end run on tiny random checkpoints (no downloads)")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_HOME / "demo")

@@ -21,6 +21,7 @@ from .images import to_rgb
 from .interrogator import Interrogator
 from .limits import check_identify, check_settings, json_safe
 from .locks import spec_lock
+from .observed import OBSERVED, merge, row_source, spec_counts, spec_kind
 from .paths import one_line
 from .prompts import PromptSet, load_prompt_set
 from .protocols import (
@@ -65,6 +66,7 @@ class SpecStatus:
     budget_done: str | None = None  # the largest named budget the spec covers
     current: bool = True
 
+    observed_images: int = 0  # images in the checkpoint's observed spec (import-images)
 
 @dataclass
 class BuildPlan:
@@ -105,6 +107,8 @@ class PromptMatch:
     prompt: str
     weight: float
     contribution: float
+    prompt_set_hash: str = ""  # the stored spec this row comes from ("observed" for the user's own images)
+    spec_index: int = -1  # the row in that stored spec
 
 
 @dataclass
@@ -114,6 +118,9 @@ class RankedCheckpoint:
     sha256: str
     score: float
     top_prompts: list[PromptMatch]
+    installed: bool = True  # False: an imported spec of a checkpoint that is not on this machine
+    kind: str = "generated"  # generated / observed / mixed
+    counts: dict = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)  # other file names with the same sha256
     prompts_done: int = 0  # prompts with images in the spec
     images_done: int = 0
@@ -151,6 +158,9 @@ class IdentifyResult:
                     "short_hash": r.short_hash,
                     "score": r.score,
                     "top_prompts": [asdict(p) for p in r.top_prompts],
+                    "installed": r.installed,
+                    "kind": r.kind,
+                    "counts": r.counts,
                     "aliases": list(r.aliases),
                     "prompts_done": r.prompts_done,
                     "images_done": r.images_done,
@@ -189,6 +199,7 @@ class Gmi:
         self._prompt_features: torch.Tensor | None = None
         self._bank_cache: tuple[tuple, FeatureBank] | None = None
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
+        self._merged_cache: dict[str, tuple] = {}
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -212,6 +223,7 @@ class Gmi:
         n = len(self.prompt_set)
         budget_prompts = self.budget.prompt_indices(n)
         need = self.budget.images_per_prompt
+        observed = {e.sha256: e.prompts_done for e in entries if e.prompt_set_hash == OBSERVED and e.encoder_id == self.encoder.encoder_id}
         statuses = []
         for ckpt in listing.checkpoints:
             base = dict(prompts_total=len(budget_prompts), family=ckpt.family or "", images_budget=self.budget.images(n),
@@ -220,13 +232,15 @@ class Gmi:
             if entry is None:
                 state, detail = "missing", ""
                 path = self.store.path_for(self.key(ckpt))
+                observed_images = observed.get(ckpt.sha256, 0)
                 if path.exists():  # a file identify would refuse: corrupt, rebuilt by "build missing"
                     state = "corrupt"
                     detail = problems.get(str(path.relative_to(self.store.root)), "unreadable spec file")
                 else:
                     detail = self._why_stale(ckpt, entries)
                     state = "stale" if detail else "missing"
-                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, detail=detail, **base))
+                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, detail=detail,
+                                           observed_images=observed_images, **base))
                 continue
             counts = entry.image_counts
             base["images_missing"] = missing_images(counts, self.budget)
@@ -238,12 +252,14 @@ class Gmi:
             statuses.append(SpecStatus(
                 ckpt.name, ckpt.sha256, "partial" if base["images_missing"] else "ready",
                 sum(counts[i] >= need for i in budget_prompts), detail=detail, images_done=sum(counts),
-                budget_done=covered_budget(counts, n), current=current, **base,
+                budget_done=covered_budget(counts, n), current=current, observed_images=observed.get(ckpt.sha256, 0),
+                **base,
             ))
         return statuses, listing.skipped
 
     def _why_stale(self, ckpt: CheckpointInfo, entries: list[ManifestEntry]) -> str:
-        """Why only an unusable spec exists for ``ckpt`` (empty: none exists)."""
+        """Why only an unusable spec exists for ``ckpt`` (empty: none exists; observed specs are never stale)."""
+        entries = [e for e in entries if e.prompt_set_hash != OBSERVED]
         for e in entries:
             if e.sha256 == ckpt.sha256 and e.encoder_id != self.encoder.encoder_id:
                 return f"spec built for encoder {e.encoder_id}"
@@ -349,8 +365,15 @@ class Gmi:
     def interrogate(self, images: Sequence[Image.Image]) -> str:
         return self.interrogator.interrogate([to_rgb(i) for i in images])
 
-    def load_specs(self, source: CheckpointSource | None = None) -> tuple[list[Spec], list[tuple[str, str]]]:
-        """Usable specs for this encoder and prompt set, and (name, reason) for those left out."""
+    def load_specs(
+        self, source: CheckpointSource | None = None, include_not_installed: bool = False
+    ) -> tuple[list[Spec], list[tuple[str, str]]]:
+        """Usable specs for this encoder and prompt set, and (name, reason) for those left out.
+
+        A checkpoint's generated spec and its observed spec (:mod:`gmi_core.observed`) become one.
+        Specs of checkpoints the source does not list (imported ones) are left out unless
+        ``include_not_installed``; they then carry ``extra["installed"] = False``.
+        """
         excluded: list[tuple[str, str]] = []
         aliases: dict[str, list[str]] = {}
         if source is not None:
@@ -365,12 +388,15 @@ class Gmi:
         else:
             wanted = None
         entries = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
-        entries = [e for e in entries if e.prompt_set_hash == self.prompt_set.hash]
+        entries = [e for e in entries if e.prompt_set_hash in (self.prompt_set.hash, OBSERVED)]
         found = {e.sha256 for e in entries}
         if wanted is not None:
             excluded += [(c.name, self._why_unusable(c)) for sha, c in wanted.items() if sha not in found]
-            entries = [e for e in entries if e.sha256 in wanted]
-        specs = []
+            foreign = {e.sha256 for e in entries if e.sha256 not in wanted}
+            if foreign and not include_not_installed:
+                excluded.append((f"{len(foreign)} checkpoint(s) not installed", "imported specs; include them with the not-installed option"))
+                entries = [e for e in entries if e.sha256 in wanted]
+        parts: dict[str, dict[str, Spec]] = {}
         for entry in entries:
             try:
                 spec = self._load_cached(entry)
@@ -380,12 +406,30 @@ class Gmi:
             if spec is None or not spec.done.any():
                 excluded.append((entry.checkpoint_name, "spec has no finished prompt"))
                 continue
-            if wanted is not None:
-                spec.checkpoint_name = wanted[spec.sha256].name
-                spec.extra["popularity"] = wanted[spec.sha256].popularity
-                spec.extra["aliases"] = aliases.get(spec.sha256, [])
+            parts.setdefault(entry.sha256, {})[OBSERVED if entry.prompt_set_hash == OBSERVED else "generated"] = spec
+        specs = []
+        for sha, pair in parts.items():
+            if not pair:
+                continue
+            spec = self._merged(pair.get("generated"), pair.get(OBSERVED))
+            installed = wanted is None or sha in wanted
+            if wanted is not None and installed:
+                spec.checkpoint_name = wanted[sha].name
+                spec.extra["popularity"] = wanted[sha].popularity
+                spec.extra["aliases"] = aliases.get(sha, [])
+            spec.extra["installed"] = installed
             specs.append(spec)
         return specs, excluded
+
+    def _merged(self, generated: Spec | None, observed: Spec | None) -> Spec:
+        """merge(), cached while both parts are the same loaded objects (merging copies features)."""
+        key = (id(generated), id(observed))
+        sha = (generated or observed).sha256
+        cached = self._merged_cache.get(sha)
+        if cached is None or cached[0] != key:
+            cached = (key, merge(generated, observed), (generated, observed))
+            self._merged_cache[sha] = cached
+        return cached[1]
 
     def _load_cached(self, entry: ManifestEntry) -> Spec | None:
         """A spec read (and checksummed) once per file version, not on every identification."""
@@ -411,11 +455,13 @@ class Gmi:
         source: CheckpointSource | None = None,
         gamma: float | None = None,
         tau: float | None = None,
+        include_not_installed: bool = False,
+        centre: bool = False,
     ) -> IdentifyResult:
         if not images:
             raise GmiError("identify needs at least one reference image")
         top_k, gamma, tau = check_identify(top_k, gamma, tau)
-        specs, excluded = self.load_specs(source)
+        specs, excluded = self.load_specs(source, include_not_installed)
         if not specs:
             detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
             raise NoSpecsError(f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first")
@@ -428,18 +474,19 @@ class Gmi:
         query_text = self.encoder.encode_texts([pseudo])[0]
         query_pixels = torch.from_numpy(np.stack([pixel_feature(i) for i in images]))
         bank = self._bank(specs)
-        ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau)
+        ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau, centre=centre)
         ranked = []
         order = ranking.order.tolist()[: top_k or None]
         for position, index in enumerate(order, start=1):
             spec = specs[index]
             matches = [
-                PromptMatch(i, spec.prompts[i], float(ranking.weights[i]) if ranking.weights is not None else 0.0, c)
+                PromptMatch(i, spec.prompts[i], ranking.weight(index, i), c, *row_source(spec, i))
                 for i, c in ranking.top_prompts(index)
             ]
             counts = spec.image_counts
             ranked.append(RankedCheckpoint(
                 position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches,
+                installed=spec.extra.get("installed", True), kind=spec_kind(spec), counts=spec_counts(spec),
                 aliases=list(spec.extra.get("aliases", [])), prompts_done=sum(c > 0 for c in counts),
                 images_done=sum(counts), partial=missing_images(counts, self.budget) > 0,
             ))
@@ -453,8 +500,11 @@ class Gmi:
         return self._bank_cache[1]
 
     # -- for UIs -------------------------------------------------------------------------------
-    def spec_thumbnail(self, sha256: str, prompt_index: int) -> Image.Image:
-        spec = self.store.load(SpecKey(sha256, self.encoder.encoder_id, self.prompt_set.hash))
+    def spec_thumbnail(self, sha256: str, prompt_index: int, prompt_set_hash: str | None = None) -> Image.Image:
+        """Row ``prompt_index`` of the stored spec ``prompt_set_hash`` (default: this engine's prompt set)."""
+        if prompt_set_hash not in (None, self.prompt_set.hash, OBSERVED):
+            raise GmiError(f"no spec of prompt set {prompt_set_hash!r} here")
+        spec = self.store.load(SpecKey(sha256, self.encoder.encoder_id, prompt_set_hash or self.prompt_set.hash))
         if spec is None:
             raise NoSpecsError(f"no spec for {sha256[:10]}")
         if not 0 <= prompt_index < spec.n_prompts or not spec.done[prompt_index]:

@@ -72,6 +72,40 @@ def resolve_inside(name: str, roots: Sequence[Path], what: str, allow_absolute: 
     raise NotFound(f"{what} {shown} is not a file inside gmi's folders")
 
 
+def folder_inside(root: Path, subfolder: str, what: str = "folder") -> Path:
+    """The folder ``subfolder`` names inside ``root`` (a host's output/input/models folder), symlinks resolved.
+
+    Empty names the root itself. Absolute paths, '..', encoded forms and symlinks that leave the root are
+    InvalidInput; a folder that does not exist is NotFound. Messages never contain a server path.
+    """
+    raw = str(subfolder or "").strip()
+    if raw.startswith(("/", "\\")) or PureWindowsPath(raw).drive:
+        raise InvalidInput(f"{what} (an absolute path): absolute paths are not accepted; give a folder inside the root")
+    text = raw.rstrip("/")
+    shown = repr(text[:200]) if text else "'.'"
+    reason = _rejected_name(text) if text else None
+    if reason:
+        raise InvalidInput(f"{what} {shown}: {reason}")
+    real_root = Path(root).resolve()
+    try:
+        real = (real_root / text).resolve() if text else real_root
+    except (OSError, RuntimeError):
+        raise NotFound(f"{what} {shown} is not a folder inside the root") from None
+    if not _inside(real, real_root):
+        raise InvalidInput(f"{what} {shown} leaves the root folder (a link out of it)")
+    if not real.is_dir():
+        raise NotFound(f"{what} {shown} is not a folder inside the root")
+    return real
+
+
+def inside(path: Path, root: Path) -> bool:
+    """``path`` lies in ``root`` after resolving symlinks (a file found while walking a folder)."""
+    try:
+        return _inside(Path(path).resolve(), Path(root).resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
 def redact(message: str) -> str:
     """A message for an HTTP body: absolute server paths reduced to their last component."""
     return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(path)", str(message))

@@ -28,11 +28,16 @@ _CHUNK_ELEMENTS = 1 << 24  # feature values converted to float32 at a time
 
 @dataclass
 class FeatureBank:
-    """Stacked features of M specs that share one encoder and one prompt set."""
+    """Stacked features of M specs of one encoder.
+
+    Specs that share one prompt set keep one prompt tensor [N, d]. Specs with their own prompts
+    (observed specs, mixed specs) are padded to [M, N_max, d]: padded rows have ``done`` False and
+    zero features, and each spec's prompt weights come from its own prompts (see :func:`rank`).
+    """
 
     names: list[str]
     image: torch.Tensor  # [M, N, S, d]
-    prompt: torch.Tensor  # [N, d]
+    prompt: torch.Tensor  # [N, d] shared, or [M, N, d] per spec
     done: torch.Tensor  # [M, N] bool
     pixel: torch.Tensor | None = None  # [M, N, S, p]
     popularity: list[float | None] = field(default_factory=list)
@@ -51,22 +56,33 @@ class FeatureBank:
 
     @classmethod
     def from_specs(cls, specs) -> FeatureBank:
+        """Specs padded to the most prompts and images per prompt; padded entries are masked off."""
         if not specs:
             raise ValueError("no specs to rank")
         keys = {(s.encoder_id, s.prompt_set_hash) for s in specs}
-        if len(keys) != 1:
-            raise ValueError(f"specs from different encoders or prompt sets cannot be ranked together: {sorted(keys)}")
-        width = max(s.images_per_prompt for s in specs)  # pad every spec to the most images per prompt
+        if len({encoder for encoder, _ in keys}) != 1:
+            raise ValueError(f"specs from different encoders cannot be ranked together: {sorted(keys)}")
+        n_max = max(s.n_prompts for s in specs)
+        s_max = max(s.images_per_prompt for s in specs)
 
         def padded(t: torch.Tensor) -> torch.Tensor:
-            extra = width - t.shape[1]
-            return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1) if extra else t
+            if tuple(t.shape[:2]) == (n_max, s_max):
+                return t
+            out = t.new_zeros((n_max, s_max, *t.shape[2:]))
+            out[: t.shape[0], : t.shape[1]] = t
+            return out
+
+        def padded_rows(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((n_max, *t.shape[1:]))
+            out[: len(t)] = t
+            return out
 
         mask = torch.stack([padded(s.image_done) for s in specs])
+        shared = len(keys) == 1
         return cls(
             names=[s.checkpoint_name for s in specs],
             image=torch.stack([padded(s.image_features) for s in specs]),
-            prompt=specs[0].prompt_features,
+            prompt=specs[0].prompt_features if shared else torch.stack([padded_rows(s.prompt_features) for s in specs]),
             done=mask.any(dim=2),
             pixel=torch.stack([padded(s.pixel_features) for s in specs]),
             popularity=[s.extra.get("popularity") for s in specs],
@@ -80,8 +96,14 @@ class Ranking:
     gamma: float | None
     scores: torch.Tensor  # [M], lower is better
     order: torch.Tensor  # [M] indices into the bank, best first
-    weights: torch.Tensor | None  # [N] prompt weights (before masking), None for `download`
+    weights: torch.Tensor | None  # [N] or [M, N] prompt weights (before masking), None for `download`
     contributions: torch.Tensor | None  # [M, N] how much each prompt pulled checkpoint m towards the query
+
+    def weight(self, index: int, prompt: int) -> float:
+        """Prompt ``prompt``'s weight for checkpoint ``index`` (shared or per-spec weights)."""
+        if self.weights is None:
+            return 0.0
+        return float(self.weights[index, prompt] if self.weights.ndim == 2 else self.weights[prompt])
 
     def top_prompts(self, index: int, k: int = 3) -> list[tuple[int, float]]:
         """(prompt index, contribution) of the prompts that matched checkpoint ``index`` best."""
@@ -93,12 +115,16 @@ class Ranking:
 
 
 def prompt_weights(prompt_features: torch.Tensor, query_text: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-    """w_i = max(cos(q_i, q_u), 0) normalised; or softmax(cos / tau) when a temperature is given."""
+    """w_i = max(cos(q_i, q_u), 0) normalised; or softmax(cos / tau) when a temperature is given.
+
+    prompt_features [N, d] gives [N]; per-spec prompts [M, N, d] give [M, N], each row normalised.
+    """
     cos = prompt_features.float() @ query_text.float()
     if tau is not None:
-        return torch.softmax(cos / tau, dim=0)
+        return torch.softmax(cos / tau, dim=-1)
     w = cos.clamp(min=0)
-    return w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
+    totals = w.sum(dim=-1, keepdim=True)
+    return torch.where(totals > 0, w / totals.clamp(min=1e-12), torch.full_like(w, 1.0 / w.shape[-1]))
 
 
 def median_gamma(features: torch.Tensor, sample: int = 1024, seed: int = 0) -> float:
@@ -143,12 +169,14 @@ def _query_means(image: torch.Tensor, query: torch.Tensor, gamma: float, mask: t
     return torch.cat(out)
 
 
-def kbar(image: torch.Tensor, gamma: float, mask: torch.Tensor | None = None, chunk: int = 32) -> torch.Tensor:
+def kbar(image: torch.Tensor, gamma: float, mask: torch.Tensor | None = None, chunk: int = 32,
+         per_prompt_fill: bool = True) -> torch.Tensor:
     """Kbar[m, i, j] = masked mean over image pairs (s, s') of k(z_{m,i,s}, z_{m,j,s'}), no image with itself.
 
     Entries without a pair (unrendered prompts; the diagonal of a prompt with one image) take the mean of
-    that diagonal entry over the specs that have one, else 1 (every spec has one image per prompt: then
-    the kernel of an image with itself is the same for all and keeps the ranking fair).
+    that diagonal entry over the specs that have one (``per_prompt_fill``: the specs share one prompt set),
+    else the mean of every known diagonal entry, else 1 (every spec has one image per prompt: then the
+    kernel of an image with itself is the same for all and keeps the ranking fair).
     """
     m, n, s, d = image.shape
     mask = torch.ones(m, n, s, dtype=torch.bool) if mask is None else mask
@@ -169,7 +197,7 @@ def kbar(image: torch.Tensor, gamma: float, mask: torch.Tensor | None = None, ch
     known = ~torch.isnan(diagonal)
     per_prompt = torch.where(known, diagonal, 0).sum(0) / known.sum(0).clamp(min=1)
     overall = float(diagonal[known].mean()) if known.any() else 1.0
-    fill = torch.where(known.any(0), per_prompt, torch.full_like(per_prompt, overall))
+    fill = torch.where(known.any(0) & per_prompt_fill, per_prompt, torch.full_like(per_prompt, overall))
     diagonal.copy_(torch.where(known, diagonal, fill.expand_as(diagonal)))
     return torch.nan_to_num(result, nan=0.0)  # pairs with an unrendered prompt carry zero weight
 
@@ -177,7 +205,7 @@ def kbar(image: torch.Tensor, gamma: float, mask: torch.Tensor | None = None, ch
 def _weighted_scores(image, query, gamma, weights, mask, kbar_m):
     """Scores [M] and contributions [M, N] for per-checkpoint prompt weights (rows renormalised)."""
     c = _query_means(image, query, gamma, mask)
-    w = weights.unsqueeze(0) * mask.any(dim=2).float()
+    w = (weights if weights.ndim == 2 else weights.unsqueeze(0)) * mask.any(dim=2).float()
     totals = w.sum(dim=1, keepdim=True)
     w = torch.where(totals > 0, w / totals.clamp(min=1e-12), w)
     self_term = (torch.bmm(kbar_m, w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=1)  # w_m^T Kbar_m w_m; einsum is far slower
@@ -195,11 +223,15 @@ def rank(
     query_pixels: torch.Tensor | None = None,
     gamma: float | None = None,
     tau: float | None = None,
+    centre: bool = False,
 ) -> Ranking:
-    """Rank every checkpoint in ``bank`` for one query (one or several images)."""
+    """Rank every checkpoint in ``bank`` for one query (one or several images).
+
+    ``centre``: gmi / rkme_clip on prompt-conditionally centred features (:mod:`gmi_core.centring`).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    n_prompts = bank.prompt.shape[0]
+    n_prompts = bank.prompt.shape[-2]
     uniform = torch.full((n_prompts,), 1.0 / n_prompts)
     if method == "download":
         popularity = bank.popularity or [None] * bank.size
@@ -223,23 +255,37 @@ def rank(
             weights = prompt_weights(bank.prompt, query_text, tau)
         elif method == "rkme_concat":
             image, query = concat_features(bank.image, bank.prompt, query_images, query_text)
-    view = (method == "rkme_basic", method == "rkme_concat")  # which stored features are compared
+        if centre and method in ("gmi", "rkme_clip"):
+            image, query = _centred(bank, query_images, query_text)
+    view = (method == "rkme_basic", method == "rkme_concat", centre and method in ("gmi", "rkme_clip"))
     if gamma is None:
         if view not in bank._kbar_cache:
             bank._kbar_cache[view] = median_gamma(image)
         gamma = bank._kbar_cache[view]
     cache_key = (*view, round(gamma, 9))
     if cache_key not in bank._kbar_cache:
-        bank._kbar_cache[cache_key] = kbar(image, gamma, bank.mask)
+        bank._kbar_cache[cache_key] = kbar(image, gamma, bank.mask, per_prompt_fill=bank.prompt.ndim == 2)
     scores, contributions = _weighted_scores(image, query, gamma, weights, bank.mask, bank._kbar_cache[cache_key])
     order = torch.argsort(scores, stable=True)
     return Ranking(method, gamma, scores, order, weights, contributions)
 
 
+def _centred(bank: FeatureBank, query_images: torch.Tensor, query_text: torch.Tensor | None):
+    from .centring import centre_library, centre_query
+
+    if query_text is None:
+        raise ValueError("centring needs a query text feature (pseudo-prompt or user prompt)")
+    if "centred" not in bank._kbar_cache:
+        bank._kbar_cache["centred"] = centre_library(bank.image, bank.prompt, bank.mask)
+    image, rows_prompt, rows_image = bank._kbar_cache["centred"]
+    return image, centre_query(query_images, query_text, rows_prompt, rows_image)
+
+
 def concat_features(image, prompt, query_images, query_text):
     """[z, q] / sqrt(2): unit vectors again, so the same kernel code applies."""
     m, n, s, d = image.shape
-    q_rep = prompt.float()[None, :, None, :].expand(m, n, s, d)
+    per_spec = prompt.float() if prompt.ndim == 3 else prompt.float()[None]
+    q_rep = per_spec[:, :, None, :].expand(m, n, s, d)
     stacked = torch.cat([image.float(), q_rep], dim=-1) / 2**0.5
     query = torch.cat([query_images.float(), query_text.float().expand(len(query_images), -1)], dim=-1) / 2**0.5
     return stacked, query

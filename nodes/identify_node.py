@@ -22,7 +22,8 @@ def ui_ranking(result, encoder_id: str, prompt_set_hash: str, chosen: str) -> di
     data = result.to_dict()
     for row in data["ranking"]:
         for match in row["top_prompts"]:
-            match["thumbnail"] = thumbnail_url(row["sha256"], encoder_id, prompt_set_hash, match["index"])
+            match["thumbnail"] = thumbnail_url(row["sha256"], encoder_id, match.get("prompt_set_hash") or prompt_set_hash,
+                                               match.get("spec_index", match["index"]))
     data["chosen"] = chosen
     return data
 
@@ -67,6 +68,9 @@ class GMIIdentify:
                                                               "tooltip": "The prompt set the specs were built with."}),
                 "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000,
                                         "tooltip": "The max_prompts the specs were built with (0 = the whole set)."}),
+                "include_not_installed": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Also rank imported specs of checkpoints that are not installed here (marked 'not installed'; "
+                    "never loaded: pick_rank skips them).")}),
             },
         }
 
@@ -78,13 +82,16 @@ class GMIIdentify:
         except Exception:  # noqa: BLE001 - never block execution on a status check
             return float("nan")
 
-    def identify(self, encoder, image, method, top_k, pick_rank, prompt="", prompt_set="platform", max_prompts=0):
+    def identify(self, encoder, image, method, top_k, pick_rank, prompt="", prompt_set="platform", max_prompts=0,
+                 include_not_installed=False):
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
-        result = engine.identify(tensor_to_pils(image), prompt=prompt or None, method=method, top_k=None, source=engines.source())
-        if pick_rank > len(result.ranking):
-            raise GmiError(f"pick_rank {pick_rank} but only {len(result.ranking)} checkpoint(s) have specs")
-        chosen = result.ranking[pick_rank - 1]
+        result = engine.identify(tensor_to_pils(image), prompt=prompt or None, method=method, top_k=None, source=engines.source(),
+                                 include_not_installed=bool(include_not_installed))
+        installed = [r for r in result.ranking if r.installed]  # only installed checkpoints can be switched to
+        if pick_rank > len(installed):
+            raise GmiError(f"pick_rank {pick_rank} but only {len(installed)} installed checkpoint(s) have specs")
+        chosen = installed[pick_rank - 1]
         model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
         ui = ui_ranking(result, encoder.encoder_id, prompts.hash, chosen.name)
         if top_k:

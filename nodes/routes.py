@@ -30,6 +30,7 @@ from ..gmi_core.errors import (
     NotFound,
 )
 from ..gmi_core.images import load_image
+from ..gmi_core.observed import OBSERVED
 from ..gmi_core.paths import one_line, redact
 from ..gmi_core.ranker import METHODS
 from ..gmi_core.spec import SpecKey
@@ -40,7 +41,7 @@ from .identify_node import ui_ranking
 log = logging.getLogger("gmi")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9._/\-\[\]:]{1,200}")
-_FIELDS = {"encoder", "prompt_set", "max_prompts", "method", "prompt", "top_k"}
+_FIELDS = {"encoder", "prompt_set", "max_prompts", "method", "prompt", "top_k", "include_not_installed"}
 
 
 def _count(name: str, value, default: int, allow_zero: bool = True) -> int:
@@ -50,6 +51,16 @@ def _count(name: str, value, default: int, allow_zero: bool = True) -> int:
     if allow_zero and str(value).strip() == "0":
         return 0
     return limits.positive_int(name, value, limits.MAX_TOP_K)
+
+
+def _flag(name: str, value) -> bool:
+    """A request's on/off field: absent, 0/false -> False; 1/true -> True; else InvalidInput."""
+    text = str(value if value is not None else "").strip().lower()
+    if text in ("", "0", "false"):
+        return False
+    if text in ("1", "true"):
+        return True
+    raise InvalidInput(f"{name} must be true or false, not {text[:40]!r}")
 
 
 def status_config(query) -> dict:
@@ -105,6 +116,7 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
     """Runs in a worker thread: decodes (header checked first), then ranks."""
     top_k = _count("top_k", fields.get("top_k"), 0)
     max_prompts = _count("max_prompts", fields.get("max_prompts"), 0)
+    include_not_installed = _flag("include_not_installed", fields.get("include_not_installed"))
     method = fields.get("method") or "gmi"
     if method not in METHODS:
         raise InvalidInput(f"unknown method {method[:40]!r}; one of {', '.join(METHODS)}")
@@ -112,7 +124,8 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
     encoder = engines.get_encoder(fields.get("encoder") or settings.load()["encoder"])
     prompts = engines.get_prompt_set(fields.get("prompt_set") or "platform", max_prompts)
     engine = engines.get_engine(encoder, prompts)
-    result = engine.identify(images, prompt=fields.get("prompt") or None, method=method, source=engines.source())
+    result = engine.identify(images, prompt=fields.get("prompt") or None, method=method, source=engines.source(),
+                             include_not_installed=include_not_installed)
     data = ui_ranking(result, encoder.encoder_id, prompts.hash, result.best.name)
     if top_k:
         data["ranking"] = data["ranking"][:top_k]
@@ -236,13 +249,18 @@ def register(server) -> None:
     async def thumbnail(request):
         q = request.query
         sha, enc, psh = q.get("sha256", ""), q.get("encoder_id", ""), q.get("prompt_set_hash", "")
-        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc and re.fullmatch(r"[0-9a-f]{1,64}", psh)):
+        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc
+                and (re.fullmatch(r"[0-9a-f]{1,64}", psh) or psh == OBSERVED)):
             raise InvalidInput("bad spec key")
         index = q.get("prompt", "")
         if not index.isdigit() or len(index) > 6:
             raise InvalidInput("prompt must be a prompt index")
         png = await run(thumbnail_png, sha, enc, psh, int(index))
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=60"})
+
+    from . import library_routes
+
+    library_routes.register(routes, run, guarded)
 
 
 def register_if_running() -> bool:

@@ -372,7 +372,7 @@ def test_routes_use_the_webui_api_auth(world):
     api.on_app_started(None, app)
     ours = {r.path: r for r in app.routes if r.path.startswith("/gmi/v1")}
     webui_route = next(r for r in app.routes if r.path == "/sdapi/v1/options")
-    assert len(ours) == 6
+    assert len(ours) == 8
     for route in ours.values():
         assert [d.dependency for d in route.dependencies] == [d.dependency for d in webui_route.dependencies]
     client = TestClient(app)
@@ -380,6 +380,7 @@ def test_routes_use_the_webui_api_auth(world):
     calls = [("GET", "/gmi/v1/specs", None), ("GET", "/gmi/v1/build", None), ("POST", "/gmi/v1/build", {"wait": True}),
              ("POST", "/gmi/v1/identify", {"image": image}), ("POST", "/gmi/v1/interrogate", {"image": image}),
              ("POST", "/gmi/v1/switch", {"checkpoint": "model_1.safetensors"}), ("GET", "/gmi/v1/build/x", None),
+             ("POST", "/gmi/v1/import-images", {"root": "outputs"}), ("GET", "/gmi/v1/map", None),
              ("GET", "/sdapi/v1/options", None)]
     for method, path, body in calls:
         for auth in (None, ("alice", "wrong"), ("mallory", "s3cret"), ("bob", "pw")):

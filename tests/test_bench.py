@@ -269,3 +269,17 @@ def test_default_budget_choice_is_the_closest_to_full():
     assert choice["budget"] == "32x2" and not choice["within_tolerance"] and choice["top1_gap_to_full"]["e_subtle_x16"] == 0.07
     curve["e_subtle_x16"]["55x1"]["top1"] = 0.83
     assert choose_budget(curve)["budget"] == "55x1" and choose_budget(curve)["within_tolerance"]
+
+
+def test_centred_ranking_matches_the_bench_estimator(small_bank):
+    """rank(centre=True) scores what bench synthetic's gmi_centred measures (one implementation, gmi_core/centring.py)."""
+    from gmi_core.centring import centre_library, centre_query
+
+    bank, queries, _, q_text = small_bank
+    got = ranker.rank(bank, "gmi", queries[0], q_text[0], centre=True, gamma=1.1).scores
+    image, rows_p, rows_z = centre_library(bank.image, bank.prompt, bank.mask)
+    query = centre_query(queries[0], q_text[0], rows_p, rows_z)
+    w = ranker.prompt_weights(bank.prompt, q_text[0])
+    c = ranker.kernel(torch.einsum("mnsd,ud->mnsu", image, query), 1.1).mean(dim=(2, 3))
+    want = torch.einsum("i,mij,j->m", w, ranker.kbar(image, 1.1, bank.mask), w) - 2 * c @ w
+    assert torch.allclose(got, want, atol=1e-5)

@@ -1084,7 +1084,7 @@ class _FakeGradio:
 
         self.module = __import__("types").ModuleType("gradio")
         for name in ("Blocks", "Tab", "Row", "Column", "Image", "File", "Textbox", "Dropdown", "Slider", "Button", "HTML",
-                     "Dataframe", "CheckboxGroup", "State"):
+                     "Dataframe", "CheckboxGroup", "State", "Accordion"):
             setattr(self.module, name, type(name, (Component,), {}))
         self.module.update = lambda **kwargs: {"__update__": True, **kwargs}
 
@@ -1228,3 +1228,201 @@ def test_faults_alias_a1111_api_lists_both_names(a1111_app):
     assert len(names) == 3 and len({"model_1.safetensors", "copy_of_model_1.safetensors"} & set(names)) == 1
     row = next(r for r in ranking if r["name"] in ("model_1.safetensors", "copy_of_model_1.safetensors"))
     assert row["aliases"] and set(row["aliases"] + [row["name"]]) == {"model_1.safetensors", "copy_of_model_1.safetensors"}
+
+
+# ===================================================================================================================
+# Specs without generating (issue 10's routes under issue 11's rules): folders confined, links out skipped, numbers
+# checked, 4xx never 500, no path echo, the spec lock held while an observed spec is extended
+# ===================================================================================================================
+from gmi_core.observed import import_images, observed_key  # noqa: E402
+from gmi_core.paths import folder_inside  # noqa: E402
+
+HOSTILE_FOLDERS = ["..", "../", "renders/../..", "/etc", "//server/share", "%2e%2e", "renders%2F..%2F..", "..\\x",
+                   "C:\\Windows", "a\x00b", "link_out", "link_out/deeper", "missing"]
+
+
+def _user_images(folder: Path, checkpoint_names: list[str], count: int = 2) -> None:
+    """A1111-style PNGs whose infotext names each checkpoint (by name: the fake checkpoints' hashes are not recorded)."""
+    from PIL import PngImagePlugin
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(checkpoint_names):
+        for i in range(count):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", f"a harbour at dusk {i}\nSteps: 3, Seed: {i}, Size: 64x64, Model: {Path(name).stem}")
+            fake_image(c, f"a harbour at dusk {i}", i).save(folder / f"{Path(name).stem}_{i}.png", pnginfo=info)
+
+
+@pytest.mark.parametrize("name", HOSTILE_FOLDERS)
+def test_security_import_images_folder_never_leaves_the_root(tmp_path, name):
+    root = tmp_path / "output"
+    (root / "renders").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    (root / "link_out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises((InvalidInput, NotFound)) as err:
+        folder_inside(root, name, "subfolder")
+    assert no_server_path(str(err.value), tmp_path) and "\n" not in str(err.value)
+
+
+def test_security_import_images_folder_inside_the_root_is_accepted(tmp_path):
+    root = tmp_path / "output"
+    (root / "renders" / "day1").mkdir(parents=True)
+    (root / "link_in").symlink_to(root / "renders", target_is_directory=True)
+    assert folder_inside(root, "") == root.resolve()
+    assert folder_inside(root, "renders/day1/") == (root / "renders" / "day1").resolve()
+    assert folder_inside(root, "link_in/day1") == (root / "renders" / "day1").resolve()
+
+
+def test_security_import_images_files_linking_out_are_skipped(core, tmp_path):
+    folder = tmp_path / "output"
+    _user_images(folder, ["m0.safetensors"])
+    _user_images(tmp_path / "elsewhere", ["m1.safetensors"])
+    (folder / "leak.png").symlink_to(tmp_path / "elsewhere" / "m1_0.png")
+    (folder / "sub").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    gmi = core.gmi()
+    report = import_images(gmi, core.source().list_checkpoints(), folder)
+    assert report.added == {"m0.safetensors": 2}, report.to_dict()
+    refused = sorted(f for f, r in report.skipped if "link that leaves the folder" in r)
+    assert refused == ["leak.png"], report.skipped  # a linked folder is not walked at all
+    assert not any(f.startswith("sub/") for f, _ in report.skipped)
+    assert core.states() == dict.fromkeys(("m0.safetensors", "m1.safetensors", "m2.safetensors"), "ready")  # nothing lost
+
+
+def test_faults_lock_import_images_waits_for_no_one_and_loses_nothing(core, tmp_path):
+    """Another process extends m0's observed spec: this import skips m0 ("busy"), imports the rest, keeps m0's file."""
+    folder = tmp_path / "output"
+    _user_images(folder, ["m0.safetensors", "m1.safetensors"])
+    gmi = core.gmi()
+    m0 = next(c for c in core.source().list_checkpoints().checkpoints if c.name == "m0.safetensors")
+    holder = _hold_lock_in_another_process(gmi.store.path_for(observed_key(m0.sha256, gmi.encoder.encoder_id)))
+    try:
+        report = import_images(gmi, core.source().list_checkpoints(), folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert report.added == {"m1.safetensors": 2}, report.to_dict()
+    assert sorted(f for f, r in report.skipped if r.startswith("busy")) == ["m0_0.png", "m0_1.png"]
+    again = import_images(gmi, core.source().list_checkpoints(), folder)  # the lock is gone: m0 now, m1 not twice
+    assert again.added == {"m0.safetensors": 2} and sum("already in" in r for _, r in again.skipped) == 2
+
+
+def _library_client(env, output: Path):  # noqa: F811
+    fp = sys.modules["folder_paths"]
+    fp.get_output_directory = lambda: str(output)
+    fp.get_input_directory = lambda: str(output.parent / "input")
+    return _client(env)
+
+
+LIBRARY_BAD_REQUESTS = [
+    ("traversal", {"root": "output", "subfolder": "../.."}),
+    ("absolute", {"root": "output", "subfolder": "/etc"}),
+    ("encoded", {"root": "output", "subfolder": "%2e%2e/%2e%2e"}),
+    ("symlink_out", {"root": "output", "subfolder": "link_out"}),
+    ("missing_folder", {"root": "output", "subfolder": "nowhere"}),
+    ("unknown_root", {"root": "/etc"}),
+    ("root_not_a_string", {"root": ["output"]}),
+    ("max_prompts_text", {"max_prompts": "many"}),
+    ("max_prompts_negative", {"max_prompts": -3}),
+    ("max_prompts_nan", {"max_prompts": float("nan")}),
+    ("max_prompts_float", {"max_prompts": 1.5}),
+    ("encoder_path", {"encoder": "../../../../etc/x.safetensors"}),
+    ("prompt_set_path", {"prompt_set": "../../secret.txt"}),
+    ("unknown_field", {"path": "/etc"}),
+    ("huge_field", {"subfolder": "x" * 5000}),
+]
+
+
+@pytest.mark.parametrize("case", LIBRARY_BAD_REQUESTS, ids=[c[0] for c in LIBRARY_BAD_REQUESTS])
+def test_faults_numbers_comfyui_import_images_bad_requests_are_4xx(env, tmp_path, case):  # noqa: F811
+    from aiohttp.test_utils import TestClient, TestServer
+
+    build(env)
+    output = env.base / "output"
+    output.mkdir()
+    (env.base / "secret.txt").write_text("a secret prompt\n")
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    (output / "link_out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    app = _library_client(env, output)
+    name, fields = case
+    specs_before = sorted(p.name for p in (env.base / "user" / "gmi" / "specs").rglob("*.safetensors"))
+
+    async def scenario():
+        async with TestClient(TestServer(app)) as client:
+            body = json.dumps({"root": "output", "encoder": "tiny.safetensors", **fields})
+            r = await client.post("/gmi/import-images", data=body, headers={"Content-Type": "application/json"})
+            text = await r.text()
+            assert 400 <= r.status < 500, (name, r.status, text)
+            assert json.loads(text)["error"] and no_server_path(text, env.base, tmp_path)
+
+    asyncio.run(scenario())
+    assert sorted(p.name for p in (env.base / "user" / "gmi" / "specs").rglob("*.safetensors")) == specs_before
+
+
+def test_faults_numbers_comfyui_library_routes_malformed_and_map(env, tmp_path):  # noqa: F811
+    from aiohttp.test_utils import TestClient, TestServer
+
+    build(env)
+    output = env.base / "output"
+    output.mkdir()
+    app = _library_client(env, output)
+    pack_limits = sys.modules[env.pack.__name__ + ".gmi_core.limits"]
+
+    async def scenario():
+        async with TestClient(TestServer(app)) as client:
+            for body, headers in ((b"root=output", {"Content-Type": "application/x-www-form-urlencoded"}),
+                                  (b"{not json", {"Content-Type": "application/json"}),
+                                  (b"[1, 2]", {"Content-Type": "application/json"}),
+                                  (b"\xff\xfe", {"Content-Type": "application/json"})):
+                r = await client.post("/gmi/import-images", data=body, headers=headers)
+                assert r.status == 400 and (await r.json())["error"], (body, r.status)
+
+            async def chunks():  # no Content-Length: counted as it arrives
+                yield b'{"subfolder": "'
+                for _ in range(8):
+                    yield b"a" * 4096
+                yield b'"}'
+
+            pack_limits.MAX_UPLOAD_BYTES = 10_000
+            try:
+                r = await client.post("/gmi/import-images", data=chunks(), headers={"Content-Type": "application/json"})
+                assert r.status == 413, await r.text()
+            finally:
+                pack_limits.MAX_UPLOAD_BYTES = limits.MAX_UPLOAD_BYTES
+            for q in ("max_prompts=abc", "max_prompts=-1", "encoder=/etc/x.safetensors", "prompt_set=../../x"):
+                r = await client.get("/gmi/map?" + q)
+                text = await r.text()
+                assert 400 <= r.status < 500 and no_server_path(text, env.base), (q, r.status, text)
+            r = await client.get("/gmi/map?encoder=tiny.safetensors&max_prompts=4")
+            data = await r.json()
+            assert r.status == 200 and len(data["checkpoints"]) == 4 and "NaN" not in await r.text(), data
+            r = await client.post("/gmi/import-images", data=json.dumps({"encoder": "tiny.safetensors", "max_prompts": 4}),
+                                  headers={"Content-Type": "application/json"})
+            assert r.status == 200 and (await r.json())["scanned"] == 0  # an empty output folder: nothing, no error
+
+    asyncio.run(scenario())
+
+
+A1111_LIBRARY_BAD_REQUESTS = [
+    {"root": "outputs", "subfolder": "../../.."},
+    {"root": "outputs", "subfolder": "/etc"},
+    {"root": "outputs", "subfolder": "%2e%2e"},
+    {"root": "outputs", "subfolder": "link_out"},
+    {"root": "outputs", "subfolder": "nowhere"},
+    {"root": "/etc"},
+    {"root": "outputs", "subfolder": 5},
+    {"root": "outputs", "subfolder": "x" * 600},
+]
+
+
+@pytest.mark.parametrize("body", A1111_LIBRARY_BAD_REQUESTS, ids=lambda b: str(b)[:40])
+def test_faults_numbers_a1111_import_images_bad_requests_are_4xx(a1111_app, tmp_path, body):
+    client, webui_world = a1111_app
+    outputs = webui_world.root / "outputs"
+    outputs.mkdir(exist_ok=True)
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    if not (outputs / "link_out").exists():
+        (outputs / "link_out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    r = client.post("/gmi/v1/import-images", json=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert no_server_path(r.text, webui_world.root, tmp_path)
+    assert webui_world.process_calls == []

@@ -1,5 +1,6 @@
 // gmi for ComfyUI: the ranking (with thumbnails) inside the GMI Identify node, and a "GMI" sidebar tab with the
-// spec status per checkpoint, "Build missing specs" and live build progress.
+// spec status per checkpoint, "Build missing specs", live build progress, and specs from the user's own images
+// (import the output folder, near-duplicate groups).
 //
 // Everything here stays inside elements this extension owns and goes through the front end's own APIs: the
 // sidebar tab API, extension settings, a DOM widget on our node, the Popover API for the enlarged thumbnail,
@@ -104,7 +105,8 @@ function rankingRow(data, row, container) {
   }
   return el("div", { class: "gmi-row" + (row.name === data.chosen ? " gmi-chosen" : ""), title: row.sha256 },
     el("span", { class: "gmi-rank", text: String(row.rank) }),
-    el("span", { class: "gmi-name", text: row.name + (row.partial ? ` (partial spec: ${row.images_done} images)` : "") }),
+    el("span", { class: "gmi-name", text: row.name + rowMarks(row) +
+      (row.partial ? ` (partial spec: ${row.images_done} images)` : "") }),
     el("span", { class: "gmi-score", text: Number(row.score).toFixed(4) }),
     thumbs);
 }
@@ -118,6 +120,14 @@ export function renderRanking(container, data) {
   for (const ex of data.excluded || []) {
     container.append(el("div", { class: "gmi-head", text: `left out: ${ex.name} (${ex.reason})` }));
   }
+}
+
+// "not installed" (an imported spec, never loaded) and the spec kind when it is not generated
+function rowMarks(row) {
+  const marks = [];
+  if (row.installed === false) marks.push(`not installed, ${row.short_hash}`);
+  if (row.kind && row.kind !== "generated") marks.push(row.kind);
+  return marks.length ? ` (${marks.join("; ")})` : "";
 }
 
 function attachRanking(nodeType) {
@@ -235,13 +245,55 @@ function specTableSection() {
     update(status) {
       table.replaceChildren(
         ...status.checkpoints.map((s) => row(s.name, s.detail || s.sha256, s.state + (s.current ? "" : " *"),
-          `${s.images_done}/${s.images_budget} img`)),
+          `${s.images_done}/${s.images_budget} img` + (s.observed_images ? ` + ${s.observed_images} observed` : ""))),
         ...status.skipped.map((s) => row(s.name, "", "skipped", s.reason)));
     },
   };
 }
 
-const PANEL_SECTIONS = [summarySection, buildSection, specTableSection];
+// Specs without generating: import the output folder's images as observed specs, show near-duplicate groups.
+function librarySection(panel) {
+  const importButton = el("button", { text: "Import images from output" });
+  const groupsButton = el("button", { text: "Near-duplicate groups" });
+  const text = el("div", { class: "gmi-library" });
+  let config = {};
+  importButton.onclick = async () => {
+    text.textContent = "reading the output folder…";
+    try {
+      const r = await api.fetchApi("/gmi/import-images", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ root: "output", subfolder: "", encoder: config.encoder, prompt_set: config.prompt_set,
+          max_prompts: config.max_prompts }) });
+      const data = await r.json();
+      if (!r.ok) throw new Error(data.error || r.statusText);
+      const skipped = Object.entries(data.skipped_by_reason).map(([k, v]) => `${v} ${k}`).join(", ");
+      text.textContent = `scanned ${data.scanned}, added ${data.added_total} image(s) to ` +
+        `${Object.keys(data.added).length} observed spec(s)` + (skipped ? `; skipped: ${skipped}` : "");
+      panel.refresh();
+    } catch (err) {
+      text.textContent = "gmi: " + err.message;
+    }
+  };
+  groupsButton.onclick = async () => {
+    text.textContent = "comparing specs…";
+    try {
+      const q = new URLSearchParams({ encoder: config.encoder || "", prompt_set: config.prompt_set || "platform",
+        max_prompts: config.max_prompts || 0 });
+      const data = await getJson("/gmi/map?" + q);
+      text.replaceChildren(el("div", { text: data.groups.length ?
+        `${data.groups.length} near-duplicate group(s) among ${data.checkpoints.length} checkpoints:` : "no near-duplicates" }),
+        ...data.groups.map((g) => el("div", { text: "• " + g.join(", ") })));
+    } catch (err) {
+      text.textContent = "gmi: " + err.message;
+    }
+  };
+  return {
+    element: el("div", {}, el("h4", { text: "Specs from your images" }),
+      el("div", { class: "gmi-actions" }, importButton, groupsButton), text),
+    update(status) { config = status.config; },
+  };
+}
+
+const PANEL_SECTIONS = [summarySection, buildSection, specTableSection, librarySection];
 
 class GmiPanel {
   constructor(sections) {

@@ -189,6 +189,7 @@ def make_family(name: str, cfg: SimConfig, seed: int, m: int = 16) -> tuple[Worl
         w.set_checkpoints(style.expand(2, -1).clone(), inter.expand(2, -1, -1).clone(), torch.tensor([False, True]))
         return w, platform, evaluation
     topics = w.unit(cfg.n_topics, d)
+    w.topics = topics  # the evaluation distribution's topics (bench observed draws the user's prompts from it)
     ids = torch.arange(cfg.n_platform) % cfg.n_topics
     platform = w.contents(topics, cfg.n_platform, ids)
     evaluation = w.contents(topics, cfg.n_eval)
@@ -428,6 +429,10 @@ def run(args: argparse.Namespace) -> dict:
         "family_seconds": timing,
         "paper": PAPER,
     }
+    if not args.families:
+        from .observed_bench import run_sections
+
+        data.update(run_sections(cfg, args.seed))
     data["targets"] = check_targets(data)
     if args.plot != "none":
         plot = args.plot or str(_default_plot(args.out, "synthetic"))
@@ -468,6 +473,12 @@ def _default_plot(out, command: str):
 def check_targets(data: dict) -> list[dict]:
     res = data["results"]
     checks = []
+    if "library_map" in data:
+        lm = data["library_map"]
+        checks.append({"target": "library map: the near-duplicate threshold lies between near-duplicates and distinct checkpoints",
+                       "value": {"near_duplicates_max": lm["near_duplicate_relative_distance"]["max"],
+                                 "threshold": lm["threshold_used"], "distinct_min": lm["distinct_relative_distance"]["min"]},
+                       "met": lm["separates"]})
     c = res.get("c_example_b1")
     if c:
         for n in ("1", "4"):
@@ -526,7 +537,24 @@ def check_targets(data: dict) -> list[dict]:
 def format_tables(data: dict) -> str:
     from .report import quality_tables
 
-    return quality_tables(data)
+    text = quality_tables(data)
+    if "observed" in data:
+        lines = ["", "observed specs (the user's own prompts, 1 image each) vs generated (55 platform prompts x 4): top-1, 1 / 4 query images"]
+        for family, rows in data["observed"].items():
+            for label, row in rows.items():
+                lines.append(f"  {family:14} {label:34} " + "   ".join(
+                    f"{m} {row[m]['1']['top1']:.3f} / {row[m]['4']['top1']:.3f}" for m in ("gmi", "rkme_clip", "gmi_centred")))
+        for family, row in data["exchange"].items():
+            if isinstance(row, dict):
+                lines.append(f"  exchange int8 {family:14} gmi top-1 fp16 {row['fp16']['1']['top1']:.3f} -> int8 "
+                             f"{row['int8_exchange']['1']['top1']:.3f}; same top-1 {row['agreement']['1']['same_top1']:.3f}")
+        lm = data["library_map"]
+        lines.append(f"  library map: near-duplicates {lm['near_duplicate_relative_distance']['min']:.3f}.."
+                     f"{lm['near_duplicate_relative_distance']['max']:.3f}, distinct {lm['distinct_relative_distance']['min']:.3f}.."
+                     f"{lm['distinct_relative_distance']['max']:.3f}, threshold {lm['threshold_used']} "
+                     f"(recommended {lm['recommended_threshold']})")
+        text += "\n".join(lines)
+    return text
 
 
 def add_arguments(commands) -> None:

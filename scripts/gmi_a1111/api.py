@@ -6,6 +6,8 @@ GET  /gmi/v1/build[/{job_id}]   a build job's state and report
 POST /gmi/v1/identify           {"image": b64 | "images": [b64...], "prompt"?, "top_k"?, "method"?, "thumbnails"?}
 POST /gmi/v1/interrogate        {"image"|"images"} -> {"prompt"}
 POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256}
+POST /gmi/v1/import-images      {"root": "outputs"|"models", "subfolder": ""} -> observed specs from images on disk
+GET  /gmi/v1/map                near-duplicate groups and 2-D coordinates of the checkpoints with specs
 
 Access: the routes carry the same dependencies as the WebUI's own /sdapi/v1/ routes (its --api-auth check),
 and exist only when the WebUI serves its API (--api or --nowebui). Request bodies are read with a byte limit
@@ -29,7 +31,7 @@ from gmi_core.images import load_image
 from gmi_core.paths import one_line, redact
 from gmi_core.ranker import METHODS
 
-from . import build, host, runtime
+from . import build, host, library, runtime
 
 log = logging.getLogger("gmi")
 PREFIX = "/gmi/v1"
@@ -221,6 +223,25 @@ def switch(req: SwitchRequest):
     return {"title": title, "name": info.name, "loaded": getattr(getattr(loaded, "sd_checkpoint_info", None), "title", None)}
 
 
+class ImportImagesRequest(BaseModel):
+    root: str = Field("outputs", max_length=20, description="outputs | models (the WebUI's folders only)")
+    subfolder: str = Field("", max_length=500, description="relative folder inside root; scanned recursively")
+
+
+def import_images(req: ImportImagesRequest) -> dict:
+    try:
+        return library.import_images_report(req.root, req.subfolder)
+    except (GmiError, OSError) as exc:
+        raise _gmi_errors(exc) from None
+
+
+def library_map() -> dict:
+    try:
+        return library.groups_report()
+    except (GmiError, OSError) as exc:
+        raise _gmi_errors(exc) from None
+
+
 def _route(handler):
     import fastapi
 
@@ -334,6 +355,8 @@ ROUTES = [
     ("/identify", identify, "POST"),
     ("/interrogate", interrogate, "POST"),
     ("/switch", switch, "POST"),
+    ("/import-images", import_images, "POST"),
+    ("/map", library_map, "GET"),
 ]
 
 

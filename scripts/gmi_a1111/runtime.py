@@ -55,6 +55,7 @@ OPTIONS: dict[str, tuple[object, str]] = {
     "gmi_scheduler": ("Automatic", "Schedule type for spec images"),
     "gmi_top_k": (5, "Checkpoints shown in a ranking"),
     "gmi_method": ("gmi", "Ranking method"),
+    "gmi_include_not_installed": (False, "Identify also ranks imported specs of checkpoints that are not installed (marked)"),
 }
 
 
@@ -278,7 +279,8 @@ def identify(images, prompt: str | None = None, method: str | None = None, top_k
     """Rank the WebUI's checkpoints for reference images; the dict adds each entry's WebUI title."""
     engine = get_engine()
     result = engine.identify(images, prompt=prompt or None, method=method or str(opt("gmi_method")),
-                             top_k=top_k or int(opt("gmi_top_k")), source=source())
+                             top_k=top_k or int(opt("gmi_top_k")), source=source(),
+                             include_not_installed=bool(opt("gmi_include_not_installed")))
     data = result.to_dict()
     titles = titles_by_sha()
     for entry in data["ranking"]:
@@ -286,7 +288,8 @@ def identify(images, prompt: str | None = None, method: str | None = None, top_k
         if thumbnails:
             for match in entry["top_prompts"]:
                 try:
-                    match["thumbnail"] = image_to_data_uri(engine.spec_thumbnail(entry["sha256"], match["index"]))
+                    match["thumbnail"] = image_to_data_uri(
+                        engine.spec_thumbnail(entry["sha256"], match["spec_index"], match["prompt_set_hash"]))
                 except GmiError:
                     match["thumbnail"] = None
     return result, data
@@ -321,6 +324,7 @@ def status(on_hashing=None, **overrides) -> dict:
                 "images_missing": s.images_missing,
                 "budget_done": s.budget_done,
                 "current": s.current,
+                "observed_images": s.observed_images,
             }
             for s in statuses
         ],

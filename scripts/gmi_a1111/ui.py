@@ -20,7 +20,7 @@ from gmi_core.images import load_image
 from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
 
-from . import build, runtime
+from . import build, library, runtime
 
 log = logging.getLogger("gmi")
 
@@ -67,7 +67,7 @@ def ranking_html(data: dict) -> str:
         partial = (f"<br><small title='ranked with the images it has'>partial spec: {r['prompts_done']} prompts, "
                    f"{r['images_done']} images</small>" if r.get("partial") else "")
         rows.append(
-            f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}{partial}</td><td><code>{r['short_hash']}</code></td>"
+            f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}{_marks(r)}{partial}</td><td><code>{r['short_hash']}</code></td>"
             f"<td>{r['score']:.4f}</td><td>{thumbs}</td></tr>"
         )
     excluded = "".join(f"<li>{html.escape(e['name'])}: {html.escape(e['reason'])}</li>" for e in data.get("excluded", []))
@@ -80,13 +80,21 @@ def ranking_html(data: dict) -> str:
     )
 
 
+def _marks(row: dict) -> str:
+    """'not installed' for imported specs of absent checkpoints; the spec kind when it is not generated."""
+    marks = ([] if row.get("installed", True) else ["not installed"]) + (
+        [row["kind"]] if row.get("kind", "generated") != "generated" else [])
+    return "".join(f" <small>({html.escape(m)})</small>" for m in marks)
+
+
 def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]:
     """(table rows, all names, names without a ready spec, note) for the Build panel."""
     try:
         data = runtime.status(on_hashing=on_hashing)
     except (GmiError, OSError) as exc:
         return [], [], [], _error_html(one_line(exc))
-    rows = [[c["name"], c["short_hash"], c["family"], c["state"], f"{c['images_done']}/{c['images_budget']}",
+    rows = [[c["name"], c["short_hash"], c["family"], c["state"], f"{c['images_done']}/{c['images_budget']}"
+             + (f" + {c['observed_images']} observed" if c.get("observed_images") else ""),
              c["detail"] or ("" if c["current"] else "other settings")] for c in data["checkpoints"]]
     rows += [[s["name"], "", "", "skipped", "", s["reason"]] for s in data["skipped"]]
     names = [c["name"] for c in data["checkpoints"]]
@@ -130,7 +138,7 @@ def do_identify(image, files, prompt, method, top_k):
         result, data = runtime.identify(images, prompt or None, method, int(top_k), thumbnails=True)
     except (GmiError, OSError) as exc:
         return _error_html(one_line(exc)), "", gr.update(choices=[], value=None)
-    titles = [r["title"] for r in data["ranking"]]
+    titles = [r["title"] for r in data["ranking"] if r.get("installed", True)]  # only installed ones can be used
     used = f"{result.pseudo_prompt}  ({'typed' if result.prompt_source == 'user' else 'interrogated from this image'})"
     return ranking_html(data), used, gr.update(choices=titles, value=titles[0] if titles else None)
 
@@ -241,4 +249,15 @@ def on_ui_tabs():
                 _js=BUILD_JS,
             ).then(refresh, [], [note_html, table, selected])
             interrupt_btn.click(lambda: shared.state.interrupt(), [], [])
+            with gr.Accordion("Specs without generating", open=False):
+                with gr.Row():
+                    import_root = gr.Dropdown(list(library.ROOTS), value="outputs", label="Images from")
+                    import_sub = gr.Textbox("", label="Subfolder (empty: all, scanned recursively)")
+                    import_btn = gr.Button("Import images as observed specs", elem_id="gmi_import_images")
+                import_result = gr.HTML(elem_id="gmi_import_result")
+                groups_btn = gr.Button("Show near-duplicate groups", elem_id="gmi_groups")
+                groups_result = gr.HTML(elem_id="gmi_groups_result")
+            import_btn.click(library.import_images_html, [import_root, import_sub], [import_result]).then(
+                refresh, [], [note_html, table, selected])
+            groups_btn.click(library.groups_html, [], [groups_result])
     return [(tab, "GMI", "gmi")]
