@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .encoder_registry import DEFAULT_ENCODER, encoder_names
 from .errors import GmiError
 from .protocols import BuildProgress
 
@@ -38,10 +39,11 @@ def _progress_bar():
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=Path, required=True, help="folder of .safetensors checkpoints")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
-    parser.add_argument("--encoder", default="ViT-L-14", help="open_clip model name, or a gmi encoder .safetensors file")
-    parser.add_argument("--pretrained", default="openai", help="open_clip pretrained tag")
-    parser.add_argument("--clip-weights", type=Path, help="explicit CLIP weights file (.safetensors)")
-    parser.add_argument("--allow-download", action="store_true", help="download CLIP weights if missing")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help=f"CLIP encoder: one of {', '.join(encoder_names())}, or a gmi encoder .safetensors file")
+    parser.add_argument("--clip-weights", type=Path, help="explicit weights file for --encoder (open_clip or transformers .safetensors)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="download missing CLIP weights into HOME/clip (huggingface_hub: HF_ENDPOINT, HF_HUB_OFFLINE apply)")
     parser.add_argument("--prompt-set", default="platform", help="built-in set name or a .json/.txt file")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
@@ -61,9 +63,9 @@ def _engine(args):
 
     if not args.models.is_dir():
         raise GmiError(f"models folder {args.models} does not exist")
-    encoder = load_encoder(
-        args.encoder, args.pretrained, args.clip_weights, [args.home / "clip", args.models], args.allow_download
-    )
+    clip_dir = args.home / "clip"
+    encoder = load_encoder(args.encoder, search_dirs=[args.models], allow_download=args.allow_download,
+                           download_dir=clip_dir, own_dirs=[clip_dir], weights=args.clip_weights)
     settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width, height=args.height)
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.images_per_prompt, settings, args.seed)
 

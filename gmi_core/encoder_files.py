@@ -228,6 +228,9 @@ def download_weights(entry: KnownEncoder, target: Path | None, log: SearchLog,
     except ImportError:
         log.note("download", "huggingface_hub is not installed")
         return None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        log.note("download", "HF_HUB_OFFLINE is set")
+        return None
     expected = entry.geometry()
     for item in entry.hub:
         local_dir = Path(target) / entry.slug if target is not None else None

@@ -226,6 +226,12 @@ class Gmi:
         return report
 
     # -- identify ------------------------------------------------------------------------------
+    def warm(self) -> None:
+        """Compute (or read from the disk cache) what the first identification would: label and prompt
+        embeddings. Hosts call it from a background thread after start."""
+        self.interrogator.label_embeddings()
+        _ = self.prompt_features
+
     def interrogate(self, images: Sequence[Image.Image]) -> str:
         return self.interrogator.interrogate([to_rgb(i) for i in images])
 

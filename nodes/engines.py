@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from ..gmi_core.encoder_registry import encoder_names, parse_encoder_name
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
 from ..gmi_core.errors import EncoderUnavailable, GmiError
@@ -14,41 +16,46 @@ from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.store import SpecStore
 from . import host
 
-OPEN_CLIP_MODELS = ["ViT-L-14/openai", "ViT-B-16/openai", "ViT-B-32/openai"]
 _LOCK = threading.RLock()
-_ENCODERS: OrderedDict[tuple, ClipEncoder] = OrderedDict()
+_ENCODERS: OrderedDict[str, ClipEncoder] = OrderedDict()
 _ENGINES: OrderedDict[tuple, Gmi] = OrderedDict()
 _MAX_ENCODERS = 2
 _MAX_ENGINES = 8
+ENV_ALLOW_DOWNLOAD = "GMI_ALLOW_DOWNLOAD"  # "0" forbids downloads everywhere (offline installs)
 
 
 def encoder_choices() -> list[str]:
+    """The known encoders (the default first), then gmi encoder files in models/gmi."""
     try:
         files = host.encoder_files()
     except ImportError:  # outside ComfyUI
         files = []
-    return files + OPEN_CLIP_MODELS
+    return encoder_names() + files
 
 
-def get_encoder(name: str, allow_download: bool = False) -> ClipEncoder:
-    """An encoder by the name shown in the loader: a file in models/gmi, or an open_clip model/pretrained."""
-    key = (name, bool(allow_download))
+def downloads_allowed(requested: bool = True) -> bool:
+    return bool(requested) and os.environ.get(ENV_ALLOW_DOWNLOAD, "1").strip().lower() not in ("0", "false", "no")
+
+
+def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
+    """An encoder by the name shown in the loader: a known encoder, or a gmi encoder file in models/gmi."""
     with _LOCK:
-        if key in _ENCODERS:
-            _ENCODERS.move_to_end(key)
-            return _ENCODERS[key]
-        path = host.encoder_file_path(name) if name.endswith(".safetensors") else None
-        if name.endswith(".safetensors"):
+        if name in _ENCODERS:
+            _ENCODERS.move_to_end(name)
+            return _ENCODERS[name]
+        if parse_encoder_name(name) is None:
+            path = host.encoder_file_path(name)
             if path is None:
-                raise EncoderUnavailable(f"no encoder file {name!r} in {', '.join(map(str, host.encoder_search_dirs()))}")
-            encoder = load_encoder(str(path), search_dirs=host.encoder_search_dirs())
+                raise EncoderUnavailable(f"no encoder file {name!r} in {', '.join(map(str, host.encoder_own_dirs()))}")
+            encoder = load_encoder(str(path), placement=host.ComfyPlacement())
         else:
-            model, _, pretrained = name.partition("/")
             encoder = load_encoder(
-                model, pretrained or "openai", search_dirs=host.encoder_search_dirs(), allow_download=allow_download
+                name, search_dirs=host.encoder_search_dirs(), own_dirs=host.encoder_own_dirs(),
+                allow_download=downloads_allowed(allow_download), download_dir=host.encoder_download_dir(),
+                placement=host.ComfyPlacement(), progress=host.download_progress(),
             )
         encoder.gmi_choice = name  # remembered for the side panel's "Build missing specs"
-        _ENCODERS[key] = encoder
+        _ENCODERS[name] = encoder
         while len(_ENCODERS) > _MAX_ENCODERS:
             _ENCODERS.popitem(last=False)
         return encoder

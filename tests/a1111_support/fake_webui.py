@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -53,6 +54,7 @@ class FakeWebui:
         m = {name: types.ModuleType(name) for name in (
             "modules", "modules.shared", "modules.sd_models", "modules.hashes", "modules.processing",
             "modules.call_queue", "modules.paths", "modules.progress", "modules.script_callbacks", "modules.scripts",
+            "modules.devices",
         )}
         pkg = m["modules"]
         pkg.__path__ = []
@@ -298,6 +300,7 @@ class FakeWebui:
         call_queue = m["modules.call_queue"]
         call_queue.queue_lock = threading.Lock()
         m["modules.paths"].models_path = str(self.models_path)
+        m["modules.devices"].device_interrogate = torch.device("cpu")  # as with --use-cpu all
         m["modules.paths"].data_path = str(self.root)
         progress = m["modules.progress"]
         progress.tasks = []
