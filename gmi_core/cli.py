@@ -36,6 +36,23 @@ def _progress_bar():
     return update
 
 
+def _download_bar():
+    """A tqdm bar in bytes for a CLIP weights download (ProgressFn callbacks)."""
+    from tqdm import tqdm
+
+    state = {"bar": None}
+
+    def update(done: int, total: int) -> None:
+        if state["bar"] is None:
+            state["bar"] = tqdm(total=total, desc="CLIP weights", unit="B", unit_scale=True, file=sys.stderr)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=Path, required=True, help="folder of .safetensors checkpoints")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
@@ -65,7 +82,7 @@ def _engine(args):
         raise GmiError(f"models folder {args.models} does not exist")
     clip_dir = args.home / "clip"
     encoder = load_encoder(args.encoder, search_dirs=[args.models], allow_download=args.allow_download,
-                           download_dir=clip_dir, own_dirs=[clip_dir], weights=args.clip_weights)
+                           download_dir=clip_dir, own_dirs=[clip_dir], weights=args.clip_weights, progress=_download_bar())
     settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width, height=args.height)
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.images_per_prompt, settings, args.seed)
 

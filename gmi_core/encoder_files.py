@@ -9,6 +9,7 @@ the search goes on. Only safetensors files are ever read: gmi never unpickles (O
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -20,6 +21,7 @@ from pathlib import Path
 from .encoder_registry import Geometry, HubFile, KnownEncoder, geometry_from_config
 from .errors import EncoderUnavailable
 
+logger = logging.getLogger("gmi")
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 MAX_HEADER_BYTES = 100 << 20
 GMI_HEADER = "gmi_encoder"
@@ -213,7 +215,7 @@ def _hub_cached(item: HubFile) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    hit = try_to_load_from_cache(item.repo, item.filename)
+    hit = try_to_load_from_cache(item.repo, item.filename, cache_dir=str(_hub_cache_dir()))
     return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
 
 
@@ -239,7 +241,7 @@ def download_weights(entry: KnownEncoder, target: Path | None, log: SearchLog,
         try:
             if watcher:
                 watcher.start()
-            kwargs = {"local_dir": str(local_dir)} if local_dir is not None else {}
+            kwargs = {"local_dir": str(local_dir)} if local_dir is not None else {"cache_dir": str(_hub_cache_dir())}
             path = Path(hf_hub_download(item.repo, item.filename, **kwargs))
         except Exception as exc:  # noqa: BLE001 - offline, HTTP errors, disk full: each is one note, then the next file
             log.note(where, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'failed'}")
@@ -262,11 +264,11 @@ def _endpoint() -> str:
 
 
 def _hub_cache_dir() -> Path:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-    except ImportError:
-        return Path.home() / ".cache" / "huggingface" / "hub"
-    return Path(HF_HUB_CACHE)
+    """huggingface_hub's cache folder, from the environment as it is now (HF_HUB_CACHE, HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home) / "hub"
 
 
 class _ProgressWatcher:
@@ -323,6 +325,8 @@ def resolve_weights(
     if found is None and allow_download:
         found = download_weights(entry, download_dir, log, progress)
     if found is not None:
+        for where, why in log.tried:
+            logger.info("gmi: %s: skipped %s (%s)", entry.name, where, why)
         return found
     hint = Path(download_dir or (list(open_folders) + list(folders) or [Path("<model folder>")])[0])
     first = entry.hub[0]
