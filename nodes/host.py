@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..gmi_core.checkpoints import inspect_checkpoint
+from ..gmi_core.checkpoints import inspect_checkpoint_cached
 from ..gmi_core.encoder_files import inspect_weights
 from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
-from ..gmi_core.hashing import sha256_file
+from ..gmi_core.hashing import HashCache
 from ..gmi_core.protocols import (
     CheckpointInfo,
     CheckpointListing,
@@ -185,19 +185,21 @@ class ComfyCheckpointSource:
 
     def list_checkpoints(self) -> CheckpointListing:
         listing = CheckpointListing()
+        cache = HashCache(self.hash_cache)  # read once per listing
         for name in checkpoint_names():
             path = checkpoint_path(name)
-            # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
-            family, reason = inspect_checkpoint(path, allow_pickle=True)
-            if reason:
-                listing.skipped.append(SkippedCheckpoint(name, path, reason))
-                continue
             try:
-                sha = sha256_file(path, self.hash_cache)
+                # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
+                family, reason = inspect_checkpoint_cached(path, cache, allow_pickle=True)
+                if reason:
+                    listing.skipped.append(SkippedCheckpoint(name, path, reason))
+                    continue
+                sha = cache.sha256(path)
             except OSError as exc:
                 listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable: {exc}"))
                 continue
             listing.checkpoints.append(CheckpointInfo(name, path, sha))
+        cache.save()
         return listing
 
 

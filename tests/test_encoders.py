@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from gmi_core.bench.clip_layouts import LAYOUTS, hub_snapshot_path, transformers_config, write_layout
 from gmi_core.encoder_registry import DEFAULT_ENCODER, parse_encoder_name
@@ -114,8 +115,6 @@ class ColourGenerator:
 
 
 def _fake_checkpoints(folder: Path, count: int) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         save_file({"model.diffusion_model.out.2.bias": torch.full((4,), float(index)),
@@ -164,8 +163,6 @@ def test_transformers_preprocessing_matches_clip_image_processor():
 
 def _misfits(folder: Path) -> dict[str, Path]:
     """Files that look like candidates for ViT-B-32 by name but are not usable (each for another reason)."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     z = torch.zeros(2, 2)
     files = {
@@ -310,6 +307,25 @@ def test_sha256_cache_and_short_hash(tmp_path):
     path.write_bytes(b"y" * 3000)
     os.utime(path, ns=(1, 1))
     assert sha256_file(path, cache) == hashlib.sha256(b"y" * 3000).hexdigest()
+
+
+def test_listing_reads_the_hash_cache_once_and_no_header_twice(tmp_path, monkeypatch):
+    from gmi_core import checkpoints, hashing
+
+    _fake_checkpoints(tmp_path / "ckpts", 3)
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2)}, str(tmp_path / "ckpts" / "a-lora.safetensors"))
+    source = checkpoints.FolderCheckpointSource(tmp_path / "ckpts", hash_cache=tmp_path / "hashes.json")
+    first = source.list_checkpoints()
+    assert len(first.checkpoints) == 3 and "LoRA" in first.skipped[0].reason
+    reads = []
+    real_read = hashing._read_cache
+    monkeypatch.setattr(hashing, "_read_cache", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(checkpoints, "inspect_checkpoint", lambda *a: pytest.fail("header parsed again"))
+    monkeypatch.setattr(hashing, "_digest", lambda *a: pytest.fail("file hashed again"))
+    again = source.list_checkpoints()
+    assert reads == [tmp_path / "hashes.json"]
+    assert [(c.name, c.sha256) for c in again.checkpoints] == [(c.name, c.sha256) for c in first.checkpoints]
+    assert again.skipped[0].reason == first.skipped[0].reason
 
 
 def test_engine_source_has_no_pickle_loading_and_no_host_imports():
