@@ -29,6 +29,7 @@ from .protocols import (
 )
 from .ranker import DEFAULT_METHOD, FeatureBank, rank
 from .spec import Spec, SpecKey, pixel_feature
+from .spec_cache import VerifiedSpecs
 from .store import ManifestEntry, SpecStore
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class Gmi:
         self._prompt_features: torch.Tensor | None = None
         self._bank_cache: tuple[tuple, FeatureBank] | None = None
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
+        self._verified = VerifiedSpecs(self.store.root / "cache" / "verified_specs.json")
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -264,6 +266,7 @@ class Gmi:
                 spec.checkpoint_name = wanted[spec.sha256].name
                 spec.extra["popularity"] = wanted[spec.sha256].popularity
             specs.append(spec)
+        self._verified.save()
         if specs:  # one ranking needs one shape: keep the most common images-per-prompt
             counts = Counter(s.images_per_prompt for s in specs)
             common = max(counts, key=lambda n: (counts[n], n == self.images_per_prompt))
@@ -272,11 +275,15 @@ class Gmi:
         return specs, excluded
 
     def _load_cached(self, entry: ManifestEntry) -> Spec | None:
-        """A spec read (and checksummed) once per file version, not on every identification."""
+        """A spec's features, read once per process and file version; verified once per file version ever."""
         cached = self._spec_cache.get(entry.file)
         if cached is not None and cached[0] == entry.mtime:
             return cached[1]
-        spec = self.store.load(entry.key)
+        path = self.store.root / entry.file
+        trusted = self._verified.trusted(path)
+        spec = self.store.load(entry.key, verify=not trusted, thumbnails=False)
+        if not trusted and spec is not None:
+            self._verified.mark(path)
         self._spec_cache[entry.file] = (entry.mtime, spec)
         return spec
 
@@ -332,12 +339,14 @@ class Gmi:
 
     # -- for UIs -------------------------------------------------------------------------------
     def spec_thumbnail(self, sha256: str, prompt_index: int) -> Image.Image:
-        spec = self.store.load(SpecKey(sha256, self.encoder.encoder_id, self.prompt_set.hash))
-        if spec is None:
-            raise NoSpecsError(f"no spec for {sha256[:10]}")
-        if not 0 <= prompt_index < spec.n_prompts or not spec.done[prompt_index]:
+        """Read from the spec file on demand (the ranking keeps no thumbnails in memory)."""
+        try:
+            pixels = self.store.thumbnail(SpecKey(sha256, self.encoder.encoder_id, self.prompt_set.hash), prompt_index)
+        except SpecError as exc:
+            raise NoSpecsError(str(exc)) from exc
+        if pixels is None:
             raise GmiError(f"spec {sha256[:10]} has no image for prompt {prompt_index}")
-        return Image.fromarray(spec.thumbnails[prompt_index].numpy(), "RGB")
+        return Image.fromarray(pixels, "RGB")
 
     def fingerprint(self) -> str:
         return f"{self.encoder.encoder_id}|{self.prompt_set.hash}|{self.store.fingerprint()}"

@@ -38,6 +38,7 @@ class FeatureBank:
 
     @classmethod
     def from_specs(cls, specs) -> FeatureBank:
+        """Stack the specs' features; each spec is then re-pointed at its row, so features exist once."""
         if not specs:
             raise ValueError("no specs to rank")
         keys = {(s.encoder_id, s.prompt_set_hash) for s in specs}
@@ -48,12 +49,22 @@ class FeatureBank:
             raise ValueError(f"specs differ in shape (images per prompt?): {sorted(shapes)}")
         return cls(
             names=[s.checkpoint_name for s in specs],
-            image=torch.stack([s.image_features for s in specs]),
+            image=_stack_shared(specs, "image_features"),
             prompt=specs[0].prompt_features,
             done=torch.stack([s.done for s in specs]),
-            pixel=torch.stack([s.pixel_features for s in specs]),
+            pixel=_stack_shared(specs, "pixel_features"),
             popularity=[s.extra.get("popularity") for s in specs],
         )
+
+
+def _stack_shared(specs, name: str) -> torch.Tensor:
+    """torch.stack without a second full copy: each spec's tensor is moved into the stack row by row."""
+    first = getattr(specs[0], name)
+    stacked = torch.empty((len(specs), *first.shape), dtype=first.dtype)
+    for row, spec in zip(stacked, specs):
+        row.copy_(getattr(spec, name))
+        setattr(spec, name, row)
+    return stacked
 
 
 @dataclass

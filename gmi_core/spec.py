@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import SpecError
 from .protocols import GenerationSettings
@@ -49,7 +49,7 @@ class Spec:
     image_features: torch.Tensor  # [N, S, d] float16, unit rows
     prompt_features: torch.Tensor  # [N, d] float16, unit rows
     pixel_features: torch.Tensor  # [N, S, 3*8*8] float16, unit rows
-    thumbnails: torch.Tensor  # [N, 64, 64, 3] uint8, the first image of each prompt
+    thumbnails: torch.Tensor | None  # [N, 64, 64, 3] uint8, the first image of each prompt; None when loaded for ranking
     done: torch.Tensor  # [N] bool
     extra: dict = field(default_factory=dict)
 
@@ -102,6 +102,8 @@ class Spec:
         )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
+        if self.thumbnails is None:
+            raise SpecError(f"spec of {self.checkpoint_name} was loaded for ranking only (no thumbnails); it cannot be saved")
         return {
             "image_features": self.image_features.contiguous(),
             "prompt_features": self.prompt_features.contiguous(),
@@ -140,15 +142,22 @@ class Spec:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: Path) -> Spec:
-        """Read and validate; any inconsistency raises :class:`SpecError` naming the file and the fault."""
+    def load(cls, path: Path, verify: bool = True, thumbnails: bool = True) -> Spec:
+        """Read and validate; any inconsistency raises :class:`SpecError` naming the file and the fault.
+
+        ``verify=False`` skips the content checksum and the value checks: for a file version that was
+        verified before (see :class:`gmi_core.spec_cache.VerifiedSpecs`). ``thumbnails=False`` leaves the
+        thumbnails on disk (ranking needs only features; :func:`read_thumbnail` reads one on demand).
+        """
         path = Path(path)
+        wanted = [name for name in _TENSORS if thumbnails or verify or name != "thumbnails"]
         try:
-            tensors = load_file(str(path))
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
+                names = set(handle.keys())
+                tensors = {name: handle.get_tensor(name) for name in wanted if name in names}
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
         try:
@@ -157,10 +166,10 @@ class Spec:
             raise SpecError(f"spec file {path} has no valid gmi metadata") from exc
         if meta.get("format_version") != SPEC_FORMAT_VERSION:
             raise SpecError(f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}")
-        missing = [name for name in _TENSORS if name not in tensors]
+        missing = [name for name in _TENSORS if name not in names]
         if missing:
             raise SpecError(f"spec file {path} lacks tensors {missing}")
-        if _content_hash(tensors) != meta.get("content_sha256"):
+        if verify and _content_hash(tensors) != meta.get("content_sha256"):
             raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
         try:
             spec = cls(
@@ -175,16 +184,17 @@ class Spec:
                 image_features=tensors["image_features"],
                 prompt_features=tensors["prompt_features"],
                 pixel_features=tensors["pixel_features"],
-                thumbnails=tensors["thumbnails"],
+                thumbnails=tensors["thumbnails"] if thumbnails else None,
                 done=tensors["done"].bool(),
                 extra=dict(meta.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"spec file {path} has incomplete metadata: {exc}") from exc
-        spec.validate(str(path))
+        spec.validate(str(path), values=verify)
         return spec
 
-    def validate(self, origin: str = "spec") -> None:
+    def validate(self, origin: str = "spec", values: bool = True) -> None:
+        """Shapes always; with ``values`` also finiteness and unit length (once per file version)."""
         n, s = len(self.prompts), len(self.seeds[0]) if self.seeds else 0
         d = self.prompt_features.shape[-1] if self.prompt_features.ndim == 2 else -1
         checks = [
@@ -193,15 +203,17 @@ class Spec:
             (tuple(self.image_features.shape) == (n, s, d), f"image_features shape {tuple(self.image_features.shape)}"),
             (tuple(self.prompt_features.shape) == (n, d), f"prompt_features shape {tuple(self.prompt_features.shape)}"),
             (self.pixel_features.shape[:2] == (n, s), "pixel_features shape"),
-            (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8, "thumbnails shape"),
+            (self.thumbnails is None or (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8),
+             "thumbnails shape"),
             (tuple(self.done.shape) == (n,), "done mask shape"),
         ]
         for ok, what in checks:
             if not ok:
                 raise SpecError(f"{origin}: inconsistent spec ({what})")
+        if not values:
+            return
         for name in ("image_features", "prompt_features", "pixel_features"):
-            values = getattr(self, name).float()
-            if not torch.isfinite(values).all():
+            if not torch.isfinite(getattr(self, name)).all():  # fp16 as stored: no float copy
                 raise SpecError(f"{origin}: {name} holds NaN or infinite values")
         finished = self.image_features[self.done].float()
         if finished.numel() and not torch.allclose(finished.norm(dim=-1), torch.ones(()), atol=1e-2):
@@ -217,6 +229,24 @@ def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(str(t.dtype).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def read_thumbnail(path: Path, prompt_index: int) -> np.ndarray | None:
+    """One prompt's [64, 64, 3] uint8 thumbnail straight from the spec file (a slice read, no checksum);
+    None when that prompt is not finished. Raises SpecError for an unreadable file or a bad index."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            done = handle.get_slice("done")
+            count = done.get_shape()[0]
+            if not 0 <= prompt_index < count:
+                raise SpecError(f"spec {Path(path).parent.name[:10]} has no prompt {prompt_index} (it has {count})")
+            if not bool(done[prompt_index : prompt_index + 1][0]):
+                return None
+            return handle.get_slice("thumbnails")[prompt_index : prompt_index + 1][0].numpy()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
 
 
 def pixel_feature(image) -> np.ndarray:

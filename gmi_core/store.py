@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .errors import SpecError
-from .spec import Spec, SpecKey
+from .spec import Spec, SpecKey, read_thumbnail
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -71,15 +71,24 @@ class SpecStore:
         name = f"{safe_name(key.encoder_id)}--{safe_name(key.prompt_set_hash)}.safetensors"
         return self.root / "specs" / key.sha256 / name
 
-    def load(self, key: SpecKey) -> Spec | None:
-        """The spec for ``key``, None if there is none; raises SpecError if the file is corrupt."""
+    def load(self, key: SpecKey, verify: bool = True, thumbnails: bool = True) -> Spec | None:
+        """The spec for ``key``, None if there is none; raises SpecError if the file is corrupt.
+
+        ``verify`` and ``thumbnails``: see :meth:`Spec.load`."""
         path = self.path_for(key)
         if not path.exists():
             return None
-        spec = Spec.load(path)
+        spec = Spec.load(path, verify=verify, thumbnails=thumbnails)
         if spec.key != key:
             raise SpecError(f"spec file {path} holds {spec.key}, not {key}")
         return spec
+
+    def thumbnail(self, key: SpecKey, prompt_index: int):
+        """One prompt's [64, 64, 3] uint8 thumbnail read from the file (no full load); None if unfinished."""
+        path = self.path_for(key)
+        if not path.exists():
+            raise SpecError(f"no spec for {key.sha256[:10]}")
+        return read_thumbnail(path, prompt_index)
 
     def save(self, spec: Spec) -> Path:
         path = self.path_for(spec.key)

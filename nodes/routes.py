@@ -67,13 +67,13 @@ def identify_payload(images, fields: dict) -> dict:
 
 
 def thumbnail_png(sha256: str, encoder_id: str, prompt_set_hash: str, index: int) -> bytes:
-    spec = engines.store().load(SpecKey(sha256, encoder_id, prompt_set_hash))
-    if spec is None or not 0 <= index < spec.n_prompts or not bool(spec.done[index]):
+    pixels = engines.store().thumbnail(SpecKey(sha256, encoder_id, prompt_set_hash), index)  # a slice of the file
+    if pixels is None:
         raise FileNotFoundError("no such spec image")
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(spec.thumbnails[index].numpy(), "RGB").save(out, "PNG")
+    Image.fromarray(pixels, "RGB").save(out, "PNG")
     return out.getvalue()
 
 
