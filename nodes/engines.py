@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -16,6 +17,7 @@ from ..gmi_core.protocols import GenerationSettings
 from ..gmi_core.store import SpecStore
 from . import host
 
+log = logging.getLogger("gmi")
 _LOCK = threading.RLock()
 _ENCODERS: OrderedDict[str, ClipEncoder] = OrderedDict()
 _ENGINES: OrderedDict[tuple, Gmi] = OrderedDict()
@@ -59,6 +61,27 @@ def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
         while len(_ENCODERS) > _MAX_ENCODERS:
             _ENCODERS.popitem(last=False)
         return encoder
+
+
+ENV_WARM = "GMI_WARM_ON_START"  # "1": load the panel's encoder and label embeddings after start
+
+
+def warm_in_background() -> threading.Thread | None:
+    """Off the start-up path (a daemon thread): the side panel's encoder, if on disk, and its label embeddings."""
+    if os.environ.get(ENV_WARM, "").strip() not in ("1", "true", "yes"):
+        return None
+
+    def warm() -> None:
+        from . import settings
+
+        try:
+            get_engine(get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set("platform")).warm()
+        except GmiError as exc:
+            log.info("gmi: background warm-up skipped: %s", exc)
+
+    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 def prompt_set_dir() -> Path:

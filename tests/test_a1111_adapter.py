@@ -356,3 +356,15 @@ def test_routes_register_under_gmi_v1(webui):
     api.on_app_started(None, app)  # UI reload registers nothing twice
     assert sorted((r.path, r.methods[0]) for r in app.routes) == sorted(
         ("/gmi/v1" + p, m) for p, _, m in api.ROUTES)
+
+
+def test_warm_start_loads_encoder_and_label_embeddings_in_the_background(world):
+    runtime = gmi("runtime")
+    assert runtime.warm_in_background() is None, "off by default: nothing loads at start unasked"
+    world.shared.opts.set("gmi_warm_start", True)
+    thread = runtime.warm_in_background()
+    assert thread is not None and thread.daemon
+    thread.join(timeout=120)
+    engine = runtime.get_engine()
+    assert list((engine.store.root / "cache").glob("labels--gmi-tiny-clip-s0--*.safetensors"))
+    assert engine.interrogator._embeddings is not None and engine.encoder.device.type == "cpu"
