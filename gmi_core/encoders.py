@@ -206,25 +206,27 @@ def save_encoder(encoder: ClipEncoder, path: Path, config: dict | None = None) -
 
 
 # -- loading without a second copy --------------------------------------------------------------
-def _assign_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype, rename=lambda key: key) -> None:
+REBUILT_BUFFERS = ("attn_mask", "position_ids")  # derived from the config; files may or may not carry them
+
+
+def _assign_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
     """Fill a meta-device model from a safetensors file, one tensor at a time, without copying it twice."""
     expected = set(model.state_dict())
     state = {}
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():
-            name = rename(key)
-            if name in expected:
+            if key in expected:
                 tensor = handle.get_tensor(key)
-                state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    missing = sorted(expected - set(state))
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing = sorted(k for k in expected - set(state) if k.rsplit(".", 1)[-1] not in REBUILT_BUFFERS)
     if missing:
         raise EncoderUnavailable(f"{path} lacks {len(missing)} weights of its model, e.g. {missing[:3]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)
     _materialise_buffers(model, dtype)
 
 
 def _materialise_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Rebuild the non-persistent buffers (not in the file) that the meta-device model left empty."""
+    """Rebuild the buffers the file did not carry, which the meta-device model left empty."""
     for module_name, module in model.named_modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is None or buffer.device.type != "meta":
@@ -235,7 +237,7 @@ def _materialise_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 value = torch.arange(buffer.shape[-1]).expand(tuple(buffer.shape)).clone()
             else:
                 raise EncoderUnavailable(f"cannot rebuild buffer {module_name}.{name} of the encoder model")
-            module.register_buffer(name, value, persistent=False)
+            module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
 
 
 def _open_clip_model(config: dict, quick_gelu: bool, path: Path, dtype: torch.dtype) -> _OpenClipTowers:
