@@ -224,6 +224,18 @@ def test_node_classes_are_well_formed(env):
     assert enc[0][0] == enc[1]["default"] == "ViT-L-14/openai" and "tiny.safetensors" in enc[0]
 
 
+def test_non_gmi_clip_files_in_models_gmi_are_not_offered_and_encoders_are_model_managed(env):
+    gmi_dir = env.base / "models" / "gmi"
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 2, 2),
+               "visual_projection.weight": torch.zeros(2, 8)}, str(gmi_dir / "clip-vit-large-patch14.safetensors"))
+    choices, options = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"]
+    assert "clip-vit-large-patch14.safetensors" not in choices and options["default"] == "ViT-L-14/openai"
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    encoder.encode_texts(["a cat"])
+    patcher = env.state["loaded_models"][-1]
+    assert patcher.model is encoder.model and patcher.load_device == encoder.device
+
+
 def test_missing_clip_weights_give_a_clear_message(env):
     from importlib import import_module
 
