@@ -21,7 +21,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .encoder_files import GMI_HEADER, ProgressFn, WeightsFile, check_candidate, inspect_weights, resolve_weights
-from .encoder_registry import DEFAULT_ENCODER, OPENAI_MEAN, OPENAI_STD, KnownEncoder, encoder_names, parse_encoder_name
+from .encoder_registry import (
+    DEFAULT_ENCODER,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    Geometry,
+    KnownEncoder,
+    encoder_names,
+    parse_encoder_name,
+)
 from .errors import EncoderUnavailable
 
 TINY_CONFIG = {
@@ -261,15 +269,20 @@ def _transformers_config(weights: WeightsFile):
             return CLIPConfig.from_pretrained(str(beside.parent))
         except (OSError, ValueError):
             pass
-    g = weights.geometry
-    return CLIPConfig(
-        projection_dim=g.embed_dim,
-        text_config={"hidden_size": g.text_width, "intermediate_size": 4 * g.text_width, "num_hidden_layers": g.text_layers,
-                     "num_attention_heads": g.text_width // 64, "max_position_embeddings": g.context_length,
-                     "eos_token_id": 49407},
-        vision_config={"hidden_size": g.vision_width, "intermediate_size": 4 * g.vision_width, "num_hidden_layers": g.vision_layers,
-                       "num_attention_heads": g.vision_width // 64, "image_size": g.image_size, "patch_size": g.patch_size},
-    )
+    return CLIPConfig(**transformers_config(weights.geometry))
+
+
+def transformers_config(g: Geometry) -> dict:
+    """CLIPConfig arguments for a geometry: OpenAI CLIP's conventions (64-wide heads, 4x MLP, quick GELU)."""
+    return {
+        "projection_dim": g.embed_dim,
+        "text_config": {"hidden_size": g.text_width, "intermediate_size": 4 * g.text_width, "num_hidden_layers": g.text_layers,
+                        "num_attention_heads": g.text_width // 64, "max_position_embeddings": g.context_length,
+                        "eos_token_id": 49407},
+        "vision_config": {"hidden_size": g.vision_width, "intermediate_size": 4 * g.vision_width,
+                          "num_hidden_layers": g.vision_layers, "num_attention_heads": g.vision_width // 64,
+                          "image_size": g.image_size, "patch_size": g.patch_size},
+    }
 
 
 def _transformers_model(weights: WeightsFile, dtype: torch.dtype) -> _TransformersTowers:

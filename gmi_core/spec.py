@@ -212,11 +212,12 @@ class Spec:
                 raise SpecError(f"{origin}: inconsistent spec ({what})")
         if not values:
             return
+        # numpy, not torch: these small reductions must not wait on torch's thread pool (slow on busy CPUs)
         for name in ("image_features", "prompt_features", "pixel_features"):
-            if not torch.isfinite(getattr(self, name)).all():  # fp16 as stored: no float copy
+            if not np.isfinite(getattr(self, name).numpy()).all():
                 raise SpecError(f"{origin}: {name} holds NaN or infinite values")
-        finished = self.image_features[self.done].float()
-        if finished.numel() and not torch.allclose(finished.norm(dim=-1), torch.ones(()), atol=1e-2):
+        finished = self.image_features.numpy()[self.done.numpy()].astype(np.float32)
+        if finished.size and not np.allclose(np.linalg.norm(finished, axis=-1), 1.0, atol=1e-2):
             raise SpecError(f"{origin}: image features are not unit vectors")
 
 

@@ -33,16 +33,10 @@ def open_clip_state(entry: KnownEncoder, seed: int = 0) -> dict:
 
 
 def transformers_config(entry: KnownEncoder) -> dict:
-    g = entry.geometry()
-    return {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": g.embed_dim,
-        "text_config": {"hidden_size": g.text_width, "intermediate_size": 4 * g.text_width,
-                        "num_hidden_layers": g.text_layers, "num_attention_heads": g.text_width // 64,
-                        "max_position_embeddings": g.context_length, "eos_token_id": 49407},
-        "vision_config": {"hidden_size": g.vision_width, "intermediate_size": 4 * g.vision_width,
-                          "num_hidden_layers": g.vision_layers, "num_attention_heads": g.vision_width // 64,
-                          "image_size": g.image_size, "patch_size": g.patch_size},
-    }
+    """The config.json of a transformers CLIPModel snapshot of ``entry``'s architecture."""
+    from ..encoders import transformers_config as config_args
+
+    return {"architectures": ["CLIPModel"], "model_type": "clip", **config_args(entry.geometry())}
 
 
 def transformers_state(entry: KnownEncoder, seed: int = 0, vision_only: bool = False) -> dict:
