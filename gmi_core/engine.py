@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,6 +35,15 @@ from .store import ManifestEntry, SpecStore
 
 log = logging.getLogger(__name__)
 STATES = ("ready", "partial", "missing", "stale", "corrupt")
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Stacking the bank frees one spec's features at a time,
+    and glibc would otherwise keep those pages: the process would hold the features twice."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 @dataclass
@@ -334,7 +344,9 @@ class Gmi:
         """The stacked features, reused (with their kernel caches) while the same specs are ranked."""
         key = (self.store.fingerprint(), tuple((s.sha256, s.checkpoint_name) for s in specs))
         if self._bank_cache is None or self._bank_cache[0] != key:
+            self._bank_cache = None
             self._bank_cache = (key, FeatureBank.from_specs(specs))
+            _return_freed_memory()
         return self._bank_cache[1]
 
     # -- for UIs -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,13 +153,8 @@ class Spec:
         path = Path(path)
         wanted = [name for name in _TENSORS if thumbnails or verify or name != "thumbnails"]
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                names = set(handle.keys())
-                tensors = {name: handle.get_tensor(name) for name in wanted if name in names}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            header, names, tensors = _read_safetensors(path, wanted)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
         try:
             meta = json.loads(header["gmi"])
@@ -219,6 +215,44 @@ class Spec:
         finished = self.image_features.numpy()[self.done.numpy()].astype(np.float32)
         if finished.size and not np.allclose(np.linalg.norm(finished, axis=-1), 1.0, atol=1e-2):
             raise SpecError(f"{origin}: image features are not unit vectors")
+
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8,
+           "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _read_safetensors(path: Path, names) -> tuple[dict, set, dict[str, torch.Tensor]]:
+    """(metadata, every tensor name, the named tensors), read with plain file reads into memory they own.
+
+    safetensors' own loader maps the file, and tensors sharing a mapping keep it resident: a ranking
+    bank stacked from such tensors would hold the features twice.
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError("file too short for a safetensors header")
+        (size,) = struct.unpack("<Q", raw)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {size} bytes is implausible")
+        header = json.loads(handle.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        file_size = os.fstat(handle.fileno()).st_size
+        tensors = {}
+        for name in names:
+            if name not in header:
+                continue
+            info = header[name]
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - start != nbytes or 8 + size + end > file_size:
+                raise ValueError(f"tensor {name} is truncated or inconsistent with its shape")
+            handle.seek(8 + size + start)
+            if nbytes and handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != nbytes:
+                raise ValueError(f"tensor {name} is truncated")
+            tensors[name] = tensor
+    return metadata, set(header), tensors
 
 
 def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
