@@ -8,6 +8,7 @@ the search goes on. Only safetensors files are ever read: gmi never unpickles (O
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -159,6 +160,8 @@ def check_candidate(path: Path, entry: KnownEncoder, expected: Geometry) -> tupl
         return None, f"a gmi encoder file ({found.gmi_config.get('encoder_id')}); choose it by its file name"
     if found.geometry != expected:
         return None, f"wrong architecture ({found.geometry.describe()}); {entry.name} is {expected.describe()}"
+    if found.layout == "transformers" and importlib.util.find_spec("transformers") is None:
+        return None, "transformers-format CLIP, but the transformers package is not installed"
     return found, ""
 
 

@@ -8,7 +8,7 @@ measurement runs in a fresh child process (``--child``), so process start, impor
 * per layout: encoder load, first image encode, a warm image encode;
 * per M, twice: "first ever" (no label-embedding cache, spec files never verified) and "fresh process"
   (caches on disk, as every later start). The child does what a user's process does (load the encoder,
-  label embeddings, specs, identify: the whole process until ranked), then, best of 3 each, a warm image
+  label embeddings, specs, identify: the whole process until ranked), then, best of 5 interleaved rounds, a warm image
   encode, the pseudo-prompt's text encode, the ranking alone and a warm identify; its peak RSS and its RSS
   after each stage.
 
@@ -34,7 +34,7 @@ import torch
 from .clip_layouts import LAYOUTS, open_clip_state, transformers_state, write_layout
 
 IMAGES_PER_PROMPT = 4
-REPEATS = 3  # warm measurements: best of
+REPEATS = 5  # warm measurements: best of
 FRESH_PROCESS_SLACK_S = 3.0
 
 
@@ -81,14 +81,17 @@ def run_child(config: dict) -> dict:
         out.setdefault("rss_mb_after", {})[name] = round(_rss_mb(), 1)
         clock = now
 
-    def best_of(name: str, call) -> None:
-        """The fastest of REPEATS runs: other jobs on shared cores only ever add time."""
-        times = []
+    def best_of(calls: dict) -> None:
+        """Each call's fastest of REPEATS rounds, the calls interleaved within a round so that they share
+        the machine's conditions (other jobs on shared cores only ever add time)."""
+        times = {name: [] for name in calls}
         for _ in range(REPEATS):
-            started_at = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - started_at)
-        out[name], out[name.replace("_s", "_all_s")] = round(min(times), 3), [round(t, 3) for t in times]
+            for name, call in calls.items():
+                started_at = time.perf_counter()
+                call()
+                times[name].append(round(time.perf_counter() - started_at, 3))
+        for name, values in times.items():
+            out[name], out[name.replace("_s", "_all_s")] = min(values), values
 
     encoder = load_encoder(config["encoder"], search_dirs=[Path(config["models"])])
     lap("encoder_load_s")
@@ -97,7 +100,7 @@ def run_child(config: dict) -> dict:
     if config["mode"] == "encoder":
         encoder.encode_images([query])
         lap("first_image_encode_s")
-        best_of("image_encode_s", lambda: encoder.encode_images([query]))
+        best_of({"image_encode_s": lambda: encoder.encode_images([query])})
         out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         return out
     # What a user's process does (load, label embeddings, specs, identify), then the warm measurements.
@@ -114,10 +117,10 @@ def run_child(config: dict) -> dict:
     features = encoder.encode_images([query])
     query_text = encoder.encode_texts([result.pseudo_prompt])[0]
     bank = gmi._bank(specs)
-    best_of("image_encode_s", lambda: encoder.encode_images([query]))
-    best_of("text_encode_s", lambda: encoder.encode_texts([result.pseudo_prompt]))
-    best_of("ranking_s", lambda: rank(bank, "gmi", features, query_text))
-    best_of("warm_identify_s", lambda: gmi.identify([query]))
+    best_of({"image_encode_s": lambda: encoder.encode_images([query]),
+             "text_encode_s": lambda: encoder.encode_texts([result.pseudo_prompt]),
+             "ranking_s": lambda: rank(bank, "gmi", features, query_text),
+             "warm_identify_s": lambda: gmi.identify([query])})
     out["features_bytes"] = int(bank.image.numel() * bank.image.element_size() + bank.pixel.numel() * bank.pixel.element_size())
     out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return out
