@@ -149,6 +149,7 @@ class Gmi:
         self._prompt_features: torch.Tensor | None = None
         self._bank_cache: tuple[tuple, FeatureBank] | None = None
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
+        self._loaded_versions: tuple = ()  # (file, mtime) of the specs the last load_specs listed
         self._verified = VerifiedSpecs(self.store.root / "cache" / "verified_specs.json")
 
     @property
@@ -258,6 +259,7 @@ class Gmi:
             wanted = None
         entries = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
         entries = [e for e in entries if e.prompt_set_hash == self.prompt_set.hash]
+        self._loaded_versions = tuple((e.file, e.mtime) for e in entries)  # the bank's key: no second store listing
         found = {e.sha256 for e in entries}
         if wanted is not None:
             excluded += [(c.name, self._why_unusable(c)) for sha, c in wanted.items() if sha not in found]
@@ -342,7 +344,7 @@ class Gmi:
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:
         """The stacked features, reused (with their kernel caches) while the same specs are ranked."""
-        key = (self.store.fingerprint(), tuple((s.sha256, s.checkpoint_name) for s in specs))
+        key = (self._loaded_versions, tuple((s.sha256, s.checkpoint_name) for s in specs))
         if self._bank_cache is None or self._bank_cache[0] != key:
             self._bank_cache = None
             self._bank_cache = (key, FeatureBank.from_specs(specs))
