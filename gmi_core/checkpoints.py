@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .hashing import cached_sha256, sha256_file
+from .hashing import HashCache
 from .protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
@@ -78,6 +78,13 @@ def sd2_predicts_v(handle, keys) -> bool:
     return bool(bias.std(unbiased=False) > 0.09)
 
 
+def inspect_checkpoint_cached(path: Path, cache: HashCache, allow_pickle: bool = False) -> tuple[str | None, str | None]:
+    """:func:`inspect_checkpoint`, remembered per file version in the hash cache (a listing re-reads no header)."""
+    fact = "checkpoint_pickle_ok" if allow_pickle else "checkpoint"
+    family, reason = cache.remember(path, fact, lambda: list(inspect_checkpoint(path, allow_pickle)))
+    return family, reason
+
+
 class FolderCheckpointSource:
     """Checkpoints in a folder tree (the standalone CLI's source; hosts have their own)."""
 
@@ -94,20 +101,18 @@ class FolderCheckpointSource:
         if not self.folder.is_dir():
             return listing
         suffixes = (".safetensors",) + (PICKLE_SUFFIXES if self.allow_pickle else (".ckpt",))
+        cache = HashCache(self.hash_cache)
         for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
             name = str(path.relative_to(self.folder))
-            family, reason = inspect_checkpoint(path, self.allow_pickle)
+            family, reason = inspect_checkpoint_cached(path, cache, self.allow_pickle)
             if reason:
                 listing.skipped.append(SkippedCheckpoint(name, path, reason))
                 continue
             try:
-                sha = cached_sha256(path, self.hash_cache)
-                if sha is None:
-                    if self.on_hashing:
-                        self.on_hashing(path)
-                    sha = sha256_file(path, self.hash_cache)
+                sha = cache.sha256(path, self.on_hashing)
             except OSError as exc:  # vanished or unreadable while listing: skipped with the reason
                 listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable ({exc.strerror or exc})"))
                 continue
             listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
+        cache.save()
         return listing

@@ -9,20 +9,13 @@ import sys
 from pathlib import Path
 
 from .budgets import BUDGETS, DEFAULT_BUDGET
+from .encoder_registry import DEFAULT_ENCODER, encoder_names
 from .errors import GmiError
 from .families import FAMILY_DEFAULTS
 from .limits import json_safe
-from .protocols import BuildProgress
+from .protocols import BuildProgress, format_eta
 
 DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "ETA after the first images"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"ETA {hours}h{minutes:02d}m" if hours else f"ETA {minutes}m{secs:02d}s"
 
 
 def _progress_bar():
@@ -47,13 +40,31 @@ def _progress_bar():
     return update
 
 
+def _download_bar():
+    """A tqdm bar in bytes for a CLIP weights download (ProgressFn callbacks)."""
+    from tqdm import tqdm
+
+    state = {"bar": None}
+
+    def update(done: int, total: int) -> None:
+        if state["bar"] is None:
+            state["bar"] = tqdm(total=total, desc="CLIP weights", unit="B", unit_scale=True, file=sys.stderr)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 def _add_engine_options(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
     parser.add_argument("--models", type=Path, required=models_required, help="folder of .safetensors checkpoints")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
-    parser.add_argument("--encoder", default="ViT-L-14", help="open_clip model name, or a gmi encoder .safetensors file")
-    parser.add_argument("--pretrained", default="openai", help="open_clip pretrained tag")
-    parser.add_argument("--clip-weights", type=Path, help="explicit CLIP weights file (.safetensors)")
-    parser.add_argument("--allow-download", action="store_true", help="download CLIP weights if missing")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help=f"CLIP encoder: one of {', '.join(encoder_names())}, or a gmi encoder .safetensors file")
+    parser.add_argument("--clip-weights", type=Path, help="explicit weights file for --encoder (open_clip or transformers .safetensors)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="download missing CLIP weights into HOME/clip (huggingface_hub: HF_ENDPOINT, HF_HUB_OFFLINE apply)")
     parser.add_argument("--prompt-set", default="platform", help="built-in set name or a .json/.txt file")
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
                         help=f"spec budget: {', '.join(f'{k} ({v.label()})' for k, v in BUDGETS.items())} or PROMPTSxIMAGES")
@@ -84,10 +95,9 @@ def _engine(args):
         if getattr(args, name) is not None:
             overrides.setdefault("*", {})[name] = getattr(args, name)
     settings = FamilySettings.defaults(GenerationSettings(sampler=args.sampler), overrides)
-    encoder = load_encoder(
-        args.encoder, args.pretrained, args.clip_weights, [args.home / "clip", *([args.models] if args.models else [])],
-        args.allow_download,
-    )
+    clip_dir = args.home / "clip"
+    encoder = load_encoder(args.encoder, search_dirs=[args.models] if args.models else [], allow_download=args.allow_download,
+                           download_dir=clip_dir, own_dirs=[clip_dir], weights=args.clip_weights, progress=_download_bar())
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.budget, settings, args.seed)
 
     def announce(path: Path) -> None:

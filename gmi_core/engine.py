@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,10 +37,20 @@ from .protocols import (
 )
 from .ranker import DEFAULT_METHOD, FeatureBank, rank
 from .spec import Spec, SpecKey, pixel_feature
+from .spec_cache import VerifiedSpecs
 from .store import ManifestEntry, SpecStore
 
 log = logging.getLogger(__name__)
 STATES = ("ready", "partial", "missing", "stale", "corrupt")
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Stacking the bank frees one spec's features at a time,
+    and glibc would otherwise keep those pages: the process would hold the features twice."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 @dataclass
@@ -200,6 +211,8 @@ class Gmi:
         self._bank_cache: tuple[tuple, FeatureBank] | None = None
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
         self._merged_cache: dict[str, tuple] = {}
+        self._loaded_versions: tuple = ()  # (file, mtime) of the specs the last load_specs listed
+        self._verified = VerifiedSpecs(self.store.root / "cache" / "verified_specs.json")
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -362,6 +375,12 @@ class Gmi:
         return report
 
     # -- identify ------------------------------------------------------------------------------
+    def warm(self) -> None:
+        """Compute (or read from the disk cache) what the first identification would: label and prompt
+        embeddings. Hosts call it from a background thread after start."""
+        self.interrogator.label_embeddings()
+        _ = self.prompt_features
+
     def interrogate(self, images: Sequence[Image.Image]) -> str:
         return self.interrogator.interrogate([to_rgb(i) for i in images])
 
@@ -389,6 +408,7 @@ class Gmi:
             wanted = None
         entries = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
         entries = [e for e in entries if e.prompt_set_hash in (self.prompt_set.hash, OBSERVED)]
+        self._loaded_versions = tuple((e.file, e.mtime) for e in entries)  # the bank's key: no second store listing
         found = {e.sha256 for e in entries}
         if wanted is not None:
             excluded += [(c.name, self._why_unusable(c)) for sha, c in wanted.items() if sha not in found]
@@ -419,6 +439,7 @@ class Gmi:
                 spec.extra["aliases"] = aliases.get(sha, [])
             spec.extra["installed"] = installed
             specs.append(spec)
+        self._verified.save()
         return specs, excluded
 
     def _merged(self, generated: Spec | None, observed: Spec | None) -> Spec:
@@ -432,11 +453,15 @@ class Gmi:
         return cached[1]
 
     def _load_cached(self, entry: ManifestEntry) -> Spec | None:
-        """A spec read (and checksummed) once per file version, not on every identification."""
+        """A spec's features, read once per process and file version; verified once per file version ever."""
         cached = self._spec_cache.get(entry.file)
         if cached is not None and cached[0] == entry.mtime:
             return cached[1]
-        spec = self.store.load(entry.key)
+        path = self.store.root / entry.file
+        trusted = self._verified.trusted(path)
+        spec = self.store.load(entry.key, verify=not trusted, thumbnails=False)
+        if not trusted and spec is not None:
+            self._verified.mark(path)
         self._spec_cache[entry.file] = (entry.mtime, spec)
         return spec
 
@@ -494,22 +519,27 @@ class Gmi:
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:
         """The stacked features, reused (with their kernel caches) while the same specs are ranked."""
-        key = (self.store.fingerprint(), tuple((s.sha256, s.checkpoint_name) for s in specs))
+        key = (self._loaded_versions, tuple((s.sha256, s.checkpoint_name) for s in specs))
         if self._bank_cache is None or self._bank_cache[0] != key:
+            self._bank_cache = None
             self._bank_cache = (key, FeatureBank.from_specs(specs))
+            _return_freed_memory()
         return self._bank_cache[1]
 
     # -- for UIs -------------------------------------------------------------------------------
     def spec_thumbnail(self, sha256: str, prompt_index: int, prompt_set_hash: str | None = None) -> Image.Image:
-        """Row ``prompt_index`` of the stored spec ``prompt_set_hash`` (default: this engine's prompt set)."""
+        """Row ``prompt_index`` of the stored spec ``prompt_set_hash`` (default: this engine's prompt set), read from
+        the spec file on demand (the ranking keeps no thumbnails in memory)."""
         if prompt_set_hash not in (None, self.prompt_set.hash, OBSERVED):
             raise GmiError(f"no spec of prompt set {prompt_set_hash!r} here")
-        spec = self.store.load(SpecKey(sha256, self.encoder.encoder_id, prompt_set_hash or self.prompt_set.hash))
-        if spec is None:
-            raise NoSpecsError(f"no spec for {sha256[:10]}")
-        if not 0 <= prompt_index < spec.n_prompts or not spec.done[prompt_index]:
+        try:
+            pixels = self.store.thumbnail(SpecKey(sha256, self.encoder.encoder_id, prompt_set_hash or self.prompt_set.hash),
+                                          prompt_index)
+        except SpecError as exc:
+            raise NoSpecsError(str(exc)) from exc
+        if pixels is None:
             raise GmiError(f"spec {sha256[:10]} has no image for prompt {prompt_index}")
-        return Image.fromarray(spec.thumbnails[prompt_index].numpy(), "RGB")
+        return Image.fromarray(pixels, "RGB")
 
     def fingerprint(self) -> str:
         return f"{self.encoder.encoder_id}|{self.prompt_set.hash}|{self.store.fingerprint()}"

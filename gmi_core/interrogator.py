@@ -66,7 +66,10 @@ class Interrogator:
                         return self._embeddings
                 except Exception:  # noqa: BLE001 - a broken cache is recomputed, never trusted
                     pass
-        self._embeddings = {cat: self.encoder.encode_texts(labels) for cat, labels in self.vocabulary.items()}
+        # all categories in one call: the encoder batches them large, each batch cut to its longest label
+        everything = self.encoder.encode_texts([label for labels in self.vocabulary.values() for label in labels])
+        rows = torch.split(everything, [len(labels) for labels in self.vocabulary.values()])
+        self._embeddings = {cat: part.contiguous() for cat, part in zip(self.vocabulary, rows)}
         if cache:  # best effort: identification works the same when the cache cannot be written
             tmp = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.tmp")
             try:

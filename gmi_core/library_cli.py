@@ -69,8 +69,9 @@ def cmd_import(args) -> int:
             return found
         if "encoder" not in state:  # loaded only when no local spec has the prompt features
             try:
-                state["encoder"] = load_encoder(args.encoder, args.pretrained, args.clip_weights, [args.home / "clip"],
-                                                args.allow_download)
+                clip_dir = args.home / "clip"
+                state["encoder"] = load_encoder(args.encoder, allow_download=args.allow_download, download_dir=clip_dir,
+                                                own_dirs=[clip_dir], weights=args.clip_weights)
             except EncoderUnavailable as exc:
                 print(f"gmi: {exc}", file=sys.stderr)
                 state["encoder"] = None

@@ -95,10 +95,6 @@ def check_settings(
     return settings
 
 
-def check_images_per_prompt(value) -> int:
-    return positive_int("images per prompt", value, MAX_IMAGES_PER_PROMPT)
-
-
 def check_identify(top_k=None, gamma=None, tau=None) -> tuple[int | None, float | None, float | None]:
     """(top_k, gamma, tau) for a ranking; None means the default (all rows, median heuristic, clipped cosine)."""
     k = None if top_k is None else positive_int("top_k", top_k, MAX_TOP_K)

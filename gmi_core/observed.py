@@ -406,7 +406,8 @@ def merge(generated: Spec | None, observed: Spec | None) -> Spec:
         image_features=torch.cat([generated.image_features, padded(observed.image_features)]),
         prompt_features=torch.cat([generated.prompt_features, observed.prompt_features]),
         pixel_features=torch.cat([generated.pixel_features, padded(observed.pixel_features)]),
-        thumbnails=torch.cat([generated.thumbnails, observed.thumbnails]),
+        thumbnails=None if generated.thumbnails is None or observed.thumbnails is None  # loaded for ranking
+        else torch.cat([generated.thumbnails, observed.thumbnails]),
         image_done=torch.cat([generated.image_done, padded(observed.image_done)]),
         extra={**generated.extra, "kind": "mixed", "parts": [generated.n_prompts, observed.n_prompts],
                "counts": {"generated_images": sum(generated.image_counts), "observed_images": sum(observed.image_counts)}},

@@ -56,7 +56,8 @@ class FeatureBank:
 
     @classmethod
     def from_specs(cls, specs) -> FeatureBank:
-        """Specs padded to the most prompts and images per prompt; padded entries are masked off."""
+        """Specs padded to the most prompts and images per prompt (padded entries are masked off); each spec is
+        then re-pointed at its row of the bank, so its features exist once."""
         if not specs:
             raise ValueError("no specs to rank")
         keys = {(s.encoder_id, s.prompt_set_hash) for s in specs}
@@ -81,13 +82,26 @@ class FeatureBank:
         shared = len(keys) == 1
         return cls(
             names=[s.checkpoint_name for s in specs],
-            image=torch.stack([padded(s.image_features) for s in specs]),
+            image=_stack_shared(specs, "image_features", n_max, s_max),
             prompt=specs[0].prompt_features if shared else torch.stack([padded_rows(s.prompt_features) for s in specs]),
             done=mask.any(dim=2),
-            pixel=torch.stack([padded(s.pixel_features) for s in specs]),
+            pixel=_stack_shared(specs, "pixel_features", n_max, s_max),
             popularity=[s.extra.get("popularity") for s in specs],
             image_mask=mask,
         )
+
+
+def _stack_shared(specs, name: str, n_max: int, s_max: int) -> torch.Tensor:
+    """torch.stack (zero-padded to [n_max, s_max]) without a second full copy: each spec's tensor is moved into
+    the stack row by row and the spec keeps a view of its row."""
+    first = getattr(specs[0], name)
+    stacked = torch.zeros((len(specs), n_max, s_max, *first.shape[2:]), dtype=first.dtype)
+    for row, spec in zip(stacked, specs):
+        own = getattr(spec, name)
+        n, s = own.shape[:2]
+        row[:n, :s].copy_(own)
+        setattr(spec, name, row[:n, :s])
+    return stacked
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .budgets import cell_seed
 from .errors import GmiError, SpecError
@@ -58,7 +59,7 @@ class Spec:
     image_features: torch.Tensor  # [N, S, d] float16, unit rows
     prompt_features: torch.Tensor  # [N, d] float16, unit rows
     pixel_features: torch.Tensor  # [N, S, 3*8*8] float16, unit rows
-    thumbnails: torch.Tensor  # [N, 64, 64, 3] uint8, the first image of each prompt
+    thumbnails: torch.Tensor | None  # [N, 64, 64, 3] uint8, the first image of each prompt; None when loaded for ranking
     image_done: torch.Tensor  # [N, S] bool
     extra: dict = field(default_factory=dict)
     family: str = ""  # the checkpoint family whose generation settings were used
@@ -134,6 +135,8 @@ class Spec:
         )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
+        if self.thumbnails is None:
+            raise SpecError(f"spec of {self.checkpoint_name} was loaded for ranking only (no thumbnails); it cannot be saved")
         return {
             "image_features": self.image_features.contiguous(),
             "prompt_features": self.prompt_features.contiguous(),
@@ -174,16 +177,18 @@ class Spec:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: Path) -> Spec:
-        """Read and validate; any inconsistency raises :class:`SpecError` naming the file and the fault."""
-        path = Path(path)
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
+    def load(cls, path: Path, verify: bool = True, thumbnails: bool = True) -> Spec:
+        """Read and validate; any inconsistency raises :class:`SpecError` naming the file and the fault.
 
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        ``verify=False`` skips the content checksum and the value checks: for a file version that was
+        verified before (see :class:`gmi_core.spec_cache.VerifiedSpecs`). ``thumbnails=False`` leaves the
+        thumbnails on disk (ranking needs only features; :func:`read_thumbnail` reads one on demand).
+        """
+        path = Path(path)
+        wanted = [name for name in (*_TENSORS, "done") if thumbnails or verify or name != "thumbnails"]
+        try:
+            header, names, tensors = _read_safetensors(path, wanted)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
         try:
             meta = json.loads(header["gmi"], parse_constant=_refuse_constant)
@@ -193,14 +198,15 @@ class Spec:
             raise SpecError(f"spec file {path} has no valid gmi metadata") from exc
         if meta.get("format_version") not in READABLE_VERSIONS:
             raise SpecError(f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}")
-        covered = meta if meta["format_version"] >= 2 else None  # version 1 checksummed the tensors only
-        if _content_hash(tensors, covered) != meta.get("content_sha256"):
-            raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
-        if meta["format_version"] == 1 and "done" in tensors and "image_features" in tensors:  # whole prompts
-            tensors["image_done"] = tensors.pop("done").bool()[:, None].expand(tensors["image_features"].shape[:2]).clone()
-        missing = [name for name in _TENSORS if name not in tensors]
+        done_name = "image_done" if meta["format_version"] >= 2 else "done"  # version 1: whole prompts
+        missing = [name for name in _TENSORS if (done_name if name == "image_done" else name) not in names]
         if missing:
             raise SpecError(f"spec file {path} lacks tensors {missing}")
+        covered = meta if meta["format_version"] >= 2 else None  # version 1 checksummed the tensors only
+        if verify and _content_hash(tensors, covered) != meta.get("content_sha256"):
+            raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
+        if done_name == "done":
+            tensors["image_done"] = tensors.pop("done").bool()[:, None].expand(tensors["image_features"].shape[:2]).clone()
         try:
             spec = cls(
                 checkpoint_name=meta["checkpoint_name"],
@@ -214,17 +220,18 @@ class Spec:
                 image_features=tensors["image_features"],
                 prompt_features=tensors["prompt_features"],
                 pixel_features=tensors["pixel_features"],
-                thumbnails=tensors["thumbnails"],
+                thumbnails=tensors["thumbnails"] if thumbnails else None,
                 image_done=tensors["image_done"].bool(),
                 extra=dict(meta.get("extra", {})),
                 family=str(meta.get("family", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SpecError(f"spec file {path} has incomplete metadata: {exc}") from exc
-        spec.validate(str(path))
+        spec.validate(str(path), values=verify)
         return spec
 
-    def validate(self, origin: str = "spec") -> None:
+    def validate(self, origin: str = "spec", values: bool = True) -> None:
+        """Shapes always; with ``values`` also finiteness and unit length (once per file version)."""
         n, s = len(self.prompts), len(self.seeds[0]) if self.seeds else 0
         d = self.prompt_features.shape[-1] if self.prompt_features.ndim == 2 else -1
         checks = [
@@ -233,7 +240,8 @@ class Spec:
             (tuple(self.image_features.shape) == (n, s, d), f"image_features shape {tuple(self.image_features.shape)}"),
             (tuple(self.prompt_features.shape) == (n, d), f"prompt_features shape {tuple(self.prompt_features.shape)}"),
             (self.pixel_features.shape[:2] == (n, s), "pixel_features shape"),
-            (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8, "thumbnails shape"),
+            (self.thumbnails is None or (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8),
+             "thumbnails shape"),
             (tuple(self.image_done.shape) == (n, s), "image_done mask shape"),
         ]
         for ok, what in checks:
@@ -246,13 +254,53 @@ class Spec:
             check_settings(self.settings)
         except GmiError as exc:
             raise SpecError(f"{origin}: bad generation settings ({exc})") from None
+        if not values:
+            return
+        # numpy, not torch: these small reductions must not wait on torch's thread pool (slow on busy CPUs)
         for name in ("image_features", "prompt_features", "pixel_features"):
-            values = getattr(self, name).float()
-            if not torch.isfinite(values).all():
+            if not np.isfinite(getattr(self, name).numpy()).all():
                 raise SpecError(f"{origin}: {name} holds NaN or infinite values")
-        finished = self.image_features[self.image_done].float()
-        if finished.numel() and not torch.allclose(finished.norm(dim=-1), torch.ones(()), atol=1e-2):
+        finished = self.image_features.numpy()[self.image_done.numpy()].astype(np.float32)
+        if finished.size and not np.allclose(np.linalg.norm(finished, axis=-1), 1.0, atol=1e-2):
             raise SpecError(f"{origin}: image features are not unit vectors")
+
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8,
+           "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _read_safetensors(path: Path, names) -> tuple[dict, set, dict[str, torch.Tensor]]:
+    """(metadata, every tensor name, the named tensors), read with plain file reads into memory they own.
+
+    safetensors' own loader maps the file, and tensors sharing a mapping keep it resident: a ranking
+    bank stacked from such tensors would hold the features twice.
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError("file too short for a safetensors header")
+        (size,) = struct.unpack("<Q", raw)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {size} bytes is implausible")
+        header = json.loads(handle.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        file_size = os.fstat(handle.fileno()).st_size
+        tensors = {}
+        for name in names:
+            if name not in header:
+                continue
+            info = header[name]
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - start != nbytes or 8 + size + end > file_size:
+                raise ValueError(f"tensor {name} is truncated or inconsistent with its shape")
+            handle.seek(8 + size + start)
+            if nbytes and handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != nbytes:
+                raise ValueError(f"tensor {name} is truncated")
+            tensors[name] = tensor
+    return metadata, set(header), tensors
 
 
 def _refuse_constant(name: str):
@@ -272,6 +320,24 @@ def _content_hash(tensors: dict[str, torch.Tensor], meta: dict | None) -> str:
         digest.update(str(t.dtype).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def read_thumbnail(path: Path, prompt_index: int) -> np.ndarray | None:
+    """One prompt's [64, 64, 3] uint8 thumbnail straight from the spec file (a slice read, no checksum);
+    None when that prompt is not finished. Raises SpecError for an unreadable file or a bad index."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            done = handle.get_slice("image_done" if "image_done" in handle.keys() else "done")  # version 1: done [N]
+            count = done.get_shape()[0]
+            if not 0 <= prompt_index < count:
+                raise SpecError(f"spec {Path(path).parent.name[:10]} has no prompt {prompt_index} (it has {count})")
+            if not bool(done[prompt_index : prompt_index + 1].any()):
+                return None
+            return handle.get_slice("thumbnails")[prompt_index : prompt_index + 1][0].numpy()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
 
 
 def pixel_feature(image) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import SpecError
 from .paths import redact, set_default_mode
-from .spec import Spec, SpecKey
+from .spec import Spec, SpecKey, read_thumbnail
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -80,19 +80,28 @@ class SpecStore:
         name = f"{safe_name(key.encoder_id)}--{safe_name(key.prompt_set_hash)}.safetensors"
         return self.root / "specs" / key.sha256 / name
 
-    def load(self, key: SpecKey) -> Spec | None:
-        """The spec for ``key``, None if there is none; raises SpecError if the file is corrupt."""
+    def load(self, key: SpecKey, verify: bool = True, thumbnails: bool = True) -> Spec | None:
+        """The spec for ``key``, None if there is none; raises SpecError if the file is corrupt.
+
+        ``verify`` and ``thumbnails``: see :meth:`Spec.load`."""
         path = self.path_for(key)
         if not path.exists():
             return None
         try:
-            spec = Spec.load(path)
+            spec = Spec.load(path, verify=verify, thumbnails=thumbnails)
             if spec.key != key:
                 raise SpecError(f"spec file {path.name} holds the spec of another key ({spec.sha256[:10]}), not {key.sha256[:10]}")
         except SpecError as exc:
             self.mark_corrupt(path, str(exc))
             raise
         return spec
+
+    def thumbnail(self, key: SpecKey, prompt_index: int):
+        """One prompt's [64, 64, 3] uint8 thumbnail read from the file (no full load); None if unfinished."""
+        path = self.path_for(key)
+        if not path.exists():
+            raise SpecError(f"no spec for {key.sha256[:10]}")
+        return read_thumbnail(path, prompt_index)
 
     def save(self, spec: Spec) -> Path:
         path = self.path_for(spec.key)

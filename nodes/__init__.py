@@ -22,10 +22,13 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 
 def setup() -> bool:
     """Inside ComfyUI: the models/gmi folder and the /gmi/ routes. Returns whether ComfyUI was found."""
-    from . import host, routes
+    from . import engines, host, routes
 
     try:
         host.register_model_folder()
     except ImportError:
         return False
-    return routes.register_if_running()
+    running = routes.register_if_running()
+    if running:
+        engines.warm_in_background()
+    return running

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..gmi_core.encoder_registry import DEFAULT_ENCODER
 from . import engines
 
 ENCODER_TYPE = "GMI_ENCODER"
@@ -13,8 +14,10 @@ class GMILoadEncoder:
     RETURN_TYPES = (ENCODER_TYPE,)
     RETURN_NAMES = ("encoder",)
     DESCRIPTION = (
-        "Loads the CLIP model gmi compares images and prompts with. Files in models/gmi are listed first; "
-        "open_clip models are looked up in models/gmi, models/clip_vision and open_clip's cache."
+        "Loads the CLIP model gmi compares images and prompts with (both towers). Known encoders are looked up in "
+        "models/gmi (any CLIP .safetensors there), models/clip_vision, models/text_encoders and the Hugging Face "
+        "cache, and downloaded into models/gmi on first use unless downloads are off. gmi encoder files in "
+        "models/gmi are listed after them."
     )
     OUTPUT_TOOLTIPS = ("The CLIP encoder (image and text towers) for GMI Build Specs, GMI Identify and GMI Interrogate.",)
 
@@ -23,13 +26,14 @@ class GMILoadEncoder:
         choices = engines.encoder_choices()
         return {
             "required": {
-                "encoder": (choices, {"default": choices[0] if choices else "ViT-L-14/openai", "tooltip": (
-                    "A file in models/gmi, or an open_clip model/pretrained pair. Specs are kept per encoder: "
-                    "identify with the encoder you built with.")}),
-                "allow_download": ("BOOLEAN", {"default": False,
-                                               "tooltip": "Fetch missing open_clip weights from Hugging Face (off: only local files)."}),
+                "encoder": (choices, {"default": DEFAULT_ENCODER, "tooltip": (
+                    "A known CLIP encoder (found locally or downloaded on first use) or a gmi encoder file in "
+                    "models/gmi. Specs are kept per encoder: identify with the encoder you built with.")}),
+                "allow_download": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Download missing weights into models/gmi (through huggingface_hub: HF_ENDPOINT and HF_HUB_OFFLINE "
+                    "apply; GMI_ALLOW_DOWNLOAD=0 forbids it for the whole server). Off: only local files.")}),
             }
         }
 
-    def load(self, encoder: str, allow_download: bool = False):
+    def load(self, encoder: str, allow_download: bool = True):
         return (engines.get_encoder(encoder, allow_download),)

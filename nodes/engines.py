@@ -2,62 +2,88 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from ..gmi_core.budgets import Budget, parse_budget
+from ..gmi_core.encoder_registry import encoder_names, parse_encoder_name
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
-from ..gmi_core.errors import InvalidInput, NotFound
+from ..gmi_core.errors import GmiError, InvalidInput, NotFound
 from ..gmi_core.families import FamilySettings
-from ..gmi_core.paths import check_component, resolve_inside
+from ..gmi_core.paths import resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from ..gmi_core.store import SpecStore
 from . import host, settings
 
-OPEN_CLIP_MODELS = ["ViT-L-14/openai", "ViT-B-16/openai", "ViT-B-32/openai"]
+log = logging.getLogger("gmi")
 _LOCK = threading.RLock()
-_ENCODERS: OrderedDict[tuple, ClipEncoder] = OrderedDict()
+_ENCODERS: OrderedDict[str, ClipEncoder] = OrderedDict()
 _ENGINES: OrderedDict[tuple, Gmi] = OrderedDict()
 _MAX_ENCODERS = 2
 _MAX_ENGINES = 8
+ENV_ALLOW_DOWNLOAD = "GMI_ALLOW_DOWNLOAD"  # "0" forbids downloads everywhere (offline installs)
 
 
 def encoder_choices() -> list[str]:
+    """The known encoders (the default first), then gmi encoder files in models/gmi."""
     try:
         files = host.encoder_files()
     except ImportError:  # outside ComfyUI
         files = []
-    return files + OPEN_CLIP_MODELS
+    return encoder_names() + files
 
 
-def get_encoder(name: str, allow_download: bool = False) -> ClipEncoder:
-    """An encoder by the name shown in the loader: a file in models/gmi, or an open_clip model/pretrained."""
-    key = (name, bool(allow_download))
+def downloads_allowed(requested: bool = True) -> bool:
+    return bool(requested) and os.environ.get(ENV_ALLOW_DOWNLOAD, "1").strip().lower() not in ("0", "false", "no")
+
+
+def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
+    """An encoder by the name shown in the loader: a known encoder, or a gmi encoder file in models/gmi."""
     with _LOCK:
-        if key in _ENCODERS:
-            _ENCODERS.move_to_end(key)
-            return _ENCODERS[key]
         if not isinstance(name, str) or not name:
             raise InvalidInput("name an encoder")
-        if name.endswith(".safetensors"):
+        if name in _ENCODERS:
+            _ENCODERS.move_to_end(name)
+            return _ENCODERS[name]
+        if parse_encoder_name(name) is None:
             if name not in encoder_choices():  # only files ComfyUI lists in models/gmi, by their listed name
-                raise NotFound(f"no encoder file {name[:200]!r} in models/gmi")
-            path = resolve_inside(name, host.encoder_search_dirs(), "encoder file")
-            encoder = load_encoder(str(path), search_dirs=host.encoder_search_dirs())
+                raise NotFound(f"no encoder {name[:200]!r}: name a known encoder or a gmi encoder file in models/gmi")
+            path = resolve_inside(name, host.encoder_own_dirs(), "encoder file")
+            encoder = load_encoder(str(path), placement=host.ComfyPlacement())
         else:
-            model, _, pretrained = name.partition("/")
-            check_component(model, "CLIP model name")
-            check_component(pretrained or "openai", "CLIP weights tag")
             encoder = load_encoder(
-                model, pretrained or "openai", search_dirs=host.encoder_search_dirs(), allow_download=allow_download
+                name, search_dirs=host.encoder_search_dirs(), own_dirs=host.encoder_own_dirs(),
+                allow_download=downloads_allowed(allow_download), download_dir=host.encoder_download_dir(),
+                placement=host.ComfyPlacement(), progress=host.download_progress(),
             )
         encoder.gmi_choice = name  # remembered for the side panel's "Build missing specs"
-        _ENCODERS[key] = encoder
+        _ENCODERS[name] = encoder
         while len(_ENCODERS) > _MAX_ENCODERS:
             _ENCODERS.popitem(last=False)
         return encoder
+
+
+ENV_WARM = "GMI_WARM_ON_START"  # "1": load the panel's encoder and label embeddings after start
+
+
+def warm_in_background() -> threading.Thread | None:
+    """Off the start-up path (a daemon thread): the side panel's encoder, if on disk, and its label embeddings."""
+    if os.environ.get(ENV_WARM, "").strip() not in ("1", "true", "yes"):
+        return None
+
+    def warm() -> None:
+        try:
+            get_engine(get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set("platform")).warm()
+        except GmiError as exc:
+            log.info("gmi: background warm-up skipped: %s", exc)
+
+    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 def prompt_set_dir() -> Path:

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..gmi_core.checkpoints import inspect_checkpoint
+from ..gmi_core.checkpoints import inspect_checkpoint_cached
+from ..gmi_core.encoder_files import inspect_weights
+from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
-from ..gmi_core.hashing import sha256_file
+from ..gmi_core.hashing import HashCache
 from ..gmi_core.protocols import (
     CheckpointInfo,
     CheckpointListing,
@@ -38,43 +40,107 @@ def gmi_user_dir() -> Path:
 
 
 def register_model_folder() -> None:
-    """A ``models/gmi`` folder for CLIP encoder files (open_clip format), next to ``clip_vision``."""
+    """A ``models/gmi`` folder for CLIP weights (gmi downloads the default encoder there), next to ``clip_vision``."""
     import folder_paths
 
     if "gmi" not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths["gmi"] = ([str(Path(folder_paths.models_dir) / "gmi")], {".safetensors"})
 
 
-def encoder_search_dirs() -> list[Path]:
+def _folders(kind: str) -> list[Path]:
     import folder_paths
 
-    register_model_folder()
-    dirs = []
-    for kind in ("gmi", "clip_vision"):
-        try:
-            dirs += [Path(p) for p in folder_paths.get_folder_paths(kind)]
-        except KeyError:
-            pass
-    return dirs
-
-
-def encoder_files() -> list[str]:
-    """Encoder files a user can pick: every .safetensors in models/gmi (by relative name)."""
-    import folder_paths
-
-    register_model_folder()
     try:
-        return sorted(folder_paths.get_filename_list("gmi"))
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
     except KeyError:
         return []
 
 
-def encoder_file_path(name: str) -> Path | None:
+def encoder_own_dirs() -> list[Path]:
+    """gmi's model folders: every .safetensors there is checked (by header) as a candidate."""
+    register_model_folder()
+    return _folders("gmi")
+
+
+def encoder_search_dirs() -> list[Path]:
+    """Other model folders where users keep CLIP weights: only the known file names are checked there."""
+    return _folders("clip_vision") + _folders("text_encoders") + _folders("clip")
+
+
+def encoder_download_dir() -> Path:
+    return encoder_own_dirs()[0]
+
+
+def encoder_files() -> list[str]:
+    """gmi encoder files in models/gmi (by relative name); other CLIP weights there serve the known names."""
     import folder_paths
 
     register_model_folder()
-    path = folder_paths.get_full_path("gmi", name)
-    return Path(path) if path else None
+    try:
+        names = folder_paths.get_filename_list("gmi")
+    except KeyError:
+        return []
+    return sorted(name for name in names if _is_gmi_file(folder_paths.get_full_path("gmi", name)))
+
+
+_GMI_FILE_CACHE: dict[tuple, bool] = {}
+
+
+def _is_gmi_file(path) -> bool:
+    """From the header, cached per (path, size, mtime): the loader lists files on every /object_info."""
+    try:
+        stat = Path(path).stat()
+    except (OSError, TypeError):
+        return False
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _GMI_FILE_CACHE:
+        found, _ = inspect_weights(Path(path))
+        _GMI_FILE_CACHE[key] = found is not None and found.layout == "gmi"
+    return _GMI_FILE_CACHE[key]
+
+
+class ComfyPlacement(Placement):
+    """The encoder as a ComfyUI model: loaded to the text-encoder device when used, unloadable by ComfyUI.
+
+    Wrapped in a ``ModelPatcher``, so ``load_models_gpu`` frees room for it (and unloads it for a sampler)
+    exactly as it does for CLIP vision models; fp16 where ComfyUI would use it.
+    """
+
+    def __init__(self):
+        import comfy.model_management as mm
+
+        device = mm.text_encoder_device()
+        super().__init__(device, torch.float16 if mm.should_use_fp16(device, prioritize_performance=False) else torch.float32)
+        self.offload_device = mm.text_encoder_offload_device()
+        self.patcher = None
+
+    def acquire(self, model: torch.nn.Module) -> torch.device:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        if self.patcher is None or self.patcher.model is not model:
+            self.patcher = comfy.model_patcher.ModelPatcher(model, load_device=self.device, offload_device=self.offload_device)
+        mm.load_models_gpu([self.patcher])
+        return self.device
+
+
+def download_progress():
+    """ComfyUI's progress bar (and a console line) for a CLIP weights download."""
+    import comfy.utils
+
+    state = {"bar": None, "last": -1}
+
+    def update(done: int, total: int) -> None:
+        if state["bar"] is None:
+            state["bar"] = comfy.utils.ProgressBar(total)
+            log.info("gmi: downloading CLIP weights (%.0f MB) into %s", total / 2**20, encoder_download_dir())
+        state["bar"].update_absolute(done, total)
+        percent = int(100 * done / max(total, 1))
+        if percent // 10 != state["last"] // 10:
+            log.info("gmi: CLIP weights %d%%", percent)
+        state["last"] = percent
+
+    return update
 
 
 def checkpoint_names() -> list[str]:
@@ -111,19 +177,21 @@ class ComfyCheckpointSource:
 
     def list_checkpoints(self) -> CheckpointListing:
         listing = CheckpointListing()
+        cache = HashCache(self.hash_cache)  # read once per listing
         for name in checkpoint_names():
             path = checkpoint_path(name)
-            # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
-            family, reason = inspect_checkpoint(path, allow_pickle=True)
-            if reason:
-                listing.skipped.append(SkippedCheckpoint(name, path, reason))
-                continue
             try:
-                sha = sha256_file(path, self.hash_cache)
+                # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
+                family, reason = inspect_checkpoint_cached(path, cache, allow_pickle=True)
+                if reason:
+                    listing.skipped.append(SkippedCheckpoint(name, path, reason))
+                    continue
+                sha = cache.sha256(path)
             except OSError as exc:
                 listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable: {exc}"))
                 continue
             listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
+        cache.save()
         return listing
 
 

@@ -28,6 +28,7 @@ from ..gmi_core.errors import (
     InvalidInput,
     NoSpecsError,
     NotFound,
+    SpecError,
 )
 from ..gmi_core.images import load_image
 from ..gmi_core.observed import OBSERVED
@@ -133,13 +134,16 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
 
 
 def thumbnail_png(sha256: str, encoder_id: str, prompt_set_hash: str, index: int) -> bytes:
-    spec = engines.store().load(SpecKey(sha256, encoder_id, prompt_set_hash))
-    if spec is None or not 0 <= index < spec.n_prompts or not bool(spec.done[index]):
+    try:
+        pixels = engines.store().thumbnail(SpecKey(sha256, encoder_id, prompt_set_hash), index)  # a slice of the file
+    except SpecError:  # no such spec, no such prompt, or an unreadable file
+        pixels = None
+    if pixels is None:
         raise NotFound("no such spec image")
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(spec.thumbnails[index].numpy(), "RGB").save(out, "PNG")
+    Image.fromarray(pixels, "RGB").save(out, "PNG")
     return out.getvalue()
 
 

@@ -406,3 +406,15 @@ def test_fallback_auth_when_the_webui_routes_are_not_found(world):
     assert client.get("/gmi/v1/specs").status_code == 401
     assert client.get("/gmi/v1/specs", auth=("alice", "nope")).status_code == 401
     assert client.get("/gmi/v1/specs", auth=("alice", "s3cret")).status_code == 200
+
+
+def test_warm_start_loads_encoder_and_label_embeddings_in_the_background(world):
+    runtime = gmi("runtime")
+    assert runtime.warm_in_background() is None, "off by default: nothing loads at start unasked"
+    world.shared.opts.set("gmi_warm_start", True)
+    thread = runtime.warm_in_background()
+    assert thread is not None and thread.daemon
+    thread.join(timeout=120)
+    engine = runtime.get_engine()
+    assert list((engine.store.root / "cache").glob("labels--gmi-tiny-clip-s0--*.safetensors"))
+    assert engine.interrogator._embeddings is not None and engine.encoder.device.type == "cpu"

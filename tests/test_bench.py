@@ -283,3 +283,30 @@ def test_centred_ranking_matches_the_bench_estimator(small_bank):
     c = ranker.kernel(torch.einsum("mnsd,ud->mnsu", image, query), 1.1).mean(dim=(2, 3))
     want = torch.einsum("i,mij,j->m", w, ranker.kbar(image, 1.1, bank.mask), w) - 2 * c @ w
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bench_identify_quick_times_every_stage(tmp_path):
+    """Real child processes, ViT-B-32 with random weights, two layouts, a handful of real spec files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "identify.json"
+    run = subprocess.run([sys.executable, "-m", "gmi_core", "bench", "identify", "--quick", "--sizes", "4",
+                          "--layouts", "transformers_hub", "--threads", "1", "--workdir", str(tmp_path), "--out", str(out)],
+                         capture_output=True, text=True, cwd=root, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) >= {"command", "machine", "settings", "results", "targets"} and data["command"] == "identify"
+    assert set(data["results"]["layouts"]) == {"open_clip_flat", "transformers_hub"}
+    assert data["results"]["layouts"]["transformers_hub"]["layout"] == "transformers"
+    first, fresh = data["results"]["identify"]["4"]["first_ever"], data["results"]["identify"]["4"]["fresh_process"]
+    assert first["specs"] == fresh["specs"] == 4
+    assert not first["label_cache_on_disk"] and fresh["label_cache_on_disk"], "label embeddings cached on disk"
+    for key in ("process_start_s", "encoder_load_s", "label_embeddings_s", "spec_load_s", "first_identify_s",
+                "fresh_process_s", "image_encode_s", "ranking_s", "warm_identify_s", "peak_rss_mb"):
+        assert fresh[key] >= 0, key
+    assert fresh["peak_rss_mb"] > fresh["baseline_rss_mb"] > 0 and len(data["targets"]) == 3
+    assert "| 4 | fresh process |" in run.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["identify.json"], "work files removed"

@@ -41,6 +41,16 @@ def _fake_comfy(state: dict):
             raise Interrupted()
 
     mm.throw_exception_if_processing_interrupted = throw
+    mm.text_encoder_device = mm.text_encoder_offload_device = lambda: torch.device("cpu")
+    mm.should_use_fp16 = lambda device=None, prioritize_performance=True: False
+    mm.load_models_gpu = lambda patchers: state.setdefault("loaded_models", []).extend(patchers)
+    patcher = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    patcher.ModelPatcher = ModelPatcher
     utils = types.ModuleType("comfy.utils")
 
     class ProgressBar:
@@ -51,9 +61,12 @@ def _fake_comfy(state: dict):
         def update(self, value):
             self.current += value
 
+        def update_absolute(self, value, total=None):
+            self.current = value
+
     utils.ProgressBar = ProgressBar
-    comfy.model_management, comfy.utils = mm, utils
-    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils}
+    comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, patcher
+    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy.model_patcher": patcher}
 
 
 def _fake_folder_paths(base: Path):
@@ -210,8 +223,20 @@ def test_node_classes_are_well_formed(env):
         assert "required" in types_ and callable(getattr(cls(), cls.FUNCTION))
         assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
         json.dumps(types_)  # /object_info must be able to serialise it
-    enc = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"][0]
-    assert enc[0] == "tiny.safetensors" and "ViT-L-14/openai" in enc
+    enc = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"]
+    assert enc[0][0] == enc[1]["default"] == "ViT-L-14/openai" and "tiny.safetensors" in enc[0]
+
+
+def test_non_gmi_clip_files_in_models_gmi_are_not_offered_and_encoders_are_model_managed(env):
+    gmi_dir = env.base / "models" / "gmi"
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 2, 2),
+               "visual_projection.weight": torch.zeros(2, 8)}, str(gmi_dir / "clip-vit-large-patch14.safetensors"))
+    choices, options = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"]
+    assert "clip-vit-large-patch14.safetensors" not in choices and options["default"] == "ViT-L-14/openai"
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    encoder.encode_texts(["a cat"])
+    patcher = env.state["loaded_models"][-1]
+    assert patcher.model is encoder.model and patcher.load_device == encoder.device
 
 
 def test_missing_clip_weights_give_a_clear_message(env):

@@ -163,10 +163,10 @@ def test_security_encoder_model_names_cannot_reach_other_safetensors(tmp_path, n
     search.mkdir()
     save_encoder(tiny_encoder(1), tmp_path / "elsewhere" / "evil-openai.safetensors")
     with pytest.raises((InvalidInput, EncoderUnavailable)) as err:
-        load_encoder(name, "openai", search_dirs=[search])
+        load_encoder(name, search_dirs=[search])
     assert no_server_path(str(err.value), tmp_path) or isinstance(err.value, EncoderUnavailable)
     with pytest.raises((InvalidInput, EncoderUnavailable)):
-        load_encoder("ViT-B-32", "../../elsewhere/evil", search_dirs=[search])
+        load_encoder("ViT-B-32/../../elsewhere/evil", search_dirs=[search])
 
 
 def test_security_encoder_file_names_resolve_only_inside_the_search_folders(tmp_path):
@@ -1173,17 +1173,17 @@ def test_faults_cache_comfyui_panel_settings_validated(env, content):  # noqa: F
 
 
 def test_faults_os_unreadable_checkpoint_is_skipped_not_fatal(core, monkeypatch):
-    import gmi_core.checkpoints as checkpoints
+    import gmi_core.hashing as hashing
 
-    real = checkpoints.sha256_file
+    real = hashing._digest
 
-    def flaky(path, cache=None):
+    def flaky(path):
         if Path(path).name == "m2.safetensors":
             raise PermissionError(13, "Permission denied", str(path))
-        return real(path, cache)
+        return real(path)
 
-    monkeypatch.setattr(checkpoints, "sha256_file", flaky)
-    monkeypatch.setattr(checkpoints, "cached_sha256", lambda *a: None)
+    monkeypatch.setattr(hashing, "_digest", flaky)
+    core.home.joinpath("hashes.json").unlink(missing_ok=True)  # nothing cached: every file is read
     listing = core.source().list_checkpoints()
     assert [c.name for c in listing.checkpoints] == ["m0.safetensors", "m1.safetensors"]
     assert [(s.name, s.reason) for s in listing.skipped] == [("m2.safetensors", "unreadable (Permission denied)")]

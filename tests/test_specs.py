@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from gmi_core.errors import Cancelled, NoSpecsError, SpecError
 from gmi_core.families import FamilySettings
 from gmi_core.prompts import load_prompt_set
 from gmi_core.ranker import FeatureBank
-from gmi_core.spec import Spec
+from gmi_core.spec import Spec, SpecKey
 from gmi_core.store import SpecStore
 
 
@@ -178,14 +179,32 @@ def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, mo
     query = tiny_world.generator().generate(checkpoint, "a fox in an autumn forest", [11], tiny_world.settings)
     loads = []
     original = Spec.load.__func__
-    monkeypatch.setattr(Spec, "load", classmethod(lambda cls, path: loads.append(path) or original(cls, path)))
+
+    def counting(cls, path, verify=True, thumbnails=True):
+        loads.append((verify, thumbnails))
+        return original(cls, path, verify, thumbnails)
+
+    monkeypatch.setattr(Spec, "load", classmethod(counting))
     first = gmi.identify(query, source=source)
-    assert len(loads) == 4
+    assert loads == [(True, False)] * 4, "verified once, features only"
+    bank, specs = gmi._bank_cache[1], [spec for _, spec in gmi._spec_cache.values()]
+    storage = bank.image.untyped_storage().data_ptr()
+    assert all(s.thumbnails is None and s.image_features.untyped_storage().data_ptr() == storage for s in specs), \
+        "the bank holds the only copy of the features, and no thumbnails"
     assert gmi.identify(query, source=source).to_dict() == first.to_dict() and len(loads) == 4
+    loads.clear()
+    fresh = tiny_world.gmi(spec_root=tmp_path / "specs")  # a new process: verified versions are trusted
+    assert fresh.identify(query, source=source).to_dict() == first.to_dict()
+    assert loads == [(False, False)] * 4
     gmi.build(source, tiny_world.generator(), which="all")  # rewrites every spec file
     loads.clear()
     gmi.identify(query, source=source)
-    assert len(loads) == 4, "rewritten files are read again"
+    assert loads == [(True, False)] * 4, "rewritten files are read and verified again"
+    sha = source.list_checkpoints().checkpoints[0].sha256
+    thumb = gmi.spec_thumbnail(sha, 0)
+    assert thumb.size == (64, 64) and len(loads) == 4, "a thumbnail is a slice read, not a spec load"
+    full = gmi.store.load(SpecKey(sha, gmi.encoder.encoder_id, gmi.prompt_set.hash))
+    assert np.array_equal(np.asarray(thumb), full.thumbnails[0].numpy())
 
 
 def test_rebuild_all_that_fails_at_once_keeps_the_old_specs(tiny_world, tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m gmi_core bench synthetic|roundtrip|scale``.
+"""Benchmarks: ``python -m gmi_core bench synthetic|roundtrip|scale|identify``.
 
 Each command writes JSON ``{"command", "machine", "settings", "results", ...}`` and a PNG chart.
 The CLI wires :func:`add_bench_parser` into its subcommands and calls :func:`run_bench`.
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = ("synthetic", "roundtrip", "scale")
+COMMANDS = ("synthetic", "roundtrip", "scale", "identify")
 
 
 def machine_info() -> dict:
@@ -62,12 +62,12 @@ def _jsonable(value):
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``bench`` with its three commands to an argparse subparsers object; returns the parser."""
-    from . import roundtrip, scale, synthetic
+    """Add ``bench`` with its commands to an argparse subparsers object; returns the parser."""
+    from . import identify, roundtrip, scale, synthetic
 
     bench = subparsers.add_parser("bench", help="benchmarks: identification quality and cost (JSON + PNG)")
     commands = bench.add_subparsers(dest="bench_command", required=True)
-    for module in (synthetic, roundtrip, scale):
+    for module in (synthetic, roundtrip, scale, identify):
         module.add_arguments(commands)
     return bench
 
@@ -87,9 +87,12 @@ def run_bench(argv=None) -> int:
         if not words or words[0] != "bench":
             words = ["bench", *words]
         args = build_parser().parse_args(words)
-    from . import roundtrip, scale, synthetic
+    from . import identify, roundtrip, scale, synthetic
 
-    module = {"synthetic": synthetic, "roundtrip": roundtrip, "scale": scale}[args.bench_command]
+    if args.bench_command == "identify" and args.child:  # one measured process of bench identify
+        print(json.dumps(identify.run_child(json.loads(args.child))))
+        return 0
+    module = {"synthetic": synthetic, "roundtrip": roundtrip, "scale": scale, "identify": identify}[args.bench_command]
     started = time.perf_counter()
     data = module.run(args)
     data.setdefault("wall_s", round(time.perf_counter() - started, 1))

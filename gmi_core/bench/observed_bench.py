@@ -160,7 +160,7 @@ def library_map_threshold(cfg, seed: int) -> dict:
     specs = [Spec(f"c{i}", f"{i:064x}", "sim", "platform", "sim", [str(k) for k in range(n)],
                   [[0] * cfg.images_per_prompt] * n, GenerationSettings(), z[i].half(), text,
                   torch.zeros(n, cfg.images_per_prompt, 1, dtype=torch.float16),
-                  torch.zeros(n, 1, 1, 3, dtype=torch.uint8), torch.ones(n, dtype=torch.bool)) for i in range(m)]
+                  torch.zeros(n, 1, 1, 3, dtype=torch.uint8), torch.ones(n, cfg.images_per_prompt, dtype=torch.bool)) for i in range(m)]
     _, rel, gamma = distances(specs, text)
     lineage = torch.arange(m) % max(1, m // 4)
     same = [float(rel[i, j]) for i in range(m) for j in range(i + 1, m) if lineage[i] == lineage[j]]

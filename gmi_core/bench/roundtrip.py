@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         checkpoints = source.list_checkpoints().checkpoints[:n_ckpt]
         if len(checkpoints) < 2:
             raise SystemExit(f"bench roundtrip needs at least 2 checkpoints in {folder}")
-        encoder = tiny_encoder(0) if args.encoder == "tiny" else load_encoder(args.encoder, args.pretrained)
+        encoder = tiny_encoder(0) if args.encoder == "tiny" else load_encoder(args.encoder, allow_download=args.allow_download)
         platform = load_prompt_set("platform").head(n_platform)
         evaluation = load_prompt_set("evaluation").head(n_eval)
         assert not set(platform.prompts) & set(evaluation.prompts), "evaluation prompts must not be platform prompts"
@@ -240,8 +240,8 @@ def add_arguments(commands) -> None:
     p.add_argument("--checkpoints", help="folder of real checkpoints (default: tiny random ones)")
     p.add_argument("--config", help="local diffusers config folder for offline single-file loading")
     p.add_argument("--checkpoint-count", type=int, help="use the first K checkpoints (default 16; 4 with --quick)")
-    p.add_argument("--encoder", default="tiny", help="'tiny' or an open_clip model name such as ViT-L-14")
-    p.add_argument("--pretrained", default="openai")
+    p.add_argument("--encoder", default="tiny", help="'tiny' or a known encoder name such as ViT-L-14/openai")
+    p.add_argument("--allow-download", action="store_true", help="fetch the encoder's weights if missing")
     p.add_argument("--platform-prompts", type=int, help="first N platform prompts (default 55)")
     p.add_argument("--eval-prompts", type=int, help="first E evaluation prompts (default 18)")
     p.add_argument("--images-per-prompt", type=int, help="spec images per prompt (default 4)")

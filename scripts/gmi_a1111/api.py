@@ -377,3 +377,4 @@ def on_app_started(_demo, app) -> None:
     if any(getattr(r, "path", "") == f"{PREFIX}/specs" for r in app.routes):
         return  # UI reload: routes already there
     register(app)
+    runtime.warm_in_background()  # a daemon thread: never delays the UI

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from modules import call_queue, shared
 
 from gmi_core.paths import one_line
-from gmi_core.protocols import BuildProgress
+from gmi_core.protocols import BuildProgress, format_eta
 
 from . import runtime
 
@@ -85,13 +85,6 @@ def latest_job() -> BuildJob | None:
 def active_job() -> BuildJob | None:
     with _jobs_lock:
         return next((j for j in _jobs.values() if j.state in ("queued", "running")), None)
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "ETA after the first images"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"ETA {minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"ETA {minutes}m{secs:02d}s"
 
 
 def run_build_locked(job: BuildJob) -> dict:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from modules import hashes, processing, sd_models, shared
 
-from gmi_core.checkpoints import inspect_checkpoint
+from gmi_core.checkpoints import inspect_checkpoint_cached
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
-from gmi_core.hashing import sha256_file
+from gmi_core.hashing import HashCache
 from gmi_core.paths import one_line
 from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings, SkippedCheckpoint
 
@@ -37,7 +37,7 @@ def webui_checkpoints() -> list:
     return sorted(out, key=lambda i: i.name.lower())
 
 
-def webui_sha256(info, fallback_cache: Path | None = None) -> str | None:
+def webui_sha256(info, fallback_cache: HashCache | None = None) -> str | None:
     """sha256 through the WebUI's own cache (and title update); gmi's cache when WebUI hashing is off."""
     sha = getattr(info, "sha256", None)
     if not sha:
@@ -48,7 +48,7 @@ def webui_sha256(info, fallback_cache: Path | None = None) -> str | None:
             except Exception as exc:  # noqa: BLE001 - cosmetic only
                 log.debug("gmi: calculate_shorthash failed for %s: %s", info.name, exc)
     if not sha and fallback_cache is not None:  # --no-hashing: hash ourselves, cached by size+mtime
-        sha = sha256_file(Path(info.filename), fallback_cache)
+        sha = fallback_cache.sha256(Path(info.filename))
     return sha
 
 
@@ -79,15 +79,19 @@ class WebuiCheckpointSource:
 
     def list_checkpoints(self) -> CheckpointListing:
         listing = CheckpointListing()
+        cache = HashCache(self.hash_cache)  # read once per listing
         for info in webui_checkpoints():
             path = Path(info.filename)
             # the WebUI loads .ckpt itself, so gmi need not open pickles to accept them
-            family, reason = inspect_checkpoint(path, allow_pickle=True)
+            try:
+                family, reason = inspect_checkpoint_cached(path, cache, allow_pickle=True)
+            except OSError as exc:
+                family, reason = None, f"unreadable file ({one_line(exc)})"
             if reason is None:
                 try:
                     if self.on_hashing and not getattr(info, "sha256", None) and not _cached_sha(info):
                         self.on_hashing(info.name)
-                    sha = webui_sha256(info, self.hash_cache)
+                    sha = webui_sha256(info, cache)
                 except OSError as exc:
                     sha, reason = None, f"unreadable file ({one_line(exc)})"
                 if not sha and reason is None:
@@ -96,6 +100,7 @@ class WebuiCheckpointSource:
                 listing.skipped.append(SkippedCheckpoint(info.name, path, reason))
                 continue
             listing.checkpoints.append(CheckpointInfo(info.name, path, sha, family=family))
+        cache.save()
         return listing
 
     def title_for(self, checkpoint: CheckpointInfo) -> str:

@@ -35,6 +35,6 @@ def on_ui_settings() -> None:
     for key, (default, label) in runtime.OPTIONS.items():
         component, args = _component_args(key)
         info = shared.OptionInfo(default, label, component, args, section=SECTION)
-        if key in ("gmi_encoder", "gmi_encoder_pretrained", "gmi_allow_download", "gmi_spec_dir", "gmi_prompt_set"):
+        if key in ("gmi_encoder", "gmi_allow_download", "gmi_spec_dir", "gmi_prompt_set"):
             info.onchange = runtime.reset
         shared.opts.add_option(key, info)

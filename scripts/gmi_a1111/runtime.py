@@ -14,10 +14,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from modules import call_queue, paths, sd_models, shared
 
 from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
-from gmi_core.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder, load_encoder, wrap_open_clip
+from gmi_core.encoder_registry import DEFAULT_ENCODER, parse_encoder_name
+from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
 from gmi_core.engine import Gmi, IdentifyResult
 from gmi_core.errors import EncoderUnavailable, GmiError, InvalidInput
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
@@ -42,9 +44,9 @@ def family_option(family: str, name: str) -> str:
 
 # option key -> (default, label); registered by scripts/gmi_settings.py
 OPTIONS: dict[str, tuple[object, str]] = {
-    "gmi_encoder": (DEFAULT_MODEL, "CLIP encoder: an open_clip model name (ViT-L-14) or a path to a gmi encoder .safetensors"),
-    "gmi_encoder_pretrained": (DEFAULT_PRETRAINED, "CLIP weights tag (open_clip 'pretrained' name)"),
-    "gmi_allow_download": (False, "Allow downloading CLIP weights when they are not on disk"),
+    "gmi_encoder": (DEFAULT_ENCODER, "CLIP encoder: ViT-L-14/openai, ViT-B-16/openai, ViT-B-32/openai, or a path to a gmi encoder .safetensors"),
+    "gmi_allow_download": (True, "Download the CLIP encoder's weights on first use (into models/gmi/clip; off: never download)"),
+    "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background"),
     "gmi_spec_dir": ("", "Spec folder (empty: models/gmi in the WebUI's models folder)"),
     "gmi_prompt_set": ("platform", "Prompt set: 'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets"),
     "gmi_budget": (DEFAULT_BUDGET, "Spec budget: " + ", ".join(f"{k} ({v.label()})" for k, v in BUDGETS.items())
@@ -82,8 +84,19 @@ def prompt_set_roots() -> list[Path]:
     return [spec_dir() / "prompt_sets", spec_dir(), models_dir()]
 
 
+def encoder_download_dir() -> Path:
+    """Where gmi keeps (and downloads) CLIP weights: models/gmi/clip."""
+    return models_dir() / "gmi" / "clip"
+
+
+def encoder_own_dirs() -> list[Path]:
+    """gmi's CLIP folders: every .safetensors there is checked by its header."""
+    return [encoder_download_dir(), Path.home() / ".cache" / "gmi" / "clip"]
+
+
 def encoder_search_dirs() -> list[Path]:
-    dirs = [spec_dir() / "clip", models_dir() / "CLIP", models_dir() / "clip"]
+    """The WebUI's other model folders where CLIP weights may sit (known file names only)."""
+    dirs = [models_dir() / "CLIP", models_dir() / "clip", models_dir() / "clip_vision"]
     clip_models_path = getattr(shared.cmd_opts, "clip_models_path", None)
     if clip_models_path:
         dirs.append(Path(clip_models_path))
@@ -91,10 +104,18 @@ def encoder_search_dirs() -> list[Path]:
     return dirs
 
 
+def interrogator_pickles(name: str) -> list[Path]:
+    """The WebUI interrogator's OpenAI TorchScript file (``clip.load`` saves it): named in errors, never read."""
+    entry = parse_encoder_name(name)
+    if entry is None or entry.pretrained != "openai":
+        return []
+    folders = [Path(p) for p in (getattr(shared.cmd_opts, "clip_models_path", None),) if p] + [Path.home() / ".cache" / "clip"]
+    return [folder / f"{entry.model}.pt" for folder in folders]
+
+
 @dataclass(frozen=True)
 class Config:
     encoder: str
-    pretrained: str
     allow_download: bool
     spec_root: Path
     prompt_set: str
@@ -112,7 +133,6 @@ class Config:
                       for family in FAMILIES}
         return cls(
             encoder=os.environ.get(ENV_ENCODER) or str(opt("gmi_encoder")),
-            pretrained=str(opt("gmi_encoder_pretrained")),
             allow_download=bool(opt("gmi_allow_download")),
             spec_root=spec_dir(),
             prompt_set=str(overrides.get("prompt_set") or opt("gmi_prompt_set")),
@@ -129,28 +149,29 @@ _engines: dict[Config, Gmi] = {}
 _prompt_sets: dict[str, PromptSet] = {}
 
 
-def _encoder_device():
-    use_cpu = getattr(shared.cmd_opts, "use_cpu", None) or []
-    if "all" in use_cpu or "interrogate" in use_cpu:
-        return "cpu"
-    return None
+def _encoder_placement() -> Placement:
+    """The interrogator's device (``--use-cpu interrogate`` applies), fp16 unless ``--no-half``; with
+    ``--lowvram``/``--medvram`` the encoder goes back to the CPU after every use."""
+    from modules import devices
+
+    device = torch.device(getattr(devices, "device_interrogate", None) or "cpu")
+    dtype = torch.float32 if device.type == "cpu" or getattr(shared.cmd_opts, "no_half", False) else torch.float16
+    low_vram = getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False)
+    return (OffloadAfterUse if low_vram else Placement)(device, dtype)
 
 
-def _webui_openai_clip(name: str, pretrained: str) -> ClipEncoder | None:
-    """The WebUI interrogator's OpenAI CLIP file (models/interrogate/ViT-L-14.pt) when the user has it."""
-    if pretrained != "openai":
-        return None
-    for folder in encoder_search_dirs():
-        path = folder / f"{name}.pt"
-        if path.is_file():
-            import open_clip
+def _download_progress():
+    """The WebUI's progress text (and the console) while CLIP weights download."""
+    shown = {"percent": -1}
 
-            # The WebUI's own interrogator file: the WebUI already loads it the same way (it is a TorchScript
-            # archive from OpenAI); gmi reads no other non-safetensors file.
-            model = open_clip.create_model(name, pretrained=str(path), device="cpu")
-            cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
-            return wrap_open_clip(model, f"{name}/{pretrained}", cfg.get("mean"), cfg.get("std"), _encoder_device())
-    return None
+    def update(done: int, total: int) -> None:
+        percent = int(100 * done / max(total, 1))
+        shared.state.textinfo = f"gmi: downloading CLIP weights {percent}% of {total / 2**20:.0f} MB"
+        if percent // 10 != shown["percent"] // 10:
+            log.info("gmi: CLIP weights download %d%% (into %s)", percent, encoder_download_dir())
+        shown["percent"] = percent
+
+    return update
 
 
 @contextmanager
@@ -179,7 +200,7 @@ def webui_model_loading_excluded():
 
 
 def get_encoder(config: Config) -> ClipEncoder:
-    key = (config.encoder, config.pretrained, config.allow_download)
+    key = (config.encoder, config.allow_download)
     with _lock:
         if key in _encoders:
             return _encoders[key]
@@ -187,21 +208,35 @@ def get_encoder(config: Config) -> ClipEncoder:
         with _lock:
             if key in _encoders:
                 return _encoders[key]
-        dirs = encoder_search_dirs()
         try:
-            encoder = load_encoder(config.encoder, config.pretrained, search_dirs=dirs, allow_download=config.allow_download,
-                                   device=_encoder_device())
+            encoder = load_encoder(
+                config.encoder, search_dirs=encoder_search_dirs(), own_dirs=encoder_own_dirs(),
+                allow_download=config.allow_download, download_dir=encoder_download_dir(),
+                placement=_encoder_placement(), progress=_download_progress(),
+                pickle_files=interrogator_pickles(config.encoder),
+            )
         except EncoderUnavailable as exc:
-            encoder = None if config.encoder.endswith(".safetensors") else _webui_openai_clip(config.encoder, config.pretrained)
-            if encoder is None:
-                raise EncoderUnavailable(
-                    f"{exc} (gmi also looked for the WebUI interrogator's {config.encoder}.pt in "
-                    f"{', '.join(str(d) for d in dirs)}; choose another encoder in Settings > GMI)"
-                ) from exc
+            raise EncoderUnavailable(f"{exc} (or choose another encoder in Settings > GMI)") from exc
         with _lock:
             _encoders[key] = encoder
-        log.info("gmi: CLIP encoder %s loaded", encoder.encoder_id)
+        log.info("gmi: CLIP encoder %s loaded from %s", encoder.encoder_id, encoder.source)
         return encoder
+
+
+def warm_in_background() -> threading.Thread | None:
+    """Load the encoder and its label embeddings off the start-up path (Settings > GMI > warm start)."""
+    if not opt("gmi_warm_start"):
+        return None
+
+    def warm() -> None:
+        try:
+            get_engine().warm()
+        except GmiError as exc:
+            log.info("gmi: background warm-up skipped: %s", exc)
+
+    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 def get_prompt_set(name: str, from_request: bool = False) -> PromptSet:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 try:  # the fake Api needs FastAPI (a test extra), like the real one
@@ -67,7 +68,7 @@ class FakeWebui:
         m = {name: types.ModuleType(name) for name in (
             "modules", "modules.shared", "modules.sd_models", "modules.hashes", "modules.processing",
             "modules.call_queue", "modules.paths", "modules.progress", "modules.script_callbacks", "modules.scripts",
-            "modules.api", "modules.api.api",
+            "modules.api", "modules.api.api", "modules.devices",
         )}
         pkg = m["modules"]
         pkg.__path__ = []
@@ -331,6 +332,7 @@ class FakeWebui:
         call_queue = m["modules.call_queue"]
         call_queue.queue_lock = threading.Lock()
         m["modules.paths"].models_path = str(self.models_path)
+        m["modules.devices"].device_interrogate = torch.device("cpu")  # as with --use-cpu all
         m["modules.paths"].data_path = str(self.root)
         progress = m["modules.progress"]
         progress.tasks = []
