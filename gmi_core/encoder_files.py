@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +20,10 @@ from pathlib import Path
 
 from .encoder_registry import Geometry, HubFile, KnownEncoder, geometry_from_config
 from .errors import EncoderUnavailable
+from .safetensors_header import read_header as read_safetensors_header
 
 logger = logging.getLogger("gmi")
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
-MAX_HEADER_BYTES = 100 << 20
 GMI_HEADER = "gmi_encoder"
 
 
@@ -52,16 +51,7 @@ class SearchLog:
 def read_header(path: Path) -> dict:
     """The safetensors JSON header (tensor names -> dtype/shape/offsets, plus ``__metadata__``)."""
     with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ValueError("file too short for a safetensors header")
-        (size,) = struct.unpack("<Q", raw)
-        if size > MAX_HEADER_BYTES:
-            raise ValueError(f"header of {size} bytes is implausible")
-        header = json.loads(handle.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return header
+        return read_safetensors_header(handle)[0]
 
 
 def _count_layers(keys, prefix: str) -> int:

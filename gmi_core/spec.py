@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from .errors import GmiError, SpecError
 from .limits import check_settings
 from .paths import set_default_mode
 from .protocols import GenerationSettings
+from .safetensors_header import read_header as read_safetensors_header
 
 SPEC_FORMAT_VERSION = 2  # 2: per-image mask ``image_done`` [N, S] and ``family``; version 1 files load as well
 READABLE_VERSIONS = (1, 2)
@@ -267,7 +267,6 @@ class Spec:
 
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8,
            "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
-MAX_HEADER_BYTES = 16 << 20
 
 
 def _read_safetensors(path: Path, names) -> tuple[dict, set, dict[str, torch.Tensor]]:
@@ -277,13 +276,7 @@ def _read_safetensors(path: Path, names) -> tuple[dict, set, dict[str, torch.Ten
     bank stacked from such tensors would hold the features twice.
     """
     with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ValueError("file too short for a safetensors header")
-        (size,) = struct.unpack("<Q", raw)
-        if size > MAX_HEADER_BYTES:
-            raise ValueError(f"header of {size} bytes is implausible")
-        header = json.loads(handle.read(size))
+        header, size = read_safetensors_header(handle)
         metadata = header.pop("__metadata__", None) or {}
         file_size = os.fstat(handle.fileno()).st_size
         tensors = {}
