@@ -37,7 +37,6 @@ from .protocols import (
 )
 from .ranker import DEFAULT_METHOD, FeatureBank, rank
 from .spec import Spec, SpecKey, pixel_feature
-from .spec_cache import VerifiedSpecs
 from .store import ManifestEntry, SpecStore
 
 log = logging.getLogger(__name__)
@@ -212,7 +211,6 @@ class Gmi:
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
         self._merged_cache: dict[str, tuple] = {}
         self._loaded_versions: tuple = ()  # (file, mtime) of the specs the last load_specs listed
-        self._verified = VerifiedSpecs(self.store.root / "cache" / "verified_specs.json")
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -439,7 +437,6 @@ class Gmi:
                 spec.extra["aliases"] = aliases.get(sha, [])
             spec.extra["installed"] = installed
             specs.append(spec)
-        self._verified.save()
         return specs, excluded
 
     def _merged(self, generated: Spec | None, observed: Spec | None) -> Spec:
@@ -453,15 +450,17 @@ class Gmi:
         return cached[1]
 
     def _load_cached(self, entry: ManifestEntry) -> Spec | None:
-        """A spec's features, read once per process and file version; verified once per file version ever."""
+        """A spec's features, read once per process and file version. The store lists only file versions it has
+        verified (:meth:`SpecStore.scan`), so the file is checked again only if it changed since it was listed."""
         cached = self._spec_cache.get(entry.file)
         if cached is not None and cached[0] == entry.mtime:
             return cached[1]
-        path = self.store.root / entry.file
-        trusted = self._verified.trusted(path)
-        spec = self.store.load(entry.key, verify=not trusted, thumbnails=False)
-        if not trusted and spec is not None:
-            self._verified.mark(path)
+        try:
+            st = (self.store.root / entry.file).stat()
+            listed = (st.st_mtime, st.st_size) == (entry.mtime, entry.size)
+        except OSError:
+            listed = False
+        spec = self.store.load(entry.key, verify=not listed, thumbnails=False)
         self._spec_cache[entry.file] = (entry.mtime, spec)
         return spec
 

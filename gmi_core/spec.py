@@ -181,7 +181,7 @@ class Spec:
         """Read and validate; any inconsistency raises :class:`SpecError` naming the file and the fault.
 
         ``verify=False`` skips the content checksum and the value checks: for a file version that was
-        verified before (see :class:`gmi_core.spec_cache.VerifiedSpecs`). ``thumbnails=False`` leaves the
+        verified before (see :meth:`gmi_core.store.SpecStore.scan`). ``thumbnails=False`` leaves the
         thumbnails on disk (ranking needs only features; :func:`read_thumbnail` reads one on demand).
         """
         path = Path(path)

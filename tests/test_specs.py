@@ -1,6 +1,7 @@
 """Spec files and the store: round trip, corruption, resume, stale and foreign specs."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -186,7 +187,7 @@ def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, mo
 
     monkeypatch.setattr(Spec, "load", classmethod(counting))
     first = gmi.identify(query, source=source)
-    assert loads == [(True, False)] * 4, "verified once, features only"
+    assert loads == [(False, False)] * 4, "the store listed verified versions: features only, not checked again"
     bank, specs = gmi._bank_cache[1], [spec for _, spec in gmi._spec_cache.values()]
     storage = bank.image.untyped_storage().data_ptr()
     assert all(s.thumbnails is None and s.image_features.untyped_storage().data_ptr() == storage for s in specs), \
@@ -196,13 +197,19 @@ def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, mo
     fresh = tiny_world.gmi(spec_root=tmp_path / "specs")  # a new process: verified versions are trusted
     assert fresh.identify(query, source=source).to_dict() == first.to_dict()
     assert loads == [(False, False)] * 4
-    gmi.build(source, tiny_world.generator(), which="all")  # rewrites every spec file
+    gmi.build(source, tiny_world.generator(), which="all")  # rewrites every spec file, recorded as it saves them
     loads.clear()
     gmi.identify(query, source=source)
-    assert loads == [(True, False)] * 4, "rewritten files are read and verified again"
+    assert loads == [(False, False)] * 4, "files gmi wrote are listed as it wrote them"
+    changed = tmp_path / "specs" / gmi.store.entries()[0].file
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # changed behind gmi's back
+    loads.clear()
+    gmi.identify(query, source=source)
+    assert loads == [(True, True), (False, False)], "a changed file is verified once, when the store lists it"
     sha = source.list_checkpoints().checkpoints[0].sha256
+    before = len(loads)
     thumb = gmi.spec_thumbnail(sha, 0)
-    assert thumb.size == (64, 64) and len(loads) == 4, "a thumbnail is a slice read, not a spec load"
+    assert thumb.size == (64, 64) and len(loads) == before, "a thumbnail is a slice read, not a spec load"
     full = gmi.store.load(SpecKey(sha, gmi.encoder.encoder_id, gmi.prompt_set.hash))
     assert np.array_equal(np.asarray(thumb), full.thumbnails[0].numpy())
 
