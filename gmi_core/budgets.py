@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import InvalidInput
 from .limits import MAX_IMAGES_PER_PROMPT
@@ -38,7 +39,7 @@ class Budget:
 
     def prompt_indices(self, set_size: int) -> list[int]:
         """The prompts (indices into the set) this budget covers, in build order."""
-        return prompt_order(set_size)[: self.prompt_count(set_size)]
+        return list(_prompt_order(set_size)[: self.prompt_count(set_size)])
 
     def images(self, set_size: int) -> int:
         return self.prompt_count(set_size) * self.images_per_prompt
@@ -87,7 +88,12 @@ def parse_budget(value: str | Budget | None) -> Budget:
 
 def prompt_order(set_size: int) -> list[int]:
     """A fixed interleaving of a prompt set: any prefix is spread evenly over the file (golden-ratio order)."""
-    return sorted(range(set_size), key=lambda i: ((i * _GOLDEN) % 1.0, i))
+    return list(_prompt_order(set_size))
+
+
+@lru_cache(maxsize=64)
+def _prompt_order(set_size: int) -> tuple[int, ...]:  # computed once per set size: identify asks per checkpoint
+    return tuple(sorted(range(set_size), key=lambda i: ((i * _GOLDEN) % 1.0, i)))
 
 
 def cell_seed(base_seed: int, prompt_index: int, image_index: int) -> int:
@@ -97,7 +103,7 @@ def cell_seed(base_seed: int, prompt_index: int, image_index: int) -> int:
 
 def covered_budget(image_counts, set_size: int) -> str | None:
     """The largest named budget that per-prompt image counts cover, or None."""
-    order = prompt_order(set_size)
+    order = _prompt_order(set_size)
     best = None
     for name, budget in BUDGETS.items():
         if all(image_counts[i] >= budget.images_per_prompt for i in order[: budget.prompt_count(set_size)]):

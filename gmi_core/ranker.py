@@ -112,6 +112,7 @@ class Ranking:
     order: torch.Tensor  # [M] indices into the bank, best first
     weights: torch.Tensor | None  # [N] or [M, N] prompt weights (before masking), None for `download`
     contributions: torch.Tensor | None  # [M, N] how much each prompt pulled checkpoint m towards the query
+    _top: tuple | None = field(default=None, repr=False, compare=False)  # (k, values, indices) of top_prompts
 
     def weight(self, index: int, prompt: int) -> float:
         """Prompt ``prompt``'s weight for checkpoint ``index`` (shared or per-spec weights)."""
@@ -123,9 +124,11 @@ class Ranking:
         """(prompt index, contribution) of the prompts that matched checkpoint ``index`` best."""
         if self.contributions is None:
             return []
-        row = self.contributions[index]
-        values, idx = torch.sort(row, descending=True)
-        return [(int(i), float(v)) for i, v in zip(idx[:k], values[:k]) if v > 0]
+        if self._top is None or self._top[0] < k:  # one top-k over all checkpoints, not a sort per result row
+            values, idx = torch.topk(self.contributions, min(k, self.contributions.shape[1]), dim=1)
+            self._top = (k, values.tolist(), idx.tolist())
+        _, values, idx = self._top
+        return [(i, v) for i, v in zip(idx[index][:k], values[index][:k]) if v > 0]
 
 
 def prompt_weights(prompt_features: torch.Tensor, query_text: torch.Tensor, tau: float | None = None) -> torch.Tensor:

@@ -4,6 +4,10 @@ The manifest is a cache for fast listing; the spec files are the truth. Each fil
 mtime) is verified once, exactly as identification would load it, and the manifest remembers the
 result: a spec that identification would refuse is listed as a problem, never as ready. A manifest
 of the wrong shape is rebuilt; writing it is best effort, so listing works on a read-only store.
+
+Listing runs on every identify, so a store object remembers the parsed manifest (until the file is
+replaced) and each checkpoint folder's file names (until the folder changes); every spec file is
+still stat-ed on every listing, so a changed file is never missed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .spec import Spec, SpecKey, read_thumbnail
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+SETTLED_NS = 2 * 10**9  # a folder or manifest changed this recently may change again within its mtime tick: not cached
 
 
 @dataclass
@@ -73,6 +78,8 @@ class SpecStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._manifest_cache: tuple[tuple, dict[str, ManifestEntry], dict[str, dict]] | None = None
+        self._folder_cache: dict[str, tuple[int, list[str]]] = {}
 
     def path_for(self, key: SpecKey) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", key.sha256):
@@ -140,14 +147,13 @@ class SpecStore:
     def scan(self) -> tuple[list[ManifestEntry], dict[str, str]]:
         """(usable specs, {relative file: why identification would refuse it}) — the reasons hold no server paths."""
         manifest, known_problems = self._read_manifest()
-        spec_dir = self.root / "specs"
-        files = {str(p.relative_to(self.root)): p for p in spec_dir.glob("*/*.safetensors")} if spec_dir.is_dir() else {}
+        files = self._spec_files()
         entries: dict[str, ManifestEntry] = {}
         problems: dict[str, dict] = {}
         dirty = set(manifest) | set(known_problems) != set(files)
-        for rel, path in files.items():
+        for rel in files:
             try:
-                st = path.stat()
+                st = os.stat(os.path.join(self.root, rel))
             except OSError:
                 continue
             stamp = (st.st_mtime, st.st_size)
@@ -159,7 +165,7 @@ class SpecStore:
                 problems[rel] = problem
                 continue
             dirty = True
-            entry, reason = self._verify(path, stamp)
+            entry, reason = self._verify(self.root / rel, stamp)
             if entry is not None:
                 entries[rel] = entry
             else:
@@ -168,6 +174,32 @@ class SpecStore:
             self._write_manifest(entries, problems)
         ordered = sorted(entries.values(), key=lambda e: (e.checkpoint_name.lower(), e.file))
         return ordered, {rel: p["reason"] for rel, p in problems.items()}
+
+    def _spec_files(self) -> list[str]:
+        """Spec files (``specs/<sha256>/<name>.safetensors``, relative to the root); a folder is re-read only
+        when its mtime changed (writes are atomic renames, which change it)."""
+        spec_dir = os.path.join(self.root, "specs")
+        try:
+            with os.scandir(spec_dir) as found:
+                folders = [e.name for e in found if not e.name.startswith(".") and e.is_dir()]
+        except OSError:
+            return []
+        files, cache = [], {}
+        for folder in folders:
+            path = os.path.join(spec_dir, folder)
+            try:
+                stamp = os.stat(path).st_mtime_ns
+                cached = self._folder_cache.get(folder)
+                if cached is None or cached[0] != stamp:
+                    with os.scandir(path) as found:
+                        cached = (stamp, sorted(e.name for e in found if e.name.endswith(".safetensors") and not e.name.startswith(".")))
+            except OSError:
+                continue
+            if time.time_ns() - stamp > SETTLED_NS:
+                cache[folder] = cached
+            files += [os.path.join("specs", folder, name) for name in cached[1]]
+        self._folder_cache = cache
+        return files
 
     def mark_corrupt(self, path: Path, reason: str) -> None:
         """Record that identification refused this file, so status shows it as corrupt too."""
@@ -239,11 +271,22 @@ class SpecStore:
         return entry if ok else None
 
     def _read_manifest(self) -> tuple[dict[str, ManifestEntry], dict[str, dict]]:
+        """(entries, problems) as new dicts the caller may change; parsed again only when the file was replaced."""
         path = self.root / MANIFEST
         try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._manifest_cache is not None and self._manifest_cache[0] == stamp:
+                return dict(self._manifest_cache[1]), dict(self._manifest_cache[2])
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}, {}
+        entries, problems = self._parse_manifest(raw)
+        if time.time_ns() - st.st_mtime_ns > SETTLED_NS:
+            self._manifest_cache = (stamp, entries, problems)
+        return dict(entries), dict(problems)
+
+    def _parse_manifest(self, raw) -> tuple[dict[str, ManifestEntry], dict[str, dict]]:
         if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
             return {}, {}
         entries = {}

@@ -229,3 +229,29 @@ def test_rebuild_all_that_fails_at_once_keeps_the_old_specs(tiny_world, tmp_path
     report = gmi.build(source, Broken(), which="all")
     assert report.built == [] and len(report.failed) == 4 and "failed to load" in report.failed[0][1]
     assert {s.state for s in gmi.status(source)[0]} == {"ready"}
+
+
+def test_a_store_object_sees_what_another_one_wrote(tiny_world, tmp_path, monkeypatch):
+    """Listing remembers the manifest and folder listings between calls, yet misses no change another process makes."""
+    import gmi_core.store as store_module
+
+    shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
+    reader, writer = SpecStore(tmp_path / "specs"), SpecStore(tmp_path / "specs")
+    first = reader.entries()
+    monkeypatch.setattr(store_module, "SETTLED_NS", -(10**18))  # every listing cached, as hours after the last write
+    assert reader.entries() == first and len(first) == 4
+    spec = writer.load(first[0].key)
+    spec.sha256 = "f" * 64  # a new checkpoint folder
+    writer.save(spec)
+    assert len(reader.entries()) == 5
+    spec.encoder_id = "another-encoder"  # a second file in a folder the reader has listed
+    writer.save(spec)
+    assert {e.encoder_id for e in reader.entries() if e.sha256 == "f" * 64} == {first[0].encoder_id, "another-encoder"}
+    os.unlink(writer.path_for(spec.key))
+    assert len(reader.entries()) == 5
+    changed = tmp_path / "specs" / first[1].file
+    data = bytearray(changed.read_bytes())
+    data[-100] ^= 0xFF
+    changed.write_bytes(bytes(data))  # rewritten in place: its folder's listing is unchanged
+    entries, problems = reader.scan()
+    assert len(entries) == 4 and list(problems) == [first[1].file] and "modified" in problems[first[1].file]
