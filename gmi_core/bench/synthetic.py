@@ -482,7 +482,10 @@ def budget_plot(path, by_estimator: dict, dim: int | str):
     estimator name (see BUDGET_ESTIMATORS) to results_budget-shaped curves."""
     from .report import bar_chart
 
-    rows = {f"{family} {estimator}": per for estimator, curves in by_estimator.items() for family, per in curves.items()}
+    tags = {name: name.removeprefix("gmi_") for name in by_estimator}  # gmi, centred
+    families = list(dict.fromkeys(f for curves in by_estimator.values() for f in curves))
+    rows = {f"{family.split('_', 1)[-1]}\n{tags[name]}": by_estimator[name][family]
+            for family in families for name in by_estimator if family in by_estimator[name]}  # estimators side by side
     first = next(iter(rows.values()))
     labels = {f"{b} = {first[b]['images_per_spec']} img": b for b in sorted(first, key=lambda b: (first[b]["images_per_spec"], b))}
     return bar_chart(
