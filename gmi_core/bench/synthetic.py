@@ -490,7 +490,7 @@ def budget_plot(path, by_estimator: dict, dim: int | str):
     labels = {f"{b} = {first[b]['images_per_spec']} img": b for b in sorted(first, key=lambda b: (first[b]["images_per_spec"], b))}
     return bar_chart(
         path,
-        title=f"budget curve: top-1 per budget (prompts x images), 1 query image, per estimator ({dim})",
+        title=f"budget curve: top-1 per budget, 1 query image ({dim})",
         groups=list(rows),
         series=list(labels),
         values=lambda g, s, n: rows[g].get(labels[s], {}).get("top1"),
