@@ -9,7 +9,8 @@ The default (``standard``, 32 prompts x 2 images = 64 images) was chosen from th
 (``bench synthetic``, ``results_budget``; see README): of the budgets of at most 64 images it comes closest to
 the full budget on the difficulty family (e_subtle_x16 top-1 0.771 against 0.844 for 55 x 4; 55 x 1 gives
 0.708), and it matches the full budget on Example B.1 and every easier family. No budget of at most 64 images
-comes within 0.02 of the full one on e_subtle_x16: closely similar checkpoints need the full budget.
+comes within 0.02 of the full one on e_subtle_x16, with the default estimator or with centring (0.844 against
+0.931; ``results_budget_by_estimator``): closely similar checkpoints need the full budget.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from gmi_core.checkpoints import inspect_checkpoint
 from gmi_core.errors import GmiError
 from gmi_core.families import FamilySettings, parse_overrides
 from gmi_core.protocols import CheckpointInfo
-from gmi_core.ranker import FeatureBank, kbar, rank
+from gmi_core.ranker import FeatureBank, kbar, prompt_weights, rank
 from gmi_core.spec import Spec
 
 
@@ -102,6 +102,8 @@ def test_mixed_budgets_rank_together_with_the_generating_checkpoint_first(tiny_w
         result = gmi.identify(query, source=source)
         assert len(result.ranking) == 4 and not result.excluded
         assert result.ranking[0].name == ckpt.name, [(r.name, r.score) for r in result.ranking]
+        centred = gmi.identify(query, source=source, centre=True)
+        assert centred.ranking[0].name == ckpt.name, [(r.name, r.score) for r in centred.ranking]
         assert {r.name: r.partial for r in result.ranking} == {c.name: c.name != checkpoints[1].name for c in checkpoints}
 
 
@@ -196,3 +198,46 @@ def test_family_settings_come_from_the_checkpoint_header(tmp_path):
         FamilySettings.defaults(overrides=parse_overrides(["sdxl.width=8192"]))
     with pytest.raises(GmiError, match="unknown checkpoint family"):
         FamilySettings.defaults(overrides=parse_overrides(["sd3.steps=4"]))
+
+
+@pytest.mark.parametrize("centre", [False, True], ids=["gmi", "gmi_centred"])
+def test_budget_curve_scores_what_the_ranker_ranks_for_a_spec_of_that_budget(centre):
+    """bench synthetic's batched budget estimator equals ranker.rank on a bank of specs built to the budget (cells
+    outside it zero and masked off, as a partial spec holds them), for the default and the centred estimator."""
+    from gmi_core.bench.synthetic import SimConfig, budget_scores, make_family
+
+    cfg = SimConfig(d=32, n_platform=10, n_eval=3, images_per_prompt=4)
+    world, platform, evaluation = make_family("e_subtle_x16", cfg, 5, 6)
+    image, _ = world.render(torch.arange(6), platform, 4, pixels=False)
+    prompt = world.text(platform)
+    truth = torch.tensor([0, 3, 5])
+    q_img = world.render(truth, evaluation[:, None, :], 1, pixels=False)[0][:, 0]  # [3, 1, d]
+    q_text = world.pseudo_prompt(world.text(evaluation))
+    for budget in (parse_budget("6x2"), parse_budget("4x1"), parse_budget("allx4")):
+        idx = budget.prompt_indices(10)
+        sub = image[:, idx, : budget.images_per_prompt]
+        w = torch.stack([prompt_weights(prompt[idx], t) for t in q_text])
+        batched = budget_scores(sub, prompt[idx], q_img, q_text, w, centre)
+        mask = torch.zeros(6, 10, 4, dtype=torch.bool)
+        mask[:, idx, : budget.images_per_prompt] = True
+        partial = FeatureBank([f"c{i}" for i in range(6)], image * mask[..., None], prompt, mask.any(2), None, [None] * 6, mask)
+        for t in range(3):
+            want = rank(partial, "gmi", q_img[t], q_text[t], centre=centre).scores
+            assert torch.allclose(batched[t], want, atol=1e-4), (budget, t)
+
+
+def test_budget_json_has_every_estimators_curve(tmp_path):
+    from gmi_core.bench import run_bench
+
+    out = tmp_path / "s.json"
+    assert run_bench(["synthetic", "--quick", "--families", "c", "--no-sweep", "--max-tasks", "24", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    by_estimator = data["results_budget_by_estimator"]
+    assert set(by_estimator) == {"gmi", "gmi_centred"} and by_estimator["gmi"] == data["results_budget"]
+    for curves in by_estimator.values():
+        assert set(curves["c_example_b1"]) >= {"16x1", "32x1", "55x1", "32x2", "55x2", "55x4"}
+        assert all(set(row) == {"images_per_spec", "top1", "top4", "mean_rank", "n_tasks"} for row in curves["c_example_b1"].values())
+    assert set(data["budget_choice_by_estimator"]) == {"gmi", "gmi_centred"}
+    assert data["budget_choice_by_estimator"]["gmi"] == data["budget_choice"]
+    target = next(t for t in data["targets"] if t["target"].startswith("default budget"))
+    assert set(target["value"]["top1_gap_to_full_other_estimators"]) == {"gmi_centred"}

@@ -213,19 +213,21 @@ def quality_tables(data: dict) -> str:
                 lines.append(
                     _row([fam, method] + [f"{per[f]['1']['top1']:.3f} / {per[f]['4']['top1']:.3f}" for f in factors])
                 )
-    budgets = data.get("results_budget") or {}
-    if budgets:
+    by_estimator = data.get("results_budget_by_estimator") or {"gmi": data.get("results_budget") or {}}
+    for estimator, budgets in by_estimator.items():
+        if not budgets:
+            continue
         first = next(iter(budgets.values()))
         labels = sorted(first, key=lambda b: (first[b]["images_per_spec"], b))
-        lines.append("\nBudget curve (gmi, 1 query image): top-1 / top-4 / mean rank per budget (prompts x images per prompt)")
+        lines.append(f"\nBudget curve ({estimator}, 1 query image): top-1 / top-4 / mean rank per budget (prompts x images per prompt)")
         lines.append(_row(["family"] + [f"{b} ({first[b]['images_per_spec']} img)" for b in labels]))
         lines.append(_row(["---"] * (1 + len(labels))))
         for fam, per in budgets.items():
             cells = [f"{per[b]['top1']:.3f} / {per[b]['top4']:.3f} / {per[b]['mean_rank']:.2f}" if b in per else "" for b in labels]
             lines.append(_row([fam] + cells))
-        choice = data.get("budget_choice") or {}
+    for estimator, choice in (data.get("budget_choice_by_estimator") or {"gmi": data.get("budget_choice")}).items():
         if choice:
-            lines.append(f"Best budget of <= 64 images (smallest worst top-1 gap to full): {choice.get('budget')} {choice}")
+            lines.append(f"Best budget of <= 64 images for {estimator} (smallest worst top-1 gap to full): {choice.get('budget')} {choice}")
     targets = data.get("targets") or []
     if targets:
         lines.append("\nTargets")

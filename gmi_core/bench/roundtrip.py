@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..protocols import GenerationSettings
     from . import machine_info
     from .report import bar_chart
-    from .synthetic import PAPER, _metrics, budget_plot
+    from .synthetic import BUDGET_ESTIMATORS, PAPER, _metrics, budget_plot
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         positions = {m: {n: [] for n in QUERY_SIZES} for m in METHODS}
         specs, _ = gmi.load_specs(only)
         budget_banks = budget_cut_banks(specs)
-        budget_positions = {label: [] for label in budget_banks}
+        budget_positions = {(name, label): [] for name in BUDGET_ESTIMATORS for label in budget_banks}
         u = max(QUERY_SIZES)
         t = time.perf_counter()
         identify_s = 0.0
@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> dict:
                 seeds = [TASK_SEED_BASE + (ci * len(evaluation) + ei) * u + j for j in range(u)]
                 images = generator.generate(ckpt, prompt, seeds, settings)
                 t0 = time.perf_counter()
-                for label, position in rank_budgets(gmi, budget_banks, specs, ckpt, images[0], args.prompt_source == "true" and prompt).items():
-                    budget_positions[label].append(position)
+                true_prompt = args.prompt_source == "true" and prompt
+                for key, position in rank_budgets(gmi, budget_banks, specs, ckpt, images[0], true_prompt).items():
+                    budget_positions[key].append(position)
                 identify_s += time.perf_counter() - t0
                 for n in QUERY_SIZES:
                     query_prompt = prompt if args.prompt_source == "true" else None
@@ -125,11 +126,12 @@ def run(args: argparse.Namespace) -> dict:
     torch_positions = {m: {n: torch.tensor(v) for n, v in per.items()} for m, per in positions.items()}
     results = {"roundtrip": {m: {str(n): _metrics(torch_positions[m][n]) for n in QUERY_SIZES} for m in METHODS}}
     family = "roundtrip"
-    results_budget = {family: {}}
-    for label, found in budget_positions.items():
+    by_estimator = {name: {family: {}} for name in BUDGET_ESTIMATORS}
+    for (name, label), found in budget_positions.items():
         metrics = _metrics(torch.tensor(found))
-        results_budget[family][label] = {"images_per_spec": budget_banks[label][1],
-                                         **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")}}
+        by_estimator[name][family][label] = {"images_per_spec": budget_banks[label][1],
+                                             **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")}}
+    results_budget = by_estimator["gmi"]
     data = {
         "command": "roundtrip",
         "machine": machine_info(),
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "results": results,
         "results_budget": results_budget,
+        "results_budget_by_estimator": by_estimator,
         "families": {family: {"checkpoints": len(checkpoints), "chance_top1": round(1 / len(checkpoints), 4)}},
         "paper": PAPER,
     }
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
             chance={family: 1 / len(checkpoints)},
         )
         data["plot"] = plot
-        data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), results_budget,
+        data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), by_estimator,
                                               f"{encoder.encoder_id}, {len(checkpoints)} checkpoints"))
     return data
 
@@ -194,14 +197,16 @@ def budget_cut_banks(specs) -> dict:
         keep = torch.zeros_like(full.mask)
         keep[:, budget.prompt_indices(n), : budget.images_per_prompt] = True
         mask = full.mask & keep
-        bank = FeatureBank(full.names, full.image, full.prompt, mask.any(dim=2), full.pixel, full.popularity, mask)
+        image = full.image * mask[..., None]  # cells outside the budget are zero, as in a spec built to it
+        bank = FeatureBank(full.names, image, full.prompt, mask.any(dim=2), full.pixel, full.popularity, mask)
         banks[label] = (bank, budget.images(n))
     return banks
 
 
 def rank_budgets(gmi, banks: dict, specs, checkpoint, image, true_prompt) -> dict:
-    """1-based position of ``checkpoint`` in the gmi ranking of one query image, per budget."""
+    """(estimator, budget) -> 1-based position of ``checkpoint`` in the gmi ranking of one query image."""
     from ..ranker import rank
+    from .synthetic import BUDGET_ESTIMATORS
 
     query = gmi.encoder.encode_images([image])
     pseudo = true_prompt or gmi.interrogator.prompt_from_features(query)
@@ -209,8 +214,9 @@ def rank_budgets(gmi, banks: dict, specs, checkpoint, image, true_prompt) -> dic
     truth = [s.sha256 for s in specs].index(checkpoint.sha256)
     out = {}
     for label, (bank, _) in banks.items():
-        order = rank(bank, "gmi", query, text).order.tolist()
-        out[label] = order.index(truth) + 1
+        for name, centre in BUDGET_ESTIMATORS.items():
+            order = rank(bank, "gmi", query, text, centre=centre).order.tolist()
+            out[(name, label)] = order.index(truth) + 1
     return out
 
 
