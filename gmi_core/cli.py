@@ -112,18 +112,18 @@ def cmd_build(args) -> int:
     from .diffusers_generator import DiffusersGenerator
 
     gmi, source = _engine(args)
-    statuses, skipped = gmi.status(source)
-    if not statuses:
+    which = args.which if args.which in ("missing", "all") else args.which.split(",")
+    plan = gmi.plan(source, which)  # lists and hashes once; build() renders exactly this plan
+    skipped = plan.listing.skipped
+    if not plan.listing.checkpoints:
         print(empty_folder_message(args.models, skipped), file=sys.stderr)
     for item in skipped:
         print(f"{item.name}: skipped: {item.reason}", file=sys.stderr)
     generator = DiffusersGenerator(config=args.config, local_files_only=not args.allow_download)
-    which = args.which if args.which in ("missing", "all") else args.which.split(",")
-    plan = gmi.plan(source, which)
     print(f"gmi: budget {plan.budget}: {plan.images} image(s) to render for "
           f"{sum(1 for _, n in plan.checkpoints if n)} checkpoint(s)", file=sys.stderr)
     try:
-        report = gmi.build(source, generator, which, progress=_progress_bar())
+        report = gmi.build(source, generator, plan=plan, progress=_progress_bar())
     except KeyboardInterrupt:
         print("interrupted: finished prompts are saved; run build again to resume", file=sys.stderr)
         return 130

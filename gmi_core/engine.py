@@ -85,6 +85,8 @@ class BuildPlan:
     budget: str
     checkpoints: list[tuple[str, int]] = field(default_factory=list)  # (name, images to render)
     generate_calls: int = 0  # one per prompt with missing images
+    listing: CheckpointListing = field(default_factory=CheckpointListing, repr=False)  # what build() renders from
+    restart: bool = False  # "all": render every spec again
 
     @property
     def images(self) -> int:
@@ -183,7 +185,7 @@ class IdentifyResult:
 
 
 class Gmi:
-    """One per host process: holds the encoder, the prompt set and the spec store."""
+    """One encoder, prompt set, budget and settings over a spec store (hosts keep several: gmi_core.service.EnginePool)."""
 
     def __init__(
         self,
@@ -283,9 +285,13 @@ class Gmi:
 
     # -- build planning ------------------------------------------------------------------------
     def plan(self, source: CheckpointSource, which: str | Sequence[str] = "missing") -> BuildPlan:
-        """How many images a build of ``which`` renders, per checkpoint, before it starts."""
-        statuses, skipped = self._status(source.list_checkpoints())
-        return self._plan(statuses, which, skipped)
+        """How many images a build of ``which`` renders, per checkpoint, before it starts. Pass it to
+        :meth:`build`, which renders exactly this plan: the checkpoints are listed and hashed once per build."""
+        listing = source.list_checkpoints()
+        statuses, skipped = self._status(listing)
+        plan = self._plan(statuses, which, skipped)
+        plan.listing, plan.restart = listing, which == "all"
+        return plan
 
     def _plan(self, statuses: list[SpecStatus], which, skipped: Sequence[SkippedCheckpoint] = ()) -> BuildPlan:
         """Names that gmi skipped (not a checkpoint it can use) are left out here and reported by the caller;
@@ -320,15 +326,17 @@ class Gmi:
         which: str | Sequence[str] = "missing",
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        plan: BuildPlan | None = None,
     ) -> BuildReport:
         """Build specs up to the budget: ``which`` is "missing" (not ready: adds only the images a spec lacks),
-        "all" (renders every spec again with the current settings), or a list of checkpoint names (top up)."""
-        checkpoints = source.list_checkpoints()
-        statuses, skipped = self._status(checkpoints)
-        report = BuildReport(skipped=list(skipped))
-        listing = {c.name: c for c in checkpoints.checkpoints}
-        plan = self._plan(statuses, which, skipped)
-        names = [name for name, _ in plan.checkpoints]
+        "all" (renders every spec again with the current settings), or a list of checkpoint names (top up).
+        ``plan``: the :meth:`plan` a front end already showed (then ``source`` and ``which`` are not used again).
+        Checkpoints with nothing to render are reported built and left out of the progress counts."""
+        plan = plan or self.plan(source, which)
+        report = BuildReport(skipped=list(plan.listing.skipped))
+        listing = {c.name: c for c in plan.listing.checkpoints}
+        report.built += [name for name, images in plan.checkpoints if not images]
+        names = [name for name, images in plan.checkpoints if images]
         started, rendered = time.perf_counter(), {}
 
         def overall(p: BuildProgress) -> None:
@@ -357,7 +365,7 @@ class Gmi:
                         progress=overall,
                         should_cancel=should_cancel,
                         position=(index, len(names)),
-                        restart=which == "all",
+                        restart=plan.restart,
                     )
                 report.built.append(name)
             except Busy as exc:
@@ -539,9 +547,6 @@ class Gmi:
         if pixels is None:
             raise GmiError(f"spec {sha256[:10]} has no image for prompt {prompt_index}")
         return Image.fromarray(pixels, "RGB")
-
-    def fingerprint(self) -> str:
-        return f"{self.encoder.encoder_id}|{self.prompt_set.hash}|{self.store.fingerprint()}"
 
 
 def _settings_diff(used: GenerationSettings, wanted: GenerationSettings) -> str:

@@ -1,11 +1,14 @@
-"""The three seams a host implements; gmi_core owns everything else.
+"""The two seams a host implements; gmi_core owns everything else.
 
 A host (ComfyUI, A1111, Forge, the standalone diffusers runner) provides:
 
-* a :class:`CheckpointSource` that lists its checkpoints,
+* a :class:`CheckpointSource` that lists its checkpoints (through
+  :func:`gmi_core.checkpoints.list_checkpoint_files`, from the host's own names and paths),
 * a :class:`Generator` that renders images for prompts and seeds with one checkpoint
-  through the host's own loader, sampler and VAE,
-* a :class:`Switcher` that makes one checkpoint active.
+  through the host's own loader, sampler and VAE.
+
+Which checkpoint to switch to is decided once (:func:`gmi_core.service.pick_installed`); making it active
+is host UI (ComfyUI's Identify node outputs its MODEL/CLIP/VAE, A1111 sets ``sd_model_checkpoint``).
 """
 
 from __future__ import annotations
@@ -93,12 +96,6 @@ class Generator(Protocol):
 
     def release(self) -> None:
         """Free the loaded checkpoint; called between checkpoints."""
-
-
-@runtime_checkable
-class Switcher(Protocol):
-    def switch(self, checkpoint: CheckpointInfo) -> None:
-        """Make ``checkpoint`` the host's active checkpoint."""
 
 
 ProgressCallback = Callable[["BuildProgress"], None]

@@ -1,4 +1,4 @@
-"""ComfyUI's side of the three gmi seams: checkpoint source, generator, switcher.
+"""ComfyUI's side of the gmi seams: checkpoint source and generator (the Identify node loads the winner).
 
 Everything ComfyUI-specific is imported lazily, inside the functions that need it, so that the
 pack imports in plain Python (tests, linters) and only touches ComfyUI when a node runs.
@@ -16,17 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..gmi_core.checkpoints import inspect_checkpoint_cached
+from ..gmi_core.checkpoints import list_checkpoint_files
 from ..gmi_core.encoder_files import inspect_weights
 from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
-from ..gmi_core.hashing import HashCache
-from ..gmi_core.protocols import (
-    CheckpointInfo,
-    CheckpointListing,
-    GenerationSettings,
-    SkippedCheckpoint,
-)
+from ..gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 
 log = logging.getLogger("gmi")
 
@@ -168,31 +162,17 @@ def tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., :3] if a.shape[-1] >= 3 else np.repeat(a, 3, axis=-1), "RGB") for a in arr]
 
 
-# -- the three seams ---------------------------------------------------------------------------
+# -- the seams ---------------------------------------------------------------------------------
 class ComfyCheckpointSource:
-    """ComfyUI's ``checkpoints`` folders; hashes cached in the gmi user folder."""
+    """ComfyUI's ``checkpoints`` folders (names only through ``folder_paths``); hashes cached in the gmi user folder."""
 
     def __init__(self, hash_cache: Path | None = None):
         self.hash_cache = hash_cache
 
     def list_checkpoints(self) -> CheckpointListing:
-        listing = CheckpointListing()
-        cache = HashCache(self.hash_cache)  # read once per listing
-        for name in checkpoint_names():
-            path = checkpoint_path(name)
-            try:
-                # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
-                family, reason = inspect_checkpoint_cached(path, cache, allow_pickle=True)
-                if reason:
-                    listing.skipped.append(SkippedCheckpoint(name, path, reason))
-                    continue
-                sha = cache.sha256(path)
-            except OSError as exc:
-                listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable: {exc}"))
-                continue
-            listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
-        cache.save()
-        return listing
+        # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
+        files = ((name, checkpoint_path(name)) for name in checkpoint_names())
+        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True)
 
 
 def load_checkpoint(path: Path):
@@ -295,13 +275,3 @@ class ComfyGenerator:
 def _encode(clip, text: str):
     tokens = clip.tokenize(text)
     return clip.encode_from_tokens_scheduled(tokens)
-
-
-class ComfySwitcher:
-    """Makes a checkpoint active in the graph: the Identify node outputs what this loads."""
-
-    def __init__(self):
-        self.loaded = None
-
-    def switch(self, checkpoint: CheckpointInfo) -> None:
-        self.loaded = load_checkpoint(checkpoint.path)

@@ -5,27 +5,21 @@ from __future__ import annotations
 import json
 from urllib.parse import urlencode
 
-from ..gmi_core.errors import GmiError
+from ..gmi_core import service
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from . import engines
 from .encoder_node import ENCODER_TYPE
 from .host import checkpoint_path, load_checkpoint, tensor_to_pils
 
 
-def thumbnail_url(sha256: str, encoder_id: str, prompt_set_hash: str, prompt_index: int) -> str:
-    query = urlencode({"sha256": sha256, "encoder_id": encoder_id, "prompt_set_hash": prompt_set_hash, "prompt": prompt_index})
-    return f"/gmi/thumbnail?{query}"
+def thumbnail_urls(encoder_id: str):
+    """Thumbnail references for :func:`gmi_core.service.identify_payload`: the /gmi/thumbnail route."""
 
+    def url(sha256: str, prompt_set_hash: str, prompt_index: int) -> str:
+        query = {"sha256": sha256, "encoder_id": encoder_id, "prompt_set_hash": prompt_set_hash, "prompt": prompt_index}
+        return f"/gmi/thumbnail?{urlencode(query)}"
 
-def ui_ranking(result, encoder_id: str, prompt_set_hash: str, chosen: str) -> dict:
-    """The JSON the web extension renders: the engine's result plus thumbnail URLs and the chosen name."""
-    data = result.to_dict()
-    for row in data["ranking"]:
-        for match in row["top_prompts"]:
-            match["thumbnail"] = thumbnail_url(row["sha256"], encoder_id, match.get("prompt_set_hash") or prompt_set_hash,
-                                               match.get("spec_index", match["index"]))
-    data["chosen"] = chosen
-    return data
+    return url
 
 
 class GMIIdentify:
@@ -86,15 +80,10 @@ class GMIIdentify:
                  include_not_installed=False):
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
-        result = engine.identify(tensor_to_pils(image), prompt=prompt or None, method=method, top_k=None, source=engines.source(),
-                                 include_not_installed=bool(include_not_installed))
-        installed = [r for r in result.ranking if r.installed]  # only installed checkpoints can be switched to
-        if pick_rank > len(installed):
-            raise GmiError(f"pick_rank {pick_rank} but only {len(installed)} installed checkpoint(s) have specs")
-        chosen = installed[pick_rank - 1]
+        result = service.identify(engine, tensor_to_pils(image), engines.source(), prompt, method,
+                                  bool(include_not_installed))
+        chosen = service.pick_installed(result, pick_rank)  # only installed checkpoints can be switched to
         model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
-        ui = ui_ranking(result, encoder.encoder_id, prompts.hash, chosen.name)
-        if top_k:
-            ui["ranking"] = ui["ranking"][: max(int(top_k), pick_rank)]
+        ui = service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k, pick_rank=pick_rank)
         text = json.dumps(ui, indent=1)
         return {"ui": {"gmi_ranking": [ui], "text": [chosen.name]}, "result": (model, clip, vae, chosen.name, text)}

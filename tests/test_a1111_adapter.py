@@ -200,10 +200,10 @@ def test_build_job_holds_queue_lock_reports_progress_and_identifies(world):
     assert job.images_planned == job.images_rendered == 18 and job.eta_s == 0 and job.seconds_per_image > 0
     status = runtime.status()
     assert [c["state"] for c in status["checkpoints"]] == ["ready"] * 3
-    assert status["images_missing"] == 0 and status["settings"]["sd1"]["width"] == 64
-    assert status["settings"]["sdxl"]["width"] == 1024 and [c["family"] for c in status["checkpoints"]] == ["sd1"] * 3
+    assert status["images_missing"] == 0 and status["family_settings"]["sd1"]["width"] == 64
+    assert status["family_settings"]["sdxl"]["width"] == 1024 and [c["family"] for c in status["checkpoints"]] == ["sd1"] * 3
     other = runtime.status(steps=7, budget="allx3")  # API overrides: every family, and the budget
-    assert {v["steps"] for v in other["settings"].values()} == {7} and other["images_missing"] == 3 * 3
+    assert {v["steps"] for v in other["family_settings"].values()} == {7} and other["images_missing"] == 3 * 3
     assert {c["state"] for c in other["checkpoints"]} == {"partial"} and not any(c["current"] for c in other["checkpoints"])
     assert status["spec_dir"] == str(world.models_path / "gmi")
     # an unseen prompt and seed from each checkpoint ranks it first

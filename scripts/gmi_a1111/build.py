@@ -123,13 +123,8 @@ def _run(job: BuildJob, state) -> dict:
                        f"build {p.images_rendered}/{p.images_planned}, {format_eta(p.eta_s)}")
         state.textinfo = "gmi: " + job.message
 
-    report = engine.build(
-        runtime.source(),
-        runtime.generator(),
-        which=job.which,
-        progress=on_progress,
-        should_cancel=lambda: bool(state.interrupted),
-    )
+    report = engine.build(None, runtime.generator(), plan=plan, progress=on_progress,
+                          should_cancel=lambda: bool(state.interrupted))
     job.report = report.to_dict()
     job.state = "cancelled" if report.cancelled else "done"
     if report.failed and not report.built and not report.cancelled:
