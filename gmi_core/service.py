@@ -98,10 +98,6 @@ class EnginePool:
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
 
-    def encoders(self) -> list[ClipEncoder]:
-        with self._lock:
-            return list(self._encoders.values())
-
     def clear(self) -> None:
         """Forget every encoder and engine (settings changes, tests)."""
         with self._lock:
@@ -122,7 +118,6 @@ def status_payload(engine: Gmi, source: CheckpointSource, config: dict, titles: 
     return json_safe({
         "config": config,
         "encoder_id": engine.encoder.encoder_id,
-        "spec_dir": str(engine.store.root),
         "prompt_set": {"name": engine.prompt_set.name, "hash": engine.prompt_set.hash, "size": len(engine.prompt_set)},
         "budget": engine.budget.to_dict(len(engine.prompt_set)),
         "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),

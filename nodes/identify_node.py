@@ -6,6 +6,7 @@ import json
 from urllib.parse import urlencode
 
 from ..gmi_core import service
+from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPTS, MAX_TOP_K
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from . import engines
 from .encoder_node import ENCODER_TYPE
@@ -50,8 +51,8 @@ class GMIIdentify:
                 "method": (list(METHODS), {"default": DEFAULT_METHOD, "tooltip": (
                     "gmi: prompt-weighted kernel mean distance (recommended). The rkme_* and download methods are "
                     "the baselines of the source paper.")}),
-                "top_k": ("INT", {"default": 5, "min": 0, "max": 1000, "tooltip": "Rows shown in the node's ranking; 0 = all."}),
-                "pick_rank": ("INT", {"default": 1, "min": 1, "max": 1000,
+                "top_k": ("INT", {"default": DEFAULT_TOP_K, "min": 0, "max": MAX_TOP_K, "tooltip": "Rows shown in the node's ranking; 0 = all."}),
+                "pick_rank": ("INT", {"default": 1, "min": 1, "max": MAX_TOP_K,
                                       "tooltip": "Which row's checkpoint to load: 1 = the best match, 2 = the runner-up, ..."}),
             },
             "optional": {
@@ -60,7 +61,7 @@ class GMIIdentify:
                     "(see GMI Interrogate).")}),
                 "prompt_set": (engines.prompt_set_choices(), {"default": "platform",
                                                               "tooltip": "The prompt set the specs were built with."}),
-                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000,
+                "max_prompts": ("INT", {"default": 0, "min": 0, "max": MAX_PROMPTS,
                                         "tooltip": "The max_prompts the specs were built with (0 = the whole set)."}),
                 "include_not_installed": ("BOOLEAN", {"default": False, "tooltip": (
                     "Also rank imported specs of checkpoints that are not installed here (marked 'not installed'; "

@@ -9,8 +9,8 @@ import re
 from ..gmi_core.budgets import DEFAULT_BUDGET
 from ..gmi_core.encoder_registry import DEFAULT_ENCODER
 from ..gmi_core.families import FamilySettings, parse_overrides
+from ..gmi_core.paths import write_json_atomic
 from ..gmi_core.protocols import GenerationSettings
-from ..gmi_core.store import write_json_atomic
 from . import host
 
 DEFAULTS = {  # every value from its one place in gmi_core

@@ -1,4 +1,4 @@
-"""Unit tests of the A1111 adapter (scripts/gmi_a1111) against a faithful fake of the WebUI's modules.*.
+"""Unit tests of the A1111 adapter (gmi_a1111/, loaded by scripts/gmi_*.py) against a faithful fake of the WebUI's modules.*.
 
 The real WebUI is exercised by tests/test_a1111_integration.py (opt-in, GMI_A1111_DIR).
 """
@@ -37,7 +37,7 @@ def webui(tmp_path, monkeypatch) -> FakeWebui:
     fake.install(monkeypatch)
     for name in [n for n in sys.modules if n == "gmi_a1111" or n.startswith("gmi_a1111.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(REPO))  # as the WebUI does while it loads scripts/: the extension root
     monkeypatch.delenv("GMI_A1111_ENCODER", raising=False)
     return fake
 
@@ -98,9 +98,11 @@ def test_settings_section(webui):
     gmi("options").on_ui_settings()
     labels = webui.shared.opts.data_labels
     runtime = gmi("runtime")
-    for key, (default, _) in runtime.OPTIONS.items():
-        assert labels[key].section[0] == "gmi"
+    for key, (default, label, help_text) in runtime.OPTIONS.items():
+        assert labels[key].section[0] == "gmi" and labels[key].label == label
         assert webui.shared.opts.data[key] == default
+        assert (help_text in labels[key].comment_after) if help_text else labels[key].comment_after == ""
+        assert (labels[key].onchange is runtime.reset) == (key in runtime.RESETTING_OPTIONS)
     assert runtime.spec_dir() == webui.models_path / "gmi"
     webui.shared.opts.set("gmi_spec_dir", str(webui.root / "elsewhere"))
     assert runtime.spec_dir() == webui.root / "elsewhere"
@@ -178,7 +180,7 @@ def test_generator_interrupt_raises_cancelled(world):
         host.WebuiGenerator(source).generate(ckpt, "a cat", [1, 2], GenerationSettings(width=64, height=64))
 
 
-def test_build_job_holds_queue_lock_reports_progress_and_identifies(world):
+def test_build_job_holds_queue_lock_reports_progress_and_identifies(world, monkeypatch):
     build, runtime = gmi("build"), gmi("runtime")
     seen_locked = []
     original = world.modules["modules.processing"].process_images
@@ -205,7 +207,11 @@ def test_build_job_holds_queue_lock_reports_progress_and_identifies(world):
     other = runtime.status(steps=7, budget="allx3")  # API overrides: every family, and the budget
     assert {v["steps"] for v in other["family_settings"].values()} == {7} and other["images_missing"] == 3 * 3
     assert {c["state"] for c in other["checkpoints"]} == {"partial"} and not any(c["current"] for c in other["checkpoints"])
-    assert status["spec_dir"] == str(world.models_path / "gmi")
+    assert status["config"]["budget"] == "allx2" and other["config"]["budget"] == "allx3"
+    monkeypatch.setitem(sys.modules, "gradio", type(sys)("gradio"))  # ui.py imports it; status_rows uses none of it
+    rows, names, todo, note = gmi("ui").status_rows()  # the Build tab renders the same payload
+    assert names == [c["name"] for c in status["checkpoints"]] and not todo
+    assert str(world.models_path / "gmi") in note and "gmi-tiny-clip-s0" in note and "sd1 64x64, 3 steps" in note
     # an unseen prompt and seed from each checkpoint ranks it first
     fake = world
     for info in sorted({i.filename: i for i in world.sd_models.checkpoints_list.values()}.values(), key=lambda i: i.name):
@@ -372,7 +378,7 @@ def test_routes_use_the_webui_api_auth(world):
     api.on_app_started(None, app)
     ours = {r.path: r for r in app.routes if r.path.startswith("/gmi/v1")}
     webui_route = next(r for r in app.routes if r.path == "/sdapi/v1/options")
-    assert len(ours) == 8
+    assert len(ours) == 9
     for route in ours.values():
         assert [d.dependency for d in route.dependencies] == [d.dependency for d in webui_route.dependencies]
     client = TestClient(app)
@@ -381,7 +387,7 @@ def test_routes_use_the_webui_api_auth(world):
              ("POST", "/gmi/v1/identify", {"image": image}), ("POST", "/gmi/v1/interrogate", {"image": image}),
              ("POST", "/gmi/v1/switch", {"checkpoint": "model_1.safetensors"}), ("GET", "/gmi/v1/build/x", None),
              ("POST", "/gmi/v1/import-images", {"root": "outputs"}), ("GET", "/gmi/v1/map", None),
-             ("GET", "/sdapi/v1/options", None)]
+             ("GET", "/gmi/v1/defaults", None), ("GET", "/sdapi/v1/options", None)]
     for method, path, body in calls:
         for auth in (None, ("alice", "wrong"), ("mallory", "s3cret"), ("bob", "pw")):
             r = client.request(method, path, json=body, auth=auth)
@@ -391,6 +397,9 @@ def test_routes_use_the_webui_api_auth(world):
     r = client.get("/gmi/v1/specs", auth=("alice", "s3cret"))
     assert r.status_code == 200 and {c["name"] for c in r.json()["checkpoints"]} >= {"model_0.safetensors"}
     assert client.get("/gmi/v1/build", auth=("bob", "pw2")).status_code == 404  # authenticated; no job yet
+    from gmi_core.service import defaults_payload
+
+    assert client.get("/gmi/v1/defaults", auth=("bob", "pw2")).json() == defaults_payload()
 
 
 def test_fallback_auth_when_the_webui_routes_are_not_found(world):

@@ -67,3 +67,21 @@ def test_demo_json(tmp_path, capsys):
     assert len(out["ranking"]) == 4 and out["pseudo_prompt"]
     report = (tmp_path / "report.html").read_text()
     assert out["true_checkpoint"] in report and report.count("data:image/png;base64") >= 4
+
+
+def test_the_benchmarks_load_only_for_the_bench_command(tmp_path):
+    """`gmi specs` (any command but bench) imports neither gmi_core.bench nor fastrank; `gmi bench` still works."""
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    models.mkdir()
+    code = ("import sys\nfrom gmi_core.cli import main\n"
+            f"main(['specs', '--models', {str(models)!r}, '--home', {str(tmp_path / 'home')!r}, '--encoder', 'x'])\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('gmi_core.bench', 'gmi_core.fastrank'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    listed = subprocess.run([sys.executable, "-m", "gmi_core", "--help"], capture_output=True, text=True, timeout=120)
+    assert "bench" in listed.stdout
+    bench = subprocess.run([sys.executable, "-m", "gmi_core", "bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0 and all(c in bench.stdout for c in ("synthetic", "roundtrip", "scale", "identify"))

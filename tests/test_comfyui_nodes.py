@@ -359,7 +359,17 @@ def test_routes(env):
             assert {c["name"]: c["state"] for c in data["checkpoints"]} == {n: "ready" for n in env.names}
             assert len(data["skipped"]) == 2
             r = await client.get("/gmi/options")
-            assert "tiny.safetensors" in (await r.json())["encoders"]
+            options = await r.json()
+            assert "tiny.safetensors" in options["encoders"]
+            # the panel queues the Build node with exactly these inputs: every widget, last used values
+            widgets = {**env.nodes.GMIBuildSpecs.INPUT_TYPES()["required"], **env.nodes.GMIBuildSpecs.INPUT_TYPES()["optional"]}
+            assert set(options["build_inputs"]) == set(widgets) - {"encoder"}
+            assert options["build_inputs"]["max_prompts"] == 4 and options["build_inputs"]["which"] == "missing"
+            r = await client.get("/gmi/defaults")
+            defaults = await r.json()
+            assert defaults["limits"]["seed"]["max"] == widgets["seed"][1]["max"]
+            assert defaults["limits"]["max_prompts"]["max"] == widgets["max_prompts"][1]["max"]
+            assert defaults["generation"]["sampler"] == widgets["sampler_name"][1]["default"]
 
             form = {"encoder": "tiny.safetensors", "max_prompts": "4", "top_k": "2"}
             import io

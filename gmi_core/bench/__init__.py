@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..paths import write_json_atomic
+
 COMMANDS = ("synthetic", "roundtrip", "scale", "identify")
 
 
@@ -46,11 +48,7 @@ def machine_info() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=_jsonable, allow_nan=True)
 
 
 def _jsonable(value):

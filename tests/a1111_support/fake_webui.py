@@ -86,7 +86,12 @@ class FakeWebui:
                          refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False, category_id=None):
                 self.default, self.label, self.component, self.component_args = default, label, component, component_args
                 self.onchange, self.section, self.restrict_api = onchange, section, restrict_api
+                self.comment_after = comment_after
                 self.do_not_save = False
+
+            def info(self, info):  # as modules/options.py: help text after the label
+                self.comment_after += f"<span class='info'>({info})</span>"
+                return self
 
         class Options:
             def __init__(self):

@@ -17,14 +17,16 @@ from modules import call_queue, paths, sd_models, shared
 
 from gmi_core import service
 from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
-from gmi_core.encoder_registry import DEFAULT_ENCODER, parse_encoder_name
+from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
 from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
 from gmi_core.engine import Gmi, IdentifyResult
 from gmi_core.errors import EncoderUnavailable, GmiError, InvalidInput
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
+from gmi_core.limits import DEFAULT_TOP_K
 from gmi_core.paths import resolve_inside
 from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
+from gmi_core.ranker import DEFAULT_METHOD
 
 from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 
@@ -40,23 +42,25 @@ def family_option(family: str, name: str) -> str:
     return f"gmi_{family.replace('-', '')}_{name}"
 
 
-# option key -> (default, label); registered by scripts/gmi_settings.py
-OPTIONS: dict[str, tuple[object, str]] = {
-    "gmi_encoder": (DEFAULT_ENCODER, "CLIP encoder: ViT-L-14/openai, ViT-B-16/openai, ViT-B-32/openai, or a path to a gmi encoder .safetensors"),
-    "gmi_allow_download": (True, "Download the CLIP encoder's weights on first use (into models/gmi/clip; off: never download)"),
-    "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background"),
-    "gmi_spec_dir": ("", "Spec folder (empty: models/gmi in the WebUI's models folder)"),
-    "gmi_prompt_set": ("platform", "Prompt set: 'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets"),
-    "gmi_budget": (DEFAULT_BUDGET, "Spec budget: " + ", ".join(f"{k} ({v.label()})" for k, v in BUDGETS.items())
+# option key -> (default, label, help shown under it); registered by gmi_a1111.options through scripts/gmi_settings.py
+OPTIONS: dict[str, tuple[object, str, str]] = {
+    "gmi_encoder": (DEFAULT_ENCODER, "CLIP encoder", f"{', '.join(encoder_names())}, or a path to a gmi encoder .safetensors"),
+    "gmi_allow_download": (True, "Download the CLIP encoder's weights on first use", "into models/gmi/clip; off: never download"),
+    "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background", ""),
+    "gmi_spec_dir": ("", "Spec folder", "empty: models/gmi in the WebUI's models folder"),
+    "gmi_prompt_set": ("platform", "Prompt set", "'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets"),
+    "gmi_budget": (DEFAULT_BUDGET, "Spec budget", ", ".join(f"{k} = {v.label()}" for k, v in BUDGETS.items())
                    + ", or PROMPTSxIMAGES such as 32x2; a larger budget later adds only the missing images"),
-    **{family_option(family, name): (FAMILY_DEFAULTS[family][name], f"{family.upper()} checkpoints: {FIELD_LABELS[name]}")
+    **{family_option(family, name): (FAMILY_DEFAULTS[family][name], f"{family.upper()} checkpoints: {FIELD_LABELS[name]}", "")
        for family in FAMILIES for name in PER_FAMILY_FIELDS},
-    "gmi_sampler": ("Euler", "Sampler for spec images"),
-    "gmi_scheduler": ("Automatic", "Schedule type for spec images"),
-    "gmi_top_k": (5, "Checkpoints shown in a ranking"),
-    "gmi_method": ("gmi", "Ranking method"),
-    "gmi_include_not_installed": (False, "Identify also ranks imported specs of checkpoints that are not installed (marked)"),
+    "gmi_sampler": ("Euler", "Sampler for spec images", "the WebUI's sampler name"),
+    "gmi_scheduler": ("Automatic", "Schedule type for spec images", "the WebUI's schedule type"),
+    "gmi_top_k": (DEFAULT_TOP_K, "Checkpoints shown in a ranking", ""),
+    "gmi_method": (DEFAULT_METHOD, "Ranking method", "gmi is the recommended one; the others are the paper's baselines"),
+    "gmi_include_not_installed": (False, "Identify also ranks imported specs of checkpoints that are not installed",
+                                  "marked 'not installed'; never switched to"),
 }
+RESETTING_OPTIONS = ("gmi_encoder", "gmi_allow_download", "gmi_spec_dir", "gmi_prompt_set")  # onchange: reset()
 
 
 def opt(key: str):

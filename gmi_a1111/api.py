@@ -8,6 +8,7 @@ POST /gmi/v1/interrogate        {"image"|"images"} -> {"prompt"}
 POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256}
 POST /gmi/v1/import-images      {"root": "outputs"|"models", "subfolder": ""} -> observed specs from images on disk
 GET  /gmi/v1/map                near-duplicate groups and 2-D coordinates of the checkpoints with specs
+GET  /gmi/v1/defaults           every generation default and limit (gmi_core.service.defaults_payload)
 
 Access: the routes carry the same dependencies as the WebUI's own /sdapi/v1/ routes (its --api-auth check),
 and exist only when the WebUI serves its API (--api or --nowebui). Request bodies are read with a byte limit
@@ -25,7 +26,7 @@ import logging
 from modules import sd_models
 from pydantic import BaseModel, Field
 
-from gmi_core import limits
+from gmi_core import limits, service
 from gmi_core.errors import Busy, CheckpointError, EncoderUnavailable, GmiError, ImageError, NoSpecsError, NotFound
 from gmi_core.images import load_image
 from gmi_core.paths import one_line, redact
@@ -242,6 +243,10 @@ def library_map() -> dict:
         raise _gmi_errors(exc) from None
 
 
+def defaults() -> dict:
+    return service.defaults_payload()
+
+
 def _route(handler):
     import fastapi
 
@@ -357,6 +362,7 @@ ROUTES = [
     ("/switch", switch, "POST"),
     ("/import-images", import_images, "POST"),
     ("/map", library_map, "GET"),
+    ("/defaults", defaults, "GET"),
 ]
 
 

@@ -100,9 +100,9 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
     names = [c["name"] for c in data["checkpoints"]]
     todo = [c["name"] for c in data["checkpoints"] if c["state"] != "ready"]
     budget = data["budget"]
-    sizes = "; ".join(f"{f} {v['width']}x{v['height']}, {v['steps']} steps, CFG {v['cfg']}" for f, v in data["settings"].items())
-    note = (f"Encoder <code>{html.escape(data['encoder'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
-            f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(data['spec_dir'])}</code>.<br>"
+    sizes = "; ".join(f"{f} {v['width']}x{v['height']}, {v['steps']} steps, CFG {v['cfg']}" for f, v in data["family_settings"].items())
+    note = (f"Encoder <code>{html.escape(data['encoder_id'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
+            f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(str(runtime.spec_dir()))}</code>.<br>"
             f"Budget <b>{html.escape(budget['name'])}</b>: {budget['prompts']} prompts x {budget['images_per_prompt']} "
             f"image(s) = {budget['images']} per checkpoint; <b>{data['images_missing']} image(s) to render</b> for the "
             f"checkpoints without a ready spec.<br>Per family (Settings &gt; GMI): {html.escape(sizes)}")
@@ -229,7 +229,7 @@ def on_ui_tabs():
             selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():
                 prompt_set = gr.Textbox(str(runtime.opt("gmi_prompt_set")), label="Prompt set ('platform' or a file)")
-                budget = gr.Textbox(str(runtime.opt("gmi_budget")), label=runtime.OPTIONS["gmi_budget"][1])
+                budget = gr.Textbox(str(runtime.opt("gmi_budget")), label="{1}: {2}".format(*runtime.OPTIONS["gmi_budget"]))
                 sampler = gr.Dropdown(_sampler_names(), value=str(runtime.opt("gmi_sampler")), label="Sampler")
             with gr.Row():
                 refresh_btn = gr.Button("Refresh")
