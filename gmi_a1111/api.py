@@ -50,7 +50,9 @@ class HTTPException(Exception):
 
 class BuildRequest(BaseModel):
     checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
-    budget: str | None = Field(None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)")
+    budget: str | None = Field(
+        None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)"
+    )
     steps: int | None = Field(None, ge=1, le=limits.MAX_STEPS, description="every family (default: per family)")
     cfg: float | None = Field(None, ge=0, le=limits.MAX_CFG, description="every family")
     width: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE, description="every family")
@@ -176,7 +178,9 @@ def start_build(req: BuildRequest):
     fields = req.model_dump() if hasattr(req, "model_dump") else req.dict()
     overrides = {k: v for k, v in fields.items() if k not in ("checkpoints", "wait") and v is not None}
     try:
-        check_overrides(overrides)  # fail fast (numbers, names, prompt set) before queueing; the encoder loads in the job
+        check_overrides(
+            overrides
+        )  # fail fast (numbers, names, prompt set) before queueing; the encoder loads in the job
         job = build.start_build(which, overrides, wait=req.wait)
     except build.BuildBusy as exc:
         raise HTTPException(409, f"busy: {exc}") from None
@@ -221,7 +225,11 @@ def switch(req: SwitchRequest):
     except CheckpointError as exc:
         raise HTTPException(404, str(exc)) from None
     loaded = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
-    return {"title": title, "name": info.name, "loaded": getattr(getattr(loaded, "sd_checkpoint_info", None), "title", None)}
+    return {
+        "title": title,
+        "name": info.name,
+        "loaded": getattr(getattr(loaded, "sd_checkpoint_info", None), "title", None),
+    }
 
 
 class ImportImagesRequest(BaseModel):
@@ -256,7 +264,7 @@ def _route(handler):
             return handler(*args, **kwargs)
         except HTTPException as exc:
             raise fastapi.HTTPException(exc.status_code, exc.detail) from None
-        except Exception as exc:  # noqa: BLE001 - a one-line error, never a traceback in the body
+        except Exception as exc:
             log.exception("gmi: unexpected error in %s", handler.__name__)
             raise fastapi.HTTPException(500, f"internal error ({type(exc).__name__}); see the WebUI console") from None
 
@@ -281,8 +289,10 @@ def limited_body_route():
                         counter = limits.ByteCounter(MAX_REQUEST_BYTES)
                         request._body = b"".join([counter.add(chunk) async for chunk in request.stream()])
                     except limits.UploadTooLarge:
-                        return JSONResponse({"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
-                                            status_code=413)
+                        return JSONResponse(
+                            {"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
+                            status_code=413,
+                        )
                     if not_a_json_number(request._body):
                         return JSONResponse({"detail": "NaN and Infinity are not JSON numbers"}, status_code=422)
                 return await handler(request)
@@ -374,8 +384,13 @@ def register(app) -> bool:
         return False
     route_class = limited_body_route()
     for path, handler, method in ROUTES:
-        app.router.add_api_route(PREFIX + path, _route(handler), methods=[method], dependencies=dependencies,
-                                 route_class_override=route_class)
+        app.router.add_api_route(
+            PREFIX + path,
+            _route(handler),
+            methods=[method],
+            dependencies=dependencies,
+            route_class_override=route_class,
+        )
     return True
 
 

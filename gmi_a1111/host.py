@@ -11,6 +11,7 @@ Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +65,9 @@ def resolve_checkpoint(name: str):
     name = name.strip()
     info = sd_models.get_closet_checkpoint_match(name)
     if info is None:
-        raise CheckpointError(f"checkpoint {name[:200]!r} is not in the WebUI's checkpoint list (refresh the list if it is new)")
+        raise CheckpointError(
+            f"checkpoint {name[:200]!r} is not in the WebUI's checkpoint list (refresh the list if it is new)"
+        )
     return info
 
 
@@ -165,8 +168,6 @@ def switch_to_title(title: str) -> str:
     except ImportError:
         # the option's onchange reloads the weights under the queue lock, like the quicksettings dropdown
         shared.opts.set("sd_model_checkpoint", title)
-    try:
+    with contextlib.suppress(AssertionError):  # --freeze-settings
         shared.opts.save(shared.config_filename)
-    except AssertionError:  # --freeze-settings
-        pass
     return title

@@ -41,9 +41,11 @@ def import_images_html(root: str, subfolder: str) -> str:
     added = "".join(f"<li>{html.escape(n)}: {k} image(s)</li>" for n, k in report["added"].items())
     reasons = ", ".join(f"{k} {html.escape(r)}" for r, k in report["skipped_by_reason"].items())
     skipped = "".join(f"<li>{html.escape(s['file'])}: {html.escape(s['reason'])}</li>" for s in report["skipped"][:200])
-    return (f"<p>Scanned {report['scanned']} image(s); added {report['added_total']} to observed specs "
-            f"(nothing generated).</p><ul>{added}</ul>"
-            + (f"<details><summary>Skipped: {reasons}</summary><ul>{skipped}</ul></details>" if skipped else ""))
+    return (
+        f"<p>Scanned {report['scanned']} image(s); added {report['added_total']} to observed specs "
+        f"(nothing generated).</p><ul>{added}</ul>"
+        + (f"<details><summary>Skipped: {reasons}</summary><ul>{skipped}</ul></details>" if skipped else "")
+    )
 
 
 def groups_report() -> dict:
@@ -64,5 +66,7 @@ def groups_html() -> str:
     if not data["checkpoints"]:
         return "<p>No specs yet.</p>"
     groups = "".join(f"<li>{', '.join(html.escape(n) for n in g)}</li>" for g in data["groups"])
-    return (f"<p>{len(data['checkpoints'])} checkpoint(s) with specs; near-duplicate threshold {data['threshold']}.</p>"
-            + (f"<p>Near-duplicate groups (render alike):</p><ul>{groups}</ul>" if groups else "<p>No near-duplicates.</p>"))
+    return (
+        f"<p>{len(data['checkpoints'])} checkpoint(s) with specs; near-duplicate threshold {data['threshold']}.</p>"
+        + (f"<p>Near-duplicate groups (render alike):</p><ul>{groups}</ul>" if groups else "<p>No near-duplicates.</p>")
+    )

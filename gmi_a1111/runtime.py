@@ -33,8 +33,12 @@ from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 log = logging.getLogger("gmi")
 
 ENV_ENCODER = "GMI_A1111_ENCODER"  # overrides the encoder setting (tests, headless servers)
-FIELD_LABELS = {"width": "width of spec images", "height": "height of spec images", "steps": "sampling steps",
-                "cfg": "CFG scale"}
+FIELD_LABELS = {
+    "width": "width of spec images",
+    "height": "height of spec images",
+    "steps": "sampling steps",
+    "cfg": "CFG scale",
+}
 
 
 def family_option(family: str, name: str) -> str:
@@ -44,21 +48,51 @@ def family_option(family: str, name: str) -> str:
 
 # option key -> (default, label, help shown under it); registered by gmi_a1111.options through scripts/gmi_settings.py
 OPTIONS: dict[str, tuple[object, str, str]] = {
-    "gmi_encoder": (DEFAULT_ENCODER, "CLIP encoder", f"{', '.join(encoder_names())}, or a path to a gmi encoder .safetensors"),
-    "gmi_allow_download": (True, "Download the CLIP encoder's weights on first use", "into models/gmi/clip; off: never download"),
+    "gmi_encoder": (
+        DEFAULT_ENCODER,
+        "CLIP encoder",
+        f"{', '.join(encoder_names())}, or a path to a gmi encoder .safetensors",
+    ),
+    "gmi_allow_download": (
+        True,
+        "Download the CLIP encoder's weights on first use",
+        "into models/gmi/clip; off: never download",
+    ),
     "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background", ""),
     "gmi_spec_dir": ("", "Spec folder", "empty: models/gmi in the WebUI's models folder"),
-    "gmi_prompt_set": ("platform", "Prompt set", "'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets"),
-    "gmi_budget": (DEFAULT_BUDGET, "Spec budget", ", ".join(f"{k} = {v.label()}" for k, v in BUDGETS.items())
-                   + ", or PROMPTSxIMAGES such as 32x2; a larger budget later adds only the missing images"),
-    **{family_option(family, name): (FAMILY_DEFAULTS[family][name], f"{family.upper()} checkpoints: {FIELD_LABELS[name]}", "")
-       for family in FAMILIES for name in PER_FAMILY_FIELDS},
+    "gmi_prompt_set": (
+        "platform",
+        "Prompt set",
+        "'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets",
+    ),
+    "gmi_budget": (
+        DEFAULT_BUDGET,
+        "Spec budget",
+        ", ".join(f"{k} = {v.label()}" for k, v in BUDGETS.items())
+        + ", or PROMPTSxIMAGES such as 32x2; a larger budget later adds only the missing images",
+    ),
+    **{
+        family_option(family, name): (
+            FAMILY_DEFAULTS[family][name],
+            f"{family.upper()} checkpoints: {FIELD_LABELS[name]}",
+            "",
+        )
+        for family in FAMILIES
+        for name in PER_FAMILY_FIELDS
+    },
     "gmi_sampler": ("Euler", "Sampler for spec images", "the WebUI's sampler name"),
     "gmi_scheduler": ("Automatic", "Schedule type for spec images", "the WebUI's schedule type"),
     "gmi_top_k": (DEFAULT_TOP_K, "Checkpoints shown in a ranking", ""),
-    "gmi_method": (DEFAULT_METHOD, "Ranking method", "gmi is the recommended one; the others are the paper's baselines"),
-    "gmi_include_not_installed": (False, "Identify also ranks imported specs of checkpoints that are not installed",
-                                  "marked 'not installed'; never switched to"),
+    "gmi_method": (
+        DEFAULT_METHOD,
+        "Ranking method",
+        "gmi is the recommended one; the others are the paper's baselines",
+    ),
+    "gmi_include_not_installed": (
+        False,
+        "Identify also ranks imported specs of checkpoints that are not installed",
+        "marked 'not installed'; never switched to",
+    ),
 }
 RESETTING_OPTIONS = ("gmi_encoder", "gmi_allow_download", "gmi_spec_dir", "gmi_prompt_set")  # onchange: reset()
 
@@ -111,7 +145,9 @@ def interrogator_pickles(name: str) -> list[Path]:
     entry = parse_encoder_name(name)
     if entry is None or entry.pretrained != "openai":
         return []
-    folders = [Path(p) for p in (getattr(shared.cmd_opts, "clip_models_path", None),) if p] + [Path.home() / ".cache" / "clip"]
+    folders = [Path(p) for p in (getattr(shared.cmd_opts, "clip_models_path", None),) if p] + [
+        Path.home() / ".cache" / "clip"
+    ]
     return [folder / f"{entry.model}.pt" for folder in folders]
 
 
@@ -128,11 +164,15 @@ class Config:
     def from_opts(cls, **overrides) -> Config:
         """Settings > GMI, with per-request ``overrides`` (budget, sampler, scheduler, prompt_set; steps, cfg, width
         and height apply to every family)."""
-        base = GenerationSettings(sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
-                                  scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")))
+        base = GenerationSettings(
+            sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
+            scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")),
+        )
         every = {name: overrides[name] for name in PER_FAMILY_FIELDS if overrides.get(name) is not None}
-        per_family = {family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
-                      for family in FAMILIES}
+        per_family = {
+            family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
+            for family in FAMILIES
+        }
         return cls(
             encoder=os.environ.get(ENV_ENCODER) or str(opt("gmi_encoder")),
             allow_download=bool(opt("gmi_allow_download")),
@@ -205,9 +245,13 @@ def get_encoder(config: Config) -> ClipEncoder:
     def load() -> ClipEncoder:
         try:
             encoder = load_encoder(
-                config.encoder, search_dirs=encoder_search_dirs(), own_dirs=encoder_own_dirs(),
-                allow_download=config.allow_download, download_dir=encoder_download_dir(),
-                placement=_encoder_placement(), progress=_download_progress(),
+                config.encoder,
+                search_dirs=encoder_search_dirs(),
+                own_dirs=encoder_own_dirs(),
+                allow_download=config.allow_download,
+                download_dir=encoder_download_dir(),
+                placement=_encoder_placement(),
+                progress=_download_progress(),
                 pickle_files=interrogator_pickles(config.encoder),
             )
         except EncoderUnavailable as exc:
@@ -275,15 +319,21 @@ def titles_by_sha() -> dict[str, str]:
     return {info.sha256: info.title for info in webui_checkpoints() if getattr(info, "sha256", None)}
 
 
-def identify(images, prompt: str | None = None, method: str | None = None, top_k: int | None = None,
-             thumbnails: bool = False) -> tuple[IdentifyResult, dict]:
+def identify(
+    images, prompt: str | None = None, method: str | None = None, top_k: int | None = None, thumbnails: bool = False
+) -> tuple[IdentifyResult, dict]:
     """Rank the WebUI's checkpoints for reference images: the shared identify payload, with WebUI titles and,
     if asked, the matching spec images as data URIs."""
     engine = get_engine()
-    result = service.identify(engine, images, source(), prompt, method or str(opt("gmi_method")),
-                              bool(opt("gmi_include_not_installed")))
-    data = service.identify_payload(result, service.data_uri_thumbnails(engine) if thumbnails else None,
-                                    titles_by_sha(), top_k=top_k or int(opt("gmi_top_k")))
+    result = service.identify(
+        engine, images, source(), prompt, method or str(opt("gmi_method")), bool(opt("gmi_include_not_installed"))
+    )
+    data = service.identify_payload(
+        result,
+        service.data_uri_thumbnails(engine) if thumbnails else None,
+        titles_by_sha(),
+        top_k=top_k or int(opt("gmi_top_k")),
+    )
     return result, data
 
 
@@ -293,7 +343,15 @@ def status(on_hashing=None, **overrides) -> dict:
     config = Config.from_opts(**overrides)
     sampling = config.settings.rows[0][1]
     return service.status_payload(
-        engine, source(on_hashing), titles=titles_by_sha(),
-        config={"encoder": config.encoder, "prompt_set": config.prompt_set, "budget": config.budget,
-                "sampler": sampling.sampler, "scheduler": sampling.scheduler},
-        empty_note="the WebUI lists no checkpoints: put Stable Diffusion checkpoints in models/Stable-diffusion")
+        engine,
+        source(on_hashing),
+        titles=titles_by_sha(),
+        config={
+            "encoder": config.encoder,
+            "prompt_set": config.prompt_set,
+            "budget": config.budget,
+            "sampler": sampling.sampler,
+            "scheduler": sampling.scheduler,
+        },
+        empty_note="the WebUI lists no checkpoints: put Stable Diffusion checkpoints in models/Stable-diffusion",
+    )

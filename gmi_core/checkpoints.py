@@ -78,7 +78,9 @@ def sd2_predicts_v(handle, keys) -> bool:
     return bool(bias.std(unbiased=False) > 0.09)
 
 
-def inspect_checkpoint_cached(path: Path, cache: HashCache, allow_pickle: bool = False) -> tuple[str | None, str | None]:
+def inspect_checkpoint_cached(
+    path: Path, cache: HashCache, allow_pickle: bool = False
+) -> tuple[str | None, str | None]:
     """:func:`inspect_checkpoint`, remembered per file version in the hash cache (a listing re-reads no header)."""
     fact = "checkpoint_pickle_ok" if allow_pickle else "checkpoint"
     family, reason = cache.remember(path, fact, lambda: list(inspect_checkpoint(path, allow_pickle)))
@@ -88,9 +90,13 @@ def inspect_checkpoint_cached(path: Path, cache: HashCache, allow_pickle: bool =
 Sha256Of = Callable[[str, Path, HashCache], "str | None"]
 
 
-def list_checkpoint_files(files: Iterable[tuple[str, Path]], hash_cache: Path | None = None, allow_pickle: bool = False,
-                          sha256: Sha256Of | None = None,
-                          on_hashing: Callable[[Path], None] | None = None) -> CheckpointListing:
+def list_checkpoint_files(
+    files: Iterable[tuple[str, Path]],
+    hash_cache: Path | None = None,
+    allow_pickle: bool = False,
+    sha256: Sha256Of | None = None,
+    on_hashing: Callable[[Path], None] | None = None,
+) -> CheckpointListing:
     """The one listing loop of every host: each ``(name, path)`` the host names is checked by its header and
     hashed (gmi's hash cache, or the host's own ``sha256(name, path, cache)``); what gmi cannot use is skipped
     with the reason. Hosts that load pickles themselves pass ``allow_pickle``."""
@@ -116,8 +122,13 @@ def list_checkpoint_files(files: Iterable[tuple[str, Path]], hash_cache: Path | 
 class FolderCheckpointSource:
     """Checkpoints in a folder tree (the standalone CLI's source)."""
 
-    def __init__(self, folder: Path, hash_cache: Path | None = None, allow_pickle: bool = False,
-                 on_hashing: Callable[[Path], None] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        hash_cache: Path | None = None,
+        allow_pickle: bool = False,
+        on_hashing: Callable[[Path], None] | None = None,
+    ):
         """``on_hashing(path)`` is called before a file is hashed for the first time (it can take a while)."""
         self.folder = Path(folder)
         self.hash_cache = hash_cache
@@ -129,5 +140,9 @@ class FolderCheckpointSource:
             return CheckpointListing()
         suffixes = (".safetensors",) + (PICKLE_SUFFIXES if self.allow_pickle else (".ckpt",))
         files = sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-        return list_checkpoint_files(((str(p.relative_to(self.folder)), p) for p in files), self.hash_cache,
-                                     self.allow_pickle, on_hashing=self.on_hashing)
+        return list_checkpoint_files(
+            ((str(p.relative_to(self.folder)), p) for p in files),
+            self.hash_cache,
+            self.allow_pickle,
+            on_hashing=self.on_hashing,
+        )

@@ -131,6 +131,6 @@ def format_eta(seconds: float | None) -> str:
     """``ETA 3m05s`` / ``ETA 2h07m`` for a BuildProgress's ``eta_s``, the same text in every front end."""
     if seconds is None:
         return "ETA after the first images"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"ETA {hours}h{minutes:02d}m" if hours else f"ETA {minutes}m{secs:02d}s"

@@ -48,8 +48,12 @@ class EnginePool:
     keeps its weights alive. ``loading_guard`` is entered around an encoder load (A1111: the WebUI's model
     loading locks, taken before the pool's own lock)."""
 
-    def __init__(self, max_encoders: int = 2, max_engines: int = 8,
-                 loading_guard: Callable[[], AbstractContextManager] = nullcontext):
+    def __init__(
+        self,
+        max_encoders: int = 2,
+        max_engines: int = 8,
+        loading_guard: Callable[[], AbstractContextManager] = nullcontext,
+    ):
         self.max_encoders, self.max_engines = max_encoders, max_engines
         self.loading_guard = loading_guard
         self._lock = threading.RLock()
@@ -74,8 +78,15 @@ class EnginePool:
         gc.collect()  # the dropped encoders' weights go now, not at some later collection
         return encoder
 
-    def engine(self, encoder: ClipEncoder, spec_root: Path, prompt_set: PromptSet, budget: Budget | str | None = None,
-               settings: FamilySettings | None = None, base_seed: int = 0) -> Gmi:
+    def engine(
+        self,
+        encoder: ClipEncoder,
+        spec_root: Path,
+        prompt_set: PromptSet,
+        budget: Budget | str | None = None,
+        settings: FamilySettings | None = None,
+        base_seed: int = 0,
+    ) -> Gmi:
         """The engine for these settings over ``spec_root`` (built once, then reused)."""
         budget = parse_budget(budget)
         settings = settings or FamilySettings.defaults()
@@ -83,7 +94,9 @@ class EnginePool:
         with self._lock:
             engine = self._engines.get(key)
             if engine is None or engine.encoder is not encoder:
-                engine = Gmi(Path(spec_root), encoder, prompt_set, budget=budget, settings=settings, base_seed=base_seed)
+                engine = Gmi(
+                    Path(spec_root), encoder, prompt_set, budget=budget, settings=settings, base_seed=base_seed
+                )
                 self._engines[key] = engine
             self._engines.move_to_end(key)
             self._trim()
@@ -107,25 +120,32 @@ class EnginePool:
 
 
 # -- status ------------------------------------------------------------------------------------
-def status_payload(engine: Gmi, source: CheckpointSource, config: dict, titles: dict[str, str] | None = None,
-                   empty_note: str = "") -> dict:
+def status_payload(
+    engine: Gmi, source: CheckpointSource, config: dict, titles: dict[str, str] | None = None, empty_note: str = ""
+) -> dict:
     """Per-checkpoint spec state, the same keys in both hosts. ``config``: the host's settings this answer is
     for (ComfyUI: the panel's build inputs; A1111: Settings > GMI); ``titles``: sha256 -> the host's display
     name; ``empty_note``: what to say when the host lists no checkpoint file at all."""
     statuses, skipped = engine.status(source)
     titles = titles or {}
     rows = [{**vars(s), "short_hash": s.sha256[:10], "title": titles.get(s.sha256, s.name)} for s in statuses]
-    return json_safe({
-        "config": config,
-        "encoder_id": engine.encoder.encoder_id,
-        "prompt_set": {"name": engine.prompt_set.name, "hash": engine.prompt_set.hash, "size": len(engine.prompt_set)},
-        "budget": engine.budget.to_dict(len(engine.prompt_set)),
-        "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),
-        "family_settings": engine.settings.to_dict(),
-        "checkpoints": rows,
-        "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
-        "note": "" if statuses or skipped else empty_note,
-    })
+    return json_safe(
+        {
+            "config": config,
+            "encoder_id": engine.encoder.encoder_id,
+            "prompt_set": {
+                "name": engine.prompt_set.name,
+                "hash": engine.prompt_set.hash,
+                "size": len(engine.prompt_set),
+            },
+            "budget": engine.budget.to_dict(len(engine.prompt_set)),
+            "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),
+            "family_settings": engine.settings.to_dict(),
+            "checkpoints": rows,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
+            "note": "" if statuses or skipped else empty_note,
+        }
+    )
 
 
 # -- identify ----------------------------------------------------------------------------------
@@ -138,15 +158,27 @@ def pick_installed(result: IdentifyResult, rank: int = 1) -> RankedCheckpoint:
     return installed[rank - 1]
 
 
-def identify(engine: Gmi, images: Sequence[Image.Image], source, prompt: str | None = None,
-             method: str = DEFAULT_METHOD, include_not_installed: bool = False) -> IdentifyResult:
+def identify(
+    engine: Gmi,
+    images: Sequence[Image.Image],
+    source,
+    prompt: str | None = None,
+    method: str = DEFAULT_METHOD,
+    include_not_installed: bool = False,
+) -> IdentifyResult:
     """The whole ranking for reference images (hosts cut it to their top k in :func:`identify_payload`)."""
-    return engine.identify(images, prompt=prompt or None, method=method, source=source,
-                           include_not_installed=include_not_installed)
+    return engine.identify(
+        images, prompt=prompt or None, method=method, source=source, include_not_installed=include_not_installed
+    )
 
 
-def identify_payload(result: IdentifyResult, thumbnail: ThumbnailRef | None = None, titles: dict[str, str] | None = None,
-                     top_k: int | None = None, pick_rank: int = 1) -> dict:
+def identify_payload(
+    result: IdentifyResult,
+    thumbnail: ThumbnailRef | None = None,
+    titles: dict[str, str] | None = None,
+    top_k: int | None = None,
+    pick_rank: int = 1,
+) -> dict:
     """The one identify answer: the engine's result, each row's host ``title``, each matching spec image's
     ``thumbnail`` reference (a route URL in ComfyUI, a data URI in A1111, or None), and ``chosen``: the name
     of the installed checkpoint at ``pick_rank`` (None when no installed one is ranked). ``top_k`` cuts the
@@ -160,7 +192,9 @@ def identify_payload(result: IdentifyResult, thumbnail: ThumbnailRef | None = No
     for row in data["ranking"]:
         row["title"] = titles.get(row["sha256"], row["name"])
         for match in row["top_prompts"]:
-            match["thumbnail"] = thumbnail(row["sha256"], match["prompt_set_hash"], match["spec_index"]) if thumbnail else None
+            match["thumbnail"] = (
+                thumbnail(row["sha256"], match["prompt_set_hash"], match["spec_index"]) if thumbnail else None
+            )
     data["chosen"] = chosen.name if chosen else None
     if top_k:
         data["ranking"] = data["ranking"][: max(int(top_k), chosen.rank if chosen else 0)]
@@ -197,7 +231,10 @@ def defaults_payload() -> dict:
         "seed": 0,
         "limits": {
             **{name: {"min": lo, "max": hi} for name, (lo, hi) in LIMITS.items()},
-            "size_step": SIZE_STEP, "seed": {"min": 0, "max": MAX_SEED}, "max_prompts": {"min": 0, "max": MAX_PROMPTS},
-            "top_k": {"min": 0, "max": MAX_TOP_K}, "text": MAX_TEXT_FIELD,
+            "size_step": SIZE_STEP,
+            "seed": {"min": 0, "max": MAX_SEED},
+            "max_prompts": {"min": 0, "max": MAX_PROMPTS},
+            "top_k": {"min": 0, "max": MAX_TOP_K},
+            "text": MAX_TEXT_FIELD,
         },
     }

@@ -50,9 +50,13 @@ def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
             encoder = load_encoder(str(path), placement=host.ComfyPlacement())
         else:
             encoder = load_encoder(
-                name, search_dirs=host.encoder_search_dirs(), own_dirs=host.encoder_own_dirs(),
-                allow_download=downloads_allowed(allow_download), download_dir=host.encoder_download_dir(),
-                placement=host.ComfyPlacement(), progress=host.download_progress(),
+                name,
+                search_dirs=host.encoder_search_dirs(),
+                own_dirs=host.encoder_own_dirs(),
+                allow_download=downloads_allowed(allow_download),
+                download_dir=host.encoder_download_dir(),
+                placement=host.ComfyPlacement(),
+                progress=host.download_progress(),
             )
         encoder.gmi_choice = name  # remembered for the side panel's "Build missing specs"
         return encoder

@@ -104,7 +104,9 @@ class ComfyPlacement(Placement):
         import comfy.model_management as mm
 
         device = mm.text_encoder_device()
-        super().__init__(device, torch.float16 if mm.should_use_fp16(device, prioritize_performance=False) else torch.float32)
+        super().__init__(
+            device, torch.float16 if mm.should_use_fp16(device, prioritize_performance=False) else torch.float32
+        )
         self.offload_device = mm.text_encoder_offload_device()
         self.patcher = None
 
@@ -113,7 +115,9 @@ class ComfyPlacement(Placement):
         import comfy.model_patcher
 
         if self.patcher is None or self.patcher.model is not model:
-            self.patcher = comfy.model_patcher.ModelPatcher(model, load_device=self.device, offload_device=self.offload_device)
+            self.patcher = comfy.model_patcher.ModelPatcher(
+                model, load_device=self.device, offload_device=self.offload_device
+            )
         mm.load_models_gpu([self.patcher])
         return self.device
 
@@ -227,7 +231,7 @@ class ComfyGenerator:
                 self._loaded = (Path(checkpoint.path), load_checkpoint(checkpoint.path))
             except CheckpointError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - ComfyUI raises many kinds for unloadable files
+            except Exception as exc:
                 raise CheckpointError(f"ComfyUI could not load {checkpoint.name}: {type(exc).__name__}: {exc}") from exc
         return self._loaded[1]
 
@@ -247,8 +251,18 @@ class ComfyGenerator:
             latent = torch.zeros([len(group), 4, settings.height // 8, settings.width // 8])
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
             samples = comfy.sample.sample(
-                model, per_seed_noise(latent, group), settings.steps, settings.cfg, settings.sampler,
-                settings.scheduler, positive, negative, latent, denoise=1.0, disable_pbar=True, seed=int(group[0]),
+                model,
+                per_seed_noise(latent, group),
+                settings.steps,
+                settings.cfg,
+                settings.sampler,
+                settings.scheduler,
+                positive,
+                negative,
+                latent,
+                denoise=1.0,
+                disable_pbar=True,
+                seed=int(group[0]),
             )
             decoded = vae.decode(samples)
             if decoded.ndim == 5:  # some VAEs return [B, T, H, W, C]

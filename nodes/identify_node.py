@@ -46,26 +46,78 @@ class GMIIdentify:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "encoder": (ENCODER_TYPE, {"tooltip": "The CLIP encoder the specs were built with (GMI Load CLIP Encoder)."}),
-                "image": ("IMAGE", {"tooltip": "One or more reference images (a batch); more images give a steadier ranking."}),
-                "method": (list(METHODS), {"default": DEFAULT_METHOD, "tooltip": (
-                    "gmi: prompt-weighted kernel mean distance (recommended). The rkme_* and download methods are "
-                    "the baselines of the source paper.")}),
-                "top_k": ("INT", {"default": DEFAULT_TOP_K, "min": 0, "max": MAX_TOP_K, "tooltip": "Rows shown in the node's ranking; 0 = all."}),
-                "pick_rank": ("INT", {"default": 1, "min": 1, "max": MAX_TOP_K,
-                                      "tooltip": "Which row's checkpoint to load: 1 = the best match, 2 = the runner-up, ..."}),
+                "encoder": (
+                    ENCODER_TYPE,
+                    {"tooltip": "The CLIP encoder the specs were built with (GMI Load CLIP Encoder)."},
+                ),
+                "image": (
+                    "IMAGE",
+                    {"tooltip": "One or more reference images (a batch); more images give a steadier ranking."},
+                ),
+                "method": (
+                    list(METHODS),
+                    {
+                        "default": DEFAULT_METHOD,
+                        "tooltip": (
+                            "gmi: prompt-weighted kernel mean distance (recommended). The rkme_* and download methods are "
+                            "the baselines of the source paper."
+                        ),
+                    },
+                ),
+                "top_k": (
+                    "INT",
+                    {
+                        "default": DEFAULT_TOP_K,
+                        "min": 0,
+                        "max": MAX_TOP_K,
+                        "tooltip": "Rows shown in the node's ranking; 0 = all.",
+                    },
+                ),
+                "pick_rank": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": MAX_TOP_K,
+                        "tooltip": "Which row's checkpoint to load: 1 = the best match, 2 = the runner-up, ...",
+                    },
+                ),
             },
             "optional": {
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": (
-                    "The prompt the reference image was made with, if known. Empty = gmi guesses one from the image "
-                    "(see GMI Interrogate).")}),
-                "prompt_set": (engines.prompt_set_choices(), {"default": "platform",
-                                                              "tooltip": "The prompt set the specs were built with."}),
-                "max_prompts": ("INT", {"default": 0, "min": 0, "max": MAX_PROMPTS,
-                                        "tooltip": "The max_prompts the specs were built with (0 = the whole set)."}),
-                "include_not_installed": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Also rank imported specs of checkpoints that are not installed here (marked 'not installed'; "
-                    "never loaded: pick_rank skips them).")}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": (
+                            "The prompt the reference image was made with, if known. Empty = gmi guesses one from the image "
+                            "(see GMI Interrogate)."
+                        ),
+                    },
+                ),
+                "prompt_set": (
+                    engines.prompt_set_choices(),
+                    {"default": "platform", "tooltip": "The prompt set the specs were built with."},
+                ),
+                "max_prompts": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_PROMPTS,
+                        "tooltip": "The max_prompts the specs were built with (0 = the whole set).",
+                    },
+                ),
+                "include_not_installed": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": (
+                            "Also rank imported specs of checkpoints that are not installed here (marked 'not installed'; "
+                            "never loaded: pick_rank skips them)."
+                        ),
+                    },
+                ),
             },
         }
 
@@ -77,12 +129,23 @@ class GMIIdentify:
         except Exception:  # noqa: BLE001 - never block execution on a status check
             return float("nan")
 
-    def identify(self, encoder, image, method, top_k, pick_rank, prompt="", prompt_set="platform", max_prompts=0,
-                 include_not_installed=False):
+    def identify(
+        self,
+        encoder,
+        image,
+        method,
+        top_k,
+        pick_rank,
+        prompt="",
+        prompt_set="platform",
+        max_prompts=0,
+        include_not_installed=False,
+    ):
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
-        result = service.identify(engine, tensor_to_pils(image), engines.source(), prompt, method,
-                                  bool(include_not_installed))
+        result = service.identify(
+            engine, tensor_to_pils(image), engines.source(), prompt, method, bool(include_not_installed)
+        )
         chosen = service.pick_installed(result, pick_rank)  # only installed checkpoints can be switched to
         model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
         ui = service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k, pick_rank=pick_rank)

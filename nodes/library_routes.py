@@ -29,8 +29,11 @@ _FIELDS = {"root", "subfolder", "encoder", "prompt_set", "max_prompts"}
 def root_folder(root: str) -> Path:
     import folder_paths
 
-    folders = {"output": folder_paths.get_output_directory, "input": folder_paths.get_input_directory,
-               "models": lambda: folder_paths.models_dir}
+    folders = {
+        "output": folder_paths.get_output_directory,
+        "input": folder_paths.get_input_directory,
+        "models": lambda: folder_paths.models_dir,
+    }
     if root not in folders:
         raise InvalidInput(f"root must be one of {', '.join(ROOTS)}")
     return Path(folders[root]()).resolve()
@@ -62,8 +65,9 @@ def _max_prompts(fields: dict, default: int) -> int:
 def _engine(fields: dict):
     config = settings.load()
     encoder = engines.get_encoder(_text(fields, "encoder", config["encoder"]))
-    prompts = engines.get_prompt_set(_text(fields, "prompt_set", config["prompt_set"]),
-                                     _max_prompts(fields, config["max_prompts"]))
+    prompts = engines.get_prompt_set(
+        _text(fields, "prompt_set", config["prompt_set"]), _max_prompts(fields, config["max_prompts"])
+    )
     return engines.get_engine(encoder, prompts)
 
 

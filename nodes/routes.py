@@ -99,8 +99,14 @@ def status_payload(config: dict) -> dict:
     encoder = engines.get_encoder(config["encoder"])
     prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
     engine = engines.get_engine(encoder, prompts, config["budget"], per_family, config["seed"])
-    return service.status_payload(engine, engines.source(), config, empty_note=(
-        "the checkpoints folders hold no checkpoint files; put Stable Diffusion checkpoints in models/checkpoints"))
+    return service.status_payload(
+        engine,
+        engines.source(),
+        config,
+        empty_note=(
+            "the checkpoints folders hold no checkpoint files; put Stable Diffusion checkpoints in models/checkpoints"
+        ),
+    )
 
 
 def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
@@ -117,6 +123,22 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
     engine = engines.get_engine(encoder, prompts)
     result = service.identify(engine, images, engines.source(), fields.get("prompt"), method, include_not_installed)
     return service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k)
+
+
+def thumbnail_key(query) -> tuple[str, str, str, int]:
+    """(sha256, encoder_id, prompt_set_hash, prompt index) of a thumbnail request, each checked by its pattern."""
+    sha, enc, psh = query.get("sha256", ""), query.get("encoder_id", ""), query.get("prompt_set_hash", "")
+    if not (
+        _HEX64.fullmatch(sha)
+        and _ID.fullmatch(enc)
+        and ".." not in enc
+        and (re.fullmatch(r"[0-9a-f]{1,64}", psh) or psh == OBSERVED)
+    ):
+        raise InvalidInput("bad spec key")
+    index = query.get("prompt", "")
+    if not index.isdigit() or len(index) > 6:
+        raise InvalidInput("prompt must be a prompt index")
+    return sha, enc, psh, int(index)
 
 
 def thumbnail_png(sha256: str, encoder_id: str, prompt_set_hash: str, index: int) -> bytes:
@@ -212,13 +234,15 @@ def register(server) -> None:
     @guarded
     async def options(request):
         config = settings.load()
-        return web.json_response({
-            "encoders": engines.encoder_choices(),
-            "prompt_sets": engines.prompt_set_choices(),
-            "methods": list(METHODS),
-            "config": config,
-            "build_inputs": build_inputs(config),
-        })
+        return web.json_response(
+            {
+                "encoders": engines.encoder_choices(),
+                "prompt_sets": engines.prompt_set_choices(),
+                "methods": list(METHODS),
+                "config": config,
+                "build_inputs": build_inputs(config),
+            }
+        )
 
     @routes.get("/gmi/defaults")
     @guarded
@@ -240,15 +264,7 @@ def register(server) -> None:
     @routes.get("/gmi/thumbnail")
     @guarded
     async def thumbnail(request):
-        q = request.query
-        sha, enc, psh = q.get("sha256", ""), q.get("encoder_id", ""), q.get("prompt_set_hash", "")
-        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc
-                and (re.fullmatch(r"[0-9a-f]{1,64}", psh) or psh == OBSERVED)):
-            raise InvalidInput("bad spec key")
-        index = q.get("prompt", "")
-        if not index.isdigit() or len(index) > 6:
-            raise InvalidInput("prompt must be a prompt index")
-        png = await run(thumbnail_png, sha, enc, psh, int(index))
+        png = await run(thumbnail_png, *thumbnail_key(request.query))
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     from . import library_routes

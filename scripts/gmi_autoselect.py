@@ -19,7 +19,9 @@ class GmiAutoSelect(scripts.Script):
         with gr.Accordion("Auto-select checkpoint from reference image", open=False, elem_id="gmi_autoselect"):
             enabled = gr.Checkbox(False, label="Enable", elem_id="gmi_autoselect_enabled")
             image = gr.Image(label="Reference image", type="pil", elem_id="gmi_autoselect_image")
-            prompt = gr.Textbox(label="Prompt for the weights (empty: interrogate the reference)", elem_id="gmi_autoselect_prompt")
+            prompt = gr.Textbox(
+                label="Prompt for the weights (empty: interrogate the reference)", elem_id="gmi_autoselect_prompt"
+            )
         self.infotext_fields = [(enabled, lambda d: autoselect.INFOTEXT_KEY in d)]
         return [enabled, image, prompt]
 

@@ -52,7 +52,7 @@ def world(webui, encoder_file, tmp_path):
     for i in range(3):
         webui.add_checkpoint(f"model_{i}.safetensors", seed=i)
     webui.add_checkpoint("sub/lora_x.safetensors", seed=9, kind="lora")
-    (webui.ckpt_dir / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (webui.ckpt_dir / "broken.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     webui.refresh()
     gmi("options").on_ui_settings()
     prompts = webui.models_path / "gmi" / "prompt_sets" / "prompts.json"  # prompt sets live in gmi's folder
@@ -111,14 +111,22 @@ def test_settings_section(webui):
 def test_source_lists_sd_checkpoints_hashes_through_webui_cache_and_skips_the_rest(world):
     host = gmi("host")
     listing = host.WebuiCheckpointSource().list_checkpoints()
-    assert [c.name for c in listing.checkpoints] == ["model_0.safetensors", "model_1.safetensors", "model_2.safetensors"]
+    assert [c.name for c in listing.checkpoints] == [
+        "model_0.safetensors",
+        "model_1.safetensors",
+        "model_2.safetensors",
+    ]
     for c in listing.checkpoints:
         assert c.sha256 == hashlib.sha256(c.path.read_bytes()).hexdigest()
     reasons = {s.name: s.reason for s in listing.skipped}
     assert "LoRA" in reasons["sub/lora_x.safetensors"]
     assert "unreadable" in reasons["broken.safetensors"]
     # hashed once each via modules.hashes with the WebUI's "checkpoint/<name>" key, titles now carry the short hash
-    assert sorted(world.hash_calls) == ["checkpoint/model_0.safetensors", "checkpoint/model_1.safetensors", "checkpoint/model_2.safetensors"]
+    assert sorted(world.hash_calls) == [
+        "checkpoint/model_0.safetensors",
+        "checkpoint/model_1.safetensors",
+        "checkpoint/model_2.safetensors",
+    ]
     titles = sorted(world.sd_models.checkpoints_list)
     assert all("[" in t for t in titles if t.startswith("model_"))
     host.WebuiCheckpointSource().list_checkpoints()
@@ -203,18 +211,25 @@ def test_build_job_holds_queue_lock_reports_progress_and_identifies(world, monke
     status = runtime.status()
     assert [c["state"] for c in status["checkpoints"]] == ["ready"] * 3
     assert status["images_missing"] == 0 and status["family_settings"]["sd1"]["width"] == 64
-    assert status["family_settings"]["sdxl"]["width"] == 1024 and [c["family"] for c in status["checkpoints"]] == ["sd1"] * 3
+    assert (
+        status["family_settings"]["sdxl"]["width"] == 1024
+        and [c["family"] for c in status["checkpoints"]] == ["sd1"] * 3
+    )
     other = runtime.status(steps=7, budget="allx3")  # API overrides: every family, and the budget
     assert {v["steps"] for v in other["family_settings"].values()} == {7} and other["images_missing"] == 3 * 3
-    assert {c["state"] for c in other["checkpoints"]} == {"partial"} and not any(c["current"] for c in other["checkpoints"])
+    assert {c["state"] for c in other["checkpoints"]} == {"partial"} and not any(
+        c["current"] for c in other["checkpoints"]
+    )
     assert status["config"]["budget"] == "allx2" and other["config"]["budget"] == "allx3"
     monkeypatch.setitem(sys.modules, "gradio", type(sys)("gradio"))  # ui.py imports it; status_rows uses none of it
-    rows, names, todo, note = gmi("ui").status_rows()  # the Build tab renders the same payload
+    _, names, todo, note = gmi("ui").status_rows()  # the Build tab renders the same payload
     assert names == [c["name"] for c in status["checkpoints"]] and not todo
     assert str(world.models_path / "gmi") in note and "gmi-tiny-clip-s0" in note and "sd1 64x64, 3 steps" in note
     # an unseen prompt and seed from each checkpoint ranks it first
     fake = world
-    for info in sorted({i.filename: i for i in world.sd_models.checkpoints_list.values()}.values(), key=lambda i: i.name):
+    for info in sorted(
+        {i.filename: i for i in world.sd_models.checkpoints_list.values()}.values(), key=lambda i: i.name
+    ):
         if not info.name.startswith("model_"):
             continue
         query = fake.render(info.filename, "a lighthouse in a storm", 987654, 64, 64)
@@ -243,7 +258,9 @@ def test_build_is_resumable_after_interrupt(world):
 def test_api_handlers_validate_and_resolve(world):
     api, build = gmi("api"), gmi("build")
     with pytest.raises(api.HTTPException) as err:
-        api.identify(api.IdentifyRequest(image=b64png(world.render(str(world.ckpt_dir / "model_0.safetensors"), "x", 1, 64, 64))))
+        api.identify(
+            api.IdentifyRequest(image=b64png(world.render(str(world.ckpt_dir / "model_0.safetensors"), "x", 1, 64, 64)))
+        )
     assert err.value.status_code == 409 and "build specs first" in err.value.detail
     with pytest.raises(api.HTTPException) as err:
         api.start_build(api.BuildRequest(checkpoints=["nope.safetensors"]))
@@ -256,16 +273,22 @@ def test_api_handlers_validate_and_resolve(world):
     assert api.build_status(job["id"])["state"] == "done"
     specs = api.specs()
     assert {c["name"]: c["state"] for c in specs["checkpoints"]} == {
-        "model_0.safetensors": "ready", "model_1.safetensors": "missing", "model_2.safetensors": "ready"}
+        "model_0.safetensors": "ready",
+        "model_1.safetensors": "missing",
+        "model_2.safetensors": "ready",
+    }
     assert specs["build"]["id"] == job["id"]
     image = b64png(world.render(str(world.ckpt_dir / "model_2.safetensors"), "a tree", 4242, 64, 64))
     result = api.identify(api.IdentifyRequest(image="data:image/png;base64," + image, prompt="a tree", top_k=1))
     assert [r["name"] for r in result["ranking"]] == ["model_2.safetensors"]
     assert result["prompt_source"] == "user"
     assert {e["name"] for e in result["excluded"]} >= {"model_1.safetensors"}
-    for bad, code in ((api.IdentifyRequest(image="!!notbase64"), 422), (api.IdentifyRequest(), 422),
-                      (api.IdentifyRequest(image=base64.b64encode(b"not an image").decode()), 422),
-                      (api.IdentifyRequest(image=image, method="magic"), 422)):
+    for bad, code in (
+        (api.IdentifyRequest(image="!!notbase64"), 422),
+        (api.IdentifyRequest(), 422),
+        (api.IdentifyRequest(image=base64.b64encode(b"not an image").decode()), 422),
+        (api.IdentifyRequest(image=image, method="magic"), 422),
+    ):
         with pytest.raises(api.HTTPException) as err:
             api.identify(bad)
         assert err.value.status_code == code
@@ -363,7 +386,8 @@ def test_routes_exist_only_with_the_webui_api(webui):
     api.on_app_started(None, app)
     api.on_app_started(None, app)  # UI reload registers nothing twice
     assert sorted((r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/gmi/")) == sorted(
-        ("/gmi/v1" + p, m) for p, _, m in api.ROUTES)
+        ("/gmi/v1" + p, m) for p, _, m in api.ROUTES
+    )
 
 
 def test_routes_use_the_webui_api_auth(world):
@@ -383,11 +407,19 @@ def test_routes_use_the_webui_api_auth(world):
         assert [d.dependency for d in route.dependencies] == [d.dependency for d in webui_route.dependencies]
     client = TestClient(app)
     image = b64png(world.render(str(world.ckpt_dir / "model_0.safetensors"), "x", 1, 64, 64))
-    calls = [("GET", "/gmi/v1/specs", None), ("GET", "/gmi/v1/build", None), ("POST", "/gmi/v1/build", {"wait": True}),
-             ("POST", "/gmi/v1/identify", {"image": image}), ("POST", "/gmi/v1/interrogate", {"image": image}),
-             ("POST", "/gmi/v1/switch", {"checkpoint": "model_1.safetensors"}), ("GET", "/gmi/v1/build/x", None),
-             ("POST", "/gmi/v1/import-images", {"root": "outputs"}), ("GET", "/gmi/v1/map", None),
-             ("GET", "/gmi/v1/defaults", None), ("GET", "/sdapi/v1/options", None)]
+    calls = [
+        ("GET", "/gmi/v1/specs", None),
+        ("GET", "/gmi/v1/build", None),
+        ("POST", "/gmi/v1/build", {"wait": True}),
+        ("POST", "/gmi/v1/identify", {"image": image}),
+        ("POST", "/gmi/v1/interrogate", {"image": image}),
+        ("POST", "/gmi/v1/switch", {"checkpoint": "model_1.safetensors"}),
+        ("GET", "/gmi/v1/build/x", None),
+        ("POST", "/gmi/v1/import-images", {"root": "outputs"}),
+        ("GET", "/gmi/v1/map", None),
+        ("GET", "/gmi/v1/defaults", None),
+        ("GET", "/sdapi/v1/options", None),
+    ]
     for method, path, body in calls:
         for auth in (None, ("alice", "wrong"), ("mallory", "s3cret"), ("bob", "pw")):
             r = client.request(method, path, json=body, auth=auth)

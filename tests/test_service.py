@@ -29,6 +29,7 @@ def test_pool_is_bounded_and_an_evicted_encoder_is_released(tmp_path):
         def load():
             loads.append(seed)
             return tiny_encoder(seed)
+
         return load
 
     first = pool.encoder("a", loader(0))
@@ -65,12 +66,15 @@ def test_both_hosts_answer_status_and_identify_from_the_same_code(env, webui, tm
     calls = []
     comfy_service = env.nodes.routes.service  # the pack's own copy of gmi_core (relative imports)
     assert comfy_service.__file__ == service.__file__, "both hosts must run gmi_core/service.py"
-    originals = {(m, name): getattr(m, name) for m in (comfy_service, service) for name in ("status_payload", "identify_payload")}
+    originals = {
+        (m, name): getattr(m, name) for m in (comfy_service, service) for name in ("status_payload", "identify_payload")
+    }
 
     def spy(original):
         def wrapped(*args, **kwargs):
             calls.append(original.__name__)
             return original(*args, **kwargs)
+
         return wrapped
 
     for (module, name), original in originals.items():

@@ -7,6 +7,7 @@ The CLI wires :func:`add_bench_parser` into its subcommands and calls :func:`run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,10 +32,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     mem = None
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
