@@ -27,9 +27,9 @@ from modules import sd_models
 from pydantic import BaseModel, Field
 
 from gmi_core import limits, service
-from gmi_core.errors import Busy, CheckpointError, EncoderUnavailable, GmiError, ImageError, NoSpecsError, NotFound
+from gmi_core.errors import CheckpointError, GmiError, ImageError
 from gmi_core.images import load_image
-from gmi_core.paths import one_line, redact
+from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
 
 from . import build, host, library, runtime
@@ -116,19 +116,9 @@ def resolve_names(names: list[str]) -> list[str]:
 
 
 def _gmi_errors(exc: Exception) -> HTTPException:
-    """One mapping from gmi's errors to HTTP; the detail is one line without server paths."""
-    detail = one_line(exc) if isinstance(exc, OSError) else redact(str(exc))
-    if isinstance(exc, (EncoderUnavailable, OSError)):
-        return HTTPException(503, detail)
-    if isinstance(exc, (NoSpecsError, Busy)):
-        return HTTPException(409, detail)
-    if isinstance(exc, (CheckpointError, NotFound)):
-        return HTTPException(404, detail)
-    if isinstance(exc, limits.UploadTooLarge):
-        return HTTPException(413, detail)
-    if isinstance(exc, ImageError):
-        return HTTPException(422, detail)
-    return HTTPException(400, detail)
+    """gmi's one mapping (:func:`gmi_core.service.http_status`); an undecodable image is 422 here, as FastAPI
+    answers a malformed body. The detail is one line without server paths."""
+    return HTTPException(422 if isinstance(exc, ImageError) else service.http_status(exc), one_line(exc))
 
 
 def check_overrides(overrides: dict) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 from .budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
 from .encoders import ClipEncoder
 from .engine import Gmi, IdentifyResult, RankedCheckpoint
-from .errors import GmiError
+from .errors import Busy, CheckpointError, EncoderUnavailable, GmiError, NoSpecsError, NotFound
 from .families import FAMILIES, FAMILY_DEFAULTS, LIMITS, FamilySettings
 from .limits import (
     DEFAULT_TOP_K,
@@ -33,6 +33,7 @@ from .limits import (
     MAX_TEXT_FIELD,
     MAX_TOP_K,
     SIZE_STEP,
+    UploadTooLarge,
     json_safe,
 )
 from .prompts import PromptSet
@@ -212,6 +213,23 @@ def data_uri_thumbnails(engine: Gmi, size: int | None = None) -> ThumbnailRef:
             return None
 
     return ref
+
+
+# -- errors ------------------------------------------------------------------------------------
+def http_status(exc: Exception) -> int:
+    """One mapping from gmi's errors to HTTP statuses for both hosts: the client's fault 4xx, the server's 5xx
+    (the message for the body: :func:`gmi_core.paths.one_line`, one line without server paths)."""
+    if isinstance(exc, UploadTooLarge):
+        return 413
+    if isinstance(exc, (NotFound, CheckpointError)):
+        return 404
+    if isinstance(exc, (NoSpecsError, Busy)):
+        return 409
+    if isinstance(exc, (EncoderUnavailable, OSError)):
+        return 503
+    if isinstance(exc, GmiError):  # InvalidInput, ImageError and the rest: the request cannot be served as sent
+        return 400
+    return 500
 
 
 # -- defaults and limits -----------------------------------------------------------------------

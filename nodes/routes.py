@@ -21,13 +21,8 @@ import re
 
 from ..gmi_core import limits, service
 from ..gmi_core.errors import (
-    Busy,
-    CheckpointError,
     EncoderUnavailable,
-    GmiError,
-    ImageError,
     InvalidInput,
-    NoSpecsError,
     NotFound,
     SpecError,
 )
@@ -151,23 +146,6 @@ def thumbnail_png(sha256: str, encoder_id: str, prompt_set_hash: str, index: int
     return png_bytes(pixels)
 
 
-def http_status(exc: Exception) -> int:
-    """One mapping from gmi's errors to HTTP: the client's fault 4xx, the server's 5xx."""
-    if isinstance(exc, limits.UploadTooLarge):
-        return 413
-    if isinstance(exc, (NotFound, CheckpointError)):
-        return 404
-    if isinstance(exc, (NoSpecsError, Busy)):
-        return 409
-    if isinstance(exc, EncoderUnavailable):
-        return 503
-    if isinstance(exc, OSError):
-        return 503
-    if isinstance(exc, (InvalidInput, ImageError, GmiError)):
-        return 400
-    return 500
-
-
 async def read_upload(request) -> tuple[list[tuple[str, bytes]], dict]:
     """(files, fields) of a multipart body; bytes counted as they arrive, images counted before any decode."""
     if request.content_type != "multipart/form-data":
@@ -212,7 +190,7 @@ def register(server) -> None:
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
     def error(exc: Exception):
-        status = http_status(exc)
+        status = service.http_status(exc)
         if status >= 500 and not isinstance(exc, (OSError, EncoderUnavailable)):
             log.exception("gmi: unexpected error in a route")
             message = f"internal error ({type(exc).__name__}); see the ComfyUI log"
