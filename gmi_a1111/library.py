@@ -7,10 +7,8 @@ from pathlib import Path
 
 from modules import paths, shared
 
-from gmi_core import limits
+from gmi_core import service
 from gmi_core.errors import GmiError, InvalidInput
-from gmi_core.library_map import build_map
-from gmi_core.observed import import_images
 from gmi_core.paths import folder_inside, one_line
 
 from . import runtime
@@ -30,7 +28,7 @@ def root_folder(root: str) -> Path:
 
 def import_images_report(root: str, subfolder: str) -> dict:
     folder = folder_inside(root_folder(root), subfolder, "subfolder")
-    return limits.json_safe(import_images(runtime.get_engine(), runtime.source().list_checkpoints(), folder).to_dict())
+    return service.import_images_payload(runtime.get_engine(), runtime.source(), folder)
 
 
 def import_images_html(root: str, subfolder: str) -> str:
@@ -49,13 +47,7 @@ def import_images_html(root: str, subfolder: str) -> str:
 
 
 def groups_report() -> dict:
-    engine = runtime.get_engine()
-    specs, excluded = engine.load_specs(runtime.source(), include_not_installed=True)
-    if not specs:
-        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
-    data.pop("relative_distance")  # M x M: large for big libraries; `python -m gmi_core map --json` has it
-    return limits.json_safe(data)
+    return service.map_payload(runtime.get_engine(), runtime.source())
 
 
 def groups_html() -> str:

@@ -20,7 +20,7 @@ from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
 from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
 from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
 from gmi_core.engine import Gmi, IdentifyResult
-from gmi_core.errors import EncoderUnavailable, GmiError, InvalidInput
+from gmi_core.errors import EncoderUnavailable, InvalidInput
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
 from gmi_core.limits import DEFAULT_TOP_K
 from gmi_core.paths import resolve_inside
@@ -264,18 +264,7 @@ def get_encoder(config: Config) -> ClipEncoder:
 
 def warm_in_background() -> threading.Thread | None:
     """Load the encoder and its label embeddings off the start-up path (Settings > GMI > warm start)."""
-    if not opt("gmi_warm_start"):
-        return None
-
-    def warm() -> None:
-        try:
-            get_engine().warm()
-        except GmiError as exc:
-            log.info("gmi: background warm-up skipped: %s", exc)
-
-    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
-    thread.start()
-    return thread
+    return service.warm_in_background(get_engine) if opt("gmi_warm_start") else None
 
 
 def get_prompt_set(name: str, from_request: bool = False) -> PromptSet:

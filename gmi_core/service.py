@@ -13,6 +13,7 @@ answer into their transport; they add only what is host-specific (folders, title
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ from .prompts import PromptSet
 from .protocols import CheckpointSource, GenerationSettings
 from .ranker import DEFAULT_METHOD, METHODS
 
+log = logging.getLogger("gmi")
 ThumbnailRef = Callable[[str, str, int], "str | None"]  # (sha256, prompt_set_hash, spec row) -> URL or data URI
 
 
@@ -213,6 +215,42 @@ def data_uri_thumbnails(engine: Gmi, size: int | None = None) -> ThumbnailRef:
             return None
 
     return ref
+
+
+# -- specs without generating ------------------------------------------------------------------
+def import_images_payload(engine: Gmi, source: CheckpointSource, folder: Path) -> dict:
+    """Observed specs from the images in ``folder`` (a folder the host has confined to one of its roots)."""
+    from .observed import import_images
+
+    return json_safe(import_images(engine, source.list_checkpoints(), folder).to_dict())
+
+
+def map_payload(engine: Gmi, source: CheckpointSource) -> dict:
+    """Near-duplicate groups and 2-D coordinates of the checkpoints with specs (without the M x M distance
+    matrix, large for big libraries: ``gmi map --json`` has it)."""
+    from .library_map import build_map
+
+    specs, excluded = engine.load_specs(source, include_not_installed=True)
+    if not specs:
+        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
+    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
+    data.pop("relative_distance")
+    return json_safe(data)
+
+
+def warm_in_background(engine: Callable[[], Gmi]) -> threading.Thread:
+    """What the first identification needs (encoder, label and prompt embeddings), loaded off the start-up path
+    in a daemon thread; a missing encoder is logged, never raised."""
+
+    def warm() -> None:
+        try:
+            engine().warm()
+        except GmiError as exc:
+            log.info("gmi: background warm-up skipped: %s", exc)
+
+    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 # -- errors ------------------------------------------------------------------------------------

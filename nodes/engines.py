@@ -7,20 +7,20 @@ import os
 import threading
 from pathlib import Path
 
+from ..gmi_core import service
 from ..gmi_core.budgets import Budget, parse_budget
 from ..gmi_core.encoder_registry import encoder_names, parse_encoder_name
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
-from ..gmi_core.errors import GmiError, InvalidInput, NotFound
+from ..gmi_core.errors import InvalidInput, NotFound
 from ..gmi_core.families import FamilySettings
 from ..gmi_core.paths import resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
-from ..gmi_core.service import EnginePool
 from ..gmi_core.store import SpecStore
 from . import host, settings
 
 log = logging.getLogger("gmi")
-POOL = EnginePool()
+POOL = service.EnginePool()
 ENV_ALLOW_DOWNLOAD = "GMI_ALLOW_DOWNLOAD"  # "0" forbids downloads everywhere (offline installs)
 
 
@@ -68,19 +68,12 @@ ENV_WARM = "GMI_WARM_ON_START"  # "1": load the panel's encoder and label embedd
 
 
 def warm_in_background() -> threading.Thread | None:
-    """Off the start-up path (a daemon thread): the side panel's encoder, if on disk, and its label embeddings."""
+    """GMI_WARM_ON_START=1: the side panel's encoder (if on disk) and its label embeddings, off the start-up path."""
     if os.environ.get(ENV_WARM, "").strip() not in ("1", "true", "yes"):
         return None
-
-    def warm() -> None:
-        try:
-            get_engine(get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set("platform")).warm()
-        except GmiError as exc:
-            log.info("gmi: background warm-up skipped: %s", exc)
-
-    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
-    thread.start()
-    return thread
+    return service.warm_in_background(
+        lambda: get_engine(get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set("platform"))
+    )
 
 
 def prompt_set_dir() -> Path:

@@ -14,10 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from ..gmi_core import limits
+from ..gmi_core import limits, service
 from ..gmi_core.errors import InvalidInput
-from ..gmi_core.library_map import build_map
-from ..gmi_core.observed import import_images
 from ..gmi_core.paths import folder_inside
 from . import engines, settings
 
@@ -77,18 +75,11 @@ def import_images_payload(fields: dict) -> dict:
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(str(k)[:40] for k in unknown))}")
     folder = confined_folder(_text(fields, "root", "output"), _text(fields, "subfolder"))
-    engine = _engine(fields)
-    return limits.json_safe(import_images(engine, engines.source().list_checkpoints(), folder).to_dict())
+    return service.import_images_payload(_engine(fields), engines.source(), folder)
 
 
 def map_payload(fields: dict) -> dict:
-    engine = _engine(fields)
-    specs, excluded = engine.load_specs(engines.source(), include_not_installed=True)
-    if not specs:
-        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
-    data.pop("relative_distance")
-    return limits.json_safe(data)
+    return service.map_payload(_engine(fields), engines.source())
 
 
 async def read_json_body(request) -> dict:

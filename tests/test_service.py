@@ -15,7 +15,7 @@ from gmi_core import service
 from gmi_core.encoders import tiny_encoder
 from gmi_core.prompts import PromptSet
 from tests.test_a1111_adapter import encoder_file, gmi, webui  # noqa: F401 - fixtures
-from tests.test_comfyui_nodes import build, env, fake_image  # noqa: F401 - fixtures
+from tests.test_comfyui_nodes import FakeGenerator, build, env, fake_image  # noqa: F401 - fixtures
 
 torch.set_num_threads(1)
 
@@ -107,3 +107,27 @@ def test_both_hosts_answer_status_and_identify_from_the_same_code(env, webui, tm
     match = comfy["ranking"][0]["top_prompts"][0]
     assert match["thumbnail"].startswith("/gmi/thumbnail?sha256=")  # ComfyUI: its thumbnail route
     assert a1111["ranking"][0]["top_prompts"][0]["thumbnail"].startswith("data:image/png;base64,")  # A1111: inline
+
+
+def test_build_renders_its_plan_lists_once_and_counts_only_specs_that_render(env):  # noqa: F811
+    """The plan a front end showed is what build() renders: one listing (and hashing) per build, and a checkpoint
+    with nothing to render is reported built without counting in the progress."""
+    build(env, which="listed", budget="2x1", checkpoints="ck0.safetensors")
+    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    per_family = env.nodes.settings.family_settings("steps=3 width=64 height=64", "euler", "normal")
+    engine = env.nodes.engines.get_engine(encoder, env.nodes.engines.get_prompt_set("platform", 4), "2x1", per_family)
+    listings = []
+
+    class CountingSource:
+        def list_checkpoints(self):
+            listings.append(1)
+            return env.nodes.engines.source().list_checkpoints()
+
+    plan = engine.plan(CountingSource(), ["ck0.safetensors", "ck1.safetensors"])
+    assert plan.checkpoints == [("ck0.safetensors", 0), ("ck1.safetensors", 2)] and plan.images == 2
+    progress = []
+    report = engine.build(CountingSource(), FakeGenerator(), plan=plan, progress=progress.append)
+    assert len(listings) == 1, "build() must not list (and hash) the checkpoints again"
+    assert report.built == ["ck0.safetensors", "ck1.safetensors"] and not report.failed
+    assert {(p.checkpoint, p.checkpoint_index, p.checkpoint_count) for p in progress} == {("ck1.safetensors", 0, 1)}
+    assert progress[-1].images_rendered == progress[-1].images_planned == 2
