@@ -8,7 +8,7 @@ from ..gmi_core.budgets import BUDGETS
 from ..gmi_core.families import FAMILY_DEFAULTS
 from ..gmi_core.limits import MAX_PROMPTS, MAX_SEED, check_settings
 from ..gmi_core.paths import one_line
-from ..gmi_core.protocols import BuildProgress, GenerationSettings
+from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
 from . import engines, events, settings
 from .encoder_node import ENCODER_TYPE
 from .host import ComfyGenerator
@@ -57,8 +57,8 @@ def build_inputs(config: dict) -> dict:
 
 
 def progress_payload(p: BuildProgress) -> dict:
-    """What the panel shows: the engine's BuildProgress plus the short names the panel reads."""
-    return {**p.to_dict(), "index": p.checkpoint_index, "count": p.checkpoint_count}
+    """What the panel shows: the engine's BuildProgress plus the short names and the ETA text the panel reads."""
+    return {**p.to_dict(), "index": p.checkpoint_index, "count": p.checkpoint_count, "eta": format_eta(p.eta_s)}
 
 
 class GMIBuildSpecs:

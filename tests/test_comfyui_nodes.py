@@ -451,6 +451,7 @@ def test_build_announces_its_plan_reports_eta_and_ends_on_interrupt(env, monkeyp
     ), "the plan is announced before anything renders"
     progress = [data for event, data in sent if event == "gmi.build.progress"]
     assert progress[0]["images_planned"] == 16 and progress[0]["eta_s"] is None
+    assert progress[0]["eta"] == "ETA after the first images" and progress[-1]["eta"].startswith("ETA 0m")
     assert progress[-1]["images_rendered"] == 4 and progress[-1]["seconds_per_image"] > 0 and progress[-1]["eta_s"] > 0
     assert sent[-1][0] == "gmi.build.done" and sent[-1][1]["cancelled"], "the panel's progress ends on interrupt"
 

@@ -182,11 +182,10 @@ async function queueBuildMissing() {
   if (!r.ok) throw new Error((await r.text()).slice(0, 300));
 }
 
+// The ETA text comes from the server (gmi_core.protocols.format_eta), the same in every front end.
 export function buildProgressText(p) {
-  const eta = p.eta_s == null ? "ETA after the first images"
-    : `ETA ${Math.floor(p.eta_s / 60)}m${String(Math.round(p.eta_s % 60)).padStart(2, "0")}s`;
   return `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.images_done}/${p.images_total} images · ` +
-    `build ${p.images_rendered}/${p.images_planned} · ${eta}`;
+    `build ${p.images_rendered}/${p.images_planned} · ${p.eta}`;
 }
 
 function buildSection(panel) {
