@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from safetensors import safe_open
 
 from .hashing import HashCache
+from .paths import one_line
 from .protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint
 
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -78,18 +78,57 @@ def sd2_predicts_v(handle, keys) -> bool:
     return bool(bias.std(unbiased=False) > 0.09)
 
 
-def inspect_checkpoint_cached(path: Path, cache: HashCache, allow_pickle: bool = False) -> tuple[str | None, str | None]:
+def inspect_checkpoint_cached(
+    path: Path, cache: HashCache, allow_pickle: bool = False
+) -> tuple[str | None, str | None]:
     """:func:`inspect_checkpoint`, remembered per file version in the hash cache (a listing re-reads no header)."""
     fact = "checkpoint_pickle_ok" if allow_pickle else "checkpoint"
     family, reason = cache.remember(path, fact, lambda: list(inspect_checkpoint(path, allow_pickle)))
     return family, reason
 
 
-class FolderCheckpointSource:
-    """Checkpoints in a folder tree (the standalone CLI's source; hosts have their own)."""
+Sha256Of = Callable[[str, Path, HashCache], "str | None"]
 
-    def __init__(self, folder: Path, hash_cache: Path | None = None, allow_pickle: bool = False,
-                 on_hashing: Callable[[Path], None] | None = None):
+
+def list_checkpoint_files(
+    files: Iterable[tuple[str, Path]],
+    hash_cache: Path | None = None,
+    allow_pickle: bool = False,
+    sha256: Sha256Of | None = None,
+    on_hashing: Callable[[Path], None] | None = None,
+) -> CheckpointListing:
+    """The one listing loop of every host: each ``(name, path)`` the host names is checked by its header and
+    hashed (gmi's hash cache, or the host's own ``sha256(name, path, cache)``); what gmi cannot use is skipped
+    with the reason. Hosts that load pickles themselves pass ``allow_pickle``."""
+    listing = CheckpointListing()
+    cache = HashCache(hash_cache)  # read once per listing
+    for name, path in files:
+        sha = None
+        try:
+            family, reason = inspect_checkpoint_cached(path, cache, allow_pickle)
+            if reason is None:
+                sha = sha256(name, path, cache) if sha256 else cache.sha256(path, on_hashing)
+                reason = None if sha else "no sha256 (hashing disabled and file unreadable)"
+        except OSError as exc:  # vanished or unreadable while listing: skipped with the reason
+            reason = f"unreadable ({exc.strerror or one_line(exc)})"
+        if reason:
+            listing.skipped.append(SkippedCheckpoint(name, path, reason))
+        else:
+            listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
+    cache.save()
+    return listing
+
+
+class FolderCheckpointSource:
+    """Checkpoints in a folder tree (the standalone CLI's source)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        hash_cache: Path | None = None,
+        allow_pickle: bool = False,
+        on_hashing: Callable[[Path], None] | None = None,
+    ):
         """``on_hashing(path)`` is called before a file is hashed for the first time (it can take a while)."""
         self.folder = Path(folder)
         self.hash_cache = hash_cache
@@ -97,22 +136,13 @@ class FolderCheckpointSource:
         self.on_hashing = on_hashing
 
     def list_checkpoints(self) -> CheckpointListing:
-        listing = CheckpointListing()
         if not self.folder.is_dir():
-            return listing
+            return CheckpointListing()
         suffixes = (".safetensors",) + (PICKLE_SUFFIXES if self.allow_pickle else (".ckpt",))
-        cache = HashCache(self.hash_cache)
-        for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
-            name = str(path.relative_to(self.folder))
-            family, reason = inspect_checkpoint_cached(path, cache, self.allow_pickle)
-            if reason:
-                listing.skipped.append(SkippedCheckpoint(name, path, reason))
-                continue
-            try:
-                sha = cache.sha256(path, self.on_hashing)
-            except OSError as exc:  # vanished or unreadable while listing: skipped with the reason
-                listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable ({exc.strerror or exc})"))
-                continue
-            listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
-        cache.save()
-        return listing
+        files = sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        return list_checkpoint_files(
+            ((str(p.relative_to(self.folder)), p) for p in files),
+            self.hash_cache,
+            self.allow_pickle,
+            on_hashing=self.on_hashing,
+        )

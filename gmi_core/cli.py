@@ -13,7 +13,7 @@ from .encoder_registry import DEFAULT_ENCODER, encoder_names
 from .errors import GmiError
 from .families import FAMILY_DEFAULTS
 from .limits import json_safe
-from .protocols import BuildProgress, format_eta
+from .protocols import BuildProgress, GenerationSettings, format_eta
 
 DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))
 
@@ -60,23 +60,41 @@ def _download_bar():
 def _add_engine_options(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
     parser.add_argument("--models", type=Path, required=models_required, help="folder of .safetensors checkpoints")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
-    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
-                        help=f"CLIP encoder: one of {', '.join(encoder_names())}, or a gmi encoder .safetensors file")
-    parser.add_argument("--clip-weights", type=Path, help="explicit weights file for --encoder (open_clip or transformers .safetensors)")
-    parser.add_argument("--allow-download", action="store_true",
-                        help="download missing CLIP weights into HOME/clip (huggingface_hub: HF_ENDPOINT, HF_HUB_OFFLINE apply)")
+    parser.add_argument(
+        "--encoder",
+        default=DEFAULT_ENCODER,
+        help=f"CLIP encoder: one of {', '.join(encoder_names())}, or a gmi encoder .safetensors file",
+    )
+    parser.add_argument(
+        "--clip-weights", type=Path, help="explicit weights file for --encoder (open_clip or transformers .safetensors)"
+    )
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="download missing CLIP weights into HOME/clip (huggingface_hub: HF_ENDPOINT, HF_HUB_OFFLINE apply)",
+    )
     parser.add_argument("--prompt-set", default="platform", help="built-in set name or a .json/.txt file")
-    parser.add_argument("--budget", default=DEFAULT_BUDGET,
-                        help=f"spec budget: {', '.join(f'{k} ({v.label()})' for k, v in BUDGETS.items())} or PROMPTSxIMAGES")
-    parser.add_argument("--set", action="append", default=[], metavar="FAMILY.FIELD=VALUE",
-                        help="per-family generation setting, e.g. sdxl.steps=30 or sd1.width=640 (no family: all families); "
-                             "defaults: " + "; ".join(f"{f} {v['width']}x{v['height']} {v['steps']} steps cfg {v['cfg']}"
-                                                       for f, v in FAMILY_DEFAULTS.items()))
+    parser.add_argument(
+        "--budget",
+        default=DEFAULT_BUDGET,
+        help=f"spec budget: {', '.join(f'{k} ({v.label()})' for k, v in BUDGETS.items())} or PROMPTSxIMAGES",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FAMILY.FIELD=VALUE",
+        help="per-family generation setting, e.g. sdxl.steps=30 or sd1.width=640 (no family: all families); "
+        "defaults: "
+        + "; ".join(
+            f"{f} {v['width']}x{v['height']} {v['steps']} steps cfg {v['cfg']}" for f, v in FAMILY_DEFAULTS.items()
+        ),
+    )
     parser.add_argument("--steps", type=int, help="steps for every family (same as --set steps=N)")
     parser.add_argument("--cfg", type=float, help="CFG for every family")
     parser.add_argument("--width", type=int, help="width for every family")
     parser.add_argument("--height", type=int, help="height for every family")
-    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--sampler", default=GenerationSettings.sampler, help="sampler name of the diffusers runner")
     parser.add_argument("--seed", type=int, default=0, help="base seed of spec images")
 
 
@@ -86,7 +104,6 @@ def _engine(args):
     from .engine import Gmi
     from .families import FamilySettings, parse_overrides
     from .prompts import load_prompt_set
-    from .protocols import GenerationSettings
 
     if args.models is not None and not args.models.is_dir():
         raise GmiError(f"models folder {args.models} does not exist")
@@ -96,8 +113,15 @@ def _engine(args):
             overrides.setdefault("*", {})[name] = getattr(args, name)
     settings = FamilySettings.defaults(GenerationSettings(sampler=args.sampler), overrides)
     clip_dir = args.home / "clip"
-    encoder = load_encoder(args.encoder, search_dirs=[args.models] if args.models else [], allow_download=args.allow_download,
-                           download_dir=clip_dir, own_dirs=[clip_dir], weights=args.clip_weights, progress=_download_bar())
+    encoder = load_encoder(
+        args.encoder,
+        search_dirs=[args.models] if args.models else [],
+        allow_download=args.allow_download,
+        download_dir=clip_dir,
+        own_dirs=[clip_dir],
+        weights=args.clip_weights,
+        progress=_download_bar(),
+    )
     gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.budget, settings, args.seed)
 
     def announce(path: Path) -> None:
@@ -112,26 +136,33 @@ def cmd_build(args) -> int:
     from .diffusers_generator import DiffusersGenerator
 
     gmi, source = _engine(args)
-    statuses, skipped = gmi.status(source)
-    if not statuses:
+    which = args.which if args.which in ("missing", "all") else args.which.split(",")
+    plan = gmi.plan(source, which)  # lists and hashes once; build() renders exactly this plan
+    skipped = plan.listing.skipped
+    if not plan.listing.checkpoints:
         print(empty_folder_message(args.models, skipped), file=sys.stderr)
     for item in skipped:
         print(f"{item.name}: skipped: {item.reason}", file=sys.stderr)
     generator = DiffusersGenerator(config=args.config, local_files_only=not args.allow_download)
-    which = args.which if args.which in ("missing", "all") else args.which.split(",")
-    plan = gmi.plan(source, which)
-    print(f"gmi: budget {plan.budget}: {plan.images} image(s) to render for "
-          f"{sum(1 for _, n in plan.checkpoints if n)} checkpoint(s)", file=sys.stderr)
+    print(
+        f"gmi: budget {plan.budget}: {plan.images} image(s) to render for "
+        f"{sum(1 for _, n in plan.checkpoints if n)} checkpoint(s)",
+        file=sys.stderr,
+    )
     try:
-        report = gmi.build(source, generator, which, progress=_progress_bar())
+        report = gmi.build(source, generator, plan=plan, progress=_progress_bar())
     except KeyboardInterrupt:
         print("interrupted: finished prompts are saved; run build again to resume", file=sys.stderr)
         return 130
-    for item in report.skipped[len(skipped):]:  # skipped during the build (another process builds it)
+    for item in report.skipped[len(skipped) :]:  # skipped during the build (another process builds it)
         print(f"{item.name}: skipped: {item.reason}", file=sys.stderr)
     for name, reason in report.failed:
         print(f"{name}: failed: {reason}", file=sys.stderr)
-    print(json.dumps(json_safe(report.to_dict()), indent=1, allow_nan=False) if args.json else f"built {len(report.built)} spec(s)")
+    print(
+        json.dumps(json_safe(report.to_dict()), indent=1, allow_nan=False)
+        if args.json
+        else f"built {len(report.built)} spec(s)"
+    )
     return 1 if report.failed else 0
 
 
@@ -159,7 +190,9 @@ def cmd_specs(args) -> int:
 def empty_folder_message(folder: Path, skipped) -> str:
     if skipped:
         return f"no usable checkpoints in {folder}: {len(skipped)} file(s) skipped (see why below)"
-    return f"the models folder {folder} holds no checkpoint files (.safetensors); put Stable Diffusion checkpoints there"
+    return (
+        f"the models folder {folder} holds no checkpoint files (.safetensors); put Stable Diffusion checkpoints there"
+    )
 
 
 def _print_ranking(result) -> None:
@@ -179,8 +212,17 @@ def cmd_identify(args) -> int:
 
     images = [load_image(path) for path in args.images]
     gmi, source = _engine(args)
-    result = gmi.identify(images, args.prompt, args.method, args.top_k, source, gamma=args.gamma, tau=args.tau,
-                          include_not_installed=args.include_not_installed, centre=args.centre)
+    result = gmi.identify(
+        images,
+        args.prompt,
+        args.method,
+        args.top_k,
+        source,
+        gamma=args.gamma,
+        tau=args.tau,
+        include_not_installed=args.include_not_installed,
+        centre=args.centre,
+    )
     if args.json:
         print(json.dumps(result.to_dict(), indent=1, allow_nan=False))
     else:
@@ -191,8 +233,9 @@ def cmd_identify(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    demo = run_demo(args.workdir, checkpoints=args.checkpoints, seed=args.seed,
-                    progress=None if args.json else _progress_bar())
+    demo = run_demo(
+        args.workdir, checkpoints=args.checkpoints, seed=args.seed, progress=None if args.json else _progress_bar()
+    )
     if args.json:
         print(json.dumps(demo.to_dict(), indent=1))
     else:
@@ -204,10 +247,11 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import add_bench_parser
     from .ranker import DEFAULT_METHOD, METHODS
 
-    parser = argparse.ArgumentParser(prog="gmi", description="Generative Model Identification for Stable Diffusion checkpoints")
+    parser = argparse.ArgumentParser(
+        prog="gmi", description="Generative Model Identification for Stable Diffusion checkpoints"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="build specs for a folder of checkpoints (standalone, via diffusers)")
@@ -231,10 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument("--gamma", type=float, help="kernel width (default: median heuristic)")
     identify.add_argument("--tau", type=float, help="prompt-weight temperature (default: clipped cosine)")
     identify.add_argument("--json", action="store_true")
-    identify.add_argument("--include-not-installed", action="store_true",
-                          help="also rank imported specs of checkpoints that are not in --models (marked)")
-    identify.add_argument("--centre", action="store_true",
-                          help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see README)")
+    identify.add_argument(
+        "--include-not-installed",
+        action="store_true",
+        help="also rank imported specs of checkpoints that are not in --models (marked)",
+    )
+    identify.add_argument(
+        "--centre",
+        action="store_true",
+        help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see README)",
+    )
     identify.set_defaults(func=cmd_identify)
 
     from .library_cli import add_library_commands
@@ -248,16 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    add_bench_parser(commands)
+    # Listed here for --help only: main() hands "bench ..." to gmi_core.bench before parsing, so the benchmarks
+    # (40% of the package, with their own imports) load for that command alone.
+    bench = commands.add_parser(
+        "bench", add_help=False, help="benchmarks: identification quality and cost (JSON + PNG); gmi bench --help"
+    )
+    bench.add_argument("words", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "bench":
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["bench"]:
         from .bench import run_bench
 
-        return run_bench(args)
+        return run_bench(words)
+    args = build_parser().parse_args(words)
     try:
         return args.func(args)
     except GmiError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import time
@@ -46,10 +47,8 @@ STATES = ("ready", "partial", "missing", "stale", "corrupt")
 def _return_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc). Stacking the bank frees one spec's features at a time,
     and glibc would otherwise keep those pages: the process would hold the features twice."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 @dataclass
@@ -78,6 +77,7 @@ class SpecStatus:
 
     observed_images: int = 0  # images in the checkpoint's observed spec (import-images)
 
+
 @dataclass
 class BuildPlan:
     """What a build will render, known before it starts (front ends show it)."""
@@ -85,14 +85,20 @@ class BuildPlan:
     budget: str
     checkpoints: list[tuple[str, int]] = field(default_factory=list)  # (name, images to render)
     generate_calls: int = 0  # one per prompt with missing images
+    listing: CheckpointListing = field(default_factory=CheckpointListing, repr=False)  # what build() renders from
+    restart: bool = False  # "all": render every spec again
 
     @property
     def images(self) -> int:
         return sum(n for _, n in self.checkpoints)
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget, "images": self.images, "generate_calls": self.generate_calls,
-                "checkpoints": [{"name": n, "images": k} for n, k in self.checkpoints]}
+        return {
+            "budget": self.budget,
+            "images": self.images,
+            "generate_calls": self.generate_calls,
+            "checkpoints": [{"name": n, "images": k} for n, k in self.checkpoints],
+        }
 
 
 @dataclass
@@ -155,35 +161,37 @@ class IdentifyResult:
         return self.ranking[0]
 
     def to_dict(self) -> dict:
-        return json_safe({
-            "method": self.method,
-            "pseudo_prompt": self.pseudo_prompt,
-            "prompt_source": self.prompt_source,
-            "gamma": self.gamma,
-            "ranking": [
-                {
-                    "rank": r.rank,
-                    "name": r.name,
-                    "sha256": r.sha256,
-                    "short_hash": r.short_hash,
-                    "score": r.score,
-                    "top_prompts": [asdict(p) for p in r.top_prompts],
-                    "installed": r.installed,
-                    "kind": r.kind,
-                    "counts": r.counts,
-                    "aliases": list(r.aliases),
-                    "prompts_done": r.prompts_done,
-                    "images_done": r.images_done,
-                    "partial": r.partial,
-                }
-                for r in self.ranking
-            ],
-            "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
-        })
+        return json_safe(
+            {
+                "method": self.method,
+                "pseudo_prompt": self.pseudo_prompt,
+                "prompt_source": self.prompt_source,
+                "gamma": self.gamma,
+                "ranking": [
+                    {
+                        "rank": r.rank,
+                        "name": r.name,
+                        "sha256": r.sha256,
+                        "short_hash": r.short_hash,
+                        "score": r.score,
+                        "top_prompts": [asdict(p) for p in r.top_prompts],
+                        "installed": r.installed,
+                        "kind": r.kind,
+                        "counts": r.counts,
+                        "aliases": list(r.aliases),
+                        "prompts_done": r.prompts_done,
+                        "images_done": r.images_done,
+                        "partial": r.partial,
+                    }
+                    for r in self.ranking
+                ],
+                "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
+            }
+        )
 
 
 class Gmi:
-    """One per host process: holds the encoder, the prompt set and the spec store."""
+    """One encoder, prompt set, budget and settings over a spec store (hosts keep several: gmi_core.service.EnginePool)."""
 
     def __init__(
         self,
@@ -234,11 +242,20 @@ class Gmi:
         n = len(self.prompt_set)
         budget_prompts = self.budget.prompt_indices(n)
         need = self.budget.images_per_prompt
-        observed = {e.sha256: e.prompts_done for e in entries if e.prompt_set_hash == OBSERVED and e.encoder_id == self.encoder.encoder_id}
+        observed = {
+            e.sha256: e.prompts_done
+            for e in entries
+            if e.prompt_set_hash == OBSERVED and e.encoder_id == self.encoder.encoder_id
+        }
         statuses = []
         for ckpt in listing.checkpoints:
-            base = dict(prompts_total=len(budget_prompts), family=ckpt.family or "", images_budget=self.budget.images(n),
-                        images_missing=self.budget.images(n), prompts_missing=len(budget_prompts))
+            base = dict(
+                prompts_total=len(budget_prompts),
+                family=ckpt.family or "",
+                images_budget=self.budget.images(n),
+                images_missing=self.budget.images(n),
+                prompts_missing=len(budget_prompts),
+            )
             entry = by_key.get(self.key(ckpt))
             if entry is None:
                 state, detail = "missing", ""
@@ -250,8 +267,9 @@ class Gmi:
                 else:
                     detail = self._why_stale(ckpt, entries)
                     state = "stale" if detail else "missing"
-                statuses.append(SpecStatus(ckpt.name, ckpt.sha256, state, 0, detail=detail,
-                                           observed_images=observed_images, **base))
+                statuses.append(
+                    SpecStatus(ckpt.name, ckpt.sha256, state, 0, detail=detail, observed_images=observed_images, **base)
+                )
                 continue
             counts = entry.image_counts
             base["images_missing"] = missing_images(counts, self.budget)
@@ -260,12 +278,20 @@ class Gmi:
             used = GenerationSettings.from_dict(entry.settings)
             current = used == wanted
             detail = "" if current else f"built with other settings ({_settings_diff(used, wanted)}); usable, kept"
-            statuses.append(SpecStatus(
-                ckpt.name, ckpt.sha256, "partial" if base["images_missing"] else "ready",
-                sum(counts[i] >= need for i in budget_prompts), detail=detail, images_done=sum(counts),
-                budget_done=covered_budget(counts, n), current=current, observed_images=observed.get(ckpt.sha256, 0),
-                **base,
-            ))
+            statuses.append(
+                SpecStatus(
+                    ckpt.name,
+                    ckpt.sha256,
+                    "partial" if base["images_missing"] else "ready",
+                    sum(counts[i] >= need for i in budget_prompts),
+                    detail=detail,
+                    images_done=sum(counts),
+                    budget_done=covered_budget(counts, n),
+                    current=current,
+                    observed_images=observed.get(ckpt.sha256, 0),
+                    **base,
+                )
+            )
         return statuses, listing.skipped
 
     def _why_stale(self, ckpt: CheckpointInfo, entries: list[ManifestEntry]) -> str:
@@ -277,15 +303,23 @@ class Gmi:
             if e.sha256 == ckpt.sha256:
                 return f"spec built for prompt set {e.prompt_set_name} ({e.prompt_set_hash})"
         for e in entries:
-            if e.checkpoint_name == ckpt.name and e.encoder_id == self.encoder.encoder_id and e.prompt_set_hash == self.prompt_set.hash:
+            if (
+                e.checkpoint_name == ckpt.name
+                and e.encoder_id == self.encoder.encoder_id
+                and e.prompt_set_hash == self.prompt_set.hash
+            ):
                 return f"checkpoint file changed since its spec was built (was {e.sha256[:10]})"
         return ""
 
     # -- build planning ------------------------------------------------------------------------
     def plan(self, source: CheckpointSource, which: str | Sequence[str] = "missing") -> BuildPlan:
-        """How many images a build of ``which`` renders, per checkpoint, before it starts."""
-        statuses, skipped = self._status(source.list_checkpoints())
-        return self._plan(statuses, which, skipped)
+        """How many images a build of ``which`` renders, per checkpoint, before it starts. Pass it to
+        :meth:`build`, which renders exactly this plan: the checkpoints are listed and hashed once per build."""
+        listing = source.list_checkpoints()
+        statuses, skipped = self._status(listing)
+        plan = self._plan(statuses, which, skipped)
+        plan.listing, plan.restart = listing, which == "all"
+        return plan
 
     def _plan(self, statuses: list[SpecStatus], which, skipped: Sequence[SkippedCheckpoint] = ()) -> BuildPlan:
         """Names that gmi skipped (not a checkpoint it can use) are left out here and reported by the caller;
@@ -320,15 +354,17 @@ class Gmi:
         which: str | Sequence[str] = "missing",
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        plan: BuildPlan | None = None,
     ) -> BuildReport:
         """Build specs up to the budget: ``which`` is "missing" (not ready: adds only the images a spec lacks),
-        "all" (renders every spec again with the current settings), or a list of checkpoint names (top up)."""
-        checkpoints = source.list_checkpoints()
-        statuses, skipped = self._status(checkpoints)
-        report = BuildReport(skipped=list(skipped))
-        listing = {c.name: c for c in checkpoints.checkpoints}
-        plan = self._plan(statuses, which, skipped)
-        names = [name for name, _ in plan.checkpoints]
+        "all" (renders every spec again with the current settings), or a list of checkpoint names (top up).
+        ``plan``: the :meth:`plan` a front end already showed (then ``source`` and ``which`` are not used again).
+        Checkpoints with nothing to render are reported built and left out of the progress counts."""
+        plan = plan or self.plan(source, which)
+        report = BuildReport(skipped=list(plan.listing.skipped))
+        listing = {c.name: c for c in plan.listing.checkpoints}
+        report.built += [name for name, images in plan.checkpoints if not images]
+        names = [name for name, images in plan.checkpoints if images]
         started, rendered = time.perf_counter(), {}
 
         def overall(p: BuildProgress) -> None:
@@ -336,8 +372,15 @@ class Gmi:
             total = sum(rendered.values())
             per_image = (time.perf_counter() - started) / total if total else None
             if progress:
-                progress(replace(p, images_planned=plan.images, images_rendered=total, seconds_per_image=per_image,
-                                 eta_s=per_image * max(0, plan.images - total) if per_image else None))
+                progress(
+                    replace(
+                        p,
+                        images_planned=plan.images,
+                        images_rendered=total,
+                        seconds_per_image=per_image,
+                        eta_s=per_image * max(0, plan.images - total) if per_image else None,
+                    )
+                )
 
         for index, name in enumerate(names):
             ckpt = listing[name]
@@ -357,7 +400,7 @@ class Gmi:
                         progress=overall,
                         should_cancel=should_cancel,
                         position=(index, len(names)),
-                        restart=which == "all",
+                        restart=plan.restart,
                     )
                 report.built.append(name)
             except Busy as exc:
@@ -367,7 +410,9 @@ class Gmi:
                 break
             except (GmiError, RuntimeError, ValueError, OSError) as exc:
                 log.warning("gmi: building the spec of %s failed: %s", name, exc)
-                report.failed.append((name, one_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {one_line(exc)}"))
+                report.failed.append(
+                    (name, one_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {one_line(exc)}")
+                )
             finally:
                 generator.release()
         return report
@@ -412,7 +457,12 @@ class Gmi:
             excluded += [(c.name, self._why_unusable(c)) for sha, c in wanted.items() if sha not in found]
             foreign = {e.sha256 for e in entries if e.sha256 not in wanted}
             if foreign and not include_not_installed:
-                excluded.append((f"{len(foreign)} checkpoint(s) not installed", "imported specs; include them with the not-installed option"))
+                excluded.append(
+                    (
+                        f"{len(foreign)} checkpoint(s) not installed",
+                        "imported specs; include them with the not-installed option",
+                    )
+                )
                 entries = [e for e in entries if e.sha256 in wanted]
         parts: dict[str, dict[str, Spec]] = {}
         for entry in entries:
@@ -488,7 +538,9 @@ class Gmi:
         specs, excluded = self.load_specs(source, include_not_installed)
         if not specs:
             detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
-            raise NoSpecsError(f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first")
+            raise NoSpecsError(
+                f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first"
+            )
         images = [to_rgb(i) for i in images]
         query_images = self.encoder.encode_images(images)
         if prompt and prompt.strip():
@@ -508,12 +560,22 @@ class Gmi:
                 for i, c in ranking.top_prompts(index)
             ]
             counts = spec.image_counts
-            ranked.append(RankedCheckpoint(
-                position, spec.checkpoint_name, spec.sha256, float(ranking.scores[index]), matches,
-                installed=spec.extra.get("installed", True), kind=spec_kind(spec), counts=spec_counts(spec),
-                aliases=list(spec.extra.get("aliases", [])), prompts_done=sum(c > 0 for c in counts),
-                images_done=sum(counts), partial=missing_images(counts, self.budget) > 0,
-            ))
+            ranked.append(
+                RankedCheckpoint(
+                    position,
+                    spec.checkpoint_name,
+                    spec.sha256,
+                    float(ranking.scores[index]),
+                    matches,
+                    installed=spec.extra.get("installed", True),
+                    kind=spec_kind(spec),
+                    counts=spec_counts(spec),
+                    aliases=list(spec.extra.get("aliases", [])),
+                    prompts_done=sum(c > 0 for c in counts),
+                    images_done=sum(counts),
+                    partial=missing_images(counts, self.budget) > 0,
+                )
+            )
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:
@@ -532,16 +594,14 @@ class Gmi:
         if prompt_set_hash not in (None, self.prompt_set.hash, OBSERVED):
             raise GmiError(f"no spec of prompt set {prompt_set_hash!r} here")
         try:
-            pixels = self.store.thumbnail(SpecKey(sha256, self.encoder.encoder_id, prompt_set_hash or self.prompt_set.hash),
-                                          prompt_index)
+            pixels = self.store.thumbnail(
+                SpecKey(sha256, self.encoder.encoder_id, prompt_set_hash or self.prompt_set.hash), prompt_index
+            )
         except SpecError as exc:
             raise NoSpecsError(str(exc)) from exc
         if pixels is None:
             raise GmiError(f"spec {sha256[:10]} has no image for prompt {prompt_index}")
         return Image.fromarray(pixels, "RGB")
-
-    def fingerprint(self) -> str:
-        return f"{self.encoder.encoder_id}|{self.prompt_set.hash}|{self.store.fingerprint()}"
 
 
 def _settings_diff(used: GenerationSettings, wanted: GenerationSettings) -> str:

@@ -12,9 +12,7 @@ file byte for byte. ``lossless=True`` keeps the stored fp16 tensors as they are.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .errors import Busy, GmiError, SpecError
 from .locks import spec_lock
 from .observed import OBSERVED, spec_counts, spec_kind
+from .paths import atomic_write
 from .prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from .protocols import GenerationSettings
 from .spec import THUMBNAIL_SIZE, Spec, SpecKey, _content_hash
@@ -141,15 +140,8 @@ def write_exchange(specs: Sequence[Spec], out: Path, thumbnails: bool = False, l
     meta = {"format": FORMAT, "version": VERSION, "specs": entries}
     meta["content_sha256"] = _content_hash(tensors, meta)  # over the tensors and the metadata, as local spec files
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_write(out) as tmp:
         save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

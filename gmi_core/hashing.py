@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .store import write_json_atomic
+from .paths import write_json_atomic
 
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import stat
@@ -86,3 +87,19 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         raise ImageError(f"{label}: image too large (over PIL's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{label}: unreadable or truncated image ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc
+
+
+def png_bytes(image: Image.Image | np.ndarray, size: int | None = None) -> bytes:
+    """An image (or an RGB uint8 array, e.g. a spec thumbnail) as PNG bytes, shrunk to fit ``size`` px if given."""
+    image = Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image.convert("RGB")
+    if size:
+        image = image.copy()
+        image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_data_uri(image: Image.Image | np.ndarray, size: int | None = None) -> str:
+    """:func:`png_bytes` as a ``data:`` URI, for HTML that cannot fetch a route (reports, the A1111 tab)."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, size)).decode("ascii")

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import read_text
 from .encoders import ClipEncoder
+from .paths import atomic_write
 from .store import safe_name
 
 log = logging.getLogger(__name__)
@@ -71,14 +70,11 @@ class Interrogator:
         rows = torch.split(everything, [len(labels) for labels in self.vocabulary.values()])
         self._embeddings = {cat: part.contiguous() for cat, part in zip(self.vocabulary, rows)}
         if cache:  # best effort: identification works the same when the cache cannot be written
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.tmp")
             try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in self._embeddings.items()}, str(tmp))
-                tmp.replace(cache)
+                with atomic_write(cache) as tmp:
+                    save_file({k: v.contiguous() for k, v in self._embeddings.items()}, tmp)
             except OSError as exc:
                 log.warning("gmi: label cache not written (%s)", exc.strerror or exc)
-                tmp.unlink(missing_ok=True)
         return self._embeddings
 
     def rank_labels(self, image_features: torch.Tensor) -> dict[str, list[LabelScore]]:

@@ -33,6 +33,8 @@ MAX_STEPS = 500
 MAX_CFG = 100.0
 MAX_IMAGES_PER_PROMPT = 64
 MAX_TOP_K = 100_000
+MAX_SEED = 2**31 - 1  # base seed of spec images (ComfyUI's INT widgets and the WebUI's seeds fit it)
+DEFAULT_TOP_K = 5  # ranking rows shown by the node, the tab and the API
 
 
 def positive_int(name: str, value, upper: int | None = None) -> int:

@@ -7,10 +7,13 @@ allowed roots (symlinks resolved), and errors never echo an absolute path.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.parse import unquote
 
@@ -142,3 +145,27 @@ def set_default_mode(path) -> None:
         os.chmod(path, FILE_MODE)
     except OSError:
         pass
+
+
+@contextmanager
+def atomic_write(path) -> Iterator[str]:
+    """The one way gmi writes a file: yields a temp file name beside ``path`` to write; when the block ends
+    without error the temp file gets the default mode and is renamed over ``path``, else it is removed. Readers
+    see the old file or the new one, never a part; temp names match ``<name>.*.tmp`` (cleaned up by the store)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        set_default_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path, data, **dump_options) -> None:
+    """JSON (never NaN unless ``dump_options`` say otherwise) written through :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, **{"indent": 1, "allow_nan": False, **dump_options}), encoding="utf-8")

@@ -1,11 +1,14 @@
-"""The three seams a host implements; gmi_core owns everything else.
+"""The two seams a host implements; gmi_core owns everything else.
 
 A host (ComfyUI, A1111, Forge, the standalone diffusers runner) provides:
 
-* a :class:`CheckpointSource` that lists its checkpoints,
+* a :class:`CheckpointSource` that lists its checkpoints (through
+  :func:`gmi_core.checkpoints.list_checkpoint_files`, from the host's own names and paths),
 * a :class:`Generator` that renders images for prompts and seeds with one checkpoint
-  through the host's own loader, sampler and VAE,
-* a :class:`Switcher` that makes one checkpoint active.
+  through the host's own loader, sampler and VAE.
+
+Which checkpoint to switch to is decided once (:func:`gmi_core.service.pick_installed`); making it active
+is host UI (ComfyUI's Identify node outputs its MODEL/CLIP/VAE, A1111 sets ``sd_model_checkpoint``).
 """
 
 from __future__ import annotations
@@ -95,12 +98,6 @@ class Generator(Protocol):
         """Free the loaded checkpoint; called between checkpoints."""
 
 
-@runtime_checkable
-class Switcher(Protocol):
-    def switch(self, checkpoint: CheckpointInfo) -> None:
-        """Make ``checkpoint`` the host's active checkpoint."""
-
-
 ProgressCallback = Callable[["BuildProgress"], None]
 
 
@@ -134,6 +131,6 @@ def format_eta(seconds: float | None) -> str:
     """``ETA 3m05s`` / ``ETA 2h07m`` for a BuildProgress's ``eta_s``, the same text in every front end."""
     if seconds is None:
         return "ETA after the first images"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"ETA {hours}h{minutes:02d}m" if hours else f"ETA {minutes}m{secs:02d}s"

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
 
 from .engine import IdentifyResult
-
-
-def _data_uri(image: Image.Image, size: int = 128) -> str:
-    copy = image.convert("RGB")
-    copy.thumbnail((size, size))
-    buffer = io.BytesIO()
-    copy.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+from .images import png_data_uri
 
 
 def write_report(
@@ -32,7 +23,7 @@ def write_report(
     rows = []
     for entry in result.ranking:
         thumbs = "".join(
-            f'<figure><img src="{_data_uri(thumbnail(entry.sha256, m.index), 96)}"><figcaption>{html.escape(m.prompt)}'
+            f'<figure><img src="{png_data_uri(thumbnail(entry.sha256, m.index), 96)}"><figcaption>{html.escape(m.prompt)}'
             f"<br>w={m.weight:.3f}</figcaption></figure>"
             for m in entry.top_prompts
         )
@@ -41,7 +32,7 @@ def write_report(
             f"<tr><td>{entry.rank}</td><td>{html.escape(entry.name)}{mark}</td><td><code>{entry.short_hash}</code></td>"
             f"<td>{entry.score:.5f}</td><td class=t>{thumbs}</td></tr>"
         )
-    query_html = "".join(f'<img src="{_data_uri(q, 192)}">' for q in queries)
+    query_html = "".join(f'<img src="{png_data_uri(q, 192)}">' for q in queries)
     page = f"""<!doctype html><meta charset=utf-8><title>gmi identification</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 8px;border-bottom:1px solid #ddd;vertical-align:top}}
 figure{{display:inline-block;vertical-align:top;margin:0 6px;width:100px;font-size:11px}} img{{image-rendering:pixelated}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from safetensors.torch import save_file
 from .budgets import cell_seed
 from .errors import GmiError, SpecError
 from .limits import check_settings
-from .paths import set_default_mode
+from .paths import atomic_write
 from .protocols import GenerationSettings
 from .safetensors_header import read_header as read_safetensors_header
 
@@ -161,20 +160,11 @@ class Spec:
 
     def save(self, path: Path) -> None:
         """Write atomically: a temp file in the same folder, then rename over the target."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = self._tensors()
         meta = self.metadata()
         meta["content_sha256"] = _content_hash(tensors, meta)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_write(path) as tmp:
             save_file(tensors, tmp, metadata={"gmi": json.dumps(meta, allow_nan=False)})
-            set_default_mode(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: Path, verify: bool = True, thumbnails: bool = True) -> Spec:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from ..gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
+from ..gmi_core.budgets import BUDGETS
 from ..gmi_core.families import FAMILY_DEFAULTS
-from ..gmi_core.limits import check_settings
+from ..gmi_core.limits import MAX_PROMPTS, MAX_SEED, check_settings
 from ..gmi_core.paths import one_line
-from ..gmi_core.protocols import BuildProgress
+from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
 from . import engines, events, settings
 from .encoder_node import ENCODER_TYPE
 from .host import ComfyGenerator
@@ -16,9 +16,13 @@ from .host import ComfyGenerator
 FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
 FALLBACK_SCHEDULERS = ["normal", "karras", "simple"]
 BUDGET_HELP = ", ".join(f"{k} = {v.label()}" for k, v in BUDGETS.items()) + ", or PROMPTSxIMAGES such as 32x2"
-FAMILY_HELP = "empty = per-family defaults (" + "; ".join(
-    f"{f}: {v['width']}x{v['height']}, {v['steps']} steps, cfg {v['cfg']}" for f, v in FAMILY_DEFAULTS.items()
-) + "). Change them per family: sdxl.steps=30, sd1.width=640, cfg=6 (all families)"
+FAMILY_HELP = (
+    "empty = per-family defaults ("
+    + "; ".join(
+        f"{f}: {v['width']}x{v['height']}, {v['steps']} steps, cfg {v['cfg']}" for f, v in FAMILY_DEFAULTS.items()
+    )
+    + "). Change them per family: sdxl.steps=30, sd1.width=640, cfg=6 (all families)"
+)
 
 
 def sampler_choices():
@@ -39,9 +43,22 @@ def parse_which(which: str, checkpoints: str):
     return names
 
 
+def build_inputs(config: dict) -> dict:
+    """The Build node's widget values the side panel queues, from the saved panel ``config`` and the node's own
+    defaults: every widget input of :meth:`GMIBuildSpecs.INPUT_TYPES`, so the panel repeats none of them."""
+    schema = GMIBuildSpecs.INPUT_TYPES()
+    inputs = {}
+    for name, (kind, options) in {**schema["required"], **schema["optional"]}.items():
+        if kind == ENCODER_TYPE:
+            continue  # a link to the encoder node, wired by the panel
+        inputs[name] = config.get(name, options.get("default"))
+    inputs["which"] = "missing"
+    return inputs
+
+
 def progress_payload(p: BuildProgress) -> dict:
-    """What the panel shows: the engine's BuildProgress plus the short names the panel reads."""
-    return {**p.to_dict(), "index": p.checkpoint_index, "count": p.checkpoint_count}
+    """What the panel shows: the engine's BuildProgress plus the short names and the ETA text the panel reads."""
+    return {**p.to_dict(), "index": p.checkpoint_index, "count": p.checkpoint_count, "eta": format_eta(p.eta_s)}
 
 
 class GMIBuildSpecs:
@@ -56,7 +73,9 @@ class GMIBuildSpecs:
         "and CFG, and keeps the CLIP features of the images. A larger budget later adds only the missing images; "
         "interrupting keeps every finished prompt, and the next run resumes."
     )
-    OUTPUT_TOOLTIPS = ("What the run did, as JSON: built, skipped (with reasons), failed and whether it was interrupted.",)
+    OUTPUT_TOOLTIPS = (
+        "What the run did, as JSON: built, skipped (with reasons), failed and whether it was interrupted.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -64,28 +83,79 @@ class GMIBuildSpecs:
         d = settings.DEFAULTS
         return {
             "required": {
-                "encoder": (ENCODER_TYPE, {"tooltip": "The CLIP encoder the spec images are encoded with (GMI Load CLIP Encoder)."}),
-                "which": (["missing", "all", "listed"], {"default": "missing", "tooltip": (
-                    "missing: top every spec up to the budget (resumes partial ones, adds only missing images); "
-                    "all: render every spec again with these settings; listed: only the names in 'checkpoints'.")}),
-                "prompt_set": (engines.prompt_set_choices(), {"default": "platform",
-                                                              "tooltip": "The prompts every checkpoint renders for its spec."}),
-                "budget": ("STRING", {"default": DEFAULT_BUDGET, "tooltip": "Images per spec: " + BUDGET_HELP}),
-                "family_settings": ("STRING", {"multiline": True, "default": d["family_settings"], "tooltip": FAMILY_HELP}),
-                "sampler_name": (samplers, {"default": "euler", "tooltip": "ComfyUI sampler for the spec images."}),
-                "scheduler": (schedulers, {"default": "normal", "tooltip": "ComfyUI scheduler for the spec images."}),
+                "encoder": (
+                    ENCODER_TYPE,
+                    {"tooltip": "The CLIP encoder the spec images are encoded with (GMI Load CLIP Encoder)."},
+                ),
+                "which": (
+                    ["missing", "all", "listed"],
+                    {
+                        "default": "missing",
+                        "tooltip": (
+                            "missing: top every spec up to the budget (resumes partial ones, adds only missing images); "
+                            "all: render every spec again with these settings; listed: only the names in 'checkpoints'."
+                        ),
+                    },
+                ),
+                "prompt_set": (
+                    engines.prompt_set_choices(),
+                    {"default": d["prompt_set"], "tooltip": "The prompts every checkpoint renders for its spec."},
+                ),
+                "budget": ("STRING", {"default": d["budget"], "tooltip": "Images per spec: " + BUDGET_HELP}),
+                "family_settings": (
+                    "STRING",
+                    {"multiline": True, "default": d["family_settings"], "tooltip": FAMILY_HELP},
+                ),
+                "sampler_name": (
+                    samplers,
+                    {"default": d["sampler_name"], "tooltip": "ComfyUI sampler for the spec images."},
+                ),
+                "scheduler": (
+                    schedulers,
+                    {"default": d["scheduler"], "tooltip": "ComfyUI scheduler for the spec images."},
+                ),
                 # control_after_generate off: the front end would otherwise randomize a "seed" after every run,
                 # and specs built with another seed are not comparable.
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
-                                 "tooltip": "Base seed of the spec images; the same seeds are used for every checkpoint."}),
+                "seed": (
+                    "INT",
+                    {
+                        "default": d["seed"],
+                        "min": 0,
+                        "max": MAX_SEED,
+                        "control_after_generate": False,
+                        "tooltip": "Base seed of the spec images; the same seeds are used for every checkpoint.",
+                    },
+                ),
             },
             "optional": {
-                "max_prompts": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": (
-                    "Use only the first N prompts of the set; 0 = every prompt. A cut set is another prompt set: "
-                    "prefer a smaller budget.")}),
-                "checkpoints": ("STRING", {"multiline": True, "default": "",
-                                           "tooltip": "Checkpoint file names, one per line (used when which = listed)."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Negative prompt for every spec image."}),
+                "max_prompts": (
+                    "INT",
+                    {
+                        "default": d["max_prompts"],
+                        "min": 0,
+                        "max": MAX_PROMPTS,
+                        "tooltip": (
+                            "Use only the first N prompts of the set; 0 = every prompt. A cut set is another prompt set: "
+                            "prefer a smaller budget."
+                        ),
+                    },
+                ),
+                "checkpoints": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "Checkpoint file names, one per line (used when which = listed).",
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": GenerationSettings.negative_prompt,
+                        "tooltip": "Negative prompt for every spec image.",
+                    },
+                ),
             },
         }
 
@@ -94,28 +164,50 @@ class GMIBuildSpecs:
         # Always look again: checkpoints may have been added, and "missing" is judged at run time.
         return float("nan")
 
-    def build(self, encoder, which, prompt_set, budget, family_settings, sampler_name, scheduler, seed,
-              max_prompts=0, checkpoints="", negative_prompt=""):
+    def build(
+        self,
+        encoder,
+        which,
+        prompt_set,
+        budget,
+        family_settings,
+        sampler_name,
+        scheduler,
+        seed,
+        max_prompts=0,
+        checkpoints="",
+        negative_prompt="",
+    ):
         per_family = settings.family_settings(family_settings, sampler_name, scheduler, negative_prompt)
         for _, family_row in per_family.rows:
             check_settings(family_row, *sampler_choices())
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts, budget, per_family, int(seed))
-        source = engines.source()
-        target = parse_which(which, checkpoints)
-        plan = engine.plan(source, target)
+        plan = engine.plan(engines.source(), parse_which(which, checkpoints))
         bar = events.NodeProgress(plan.images)
         generator = ComfyGenerator(on_image=bar.step)
-        settings.save({
-            "encoder": getattr(encoder, "gmi_choice", settings.DEFAULTS["encoder"]), "prompt_set": prompt_set,
-            "max_prompts": int(max_prompts), "budget": budget, "family_settings": family_settings,
-            "sampler_name": sampler_name, "scheduler": scheduler, "seed": int(seed),
-        })
+        settings.save(
+            {
+                "encoder": getattr(encoder, "gmi_choice", settings.DEFAULTS["encoder"]),
+                "prompt_set": prompt_set,
+                "max_prompts": int(max_prompts),
+                "budget": budget,
+                "family_settings": family_settings,
+                "sampler_name": sampler_name,
+                "scheduler": scheduler,
+                "seed": int(seed),
+            }
+        )
         events.send(events.BUILD_PLAN, plan.to_dict())
         result = {"built": [], "skipped": [], "failed": [], "cancelled": False}
         try:
-            report = engine.build(source, generator, target, should_cancel=events.interrupted,
-                                  progress=lambda p: events.send(events.BUILD_PROGRESS, progress_payload(p)))
+            report = engine.build(
+                None,
+                generator,
+                plan=plan,
+                should_cancel=events.interrupted,
+                progress=lambda p: events.send(events.BUILD_PROGRESS, progress_payload(p)),
+            )
             result = report.to_dict()
         except BaseException as exc:  # interrupt inside the sampler, OS error, anything: the panel must still end
             result["cancelled"] = events.interrupted() or type(exc).__name__ == "InterruptProcessingException"

@@ -19,19 +19,35 @@ class GMILoadEncoder:
         "cache, and downloaded into models/gmi on first use unless downloads are off. gmi encoder files in "
         "models/gmi are listed after them."
     )
-    OUTPUT_TOOLTIPS = ("The CLIP encoder (image and text towers) for GMI Build Specs, GMI Identify and GMI Interrogate.",)
+    OUTPUT_TOOLTIPS = (
+        "The CLIP encoder (image and text towers) for GMI Build Specs, GMI Identify and GMI Interrogate.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         choices = engines.encoder_choices()
         return {
             "required": {
-                "encoder": (choices, {"default": DEFAULT_ENCODER, "tooltip": (
-                    "A known CLIP encoder (found locally or downloaded on first use) or a gmi encoder file in "
-                    "models/gmi. Specs are kept per encoder: identify with the encoder you built with.")}),
-                "allow_download": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Download missing weights into models/gmi (through huggingface_hub: HF_ENDPOINT and HF_HUB_OFFLINE "
-                    "apply; GMI_ALLOW_DOWNLOAD=0 forbids it for the whole server). Off: only local files.")}),
+                "encoder": (
+                    choices,
+                    {
+                        "default": DEFAULT_ENCODER,
+                        "tooltip": (
+                            "A known CLIP encoder (found locally or downloaded on first use) or a gmi encoder file in "
+                            "models/gmi. Specs are kept per encoder: identify with the encoder you built with."
+                        ),
+                    },
+                ),
+                "allow_download": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": (
+                            "Download missing weights into models/gmi (through huggingface_hub: HF_ENDPOINT and HF_HUB_OFFLINE "
+                            "apply; GMI_ALLOW_DOWNLOAD=0 forbids it for the whole server). Off: only local files."
+                        ),
+                    },
+                ),
             }
         }
 

@@ -1,18 +1,18 @@
-"""One gmi engine per (encoder, prompt set, budget, build settings), cached for the life of the ComfyUI process."""
+"""ComfyUI's names for gmi's encoders, prompt sets and folders; engines come from the shared pool (gmi_core.service)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
+from ..gmi_core import service
 from ..gmi_core.budgets import Budget, parse_budget
 from ..gmi_core.encoder_registry import encoder_names, parse_encoder_name
 from ..gmi_core.encoders import ClipEncoder, load_encoder
 from ..gmi_core.engine import Gmi
-from ..gmi_core.errors import GmiError, InvalidInput, NotFound
+from ..gmi_core.errors import InvalidInput, NotFound
 from ..gmi_core.families import FamilySettings
 from ..gmi_core.paths import resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
@@ -20,11 +20,7 @@ from ..gmi_core.store import SpecStore
 from . import host, settings
 
 log = logging.getLogger("gmi")
-_LOCK = threading.RLock()
-_ENCODERS: OrderedDict[str, ClipEncoder] = OrderedDict()
-_ENGINES: OrderedDict[tuple, Gmi] = OrderedDict()
-_MAX_ENCODERS = 2
-_MAX_ENGINES = 8
+POOL = service.EnginePool()
 ENV_ALLOW_DOWNLOAD = "GMI_ALLOW_DOWNLOAD"  # "0" forbids downloads everywhere (offline installs)
 
 
@@ -43,12 +39,10 @@ def downloads_allowed(requested: bool = True) -> bool:
 
 def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
     """An encoder by the name shown in the loader: a known encoder, or a gmi encoder file in models/gmi."""
-    with _LOCK:
-        if not isinstance(name, str) or not name:
-            raise InvalidInput("name an encoder")
-        if name in _ENCODERS:
-            _ENCODERS.move_to_end(name)
-            return _ENCODERS[name]
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("name an encoder")
+
+    def load() -> ClipEncoder:
         if parse_encoder_name(name) is None:
             if name not in encoder_choices():  # only files ComfyUI lists in models/gmi, by their listed name
                 raise NotFound(f"no encoder {name[:200]!r}: name a known encoder or a gmi encoder file in models/gmi")
@@ -56,34 +50,30 @@ def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
             encoder = load_encoder(str(path), placement=host.ComfyPlacement())
         else:
             encoder = load_encoder(
-                name, search_dirs=host.encoder_search_dirs(), own_dirs=host.encoder_own_dirs(),
-                allow_download=downloads_allowed(allow_download), download_dir=host.encoder_download_dir(),
-                placement=host.ComfyPlacement(), progress=host.download_progress(),
+                name,
+                search_dirs=host.encoder_search_dirs(),
+                own_dirs=host.encoder_own_dirs(),
+                allow_download=downloads_allowed(allow_download),
+                download_dir=host.encoder_download_dir(),
+                placement=host.ComfyPlacement(),
+                progress=host.download_progress(),
             )
         encoder.gmi_choice = name  # remembered for the side panel's "Build missing specs"
-        _ENCODERS[name] = encoder
-        while len(_ENCODERS) > _MAX_ENCODERS:
-            _ENCODERS.popitem(last=False)
         return encoder
+
+    return POOL.encoder(name, load)
 
 
 ENV_WARM = "GMI_WARM_ON_START"  # "1": load the panel's encoder and label embeddings after start
 
 
 def warm_in_background() -> threading.Thread | None:
-    """Off the start-up path (a daemon thread): the side panel's encoder, if on disk, and its label embeddings."""
+    """GMI_WARM_ON_START=1: the side panel's encoder (if on disk) and its label embeddings, off the start-up path."""
     if os.environ.get(ENV_WARM, "").strip() not in ("1", "true", "yes"):
         return None
-
-    def warm() -> None:
-        try:
-            get_engine(get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set("platform")).warm()
-        except GmiError as exc:
-            log.info("gmi: background warm-up skipped: %s", exc)
-
-    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
-    thread.start()
-    return thread
+    return service.warm_in_background(
+        lambda: get_engine(get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set("platform"))
+    )
 
 
 def prompt_set_dir() -> Path:
@@ -139,14 +129,4 @@ def get_engine(
 ) -> Gmi:
     """The engine for these settings; ``budget=None`` (identify, status): the panel's last budget."""
     budget = parse_budget(budget if budget is not None else settings.load()["budget"])
-    family_settings = family_settings or FamilySettings.defaults()
-    key = (id(encoder), encoder.encoder_id, prompt_set.hash, budget, family_settings, base_seed)
-    with _LOCK:
-        if key in _ENGINES:
-            _ENGINES.move_to_end(key)
-            return _ENGINES[key]
-        engine = Gmi(spec_root(), encoder, prompt_set, budget=budget, settings=family_settings, base_seed=base_seed)
-        _ENGINES[key] = engine
-        while len(_ENGINES) > _MAX_ENGINES:
-            _ENGINES.popitem(last=False)
-        return engine
+    return POOL.engine(encoder, spec_root(), prompt_set, budget, family_settings, base_seed)

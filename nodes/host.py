@@ -1,4 +1,4 @@
-"""ComfyUI's side of the three gmi seams: checkpoint source, generator, switcher.
+"""ComfyUI's side of the gmi seams: checkpoint source and generator (the Identify node loads the winner).
 
 Everything ComfyUI-specific is imported lazily, inside the functions that need it, so that the
 pack imports in plain Python (tests, linters) and only touches ComfyUI when a node runs.
@@ -16,17 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..gmi_core.checkpoints import inspect_checkpoint_cached
+from ..gmi_core.checkpoints import list_checkpoint_files
 from ..gmi_core.encoder_files import inspect_weights
 from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
-from ..gmi_core.hashing import HashCache
-from ..gmi_core.protocols import (
-    CheckpointInfo,
-    CheckpointListing,
-    GenerationSettings,
-    SkippedCheckpoint,
-)
+from ..gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 
 log = logging.getLogger("gmi")
 
@@ -110,7 +104,9 @@ class ComfyPlacement(Placement):
         import comfy.model_management as mm
 
         device = mm.text_encoder_device()
-        super().__init__(device, torch.float16 if mm.should_use_fp16(device, prioritize_performance=False) else torch.float32)
+        super().__init__(
+            device, torch.float16 if mm.should_use_fp16(device, prioritize_performance=False) else torch.float32
+        )
         self.offload_device = mm.text_encoder_offload_device()
         self.patcher = None
 
@@ -119,7 +115,9 @@ class ComfyPlacement(Placement):
         import comfy.model_patcher
 
         if self.patcher is None or self.patcher.model is not model:
-            self.patcher = comfy.model_patcher.ModelPatcher(model, load_device=self.device, offload_device=self.offload_device)
+            self.patcher = comfy.model_patcher.ModelPatcher(
+                model, load_device=self.device, offload_device=self.offload_device
+            )
         mm.load_models_gpu([self.patcher])
         return self.device
 
@@ -168,31 +166,17 @@ def tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., :3] if a.shape[-1] >= 3 else np.repeat(a, 3, axis=-1), "RGB") for a in arr]
 
 
-# -- the three seams ---------------------------------------------------------------------------
+# -- the seams ---------------------------------------------------------------------------------
 class ComfyCheckpointSource:
-    """ComfyUI's ``checkpoints`` folders; hashes cached in the gmi user folder."""
+    """ComfyUI's ``checkpoints`` folders (names only through ``folder_paths``); hashes cached in the gmi user folder."""
 
     def __init__(self, hash_cache: Path | None = None):
         self.hash_cache = hash_cache
 
     def list_checkpoints(self) -> CheckpointListing:
-        listing = CheckpointListing()
-        cache = HashCache(self.hash_cache)  # read once per listing
-        for name in checkpoint_names():
-            path = checkpoint_path(name)
-            try:
-                # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
-                family, reason = inspect_checkpoint_cached(path, cache, allow_pickle=True)
-                if reason:
-                    listing.skipped.append(SkippedCheckpoint(name, path, reason))
-                    continue
-                sha = cache.sha256(path)
-            except OSError as exc:
-                listing.skipped.append(SkippedCheckpoint(name, path, f"unreadable: {exc}"))
-                continue
-            listing.checkpoints.append(CheckpointInfo(name, path, sha, family=family))
-        cache.save()
-        return listing
+        # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
+        files = ((name, checkpoint_path(name)) for name in checkpoint_names())
+        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True)
 
 
 def load_checkpoint(path: Path):
@@ -247,7 +231,7 @@ class ComfyGenerator:
                 self._loaded = (Path(checkpoint.path), load_checkpoint(checkpoint.path))
             except CheckpointError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - ComfyUI raises many kinds for unloadable files
+            except Exception as exc:
                 raise CheckpointError(f"ComfyUI could not load {checkpoint.name}: {type(exc).__name__}: {exc}") from exc
         return self._loaded[1]
 
@@ -267,8 +251,18 @@ class ComfyGenerator:
             latent = torch.zeros([len(group), 4, settings.height // 8, settings.width // 8])
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
             samples = comfy.sample.sample(
-                model, per_seed_noise(latent, group), settings.steps, settings.cfg, settings.sampler,
-                settings.scheduler, positive, negative, latent, denoise=1.0, disable_pbar=True, seed=int(group[0]),
+                model,
+                per_seed_noise(latent, group),
+                settings.steps,
+                settings.cfg,
+                settings.sampler,
+                settings.scheduler,
+                positive,
+                negative,
+                latent,
+                denoise=1.0,
+                disable_pbar=True,
+                seed=int(group[0]),
             )
             decoded = vae.decode(samples)
             if decoded.ndim == 5:  # some VAEs return [B, T, H, W, C]
@@ -295,13 +289,3 @@ class ComfyGenerator:
 def _encode(clip, text: str):
     tokens = clip.tokenize(text)
     return clip.encode_from_tokens_scheduled(tokens)
-
-
-class ComfySwitcher:
-    """Makes a checkpoint active in the graph: the Identify node outputs what this loads."""
-
-    def __init__(self):
-        self.loaded = None
-
-    def switch(self, checkpoint: CheckpointInfo) -> None:
-        self.loaded = load_checkpoint(checkpoint.path)

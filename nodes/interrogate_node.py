@@ -18,10 +18,15 @@ class GMIInterrogate:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "encoder": (ENCODER_TYPE, {"tooltip": "The CLIP encoder (GMI Load CLIP Encoder)."}),
-            "image": ("IMAGE", {"tooltip": "The image to describe; for a batch, their mean CLIP feature is described."}),
-        }}
+        return {
+            "required": {
+                "encoder": (ENCODER_TYPE, {"tooltip": "The CLIP encoder (GMI Load CLIP Encoder)."}),
+                "image": (
+                    "IMAGE",
+                    {"tooltip": "The image to describe; for a batch, their mean CLIP feature is described."},
+                ),
+            }
+        }
 
     def interrogate(self, encoder, image):
         engine = engines.get_engine(encoder, engines.get_prompt_set("platform"))

@@ -14,10 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from ..gmi_core import limits
+from ..gmi_core import limits, service
 from ..gmi_core.errors import InvalidInput
-from ..gmi_core.library_map import build_map
-from ..gmi_core.observed import import_images
 from ..gmi_core.paths import folder_inside
 from . import engines, settings
 
@@ -29,8 +27,11 @@ _FIELDS = {"root", "subfolder", "encoder", "prompt_set", "max_prompts"}
 def root_folder(root: str) -> Path:
     import folder_paths
 
-    folders = {"output": folder_paths.get_output_directory, "input": folder_paths.get_input_directory,
-               "models": lambda: folder_paths.models_dir}
+    folders = {
+        "output": folder_paths.get_output_directory,
+        "input": folder_paths.get_input_directory,
+        "models": lambda: folder_paths.models_dir,
+    }
     if root not in folders:
         raise InvalidInput(f"root must be one of {', '.join(ROOTS)}")
     return Path(folders[root]()).resolve()
@@ -62,8 +63,9 @@ def _max_prompts(fields: dict, default: int) -> int:
 def _engine(fields: dict):
     config = settings.load()
     encoder = engines.get_encoder(_text(fields, "encoder", config["encoder"]))
-    prompts = engines.get_prompt_set(_text(fields, "prompt_set", config["prompt_set"]),
-                                     _max_prompts(fields, config["max_prompts"]))
+    prompts = engines.get_prompt_set(
+        _text(fields, "prompt_set", config["prompt_set"]), _max_prompts(fields, config["max_prompts"])
+    )
     return engines.get_engine(encoder, prompts)
 
 
@@ -73,18 +75,11 @@ def import_images_payload(fields: dict) -> dict:
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(str(k)[:40] for k in unknown))}")
     folder = confined_folder(_text(fields, "root", "output"), _text(fields, "subfolder"))
-    engine = _engine(fields)
-    return limits.json_safe(import_images(engine, engines.source().list_checkpoints(), folder).to_dict())
+    return service.import_images_payload(_engine(fields), engines.source(), folder)
 
 
 def map_payload(fields: dict) -> dict:
-    engine = _engine(fields)
-    specs, excluded = engine.load_specs(engines.source(), include_not_installed=True)
-    if not specs:
-        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
-    data.pop("relative_distance")
-    return limits.json_safe(data)
+    return service.map_payload(_engine(fields), engines.source())
 
 
 async def read_json_body(request) -> dict:

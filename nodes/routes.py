@@ -1,4 +1,6 @@
-"""HTTP routes under /gmi/ (also served under /api/gmi/): status, options, identify upload, thumbnails.
+"""HTTP routes under /gmi/ (also served under /api/gmi/): status, options, defaults, identify upload, thumbnails.
+
+Thin translations of :mod:`gmi_core.service` (the same payloads as the A1111 API).
 
 Access control: the routes are added to ``PromptServer.routes``, the table ComfyUI itself serves, so every
 middleware ComfyUI applies to its own routes applies to them too (its origin check against cross-site
@@ -14,30 +16,24 @@ the pixel limit. Error bodies are one line without server paths; JSON never hold
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import re
 
-from ..gmi_core import limits
+from ..gmi_core import limits, service
 from ..gmi_core.errors import (
-    Busy,
-    CheckpointError,
     EncoderUnavailable,
-    GmiError,
-    ImageError,
     InvalidInput,
-    NoSpecsError,
     NotFound,
     SpecError,
 )
-from ..gmi_core.images import load_image
+from ..gmi_core.images import load_image, png_bytes
 from ..gmi_core.observed import OBSERVED
 from ..gmi_core.paths import one_line, redact
-from ..gmi_core.ranker import METHODS
+from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from ..gmi_core.spec import SpecKey
 from . import engines, settings
-from .build_node import sampler_choices
-from .identify_node import ui_ranking
+from .build_node import build_inputs, sampler_choices
+from .identify_node import thumbnail_urls
 
 log = logging.getLogger("gmi")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -98,19 +94,14 @@ def status_payload(config: dict) -> dict:
     encoder = engines.get_encoder(config["encoder"])
     prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
     engine = engines.get_engine(encoder, prompts, config["budget"], per_family, config["seed"])
-    statuses, skipped = engine.status(engines.source())
-    note = "" if statuses or skipped else "the checkpoints folders hold no checkpoint files; put Stable Diffusion checkpoints in models/checkpoints"
-    return limits.json_safe({
-        "config": config,
-        "encoder_id": encoder.encoder_id,
-        "prompt_set": {"name": prompts.name, "hash": prompts.hash, "size": len(prompts)},
-        "budget": engine.budget.to_dict(len(prompts)),
-        "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),
-        "family_settings": per_family.to_dict(),
-        "checkpoints": [s.__dict__ for s in statuses],
-        "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
-        "note": note,
-    })
+    return service.status_payload(
+        engine,
+        engines.source(),
+        config,
+        empty_note=(
+            "the checkpoints folders hold no checkpoint files; put Stable Diffusion checkpoints in models/checkpoints"
+        ),
+    )
 
 
 def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
@@ -118,19 +109,31 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
     top_k = _count("top_k", fields.get("top_k"), 0)
     max_prompts = _count("max_prompts", fields.get("max_prompts"), 0)
     include_not_installed = _flag("include_not_installed", fields.get("include_not_installed"))
-    method = fields.get("method") or "gmi"
+    method = fields.get("method") or DEFAULT_METHOD
     if method not in METHODS:
         raise InvalidInput(f"unknown method {method[:40]!r}; one of {', '.join(METHODS)}")
     images = [load_image(data, name=f"image {i + 1}") for i, (_, data) in enumerate(raw_images)]
     encoder = engines.get_encoder(fields.get("encoder") or settings.load()["encoder"])
     prompts = engines.get_prompt_set(fields.get("prompt_set") or "platform", max_prompts)
     engine = engines.get_engine(encoder, prompts)
-    result = engine.identify(images, prompt=fields.get("prompt") or None, method=method, source=engines.source(),
-                             include_not_installed=include_not_installed)
-    data = ui_ranking(result, encoder.encoder_id, prompts.hash, result.best.name)
-    if top_k:
-        data["ranking"] = data["ranking"][:top_k]
-    return limits.json_safe(data)
+    result = service.identify(engine, images, engines.source(), fields.get("prompt"), method, include_not_installed)
+    return service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k)
+
+
+def thumbnail_key(query) -> tuple[str, str, str, int]:
+    """(sha256, encoder_id, prompt_set_hash, prompt index) of a thumbnail request, each checked by its pattern."""
+    sha, enc, psh = query.get("sha256", ""), query.get("encoder_id", ""), query.get("prompt_set_hash", "")
+    if not (
+        _HEX64.fullmatch(sha)
+        and _ID.fullmatch(enc)
+        and ".." not in enc
+        and (re.fullmatch(r"[0-9a-f]{1,64}", psh) or psh == OBSERVED)
+    ):
+        raise InvalidInput("bad spec key")
+    index = query.get("prompt", "")
+    if not index.isdigit() or len(index) > 6:
+        raise InvalidInput("prompt must be a prompt index")
+    return sha, enc, psh, int(index)
 
 
 def thumbnail_png(sha256: str, encoder_id: str, prompt_set_hash: str, index: int) -> bytes:
@@ -140,28 +143,7 @@ def thumbnail_png(sha256: str, encoder_id: str, prompt_set_hash: str, index: int
         pixels = None
     if pixels is None:
         raise NotFound("no such spec image")
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, "PNG")
-    return out.getvalue()
-
-
-def http_status(exc: Exception) -> int:
-    """One mapping from gmi's errors to HTTP: the client's fault 4xx, the server's 5xx."""
-    if isinstance(exc, limits.UploadTooLarge):
-        return 413
-    if isinstance(exc, (NotFound, CheckpointError)):
-        return 404
-    if isinstance(exc, (NoSpecsError, Busy)):
-        return 409
-    if isinstance(exc, EncoderUnavailable):
-        return 503
-    if isinstance(exc, OSError):
-        return 503
-    if isinstance(exc, (InvalidInput, ImageError, GmiError)):
-        return 400
-    return 500
+    return png_bytes(pixels)
 
 
 async def read_upload(request) -> tuple[list[tuple[str, bytes]], dict]:
@@ -208,7 +190,7 @@ def register(server) -> None:
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
     def error(exc: Exception):
-        status = http_status(exc)
+        status = service.http_status(exc)
         if status >= 500 and not isinstance(exc, (OSError, EncoderUnavailable)):
             log.exception("gmi: unexpected error in a route")
             message = f"internal error ({type(exc).__name__}); see the ComfyUI log"
@@ -229,12 +211,21 @@ def register(server) -> None:
     @routes.get("/gmi/options")
     @guarded
     async def options(request):
-        return web.json_response({
-            "encoders": engines.encoder_choices(),
-            "prompt_sets": engines.prompt_set_choices(),
-            "methods": list(METHODS),
-            "config": settings.load(),
-        })
+        config = settings.load()
+        return web.json_response(
+            {
+                "encoders": engines.encoder_choices(),
+                "prompt_sets": engines.prompt_set_choices(),
+                "methods": list(METHODS),
+                "config": config,
+                "build_inputs": build_inputs(config),
+            }
+        )
+
+    @routes.get("/gmi/defaults")
+    @guarded
+    async def defaults(request):
+        return web.json_response(service.defaults_payload())
 
     @routes.get("/gmi/status")
     @guarded
@@ -251,15 +242,7 @@ def register(server) -> None:
     @routes.get("/gmi/thumbnail")
     @guarded
     async def thumbnail(request):
-        q = request.query
-        sha, enc, psh = q.get("sha256", ""), q.get("encoder_id", ""), q.get("prompt_set_hash", "")
-        if not (_HEX64.fullmatch(sha) and _ID.fullmatch(enc) and ".." not in enc
-                and (re.fullmatch(r"[0-9a-f]{1,64}", psh) or psh == OBSERVED)):
-            raise InvalidInput("bad spec key")
-        index = q.get("prompt", "")
-        if not index.isdigit() or len(index) > 6:
-            raise InvalidInput("prompt must be a prompt index")
-        png = await run(thumbnail_png, sha, enc, psh, int(index))
+        png = await run(thumbnail_png, *thumbnail_key(request.query))
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     from . import library_routes

@@ -7,19 +7,20 @@ import math
 import re
 
 from ..gmi_core.budgets import DEFAULT_BUDGET
+from ..gmi_core.encoder_registry import DEFAULT_ENCODER
 from ..gmi_core.families import FamilySettings, parse_overrides
+from ..gmi_core.paths import write_json_atomic
 from ..gmi_core.protocols import GenerationSettings
-from ..gmi_core.store import write_json_atomic
 from . import host
 
-DEFAULTS = {
-    "encoder": "ViT-L-14/openai",
+DEFAULTS = {  # every value from its one place in gmi_core
+    "encoder": DEFAULT_ENCODER,
     "prompt_set": "platform",
     "max_prompts": 0,
     "budget": DEFAULT_BUDGET,
     "family_settings": "",
-    "sampler_name": "euler",
-    "scheduler": "normal",
+    "sampler_name": GenerationSettings.sampler,
+    "scheduler": GenerationSettings.scheduler,
     "seed": 0,
 }
 

@@ -1,14 +1,7 @@
 """gmi: HTTP API under /gmi/v1/ (see gmi_a1111/api.py for the routes)."""
 
-import os
-import sys
+from modules import script_callbacks
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    from gmi_a1111 import api  # noqa: E402
-finally:
-    sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
-from modules import script_callbacks  # noqa: E402
+from gmi_a1111 import api  # the WebUI puts the extension root on sys.path while it loads this file
 
 script_callbacks.on_app_started(api.on_app_started)

@@ -1,16 +1,9 @@
 """gmi: AlwaysVisible txt2img script "Auto-select checkpoint from reference image"."""
 
-import os
-import sys
+import gradio as gr
+from modules import scripts
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    from gmi_a1111 import autoselect  # noqa: E402
-finally:
-    sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
-import gradio as gr  # noqa: E402
-from modules import scripts  # noqa: E402
+from gmi_a1111 import autoselect  # the WebUI puts the extension root on sys.path while it loads this file
 
 
 class GmiAutoSelect(scripts.Script):
@@ -26,7 +19,9 @@ class GmiAutoSelect(scripts.Script):
         with gr.Accordion("Auto-select checkpoint from reference image", open=False, elem_id="gmi_autoselect"):
             enabled = gr.Checkbox(False, label="Enable", elem_id="gmi_autoselect_enabled")
             image = gr.Image(label="Reference image", type="pil", elem_id="gmi_autoselect_image")
-            prompt = gr.Textbox(label="Prompt for the weights (empty: interrogate the reference)", elem_id="gmi_autoselect_prompt")
+            prompt = gr.Textbox(
+                label="Prompt for the weights (empty: interrogate the reference)", elem_id="gmi_autoselect_prompt"
+            )
         self.infotext_fields = [(enabled, lambda d: autoselect.INFOTEXT_KEY in d)]
         return [enabled, image, prompt]
 

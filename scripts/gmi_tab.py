@@ -1,14 +1,7 @@
 """gmi: the "GMI" tab (Identify + Build specs)."""
 
-import os
-import sys
+from modules import script_callbacks
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    from gmi_a1111 import ui  # noqa: E402
-finally:
-    sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
-from modules import script_callbacks  # noqa: E402
+from gmi_a1111 import ui  # the WebUI puts the extension root on sys.path while it loads this file
 
 script_callbacks.on_ui_tabs(ui.on_ui_tabs)

@@ -1,4 +1,4 @@
-"""Unit tests of the A1111 adapter (scripts/gmi_a1111) against a faithful fake of the WebUI's modules.*.
+"""Unit tests of the A1111 adapter (gmi_a1111/, loaded by scripts/gmi_*.py) against a faithful fake of the WebUI's modules.*.
 
 The real WebUI is exercised by tests/test_a1111_integration.py (opt-in, GMI_A1111_DIR).
 """
@@ -37,7 +37,7 @@ def webui(tmp_path, monkeypatch) -> FakeWebui:
     fake.install(monkeypatch)
     for name in [n for n in sys.modules if n == "gmi_a1111" or n.startswith("gmi_a1111.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(REPO))  # as the WebUI does while it loads scripts/: the extension root
     monkeypatch.delenv("GMI_A1111_ENCODER", raising=False)
     return fake
 
@@ -52,7 +52,7 @@ def world(webui, encoder_file, tmp_path):
     for i in range(3):
         webui.add_checkpoint(f"model_{i}.safetensors", seed=i)
     webui.add_checkpoint("sub/lora_x.safetensors", seed=9, kind="lora")
-    (webui.ckpt_dir / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (webui.ckpt_dir / "broken.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     webui.refresh()
     gmi("options").on_ui_settings()
     prompts = webui.models_path / "gmi" / "prompt_sets" / "prompts.json"  # prompt sets live in gmi's folder
@@ -98,9 +98,11 @@ def test_settings_section(webui):
     gmi("options").on_ui_settings()
     labels = webui.shared.opts.data_labels
     runtime = gmi("runtime")
-    for key, (default, _) in runtime.OPTIONS.items():
-        assert labels[key].section[0] == "gmi"
+    for key, (default, label, help_text) in runtime.OPTIONS.items():
+        assert labels[key].section[0] == "gmi" and labels[key].label == label
         assert webui.shared.opts.data[key] == default
+        assert (help_text in labels[key].comment_after) if help_text else labels[key].comment_after == ""
+        assert (labels[key].onchange is runtime.reset) == (key in runtime.RESETTING_OPTIONS)
     assert runtime.spec_dir() == webui.models_path / "gmi"
     webui.shared.opts.set("gmi_spec_dir", str(webui.root / "elsewhere"))
     assert runtime.spec_dir() == webui.root / "elsewhere"
@@ -109,14 +111,22 @@ def test_settings_section(webui):
 def test_source_lists_sd_checkpoints_hashes_through_webui_cache_and_skips_the_rest(world):
     host = gmi("host")
     listing = host.WebuiCheckpointSource().list_checkpoints()
-    assert [c.name for c in listing.checkpoints] == ["model_0.safetensors", "model_1.safetensors", "model_2.safetensors"]
+    assert [c.name for c in listing.checkpoints] == [
+        "model_0.safetensors",
+        "model_1.safetensors",
+        "model_2.safetensors",
+    ]
     for c in listing.checkpoints:
         assert c.sha256 == hashlib.sha256(c.path.read_bytes()).hexdigest()
     reasons = {s.name: s.reason for s in listing.skipped}
     assert "LoRA" in reasons["sub/lora_x.safetensors"]
     assert "unreadable" in reasons["broken.safetensors"]
     # hashed once each via modules.hashes with the WebUI's "checkpoint/<name>" key, titles now carry the short hash
-    assert sorted(world.hash_calls) == ["checkpoint/model_0.safetensors", "checkpoint/model_1.safetensors", "checkpoint/model_2.safetensors"]
+    assert sorted(world.hash_calls) == [
+        "checkpoint/model_0.safetensors",
+        "checkpoint/model_1.safetensors",
+        "checkpoint/model_2.safetensors",
+    ]
     titles = sorted(world.sd_models.checkpoints_list)
     assert all("[" in t for t in titles if t.startswith("model_"))
     host.WebuiCheckpointSource().list_checkpoints()
@@ -178,7 +188,7 @@ def test_generator_interrupt_raises_cancelled(world):
         host.WebuiGenerator(source).generate(ckpt, "a cat", [1, 2], GenerationSettings(width=64, height=64))
 
 
-def test_build_job_holds_queue_lock_reports_progress_and_identifies(world):
+def test_build_job_holds_queue_lock_reports_progress_and_identifies(world, monkeypatch):
     build, runtime = gmi("build"), gmi("runtime")
     seen_locked = []
     original = world.modules["modules.processing"].process_images
@@ -200,15 +210,26 @@ def test_build_job_holds_queue_lock_reports_progress_and_identifies(world):
     assert job.images_planned == job.images_rendered == 18 and job.eta_s == 0 and job.seconds_per_image > 0
     status = runtime.status()
     assert [c["state"] for c in status["checkpoints"]] == ["ready"] * 3
-    assert status["images_missing"] == 0 and status["settings"]["sd1"]["width"] == 64
-    assert status["settings"]["sdxl"]["width"] == 1024 and [c["family"] for c in status["checkpoints"]] == ["sd1"] * 3
+    assert status["images_missing"] == 0 and status["family_settings"]["sd1"]["width"] == 64
+    assert (
+        status["family_settings"]["sdxl"]["width"] == 1024
+        and [c["family"] for c in status["checkpoints"]] == ["sd1"] * 3
+    )
     other = runtime.status(steps=7, budget="allx3")  # API overrides: every family, and the budget
-    assert {v["steps"] for v in other["settings"].values()} == {7} and other["images_missing"] == 3 * 3
-    assert {c["state"] for c in other["checkpoints"]} == {"partial"} and not any(c["current"] for c in other["checkpoints"])
-    assert status["spec_dir"] == str(world.models_path / "gmi")
+    assert {v["steps"] for v in other["family_settings"].values()} == {7} and other["images_missing"] == 3 * 3
+    assert {c["state"] for c in other["checkpoints"]} == {"partial"} and not any(
+        c["current"] for c in other["checkpoints"]
+    )
+    assert status["config"]["budget"] == "allx2" and other["config"]["budget"] == "allx3"
+    monkeypatch.setitem(sys.modules, "gradio", type(sys)("gradio"))  # ui.py imports it; status_rows uses none of it
+    _, names, todo, note = gmi("ui").status_rows()  # the Build tab renders the same payload
+    assert names == [c["name"] for c in status["checkpoints"]] and not todo
+    assert str(world.models_path / "gmi") in note and "gmi-tiny-clip-s0" in note and "sd1 64x64, 3 steps" in note
     # an unseen prompt and seed from each checkpoint ranks it first
     fake = world
-    for info in sorted({i.filename: i for i in world.sd_models.checkpoints_list.values()}.values(), key=lambda i: i.name):
+    for info in sorted(
+        {i.filename: i for i in world.sd_models.checkpoints_list.values()}.values(), key=lambda i: i.name
+    ):
         if not info.name.startswith("model_"):
             continue
         query = fake.render(info.filename, "a lighthouse in a storm", 987654, 64, 64)
@@ -237,7 +258,9 @@ def test_build_is_resumable_after_interrupt(world):
 def test_api_handlers_validate_and_resolve(world):
     api, build = gmi("api"), gmi("build")
     with pytest.raises(api.HTTPException) as err:
-        api.identify(api.IdentifyRequest(image=b64png(world.render(str(world.ckpt_dir / "model_0.safetensors"), "x", 1, 64, 64))))
+        api.identify(
+            api.IdentifyRequest(image=b64png(world.render(str(world.ckpt_dir / "model_0.safetensors"), "x", 1, 64, 64)))
+        )
     assert err.value.status_code == 409 and "build specs first" in err.value.detail
     with pytest.raises(api.HTTPException) as err:
         api.start_build(api.BuildRequest(checkpoints=["nope.safetensors"]))
@@ -250,16 +273,22 @@ def test_api_handlers_validate_and_resolve(world):
     assert api.build_status(job["id"])["state"] == "done"
     specs = api.specs()
     assert {c["name"]: c["state"] for c in specs["checkpoints"]} == {
-        "model_0.safetensors": "ready", "model_1.safetensors": "missing", "model_2.safetensors": "ready"}
+        "model_0.safetensors": "ready",
+        "model_1.safetensors": "missing",
+        "model_2.safetensors": "ready",
+    }
     assert specs["build"]["id"] == job["id"]
     image = b64png(world.render(str(world.ckpt_dir / "model_2.safetensors"), "a tree", 4242, 64, 64))
     result = api.identify(api.IdentifyRequest(image="data:image/png;base64," + image, prompt="a tree", top_k=1))
     assert [r["name"] for r in result["ranking"]] == ["model_2.safetensors"]
     assert result["prompt_source"] == "user"
     assert {e["name"] for e in result["excluded"]} >= {"model_1.safetensors"}
-    for bad, code in ((api.IdentifyRequest(image="!!notbase64"), 422), (api.IdentifyRequest(), 422),
-                      (api.IdentifyRequest(image=base64.b64encode(b"not an image").decode()), 422),
-                      (api.IdentifyRequest(image=image, method="magic"), 422)):
+    for bad, code in (
+        (api.IdentifyRequest(image="!!notbase64"), 422),
+        (api.IdentifyRequest(), 422),
+        (api.IdentifyRequest(image=base64.b64encode(b"not an image").decode()), 422),
+        (api.IdentifyRequest(image=image, method="magic"), 422),
+    ):
         with pytest.raises(api.HTTPException) as err:
             api.identify(bad)
         assert err.value.status_code == code
@@ -357,7 +386,8 @@ def test_routes_exist_only_with_the_webui_api(webui):
     api.on_app_started(None, app)
     api.on_app_started(None, app)  # UI reload registers nothing twice
     assert sorted((r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/gmi/")) == sorted(
-        ("/gmi/v1" + p, m) for p, _, m in api.ROUTES)
+        ("/gmi/v1" + p, m) for p, _, m in api.ROUTES
+    )
 
 
 def test_routes_use_the_webui_api_auth(world):
@@ -372,16 +402,24 @@ def test_routes_use_the_webui_api_auth(world):
     api.on_app_started(None, app)
     ours = {r.path: r for r in app.routes if r.path.startswith("/gmi/v1")}
     webui_route = next(r for r in app.routes if r.path == "/sdapi/v1/options")
-    assert len(ours) == 8
+    assert len(ours) == 9
     for route in ours.values():
         assert [d.dependency for d in route.dependencies] == [d.dependency for d in webui_route.dependencies]
     client = TestClient(app)
     image = b64png(world.render(str(world.ckpt_dir / "model_0.safetensors"), "x", 1, 64, 64))
-    calls = [("GET", "/gmi/v1/specs", None), ("GET", "/gmi/v1/build", None), ("POST", "/gmi/v1/build", {"wait": True}),
-             ("POST", "/gmi/v1/identify", {"image": image}), ("POST", "/gmi/v1/interrogate", {"image": image}),
-             ("POST", "/gmi/v1/switch", {"checkpoint": "model_1.safetensors"}), ("GET", "/gmi/v1/build/x", None),
-             ("POST", "/gmi/v1/import-images", {"root": "outputs"}), ("GET", "/gmi/v1/map", None),
-             ("GET", "/sdapi/v1/options", None)]
+    calls = [
+        ("GET", "/gmi/v1/specs", None),
+        ("GET", "/gmi/v1/build", None),
+        ("POST", "/gmi/v1/build", {"wait": True}),
+        ("POST", "/gmi/v1/identify", {"image": image}),
+        ("POST", "/gmi/v1/interrogate", {"image": image}),
+        ("POST", "/gmi/v1/switch", {"checkpoint": "model_1.safetensors"}),
+        ("GET", "/gmi/v1/build/x", None),
+        ("POST", "/gmi/v1/import-images", {"root": "outputs"}),
+        ("GET", "/gmi/v1/map", None),
+        ("GET", "/gmi/v1/defaults", None),
+        ("GET", "/sdapi/v1/options", None),
+    ]
     for method, path, body in calls:
         for auth in (None, ("alice", "wrong"), ("mallory", "s3cret"), ("bob", "pw")):
             r = client.request(method, path, json=body, auth=auth)
@@ -391,6 +429,9 @@ def test_routes_use_the_webui_api_auth(world):
     r = client.get("/gmi/v1/specs", auth=("alice", "s3cret"))
     assert r.status_code == 200 and {c["name"] for c in r.json()["checkpoints"]} >= {"model_0.safetensors"}
     assert client.get("/gmi/v1/build", auth=("bob", "pw2")).status_code == 404  # authenticated; no job yet
+    from gmi_core.service import defaults_payload
+
+    assert client.get("/gmi/v1/defaults", auth=("bob", "pw2")).json() == defaults_payload()
 
 
 def test_fallback_auth_when_the_webui_routes_are_not_found(world):

@@ -11,9 +11,26 @@ def _engine_args(world, home):
     prompts = home / "prompts.txt"
     prompts.write_text("\n".join(world.prompt_set.prompts[:3]))
     s = world.settings
-    return ["--models", str(world.models), "--home", str(home), "--encoder", str(world.encoder_file),
-            "--prompt-set", str(prompts), "--budget", "allx2", "--steps", str(s.steps), "--cfg", str(s.cfg),
-            "--width", str(s.width), "--height", str(s.height)]
+    return [
+        "--models",
+        str(world.models),
+        "--home",
+        str(home),
+        "--encoder",
+        str(world.encoder_file),
+        "--prompt-set",
+        str(prompts),
+        "--budget",
+        "allx2",
+        "--steps",
+        str(s.steps),
+        "--cfg",
+        str(s.cfg),
+        "--width",
+        str(s.width),
+        "--height",
+        str(s.height),
+    ]
 
 
 def test_build_specs_identify_json(tiny_world, tmp_path, capsys):
@@ -36,7 +53,9 @@ def test_build_specs_identify_json(tiny_world, tmp_path, capsys):
     assert "12 image(s) missing" in table and table.count("partial") == 4 and "steps 4 (now 9)" in table
 
     checkpoint = tiny_world.source().list_checkpoints().checkpoints[2]
-    image = tiny_world.generator().generate(checkpoint, "a tiger walking through the jungle", [4242], tiny_world.settings)[0]
+    image = tiny_world.generator().generate(
+        checkpoint, "a tiger walking through the jungle", [4242], tiny_world.settings
+    )[0]
     image.save(tmp_path / "query.png")
     assert main(["identify", str(tmp_path / "query.png"), *args, "--json", "--top-k", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -67,3 +86,25 @@ def test_demo_json(tmp_path, capsys):
     assert len(out["ranking"]) == 4 and out["pseudo_prompt"]
     report = (tmp_path / "report.html").read_text()
     assert out["true_checkpoint"] in report and report.count("data:image/png;base64") >= 4
+
+
+def test_the_benchmarks_load_only_for_the_bench_command(tmp_path):
+    """`gmi specs` (any command but bench) imports neither gmi_core.bench nor fastrank; `gmi bench` still works."""
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    models.mkdir()
+    code = (
+        "import sys\nfrom gmi_core.cli import main\n"
+        f"main(['specs', '--models', {str(models)!r}, '--home', {str(tmp_path / 'home')!r}, '--encoder', 'x'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('gmi_core.bench', 'gmi_core.fastrank'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    listed = subprocess.run([sys.executable, "-m", "gmi_core", "--help"], capture_output=True, text=True, timeout=120)
+    assert "bench" in listed.stdout
+    bench = subprocess.run(
+        [sys.executable, "-m", "gmi_core", "bench", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert bench.returncode == 0 and all(c in bench.stdout for c in ("synthetic", "roundtrip", "scale", "identify"))

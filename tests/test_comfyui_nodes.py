@@ -13,6 +13,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -103,11 +104,15 @@ def _fake_folder_paths(base: Path):
 def write_fake_checkpoint(path: Path, index: int) -> Path:
     """Header-valid SD1 single-file checkpoint (tiny tensors); the fake generator reads its index."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({
-        "model.diffusion_model.out.2.bias": torch.full((4,), float(index)),
-        "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
-        "cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
-    }, str(path), metadata={"index": str(index)})
+    save_file(
+        {
+            "model.diffusion_model.out.2.bias": torch.full((4,), float(index)),
+            "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
+            "cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
+        },
+        str(path),
+        metadata={"index": str(index)},
+    )
     return path
 
 
@@ -119,10 +124,10 @@ def fake_image(index: int, prompt: str, seed: int, size: int = 64) -> Image.Imag
 
 
 class FakeGenerator:
-    calls: list = []
-    sizes: dict = {}
+    calls: ClassVar[list] = []
+    sizes: ClassVar[dict] = {}
     interrupt_after: int | None = None
-    state: dict = {}
+    state: ClassVar[dict] = {}
 
     def __init__(self, on_image=None):
         self.on_image = on_image
@@ -184,7 +189,15 @@ def env(tmp_path, monkeypatch):
 def build(env, which="missing", max_prompts=4, budget="allx2", checkpoints=""):
     (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
     return env.nodes.GMIBuildSpecs().build(
-        encoder, which, "platform", budget, "steps=3 width=64 height=64", "euler", "normal", 0, max_prompts=max_prompts,
+        encoder,
+        which,
+        "platform",
+        budget,
+        "steps=3 width=64 height=64",
+        "euler",
+        "normal",
+        0,
+        max_prompts=max_prompts,
         checkpoints=checkpoints,
     ), encoder
 
@@ -209,8 +222,17 @@ def test_pack_imports_in_plain_python():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["['GMIBuildSpecs',", "'GMIIdentify',", "'GMIInterrogate',", "'GMILoadEncoder']", "./web",
-                                  "False", "False", "3", "True"]
+    assert out.stdout.split() == [
+        "['GMIBuildSpecs',",
+        "'GMIIdentify',",
+        "'GMIInterrogate',",
+        "'GMILoadEncoder']",
+        "./web",
+        "False",
+        "False",
+        "3",
+        "True",
+    ]
     script = subprocess.run([sys.executable, str(REPO / "__init__.py")], capture_output=True, text=True, timeout=60)
     assert script.returncode == 0, script.stderr
     assert (REPO / "web" / "gmi.js").is_file()
@@ -229,8 +251,13 @@ def test_node_classes_are_well_formed(env):
 
 def test_non_gmi_clip_files_in_models_gmi_are_not_offered_and_encoders_are_model_managed(env):
     gmi_dir = env.base / "models" / "gmi"
-    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 2, 2),
-               "visual_projection.weight": torch.zeros(2, 8)}, str(gmi_dir / "clip-vit-large-patch14.safetensors"))
+    save_file(
+        {
+            "vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 2, 2),
+            "visual_projection.weight": torch.zeros(2, 8),
+        },
+        str(gmi_dir / "clip-vit-large-patch14.safetensors"),
+    )
     choices, options = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"]
     assert "clip-vit-large-patch14.safetensors" not in choices and options["default"] == "ViT-L-14/openai"
     (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
@@ -303,7 +330,9 @@ def test_identify_picks_the_generating_checkpoint(env):
     # several reference images, a user prompt, another rank, another method
     images = to_tensor([fake_image(2, "a cat", 5), fake_image(2, "a dog", 6)])
     out = node.identify(encoder, images, "rkme_clip", 0, 2, prompt="a cat", max_prompts=4)
-    assert out["result"][3] != "ck2.safetensors" and out["ui"]["gmi_ranking"][0]["ranking"][0]["name"] == "ck2.safetensors"
+    assert (
+        out["result"][3] != "ck2.safetensors" and out["ui"]["gmi_ranking"][0]["ranking"][0]["name"] == "ck2.safetensors"
+    )
     assert len(out["ui"]["gmi_ranking"][0]["ranking"]) == 4
     with pytest.raises(Exception, match="pick_rank"):
         node.identify(encoder, images, "gmi", 0, 9, max_prompts=4)
@@ -359,7 +388,20 @@ def test_routes(env):
             assert {c["name"]: c["state"] for c in data["checkpoints"]} == {n: "ready" for n in env.names}
             assert len(data["skipped"]) == 2
             r = await client.get("/gmi/options")
-            assert "tiny.safetensors" in (await r.json())["encoders"]
+            options = await r.json()
+            assert "tiny.safetensors" in options["encoders"]
+            # the panel queues the Build node with exactly these inputs: every widget, last used values
+            widgets = {
+                **env.nodes.GMIBuildSpecs.INPUT_TYPES()["required"],
+                **env.nodes.GMIBuildSpecs.INPUT_TYPES()["optional"],
+            }
+            assert set(options["build_inputs"]) == set(widgets) - {"encoder"}
+            assert options["build_inputs"]["max_prompts"] == 4 and options["build_inputs"]["which"] == "missing"
+            r = await client.get("/gmi/defaults")
+            defaults = await r.json()
+            assert defaults["limits"]["seed"]["max"] == widgets["seed"][1]["max"]
+            assert defaults["limits"]["max_prompts"]["max"] == widgets["max_prompts"][1]["max"]
+            assert defaults["generation"]["sampler"] == widgets["sampler_name"][1]["default"]
 
             form = {"encoder": "tiny.safetensors", "max_prompts": "4", "top_k": "2"}
             import io
@@ -381,9 +423,11 @@ def test_routes(env):
             bad.add_field("image", b"not an image", filename="x.png", content_type="image/png")
             r = await client.post("/gmi/identify", data=bad)
             assert r.status == 400 and "not an image" in (await r.json())["error"]
-            for q in ("sha256=../../x&encoder_id=a&prompt_set_hash=ab&prompt=0",
-                      "sha256=" + "a" * 64 + "&encoder_id=../../etc&prompt_set_hash=ab&prompt=0",
-                      "sha256=" + "a" * 64 + "&encoder_id=x&prompt_set_hash=ab&prompt=0"):
+            for q in (
+                "sha256=../../x&encoder_id=a&prompt_set_hash=ab&prompt=0",
+                "sha256=" + "a" * 64 + "&encoder_id=../../etc&prompt_set_hash=ab&prompt=0",
+                "sha256=" + "a" * 64 + "&encoder_id=x&prompt_set_hash=ab&prompt=0",
+            ):
                 r = await client.get("/gmi/thumbnail?" + q)
                 assert r.status in (400, 404)
 
@@ -396,10 +440,18 @@ def test_build_announces_its_plan_reports_eta_and_ends_on_interrupt(env, monkeyp
     FakeGenerator.interrupt_after = 3
     with pytest.raises(Interrupted):
         build(env, budget="allx1")
-    assert sent[0] == ("gmi.build.plan", {"budget": "4x1", "images": 16, "generate_calls": 16, "checkpoints": [
-        {"name": n, "images": 4} for n in env.names]}), "the plan is announced before anything renders"
+    assert sent[0] == (
+        "gmi.build.plan",
+        {
+            "budget": "4x1",
+            "images": 16,
+            "generate_calls": 16,
+            "checkpoints": [{"name": n, "images": 4} for n in env.names],
+        },
+    ), "the plan is announced before anything renders"
     progress = [data for event, data in sent if event == "gmi.build.progress"]
     assert progress[0]["images_planned"] == 16 and progress[0]["eta_s"] is None
+    assert progress[0]["eta"] == "ETA after the first images" and progress[-1]["eta"].startswith("ETA 0m")
     assert progress[-1]["images_rendered"] == 4 and progress[-1]["seconds_per_image"] > 0 and progress[-1]["eta_s"] > 0
     assert sent[-1][0] == "gmi.build.done" and sent[-1][1]["cancelled"], "the panel's progress ends on interrupt"
 
@@ -425,22 +477,37 @@ def test_batched_noise_equals_each_seed_alone(env, monkeypatch):
 def test_each_family_renders_at_its_own_size(env):
     """An SDXL-layout header gets SDXL's 1024 px and steps; SD1 keeps 512 px; the node's text changes one family."""
     ckpts = env.base / "models" / "checkpoints"
-    save_file({
-        "model.diffusion_model.out.2.bias": torch.full((4,), 1.0),
-        "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
-        "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
-    }, str(ckpts / "xl.safetensors"), metadata={"index": "1"})
+    save_file(
+        {
+            "model.diffusion_model.out.2.bias": torch.full((4,), 1.0),
+            "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
+            "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
+        },
+        str(ckpts / "xl.safetensors"),
+        metadata={"index": "1"},
+    )
     (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
     node = env.nodes.GMIBuildSpecs()
-    node.build(encoder, "listed", "platform", "1x1", "", "euler", "normal", 0, checkpoints="xl.safetensors\nck0.safetensors")
+    node.build(
+        encoder, "listed", "platform", "1x1", "", "euler", "normal", 0, checkpoints="xl.safetensors\nck0.safetensors"
+    )
     assert FakeGenerator.sizes == {"xl.safetensors": (1024, 1024, 25), "ck0.safetensors": (512, 512, 20)}
     status = env.nodes.routes.status_payload(env.nodes.settings.load())
     assert {c["name"]: c["family"] for c in status["checkpoints"]}["xl.safetensors"] == "sdxl"
     assert status["family_settings"]["sdxl"]["width"] == 1024 and status["budget"]["images"] == 1
 
     FakeGenerator.sizes = {}
-    node.build(encoder, "listed", "platform", "1x2", "sdxl.width=768 sdxl.height=768", "euler", "normal", 0,
-               checkpoints="xl.safetensors")
+    node.build(
+        encoder,
+        "listed",
+        "platform",
+        "1x2",
+        "sdxl.width=768 sdxl.height=768",
+        "euler",
+        "normal",
+        0,
+        checkpoints="xl.safetensors",
+    )
     assert FakeGenerator.sizes == {"xl.safetensors": (1024, 1024, 25)}, "a spec is topped up with its own settings"
     status = env.nodes.routes.status_payload(env.nodes.settings.load())
     xl = {c["name"]: c for c in status["checkpoints"]}["xl.safetensors"]

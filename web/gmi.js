@@ -166,30 +166,26 @@ function summarySection() {
   };
 }
 
-// The build prompt the panel queues: the same two nodes a user would wire, with the last used settings.
-function buildPrompt(config) {
-  const c = config;
+// The build prompt the panel queues: the same two nodes a user would wire. The server sends the Build node's
+// inputs (its defaults with the last used settings, GET /gmi/options -> build_inputs), so no input is repeated here.
+function buildPrompt(options) {
   return {
-    gmi_encoder: { class_type: "GMILoadEncoder", inputs: { encoder: c.encoder, allow_download: false } },
-    gmi_build: { class_type: "GMIBuildSpecs", inputs: {
-      encoder: ["gmi_encoder", 0], which: "missing", prompt_set: c.prompt_set, max_prompts: c.max_prompts,
-      budget: c.budget, family_settings: c.family_settings, sampler_name: c.sampler_name,
-      scheduler: c.scheduler, seed: c.seed, checkpoints: "", negative_prompt: "" } },
+    gmi_encoder: { class_type: "GMILoadEncoder", inputs: { encoder: options.config.encoder, allow_download: false } },
+    gmi_build: { class_type: "GMIBuildSpecs", inputs: { ...options.build_inputs, encoder: ["gmi_encoder", 0] } },
   };
 }
 
-async function queueBuildMissing(config) {
-  const c = config || (await getJson("/gmi/options")).config;
+async function queueBuildMissing() {
+  const options = await getJson("/gmi/options");
   const r = await api.fetchApi("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ prompt: buildPrompt(c), client_id: api.clientId }) });
+    body: JSON.stringify({ prompt: buildPrompt(options), client_id: api.clientId }) });
   if (!r.ok) throw new Error((await r.text()).slice(0, 300));
 }
 
+// The ETA text comes from the server (gmi_core.protocols.format_eta), the same in every front end.
 export function buildProgressText(p) {
-  const eta = p.eta_s == null ? "ETA after the first images"
-    : `ETA ${Math.floor(p.eta_s / 60)}m${String(Math.round(p.eta_s % 60)).padStart(2, "0")}s`;
   return `${p.index + 1}/${p.count} ${p.checkpoint}: ${p.images_done}/${p.images_total} images · ` +
-    `build ${p.images_rendered}/${p.images_planned} · ${eta}`;
+    `build ${p.images_rendered}/${p.images_planned} · ${p.eta}`;
 }
 
 function buildSection(panel) {
@@ -198,10 +194,9 @@ function buildSection(panel) {
   const progress = el("progress", { class: "gmi-progress", max: "1", value: "0" });
   const text = el("div", { class: "gmi-build-status" });
   progress.hidden = true;
-  let config = null;
   button.onclick = async () => {
     try {
-      await queueBuildMissing(config);
+      await queueBuildMissing();
       text.textContent = "build queued…";
     } catch (err) {
       text.textContent = "could not queue the build: " + err.message;
@@ -230,10 +225,7 @@ function buildSection(panel) {
   for (const stopped of ["execution_interrupted", "execution_error"]) {  // a build stopped by ComfyUI itself
     api.addEventListener(stopped, () => { if (!progress.hidden) ended({ built: [], failed: [], cancelled: true }); });
   }
-  return {
-    element: el("div", {}, el("div", { class: "gmi-actions" }, button, refresh), progress, text),
-    update(status) { config = status.config; },
-  };
+  return { element: el("div", {}, el("div", { class: "gmi-actions" }, button, refresh), progress, text) };
 }
 
 function specTableSection() {

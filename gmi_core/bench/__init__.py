@@ -7,12 +7,15 @@ The CLI wires :func:`add_bench_parser` into its subcommands and calls :func:`run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from ..paths import write_json_atomic
 
 COMMANDS = ("synthetic", "roundtrip", "scale", "identify")
 
@@ -29,10 +32,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     mem = None
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -46,11 +47,7 @@ def machine_info() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=_jsonable, allow_nan=True)
 
 
 def _jsonable(value):

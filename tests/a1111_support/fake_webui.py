@@ -65,11 +65,24 @@ class FakeWebui:
 
     def _build(self) -> dict[str, types.ModuleType]:
         fake = self
-        m = {name: types.ModuleType(name) for name in (
-            "modules", "modules.shared", "modules.sd_models", "modules.hashes", "modules.processing",
-            "modules.call_queue", "modules.paths", "modules.progress", "modules.script_callbacks", "modules.scripts",
-            "modules.api", "modules.api.api", "modules.devices",
-        )}
+        m = {
+            name: types.ModuleType(name)
+            for name in (
+                "modules",
+                "modules.shared",
+                "modules.sd_models",
+                "modules.hashes",
+                "modules.processing",
+                "modules.call_queue",
+                "modules.paths",
+                "modules.progress",
+                "modules.script_callbacks",
+                "modules.scripts",
+                "modules.api",
+                "modules.api.api",
+                "modules.devices",
+            )
+        }
         pkg = m["modules"]
         pkg.__path__ = []
         for name, module in m.items():
@@ -82,18 +95,47 @@ class FakeWebui:
         shared = m["modules.shared"]
 
         class OptionInfo:
-            def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
-                         refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False, category_id=None):
-                self.default, self.label, self.component, self.component_args = default, label, component, component_args
+            def __init__(
+                self,
+                default=None,
+                label="",
+                component=None,
+                component_args=None,
+                onchange=None,
+                section=None,
+                refresh=None,
+                comment_before="",
+                comment_after="",
+                infotext=None,
+                restrict_api=False,
+                category_id=None,
+            ):
+                self.default, self.label, self.component, self.component_args = (
+                    default,
+                    label,
+                    component,
+                    component_args,
+                )
                 self.onchange, self.section, self.restrict_api = onchange, section, restrict_api
+                self.comment_after = comment_after
                 self.do_not_save = False
+
+            def info(self, info):  # as modules/options.py: help text after the label
+                self.comment_after += f"<span class='info'>({info})</span>"
+                return self
 
         class Options:
             def __init__(self):
                 object.__setattr__(self, "data", {"sd_model_checkpoint": None})
-                object.__setattr__(self, "data_labels", {
-                    "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint", onchange=lambda: fake.reload_model_weights()),
-                })
+                object.__setattr__(
+                    self,
+                    "data_labels",
+                    {
+                        "sd_model_checkpoint": OptionInfo(
+                            None, "Stable Diffusion checkpoint", onchange=lambda: fake.reload_model_weights()
+                        ),
+                    },
+                )
                 object.__setattr__(self, "saved", [])
 
             def __getattr__(self, item):
@@ -151,8 +193,16 @@ class FakeWebui:
         shared.OptionInfo = OptionInfo
         shared.opts = Options()
         shared.state = State()
-        shared.cmd_opts = types.SimpleNamespace(ckpt_dir=None, no_hashing=False, use_cpu=["all"], clip_models_path=None,
-                                                freeze_settings=False, api=False, api_auth=None, nowebui=False)
+        shared.cmd_opts = types.SimpleNamespace(
+            ckpt_dir=None,
+            no_hashing=False,
+            use_cpu=["all"],
+            clip_models_path=None,
+            freeze_settings=False,
+            api=False,
+            api_auth=None,
+            nowebui=False,
+        )
         shared.config_filename = self.config_filename
         shared.sd_model = None
         self.shared = shared
@@ -232,18 +282,27 @@ class FakeWebui:
             checkpoint_info = sd_models.checkpoint_aliases.get(search_string, None)
             if checkpoint_info is not None:
                 return checkpoint_info
-            found = sorted([i for i in sd_models.checkpoints_list.values() if search_string in i.title], key=lambda x: len(x.title))
+            found = sorted(
+                [i for i in sd_models.checkpoints_list.values() if search_string in i.title], key=lambda x: len(x.title)
+            )
             if found:
                 return found[0]
             without_checksum = re.sub(re_strip_checksum, "", search_string)
-            found = sorted([i for i in sd_models.checkpoints_list.values() if without_checksum in i.title], key=lambda x: len(x.title))
+            found = sorted(
+                [i for i in sd_models.checkpoints_list.values() if without_checksum in i.title],
+                key=lambda x: len(x.title),
+            )
             return found[0] if found else None
 
         sd_models.CheckpointInfo = CheckpointInfo
         sd_models.list_models = list_models
         sd_models.get_closet_checkpoint_match = get_closet_checkpoint_match
-        sd_models.model_data = types.SimpleNamespace(sd_model=None, lock=threading.Lock(), was_loaded_at_least_once=False)
-        sd_models.reload_model_weights = lambda sd_model=None, info=None, forced_reload=False: fake.reload_model_weights()
+        sd_models.model_data = types.SimpleNamespace(
+            sd_model=None, lock=threading.Lock(), was_loaded_at_least_once=False
+        )
+        sd_models.reload_model_weights = lambda sd_model=None, info=None, forced_reload=False: (
+            fake.reload_model_weights()
+        )
         self.sd_models = sd_models
 
         # ---- processing ----
@@ -363,7 +422,9 @@ class FakeWebui:
                         self.credentials[user] = password
                 self.app, self.queue_lock = app, queue_lock
                 self.add_api_route("/sdapi/v1/options", lambda: dict(shared.opts.data), methods=["GET"])
-                self.add_api_route("/sdapi/v1/sd-models", lambda: [{"title": t} for t in sd_models.checkpoints_list], methods=["GET"])
+                self.add_api_route(
+                    "/sdapi/v1/sd-models", lambda: [{"title": t} for t in sd_models.checkpoints_list], methods=["GET"]
+                )
 
             def add_api_route(self, path, endpoint, **kwargs):
                 if shared.cmd_opts.api_auth:
@@ -371,10 +432,13 @@ class FakeWebui:
                 return self.app.add_api_route(path, endpoint, **kwargs)
 
             def auth(self, credentials: HTTPBasicCredentials = _BASIC):
-                if credentials.username in self.credentials:
-                    if compare_digest(credentials.password, self.credentials[credentials.username]):
-                        return True
-                raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+                if credentials.username in self.credentials and compare_digest(
+                    credentials.password, self.credentials[credentials.username]
+                ):
+                    return True
+                raise HTTPException(
+                    status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"}
+                )
 
         m["modules.api.api"].Api = Api
         return m
@@ -402,7 +466,9 @@ class FakeWebui:
 
     def render(self, filename: str, prompt: str, seed: int, width: int, height: int) -> Image.Image:
         base = self.colour_of(filename)
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")])
+        rng = np.random.default_rng(
+            [int(seed) & 0xFFFFFFFF, int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")]
+        )
         noise = rng.normal(0, 12, (height, width, 3))
         return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
 
@@ -414,8 +480,11 @@ class FakeWebui:
 
         g = torch.Generator().manual_seed(seed)
         keys = {
-            "sd1": ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_out.bias",
-                    "cond_stage_model.transformer.text_model.final_layer_norm.bias"],
+            "sd1": [
+                "model.diffusion_model.input_blocks.0.0.weight",
+                "first_stage_model.decoder.conv_out.bias",
+                "cond_stage_model.transformer.text_model.final_layer_norm.bias",
+            ],
             "lora": ["lora_unet_down_blocks_0.lora_down.weight", "lora_te_text_model.lora_up.weight"],
         }[kind]
         path = self.ckpt_dir / name

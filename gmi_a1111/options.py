@@ -32,9 +32,8 @@ def _component_args(key: str):
 
 
 def on_ui_settings() -> None:
-    for key, (default, label) in runtime.OPTIONS.items():
+    for key, (default, label, help_text) in runtime.OPTIONS.items():
         component, args = _component_args(key)
-        info = shared.OptionInfo(default, label, component, args, section=SECTION)
-        if key in ("gmi_encoder", "gmi_allow_download", "gmi_spec_dir", "gmi_prompt_set"):
-            info.onchange = runtime.reset
-        shared.opts.add_option(key, info)
+        onchange = runtime.reset if key in runtime.RESETTING_OPTIONS else None
+        info = shared.OptionInfo(default, label, component, args, onchange=onchange, section=SECTION)
+        shared.opts.add_option(key, info.info(help_text) if help_text else info)

@@ -64,13 +64,19 @@ def ranking_html(data: dict) -> str:
             for m in r["top_prompts"]
             if m.get("thumbnail")
         )
-        partial = (f"<br><small title='ranked with the images it has'>partial spec: {r['prompts_done']} prompts, "
-                   f"{r['images_done']} images</small>" if r.get("partial") else "")
+        partial = (
+            f"<br><small title='ranked with the images it has'>partial spec: {r['prompts_done']} prompts, "
+            f"{r['images_done']} images</small>"
+            if r.get("partial")
+            else ""
+        )
         rows.append(
             f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}{_marks(r)}{partial}</td><td><code>{r['short_hash']}</code></td>"
             f"<td>{r['score']:.4f}</td><td>{thumbs}</td></tr>"
         )
-    excluded = "".join(f"<li>{html.escape(e['name'])}: {html.escape(e['reason'])}</li>" for e in data.get("excluded", []))
+    excluded = "".join(
+        f"<li>{html.escape(e['name'])}: {html.escape(e['reason'])}</li>" for e in data.get("excluded", [])
+    )
     return (
         f"<p>Method <b>{html.escape(data['method'])}</b>; prompt ({html.escape(data['prompt_source'])}): "
         f"<i>{html.escape(data['pseudo_prompt'])}</i>. Lower score = closer.</p>"
@@ -83,7 +89,8 @@ def ranking_html(data: dict) -> str:
 def _marks(row: dict) -> str:
     """'not installed' for imported specs of absent checkpoints; the spec kind when it is not generated."""
     marks = ([] if row.get("installed", True) else ["not installed"]) + (
-        [row["kind"]] if row.get("kind", "generated") != "generated" else [])
+        [row["kind"]] if row.get("kind", "generated") != "generated" else []
+    )
     return "".join(f" <small>({html.escape(m)})</small>" for m in marks)
 
 
@@ -93,19 +100,33 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
         data = runtime.status(on_hashing=on_hashing)
     except (GmiError, OSError) as exc:
         return [], [], [], _error_html(one_line(exc))
-    rows = [[c["name"], c["short_hash"], c["family"], c["state"], f"{c['images_done']}/{c['images_budget']}"
-             + (f" + {c['observed_images']} observed" if c.get("observed_images") else ""),
-             c["detail"] or ("" if c["current"] else "other settings")] for c in data["checkpoints"]]
+    rows = [
+        [
+            c["name"],
+            c["short_hash"],
+            c["family"],
+            c["state"],
+            f"{c['images_done']}/{c['images_budget']}"
+            + (f" + {c['observed_images']} observed" if c.get("observed_images") else ""),
+            c["detail"] or ("" if c["current"] else "other settings"),
+        ]
+        for c in data["checkpoints"]
+    ]
     rows += [[s["name"], "", "", "skipped", "", s["reason"]] for s in data["skipped"]]
     names = [c["name"] for c in data["checkpoints"]]
     todo = [c["name"] for c in data["checkpoints"] if c["state"] != "ready"]
     budget = data["budget"]
-    sizes = "; ".join(f"{f} {v['width']}x{v['height']}, {v['steps']} steps, CFG {v['cfg']}" for f, v in data["settings"].items())
-    note = (f"Encoder <code>{html.escape(data['encoder'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
-            f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(data['spec_dir'])}</code>.<br>"
-            f"Budget <b>{html.escape(budget['name'])}</b>: {budget['prompts']} prompts x {budget['images_per_prompt']} "
-            f"image(s) = {budget['images']} per checkpoint; <b>{data['images_missing']} image(s) to render</b> for the "
-            f"checkpoints without a ready spec.<br>Per family (Settings &gt; GMI): {html.escape(sizes)}")
+    sizes = "; ".join(
+        f"{f} {v['width']}x{v['height']}, {v['steps']} steps, CFG {v['cfg']}"
+        for f, v in data["family_settings"].items()
+    )
+    note = (
+        f"Encoder <code>{html.escape(data['encoder_id'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
+        f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(str(runtime.spec_dir()))}</code>.<br>"
+        f"Budget <b>{html.escape(budget['name'])}</b>: {budget['prompts']} prompts x {budget['images_per_prompt']} "
+        f"image(s) = {budget['images']} per checkpoint; <b>{data['images_missing']} image(s) to render</b> for the "
+        f"checkpoints without a ready spec.<br>Per family (Settings &gt; GMI): {html.escape(sizes)}"
+    )
     if data.get("note"):
         note += f"<p>{html.escape(data['note'])}</p>"
     return rows, names, todo, note
@@ -124,7 +145,11 @@ def refresh_status():
 
     threading.Thread(target=work, name="gmi-status", daemon=True).start()
     while (name := names.get()) is not None:
-        yield f"<p>gmi: hashing {html.escape(name)} (first time only; the WebUI caches it)…</p>", gr.update(), gr.update()
+        yield (
+            f"<p>gmi: hashing {html.escape(name)} (first time only; the WebUI caches it)…</p>",
+            gr.update(),
+            gr.update(),
+        )
     rows, all_names, todo, note = result.get("rows") or ([], [], [], _error_html("status failed; see the console"))
     yield note, rows, gr.update(choices=all_names, value=todo)
 
@@ -211,7 +236,9 @@ def on_ui_tabs():
                         interrogate_btn = gr.Button("Interrogate")
                         identify_btn = gr.Button("Identify", variant="primary", elem_id="gmi_identify")
                 with gr.Column():
-                    used_prompt = gr.Textbox(label="Prompt used for ranking", interactive=False, elem_id="gmi_used_prompt")
+                    used_prompt = gr.Textbox(
+                        label="Prompt used for ranking", interactive=False, elem_id="gmi_used_prompt"
+                    )
                     result = gr.HTML(elem_id="gmi_ranking")
                     with gr.Row():
                         choice = gr.Dropdown([], label="Checkpoint", elem_id="gmi_choice")
@@ -224,12 +251,15 @@ def on_ui_tabs():
             use_btn.click(None, [choice], [choice], _js=SWITCH_JS)
         with gr.Tab("Build specs") as build_tab:
             note_html = gr.HTML("<p>Spec status loads when this tab opens (or press Refresh).</p>")
-            table = gr.Dataframe([], headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"],
-                                 interactive=False)
+            table = gr.Dataframe(
+                [], headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"], interactive=False
+            )
             selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():
                 prompt_set = gr.Textbox(str(runtime.opt("gmi_prompt_set")), label="Prompt set ('platform' or a file)")
-                budget = gr.Textbox(str(runtime.opt("gmi_budget")), label=runtime.OPTIONS["gmi_budget"][1])
+                budget = gr.Textbox(
+                    str(runtime.opt("gmi_budget")), label="{1}: {2}".format(*runtime.OPTIONS["gmi_budget"])
+                )
                 sampler = gr.Dropdown(_sampler_names(), value=str(runtime.opt("gmi_sampler")), label="Sampler")
             with gr.Row():
                 refresh_btn = gr.Button("Refresh")
@@ -258,6 +288,7 @@ def on_ui_tabs():
                 groups_btn = gr.Button("Show near-duplicate groups", elem_id="gmi_groups")
                 groups_result = gr.HTML(elem_id="gmi_groups_result")
             import_btn.click(library.import_images_html, [import_root, import_sub], [import_result]).then(
-                refresh, [], [note_html, table, selected])
+                refresh, [], [note_html, table, selected]
+            )
             groups_btn.click(library.groups_html, [], [groups_result])
     return [(tab, "GMI", "gmi")]

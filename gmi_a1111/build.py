@@ -119,16 +119,14 @@ def _run(job: BuildJob, state) -> dict:
         job.checkpoint = p.checkpoint
         job.images_done, job.images_total = p.images_done, p.images_total
         job.images_rendered, job.seconds_per_image, job.eta_s = p.images_rendered, p.seconds_per_image, p.eta_s
-        job.message = (f"{p.checkpoint} ({p.checkpoint_index + 1}/{p.checkpoint_count}): {p.images_done}/{p.images_total} images; "
-                       f"build {p.images_rendered}/{p.images_planned}, {format_eta(p.eta_s)}")
+        job.message = (
+            f"{p.checkpoint} ({p.checkpoint_index + 1}/{p.checkpoint_count}): {p.images_done}/{p.images_total} images; "
+            f"build {p.images_rendered}/{p.images_planned}, {format_eta(p.eta_s)}"
+        )
         state.textinfo = "gmi: " + job.message
 
     report = engine.build(
-        runtime.source(),
-        runtime.generator(),
-        which=job.which,
-        progress=on_progress,
-        should_cancel=lambda: bool(state.interrupted),
+        None, runtime.generator(), plan=plan, progress=on_progress, should_cancel=lambda: bool(state.interrupted)
     )
     job.report = report.to_dict()
     job.state = "cancelled" if report.cancelled else "done"
@@ -139,7 +137,9 @@ def _run(job: BuildJob, state) -> dict:
 
 
 def new_job(which, overrides: dict | None = None, job_id: str | None = None) -> BuildJob:
-    job = BuildJob(id=job_id or f"task(gmi-build-{uuid.uuid4().hex[:10]})", which=which, overrides=dict(overrides or {}))
+    job = BuildJob(
+        id=job_id or f"task(gmi-build-{uuid.uuid4().hex[:10]})", which=which, overrides=dict(overrides or {})
+    )
     with _jobs_lock:
         for old in [k for k, j in _jobs.items() if j.finished and time.time() - j.finished > 3600]:
             del _jobs[old]

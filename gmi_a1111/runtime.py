@@ -1,12 +1,10 @@
-"""Settings -> one gmi_core engine per configuration; the CLIP encoder resolved the WebUI way.
+"""Settings > GMI -> engines from the shared pool (gmi_core.service); the CLIP encoder resolved the WebUI way.
 
 Holds no WebUI UI code; used by the tab, the API routes, the build job and the auto-select script.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import threading
@@ -17,24 +15,30 @@ from pathlib import Path
 import torch
 from modules import call_queue, paths, sd_models, shared
 
+from gmi_core import service
 from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
-from gmi_core.encoder_registry import DEFAULT_ENCODER, parse_encoder_name
+from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
 from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
 from gmi_core.engine import Gmi, IdentifyResult
-from gmi_core.errors import EncoderUnavailable, GmiError, InvalidInput
+from gmi_core.errors import EncoderUnavailable, InvalidInput
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
-from gmi_core.limits import json_safe
+from gmi_core.limits import DEFAULT_TOP_K
 from gmi_core.paths import resolve_inside
 from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
+from gmi_core.ranker import DEFAULT_METHOD
 
-from .host import WebuiCheckpointSource, WebuiGenerator, WebuiSwitcher, webui_checkpoints
+from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 
 log = logging.getLogger("gmi")
 
 ENV_ENCODER = "GMI_A1111_ENCODER"  # overrides the encoder setting (tests, headless servers)
-FIELD_LABELS = {"width": "width of spec images", "height": "height of spec images", "steps": "sampling steps",
-                "cfg": "CFG scale"}
+FIELD_LABELS = {
+    "width": "width of spec images",
+    "height": "height of spec images",
+    "steps": "sampling steps",
+    "cfg": "CFG scale",
+}
 
 
 def family_option(family: str, name: str) -> str:
@@ -42,23 +46,55 @@ def family_option(family: str, name: str) -> str:
     return f"gmi_{family.replace('-', '')}_{name}"
 
 
-# option key -> (default, label); registered by scripts/gmi_settings.py
-OPTIONS: dict[str, tuple[object, str]] = {
-    "gmi_encoder": (DEFAULT_ENCODER, "CLIP encoder: ViT-L-14/openai, ViT-B-16/openai, ViT-B-32/openai, or a path to a gmi encoder .safetensors"),
-    "gmi_allow_download": (True, "Download the CLIP encoder's weights on first use (into models/gmi/clip; off: never download)"),
-    "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background"),
-    "gmi_spec_dir": ("", "Spec folder (empty: models/gmi in the WebUI's models folder)"),
-    "gmi_prompt_set": ("platform", "Prompt set: 'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets"),
-    "gmi_budget": (DEFAULT_BUDGET, "Spec budget: " + ", ".join(f"{k} ({v.label()})" for k, v in BUDGETS.items())
-                   + ", or PROMPTSxIMAGES such as 32x2; a larger budget later adds only the missing images"),
-    **{family_option(family, name): (FAMILY_DEFAULTS[family][name], f"{family.upper()} checkpoints: {FIELD_LABELS[name]}")
-       for family in FAMILIES for name in PER_FAMILY_FIELDS},
-    "gmi_sampler": ("Euler", "Sampler for spec images"),
-    "gmi_scheduler": ("Automatic", "Schedule type for spec images"),
-    "gmi_top_k": (5, "Checkpoints shown in a ranking"),
-    "gmi_method": ("gmi", "Ranking method"),
-    "gmi_include_not_installed": (False, "Identify also ranks imported specs of checkpoints that are not installed (marked)"),
+# option key -> (default, label, help shown under it); registered by gmi_a1111.options through scripts/gmi_settings.py
+OPTIONS: dict[str, tuple[object, str, str]] = {
+    "gmi_encoder": (
+        DEFAULT_ENCODER,
+        "CLIP encoder",
+        f"{', '.join(encoder_names())}, or a path to a gmi encoder .safetensors",
+    ),
+    "gmi_allow_download": (
+        True,
+        "Download the CLIP encoder's weights on first use",
+        "into models/gmi/clip; off: never download",
+    ),
+    "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background", ""),
+    "gmi_spec_dir": ("", "Spec folder", "empty: models/gmi in the WebUI's models folder"),
+    "gmi_prompt_set": (
+        "platform",
+        "Prompt set",
+        "'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets",
+    ),
+    "gmi_budget": (
+        DEFAULT_BUDGET,
+        "Spec budget",
+        ", ".join(f"{k} = {v.label()}" for k, v in BUDGETS.items())
+        + ", or PROMPTSxIMAGES such as 32x2; a larger budget later adds only the missing images",
+    ),
+    **{
+        family_option(family, name): (
+            FAMILY_DEFAULTS[family][name],
+            f"{family.upper()} checkpoints: {FIELD_LABELS[name]}",
+            "",
+        )
+        for family in FAMILIES
+        for name in PER_FAMILY_FIELDS
+    },
+    "gmi_sampler": ("Euler", "Sampler for spec images", "the WebUI's sampler name"),
+    "gmi_scheduler": ("Automatic", "Schedule type for spec images", "the WebUI's schedule type"),
+    "gmi_top_k": (DEFAULT_TOP_K, "Checkpoints shown in a ranking", ""),
+    "gmi_method": (
+        DEFAULT_METHOD,
+        "Ranking method",
+        "gmi is the recommended one; the others are the paper's baselines",
+    ),
+    "gmi_include_not_installed": (
+        False,
+        "Identify also ranks imported specs of checkpoints that are not installed",
+        "marked 'not installed'; never switched to",
+    ),
 }
+RESETTING_OPTIONS = ("gmi_encoder", "gmi_allow_download", "gmi_spec_dir", "gmi_prompt_set")  # onchange: reset()
 
 
 def opt(key: str):
@@ -109,7 +145,9 @@ def interrogator_pickles(name: str) -> list[Path]:
     entry = parse_encoder_name(name)
     if entry is None or entry.pretrained != "openai":
         return []
-    folders = [Path(p) for p in (getattr(shared.cmd_opts, "clip_models_path", None),) if p] + [Path.home() / ".cache" / "clip"]
+    folders = [Path(p) for p in (getattr(shared.cmd_opts, "clip_models_path", None),) if p] + [
+        Path.home() / ".cache" / "clip"
+    ]
     return [folder / f"{entry.model}.pt" for folder in folders]
 
 
@@ -126,11 +164,15 @@ class Config:
     def from_opts(cls, **overrides) -> Config:
         """Settings > GMI, with per-request ``overrides`` (budget, sampler, scheduler, prompt_set; steps, cfg, width
         and height apply to every family)."""
-        base = GenerationSettings(sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
-                                  scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")))
+        base = GenerationSettings(
+            sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
+            scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")),
+        )
         every = {name: overrides[name] for name in PER_FAMILY_FIELDS if overrides.get(name) is not None}
-        per_family = {family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
-                      for family in FAMILIES}
+        per_family = {
+            family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
+            for family in FAMILIES
+        }
         return cls(
             encoder=os.environ.get(ENV_ENCODER) or str(opt("gmi_encoder")),
             allow_download=bool(opt("gmi_allow_download")),
@@ -142,10 +184,7 @@ class Config:
 
 
 _lock = threading.RLock()
-_encoder_loading = threading.Lock()
 _queue_state = threading.local()
-_encoders: dict[tuple, ClipEncoder] = {}
-_engines: dict[Config, Gmi] = {}
 _prompt_sets: dict[str, PromptSet] = {}
 
 
@@ -199,44 +238,33 @@ def webui_model_loading_excluded():
         yield
 
 
+POOL = service.EnginePool(loading_guard=webui_model_loading_excluded)  # bounded: 2 encoders, 8 engines
+
+
 def get_encoder(config: Config) -> ClipEncoder:
-    key = (config.encoder, config.allow_download)
-    with _lock:
-        if key in _encoders:
-            return _encoders[key]
-    with webui_model_loading_excluded(), _encoder_loading:
-        with _lock:
-            if key in _encoders:
-                return _encoders[key]
+    def load() -> ClipEncoder:
         try:
             encoder = load_encoder(
-                config.encoder, search_dirs=encoder_search_dirs(), own_dirs=encoder_own_dirs(),
-                allow_download=config.allow_download, download_dir=encoder_download_dir(),
-                placement=_encoder_placement(), progress=_download_progress(),
+                config.encoder,
+                search_dirs=encoder_search_dirs(),
+                own_dirs=encoder_own_dirs(),
+                allow_download=config.allow_download,
+                download_dir=encoder_download_dir(),
+                placement=_encoder_placement(),
+                progress=_download_progress(),
                 pickle_files=interrogator_pickles(config.encoder),
             )
         except EncoderUnavailable as exc:
             raise EncoderUnavailable(f"{exc} (or choose another encoder in Settings > GMI)") from exc
-        with _lock:
-            _encoders[key] = encoder
         log.info("gmi: CLIP encoder %s loaded from %s", encoder.encoder_id, encoder.source)
         return encoder
+
+    return POOL.encoder((config.encoder, config.allow_download), load)
 
 
 def warm_in_background() -> threading.Thread | None:
     """Load the encoder and its label embeddings off the start-up path (Settings > GMI > warm start)."""
-    if not opt("gmi_warm_start"):
-        return None
-
-    def warm() -> None:
-        try:
-            get_engine().warm()
-        except GmiError as exc:
-            log.info("gmi: background warm-up skipped: %s", exc)
-
-    thread = threading.Thread(target=warm, name="gmi-warm", daemon=True)
-    thread.start()
-    return thread
+    return service.warm_in_background(get_engine) if opt("gmi_warm_start") else None
 
 
 def get_prompt_set(name: str, from_request: bool = False) -> PromptSet:
@@ -257,30 +285,14 @@ def get_engine(**overrides) -> Gmi:
         raise InvalidInput("prompt_set must be a name")
     config = Config.from_opts(**overrides)
     prompt_set = get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
-    with _lock:
-        engine = _engines.get(config)
-        if engine is not None and engine.prompt_set.hash == prompt_set.hash:
-            return engine
-    encoder = get_encoder(config)  # may wait for the WebUI's model loading: not under _lock
-    with _lock:
-        engine = _engines.get(config)
-        if engine is None or engine.prompt_set.hash != prompt_set.hash:
-            engine = Gmi(
-                spec_root=config.spec_root,
-                encoder=encoder,
-                prompt_set=prompt_set,
-                budget=config.budget,
-                settings=config.settings,
-            )
-            _engines[config] = engine
-        return engine
+    encoder = get_encoder(config)  # may wait for the WebUI's model loading
+    return POOL.engine(encoder, config.spec_root, prompt_set, config.budget, config.settings)
 
 
 def reset() -> None:
-    """Forget loaded encoders and engines (tests; settings changes of the encoder)."""
+    """Forget loaded encoders, engines and prompt sets (Settings > GMI changes; tests)."""
+    POOL.clear()
     with _lock:
-        _encoders.clear()
-        _engines.clear()
         _prompt_sets.clear()
 
 
@@ -292,76 +304,43 @@ def generator() -> WebuiGenerator:
     return WebuiGenerator(source())
 
 
-def switcher() -> WebuiSwitcher:
-    return WebuiSwitcher(source())
-
-
 def titles_by_sha() -> dict[str, str]:
     return {info.sha256: info.title for info in webui_checkpoints() if getattr(info, "sha256", None)}
 
 
-def image_to_data_uri(image, size: int | None = None) -> str:
-    if size:
-        image = image.copy()
-        image.thumbnail((size, size))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def identify(images, prompt: str | None = None, method: str | None = None, top_k: int | None = None,
-             thumbnails: bool = False) -> tuple[IdentifyResult, dict]:
-    """Rank the WebUI's checkpoints for reference images; the dict adds each entry's WebUI title."""
+def identify(
+    images, prompt: str | None = None, method: str | None = None, top_k: int | None = None, thumbnails: bool = False
+) -> tuple[IdentifyResult, dict]:
+    """Rank the WebUI's checkpoints for reference images: the shared identify payload, with WebUI titles and,
+    if asked, the matching spec images as data URIs."""
     engine = get_engine()
-    result = engine.identify(images, prompt=prompt or None, method=method or str(opt("gmi_method")),
-                             top_k=top_k or int(opt("gmi_top_k")), source=source(),
-                             include_not_installed=bool(opt("gmi_include_not_installed")))
-    data = result.to_dict()
-    titles = titles_by_sha()
-    for entry in data["ranking"]:
-        entry["title"] = titles.get(entry["sha256"], entry["name"])
-        if thumbnails:
-            for match in entry["top_prompts"]:
-                try:
-                    match["thumbnail"] = image_to_data_uri(
-                        engine.spec_thumbnail(entry["sha256"], match["spec_index"], match["prompt_set_hash"]))
-                except GmiError:
-                    match["thumbnail"] = None
+    result = service.identify(
+        engine, images, source(), prompt, method or str(opt("gmi_method")), bool(opt("gmi_include_not_installed"))
+    )
+    data = service.identify_payload(
+        result,
+        service.data_uri_thumbnails(engine) if thumbnails else None,
+        titles_by_sha(),
+        top_k=top_k or int(opt("gmi_top_k")),
+    )
     return result, data
 
 
 def status(on_hashing=None, **overrides) -> dict:
+    """The shared status payload; ``config`` holds the Settings > GMI values it was computed for."""
     engine = get_engine(**overrides)
-    statuses, skipped = engine.status(source(on_hashing))
-    titles = titles_by_sha()
-    note = "" if statuses or skipped else "the WebUI lists no checkpoints: put Stable Diffusion checkpoints in models/Stable-diffusion"
-    return json_safe({
-        "note": note,
-        "encoder": engine.encoder.encoder_id,
-        "spec_dir": str(engine.store.root),
-        "prompt_set": {"name": engine.prompt_set.name, "hash": engine.prompt_set.hash, "size": len(engine.prompt_set)},
-        "budget": engine.budget.to_dict(len(engine.prompt_set)),
-        "images_missing": sum(s.images_missing for s in statuses if s.state != "ready"),
-        "settings": engine.settings.to_dict(),
-        "checkpoints": [
-            {
-                "name": s.name,
-                "title": titles.get(s.sha256, s.name),
-                "sha256": s.sha256,
-                "short_hash": s.sha256[:10],
-                "state": s.state,
-                "prompts_done": s.prompts_done,
-                "prompts_total": s.prompts_total,
-                "detail": s.detail,
-                "family": s.family,
-                "images_done": s.images_done,
-                "images_budget": s.images_budget,
-                "images_missing": s.images_missing,
-                "budget_done": s.budget_done,
-                "current": s.current,
-                "observed_images": s.observed_images,
-            }
-            for s in statuses
-        ],
-        "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
-    })
+    config = Config.from_opts(**overrides)
+    sampling = config.settings.rows[0][1]
+    return service.status_payload(
+        engine,
+        source(on_hashing),
+        titles=titles_by_sha(),
+        config={
+            "encoder": config.encoder,
+            "prompt_set": config.prompt_set,
+            "budget": config.budget,
+            "sampler": sampling.sampler,
+            "scheduler": sampling.scheduler,
+        },
+        empty_note="the WebUI lists no checkpoints: put Stable Diffusion checkpoints in models/Stable-diffusion",
+    )

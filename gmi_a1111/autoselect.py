@@ -51,6 +51,8 @@ def apply(p, enabled, image, prompt: str | None = None) -> str | None:
             raise GmiError("no reference image given")
         with runtime.holding_queue_lock():  # before_process runs inside the generation's queue lock
             result, data = runtime.identify([reference], prompt=prompt or None, top_k=1)
+        if data["chosen"] is None:
+            raise GmiError("no installed checkpoint has a spec")
     except (GmiError, OSError, ValueError) as exc:
         message = f"gmi auto-select skipped: {exc}"
         log.warning(message)
@@ -59,7 +61,7 @@ def apply(p, enabled, image, prompt: str | None = None) -> str | None:
         if callable(comment):
             comment(message)
         return None
-    best = data["ranking"][0]
+    best = next(row for row in data["ranking"] if row["name"] == data["chosen"])  # the first installed one
     if p.override_settings is None:
         p.override_settings = {}
     p.override_settings["sd_model_checkpoint"] = best["title"]

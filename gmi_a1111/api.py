@@ -8,6 +8,7 @@ POST /gmi/v1/interrogate        {"image"|"images"} -> {"prompt"}
 POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256}
 POST /gmi/v1/import-images      {"root": "outputs"|"models", "subfolder": ""} -> observed specs from images on disk
 GET  /gmi/v1/map                near-duplicate groups and 2-D coordinates of the checkpoints with specs
+GET  /gmi/v1/defaults           every generation default and limit (gmi_core.service.defaults_payload)
 
 Access: the routes carry the same dependencies as the WebUI's own /sdapi/v1/ routes (its --api-auth check),
 and exist only when the WebUI serves its API (--api or --nowebui). Request bodies are read with a byte limit
@@ -25,10 +26,10 @@ import logging
 from modules import sd_models
 from pydantic import BaseModel, Field
 
-from gmi_core import limits
-from gmi_core.errors import Busy, CheckpointError, EncoderUnavailable, GmiError, ImageError, NoSpecsError, NotFound
+from gmi_core import limits, service
+from gmi_core.errors import CheckpointError, GmiError, ImageError
 from gmi_core.images import load_image
-from gmi_core.paths import one_line, redact
+from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
 
 from . import build, host, library, runtime
@@ -49,7 +50,9 @@ class HTTPException(Exception):
 
 class BuildRequest(BaseModel):
     checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
-    budget: str | None = Field(None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)")
+    budget: str | None = Field(
+        None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)"
+    )
     steps: int | None = Field(None, ge=1, le=limits.MAX_STEPS, description="every family (default: per family)")
     cfg: float | None = Field(None, ge=0, le=limits.MAX_CFG, description="every family")
     width: int | None = Field(None, ge=limits.MIN_SIZE, le=limits.MAX_SIZE, description="every family")
@@ -113,19 +116,9 @@ def resolve_names(names: list[str]) -> list[str]:
 
 
 def _gmi_errors(exc: Exception) -> HTTPException:
-    """One mapping from gmi's errors to HTTP; the detail is one line without server paths."""
-    detail = one_line(exc) if isinstance(exc, OSError) else redact(str(exc))
-    if isinstance(exc, (EncoderUnavailable, OSError)):
-        return HTTPException(503, detail)
-    if isinstance(exc, (NoSpecsError, Busy)):
-        return HTTPException(409, detail)
-    if isinstance(exc, (CheckpointError, NotFound)):
-        return HTTPException(404, detail)
-    if isinstance(exc, limits.UploadTooLarge):
-        return HTTPException(413, detail)
-    if isinstance(exc, ImageError):
-        return HTTPException(422, detail)
-    return HTTPException(400, detail)
+    """gmi's one mapping (:func:`gmi_core.service.http_status`); an undecodable image is 422 here, as FastAPI
+    answers a malformed body. The detail is one line without server paths."""
+    return HTTPException(422 if isinstance(exc, ImageError) else service.http_status(exc), one_line(exc))
 
 
 def check_overrides(overrides: dict) -> None:
@@ -175,7 +168,9 @@ def start_build(req: BuildRequest):
     fields = req.model_dump() if hasattr(req, "model_dump") else req.dict()
     overrides = {k: v for k, v in fields.items() if k not in ("checkpoints", "wait") and v is not None}
     try:
-        check_overrides(overrides)  # fail fast (numbers, names, prompt set) before queueing; the encoder loads in the job
+        check_overrides(
+            overrides
+        )  # fail fast (numbers, names, prompt set) before queueing; the encoder loads in the job
         job = build.start_build(which, overrides, wait=req.wait)
     except build.BuildBusy as exc:
         raise HTTPException(409, f"busy: {exc}") from None
@@ -220,7 +215,11 @@ def switch(req: SwitchRequest):
     except CheckpointError as exc:
         raise HTTPException(404, str(exc)) from None
     loaded = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
-    return {"title": title, "name": info.name, "loaded": getattr(getattr(loaded, "sd_checkpoint_info", None), "title", None)}
+    return {
+        "title": title,
+        "name": info.name,
+        "loaded": getattr(getattr(loaded, "sd_checkpoint_info", None), "title", None),
+    }
 
 
 class ImportImagesRequest(BaseModel):
@@ -242,6 +241,10 @@ def library_map() -> dict:
         raise _gmi_errors(exc) from None
 
 
+def defaults() -> dict:
+    return service.defaults_payload()
+
+
 def _route(handler):
     import fastapi
 
@@ -251,7 +254,7 @@ def _route(handler):
             return handler(*args, **kwargs)
         except HTTPException as exc:
             raise fastapi.HTTPException(exc.status_code, exc.detail) from None
-        except Exception as exc:  # noqa: BLE001 - a one-line error, never a traceback in the body
+        except Exception as exc:
             log.exception("gmi: unexpected error in %s", handler.__name__)
             raise fastapi.HTTPException(500, f"internal error ({type(exc).__name__}); see the WebUI console") from None
 
@@ -276,8 +279,10 @@ def limited_body_route():
                         counter = limits.ByteCounter(MAX_REQUEST_BYTES)
                         request._body = b"".join([counter.add(chunk) async for chunk in request.stream()])
                     except limits.UploadTooLarge:
-                        return JSONResponse({"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
-                                            status_code=413)
+                        return JSONResponse(
+                            {"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
+                            status_code=413,
+                        )
                     if not_a_json_number(request._body):
                         return JSONResponse({"detail": "NaN and Infinity are not JSON numbers"}, status_code=422)
                 return await handler(request)
@@ -357,6 +362,7 @@ ROUTES = [
     ("/switch", switch, "POST"),
     ("/import-images", import_images, "POST"),
     ("/map", library_map, "GET"),
+    ("/defaults", defaults, "GET"),
 ]
 
 
@@ -368,8 +374,13 @@ def register(app) -> bool:
         return False
     route_class = limited_body_route()
     for path, handler, method in ROUTES:
-        app.router.add_api_route(PREFIX + path, _route(handler), methods=[method], dependencies=dependencies,
-                                 route_class_override=route_class)
+        app.router.add_api_route(
+            PREFIX + path,
+            _route(handler),
+            methods=[method],
+            dependencies=dependencies,
+            route_class_override=route_class,
+        )
     return True
 
 

@@ -1,4 +1,4 @@
-"""The three gmi_core seams implemented with the WebUI's own modules.
+"""The gmi_core seams (checkpoint source, generator) and the checkpoint switch, with the WebUI's own modules.
 
 Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_webui.py):
 
@@ -11,17 +11,17 @@ Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from modules import hashes, processing, sd_models, shared
 
-from gmi_core.checkpoints import inspect_checkpoint_cached
+from gmi_core.checkpoints import list_checkpoint_files
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
 from gmi_core.hashing import HashCache
-from gmi_core.paths import one_line
-from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings, SkippedCheckpoint
+from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 
 log = logging.getLogger("gmi")
 
@@ -65,7 +65,9 @@ def resolve_checkpoint(name: str):
     name = name.strip()
     info = sd_models.get_closet_checkpoint_match(name)
     if info is None:
-        raise CheckpointError(f"checkpoint {name[:200]!r} is not in the WebUI's checkpoint list (refresh the list if it is new)")
+        raise CheckpointError(
+            f"checkpoint {name[:200]!r} is not in the WebUI's checkpoint list (refresh the list if it is new)"
+        )
     return info
 
 
@@ -78,30 +80,17 @@ class WebuiCheckpointSource:
         self.on_hashing = on_hashing
 
     def list_checkpoints(self) -> CheckpointListing:
-        listing = CheckpointListing()
-        cache = HashCache(self.hash_cache)  # read once per listing
-        for info in webui_checkpoints():
-            path = Path(info.filename)
-            # the WebUI loads .ckpt itself, so gmi need not open pickles to accept them
-            try:
-                family, reason = inspect_checkpoint_cached(path, cache, allow_pickle=True)
-            except OSError as exc:
-                family, reason = None, f"unreadable file ({one_line(exc)})"
-            if reason is None:
-                try:
-                    if self.on_hashing and not getattr(info, "sha256", None) and not _cached_sha(info):
-                        self.on_hashing(info.name)
-                    sha = webui_sha256(info, cache)
-                except OSError as exc:
-                    sha, reason = None, f"unreadable file ({one_line(exc)})"
-                if not sha and reason is None:
-                    reason = "no sha256 (hashing disabled and file unreadable)"
-            if reason is not None:
-                listing.skipped.append(SkippedCheckpoint(info.name, path, reason))
-                continue
-            listing.checkpoints.append(CheckpointInfo(info.name, path, sha, family=family))
-        cache.save()
-        return listing
+        infos = {info.name: info for info in webui_checkpoints()}
+
+        def sha256(name: str, path: Path, cache: HashCache) -> str | None:
+            info = infos[name]
+            if self.on_hashing and not getattr(info, "sha256", None) and not _cached_sha(info):
+                self.on_hashing(name)
+            return webui_sha256(info, cache)
+
+        # the WebUI loads .ckpt itself, so gmi need not open pickles to accept them
+        files = ((info.name, Path(info.filename)) for info in infos.values())
+        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True, sha256=sha256)
 
     def title_for(self, checkpoint: CheckpointInfo) -> str:
         return self.webui_info(checkpoint).title
@@ -171,17 +160,6 @@ class WebuiGenerator:
         """The WebUI keeps and frees models itself (sd_checkpoints_limit); nothing to do between checkpoints."""
 
 
-class WebuiSwitcher:
-    """Makes a checkpoint active the way the settings page and /sdapi/v1/options do."""
-
-    def __init__(self, source: WebuiCheckpointSource | None = None):
-        self.source = source or WebuiCheckpointSource()
-
-    def switch(self, checkpoint: CheckpointInfo) -> str:
-        info = self.source.webui_info(checkpoint)
-        return switch_to_title(info.title)
-
-
 def switch_to_title(title: str) -> str:
     try:  # Forge: reload_model_weights does nothing; its own entry point switches
         from modules_forge import main_entry  # type: ignore
@@ -190,8 +168,6 @@ def switch_to_title(title: str) -> str:
     except ImportError:
         # the option's onchange reloads the weights under the queue lock, like the quicksettings dropdown
         shared.opts.set("sd_model_checkpoint", title)
-    try:
+    with contextlib.suppress(AssertionError):  # --freeze-settings
         shared.opts.save(shared.config_filename)
-    except AssertionError:  # --freeze-settings
-        pass
     return title

@@ -7,10 +7,8 @@ from pathlib import Path
 
 from modules import paths, shared
 
-from gmi_core import limits
+from gmi_core import service
 from gmi_core.errors import GmiError, InvalidInput
-from gmi_core.library_map import build_map
-from gmi_core.observed import import_images
 from gmi_core.paths import folder_inside, one_line
 
 from . import runtime
@@ -30,7 +28,7 @@ def root_folder(root: str) -> Path:
 
 def import_images_report(root: str, subfolder: str) -> dict:
     folder = folder_inside(root_folder(root), subfolder, "subfolder")
-    return limits.json_safe(import_images(runtime.get_engine(), runtime.source().list_checkpoints(), folder).to_dict())
+    return service.import_images_payload(runtime.get_engine(), runtime.source(), folder)
 
 
 def import_images_html(root: str, subfolder: str) -> str:
@@ -41,19 +39,15 @@ def import_images_html(root: str, subfolder: str) -> str:
     added = "".join(f"<li>{html.escape(n)}: {k} image(s)</li>" for n, k in report["added"].items())
     reasons = ", ".join(f"{k} {html.escape(r)}" for r, k in report["skipped_by_reason"].items())
     skipped = "".join(f"<li>{html.escape(s['file'])}: {html.escape(s['reason'])}</li>" for s in report["skipped"][:200])
-    return (f"<p>Scanned {report['scanned']} image(s); added {report['added_total']} to observed specs "
-            f"(nothing generated).</p><ul>{added}</ul>"
-            + (f"<details><summary>Skipped: {reasons}</summary><ul>{skipped}</ul></details>" if skipped else ""))
+    return (
+        f"<p>Scanned {report['scanned']} image(s); added {report['added_total']} to observed specs "
+        f"(nothing generated).</p><ul>{added}</ul>"
+        + (f"<details><summary>Skipped: {reasons}</summary><ul>{skipped}</ul></details>" if skipped else "")
+    )
 
 
 def groups_report() -> dict:
-    engine = runtime.get_engine()
-    specs, excluded = engine.load_specs(runtime.source(), include_not_installed=True)
-    if not specs:
-        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
-    data.pop("relative_distance")  # M x M: large for big libraries; `python -m gmi_core map --json` has it
-    return limits.json_safe(data)
+    return service.map_payload(runtime.get_engine(), runtime.source())
 
 
 def groups_html() -> str:
@@ -64,5 +58,7 @@ def groups_html() -> str:
     if not data["checkpoints"]:
         return "<p>No specs yet.</p>"
     groups = "".join(f"<li>{', '.join(html.escape(n) for n in g)}</li>" for g in data["groups"])
-    return (f"<p>{len(data['checkpoints'])} checkpoint(s) with specs; near-duplicate threshold {data['threshold']}.</p>"
-            + (f"<p>Near-duplicate groups (render alike):</p><ul>{groups}</ul>" if groups else "<p>No near-duplicates.</p>"))
+    return (
+        f"<p>{len(data['checkpoints'])} checkpoint(s) with specs; near-duplicate threshold {data['threshold']}.</p>"
+        + (f"<p>Near-duplicate groups (render alike):</p><ul>{groups}</ul>" if groups else "<p>No near-duplicates.</p>")
+    )
