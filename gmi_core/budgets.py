@@ -55,8 +55,12 @@ class Budget:
         return f"{self.name} ({size})" if self.name else size
 
     def to_dict(self, set_size: int) -> dict:
-        return {"name": self.name or self.label(set_size), "prompts": self.prompt_count(set_size),
-                "images_per_prompt": self.images_per_prompt, "images": self.images(set_size)}
+        return {
+            "name": self.name or self.label(set_size),
+            "prompts": self.prompt_count(set_size),
+            "images_per_prompt": self.images_per_prompt,
+            "images": self.images(set_size),
+        }
 
 
 BUDGETS: dict[str, Budget] = {
@@ -75,7 +79,7 @@ def parse_budget(value: str | Budget | None) -> Budget:
     text = (value or DEFAULT_BUDGET).strip().lower()
     if text in BUDGETS:
         return BUDGETS[text]
-    match = re.fullmatch(r"(\d+|all)\s*[x×]\s*(\d+)", text)
+    match = re.fullmatch(r"(\d+|all)\s*[x\u00d7]\s*(\d+)", text)
     if not match:
         raise InvalidInput(f"budget {value!r}: choose {', '.join(BUDGETS)} or PROMPTSxIMAGES such as 32x2")
     prompts = None if match[1] == "all" else int(match[1])

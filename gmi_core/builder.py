@@ -51,32 +51,8 @@ def build_spec(
     The old file is replaced only when the first new prompt is saved, so a rebuild that fails to start
     (unloadable checkpoint, cancelled at once) leaves the existing spec as it was.
     """
-    key = SpecKey(checkpoint.sha256, encoder.encoder_id, prompt_set.hash)
     n = len(prompt_set)
-    try:
-        spec = store.load(key)
-    except SpecError as exc:
-        store.quarantine(key, str(exc))
-        spec = None
-    if spec is not None and (restart or not spec.image_done.any()):
-        spec = None
-    if spec is None:
-        s = budget.images_per_prompt
-        spec = Spec.empty(
-            checkpoint_name=checkpoint.name,
-            sha256=checkpoint.sha256,
-            encoder_id=encoder.encoder_id,
-            prompt_set_name=prompt_set.name,
-            prompt_set_hash=prompt_set.hash,
-            prompts=list(prompt_set.prompts),
-            seeds=[[cell_seed(base_seed, i, j) for j in range(s)] for i in range(n)],
-            settings=settings,
-            prompt_features=prompt_features,
-            feature_dim=encoder.dim,
-            family=checkpoint.family or "",
-        )
-    elif spec.settings != settings:
-        log.info("gmi: %s keeps the settings its spec was started with (%s)", checkpoint.name, spec.settings)
+    spec = _spec_to_fill(store, encoder, prompt_set, prompt_features, checkpoint, settings, budget, base_seed, restart)
     spec.grow(budget.images_per_prompt, base_seed)
     spec.checkpoint_name = checkpoint.name
     spec.extra["kind"] = "generated"  # vs "observed" (gmi_core.observed); specs without the key are generated too
@@ -115,7 +91,9 @@ def build_spec(
             raise GmiError(f"generator returned {len(images)} images for {need - have} seeds")
         images = [to_rgb(img) for img in images]
         spec.image_features[i, have:need] = encoder.encode_images(images).to(torch.float16)
-        spec.pixel_features[i, have:need] = torch.from_numpy(np.stack([pixel_feature(img) for img in images])).to(torch.float16)
+        spec.pixel_features[i, have:need] = torch.from_numpy(np.stack([pixel_feature(img) for img in images])).to(
+            torch.float16
+        )
         if have == 0:
             spec.thumbnails[i] = torch.from_numpy(thumbnail(images[0]))
         spec.image_done[i, have:need] = True
@@ -123,3 +101,34 @@ def build_spec(
         rendered += need - have
         report(spec.prompts[i])
     return spec
+
+
+def _spec_to_fill(
+    store, encoder, prompt_set, prompt_features, checkpoint, settings, budget, base_seed, restart
+) -> Spec:
+    """The stored spec to resume, or a new empty one (nothing stored, unreadable - quarantined -, or ``restart``)."""
+    key = SpecKey(checkpoint.sha256, encoder.encoder_id, prompt_set.hash)
+    n = len(prompt_set)
+    try:
+        spec = store.load(key)
+    except SpecError as exc:
+        store.quarantine(key, str(exc))
+        spec = None
+    if spec is not None and not restart and spec.image_done.any():
+        if spec.settings != settings:
+            log.info("gmi: %s keeps the settings its spec was started with (%s)", checkpoint.name, spec.settings)
+        return spec
+    s = budget.images_per_prompt
+    return Spec.empty(
+        checkpoint_name=checkpoint.name,
+        sha256=checkpoint.sha256,
+        encoder_id=encoder.encoder_id,
+        prompt_set_name=prompt_set.name,
+        prompt_set_hash=prompt_set.hash,
+        prompts=list(prompt_set.prompts),
+        seeds=[[cell_seed(base_seed, i, j) for j in range(s)] for i in range(n)],
+        settings=settings,
+        prompt_features=prompt_features,
+        feature_dim=encoder.dim,
+        family=checkpoint.family or "",
+    )

@@ -20,7 +20,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def conditional_mean(rows_prompt: torch.Tensor, rows_image: torch.Tensor, prompts: torch.Tensor, tau: float = CENTRE_TAU):
+def conditional_mean(
+    rows_prompt: torch.Tensor, rows_image: torch.Tensor, prompts: torch.Tensor, tau: float = CENTRE_TAU
+):
     """The library's mean image feature at each of ``prompts`` [..., d] (kernel regression over the rows)."""
     flat = prompts.float().reshape(-1, prompts.shape[-1])
     out = torch.softmax(flat @ rows_prompt.float().T / tau, dim=-1) @ rows_image.float()

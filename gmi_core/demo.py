@@ -29,8 +29,13 @@ class DemoResult:
     report: Path
 
     def to_dict(self) -> dict:
-        return {**self.result.to_dict(), "true_checkpoint": self.true_checkpoint, "query_prompt": self.query_prompt,
-                "query_seed": self.query_seed, "report": str(self.report)}
+        return {
+            **self.result.to_dict(),
+            "true_checkpoint": self.true_checkpoint,
+            "query_prompt": self.query_prompt,
+            "query_seed": self.query_seed,
+            "report": str(self.report),
+        }
 
 
 def prepare_demo_models(workdir: Path, checkpoints: int) -> tuple[Path, Path, Path]:
@@ -46,14 +51,24 @@ def prepare_demo_models(workdir: Path, checkpoints: int) -> tuple[Path, Path, Pa
     return models, tiny_pipeline_config(workdir / "tiny-sd-config"), encoder_file
 
 
-def run_demo(workdir: Path, checkpoints: int = 4, seed: int = 0, images_per_prompt: int = 2,
-             progress: ProgressCallback | None = None) -> DemoResult:
+def run_demo(
+    workdir: Path,
+    checkpoints: int = 4,
+    seed: int = 0,
+    images_per_prompt: int = 2,
+    progress: ProgressCallback | None = None,
+) -> DemoResult:
     workdir = Path(workdir)
     models, config, encoder_file = prepare_demo_models(workdir, checkpoints)
     source = FolderCheckpointSource(models, hash_cache=workdir / "hashes.json")
     generator = DiffusersGenerator(config=config, device="cpu")
-    gmi = Gmi(workdir / "specs", load_encoder(str(encoder_file)), load_prompt_set("platform"),
-              budget=Budget(None, images_per_prompt), settings=DEMO_SETTINGS)
+    gmi = Gmi(
+        workdir / "specs",
+        load_encoder(str(encoder_file)),
+        load_prompt_set("platform"),
+        budget=Budget(None, images_per_prompt),
+        settings=DEMO_SETTINGS,
+    )
     gmi.build(source, generator, progress=progress)
 
     rng = random.Random(seed)

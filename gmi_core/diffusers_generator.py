@@ -26,7 +26,13 @@ SCHEDULERS = {
 
 
 class DiffusersGenerator:
-    def __init__(self, config: Path | None = None, device: str | None = None, local_files_only: bool = True, show_progress: bool = False):
+    def __init__(
+        self,
+        config: Path | None = None,
+        device: str | None = None,
+        local_files_only: bool = True,
+        show_progress: bool = False,
+    ):
         try:
             import diffusers
         except ImportError as exc:
@@ -58,14 +64,18 @@ class DiffusersGenerator:
             kwargs |= {"safety_checker": None, "requires_safety_checker": False}
         try:
             pipe = cls.from_single_file(str(checkpoint.path), **kwargs)
-        except Exception as exc:  # noqa: BLE001 - diffusers raises many types; the user needs one message
+        except Exception as exc:
             hint = "" if self.config else " (offline? pass a local diffusers config folder with --config)"
-            raise CheckpointError(f"{checkpoint.name}: diffusers could not load it{hint}: {str(exc).splitlines()[0]}") from exc
+            raise CheckpointError(
+                f"{checkpoint.name}: diffusers could not load it{hint}: {str(exc).splitlines()[0]}"
+            ) from exc
         pipe.set_progress_bar_config(disable=not self.show_progress)
         self._loaded = (checkpoint.sha256, pipe.to(self.device))
         return self._loaded[1]
 
-    def generate(self, checkpoint: CheckpointInfo, prompt: str, seeds: Sequence[int], settings: GenerationSettings) -> list[Image.Image]:
+    def generate(
+        self, checkpoint: CheckpointInfo, prompt: str, seeds: Sequence[int], settings: GenerationSettings
+    ) -> list[Image.Image]:
         import diffusers
 
         pipe = self._pipeline(checkpoint)

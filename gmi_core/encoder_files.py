@@ -212,8 +212,9 @@ def _hub_cached(item: HubFile) -> Path | None:
     return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
 
 
-def download_weights(entry: KnownEncoder, target: Path | None, log: SearchLog,
-                     progress: ProgressFn | None = None) -> WeightsFile | None:
+def download_weights(
+    entry: KnownEncoder, target: Path | None, log: SearchLog, progress: ProgressFn | None = None
+) -> WeightsFile | None:
     """Fetch ``entry``'s weights through huggingface_hub (``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` apply).
 
     ``target`` is the model folder: files go to ``target/<slug>/``; None means the Hugging Face cache.

@@ -41,8 +41,10 @@ class Geometry:
     context_length: int
 
     def describe(self) -> str:
-        return (f"image {self.image_size}px/{self.patch_size} x{self.vision_width} {self.vision_layers} layers, "
-                f"text x{self.text_width} {self.text_layers} layers, joint {self.embed_dim}")
+        return (
+            f"image {self.image_size}px/{self.patch_size} x{self.vision_width} {self.vision_layers} layers, "
+            f"text x{self.text_width} {self.text_layers} layers, joint {self.embed_dim}"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,14 @@ class KnownEncoder:
 
     def local_names(self) -> list[str]:
         """Relative paths checked in each model folder, most specific first."""
-        names = [f"{self.slug}.safetensors", f"{self.slug}/{OPEN_CLIP_FILE}", f"{self.slug}/{TRANSFORMERS_FILE}",
-                 f"{self.model}/{self.pretrained}/{OPEN_CLIP_FILE}", f"{self.model}/{OPEN_CLIP_FILE}",
-                 f"{self.model}.safetensors"]
+        names = [
+            f"{self.slug}.safetensors",
+            f"{self.slug}/{OPEN_CLIP_FILE}",
+            f"{self.slug}/{TRANSFORMERS_FILE}",
+            f"{self.model}/{self.pretrained}/{OPEN_CLIP_FILE}",
+            f"{self.model}/{OPEN_CLIP_FILE}",
+            f"{self.model}.safetensors",
+        ]
         for item in self.hub:
             folder = item.repo.split("/")[-1]
             names += [f"{folder}/{item.filename}", f"{folder}.safetensors"]
@@ -99,10 +106,14 @@ def geometry_from_config(cfg: dict) -> Geometry:
 
 
 def _openai(model: str, timm_name: str, transformers_repo: str) -> KnownEncoder:
-    return KnownEncoder(model, "openai", (
-        HubFile(f"timm/{timm_name}.openai", OPEN_CLIP_FILE, "open_clip"),
-        HubFile(transformers_repo, TRANSFORMERS_FILE, "transformers"),
-    ))
+    return KnownEncoder(
+        model,
+        "openai",
+        (
+            HubFile(f"timm/{timm_name}.openai", OPEN_CLIP_FILE, "open_clip"),
+            HubFile(transformers_repo, TRANSFORMERS_FILE, "transformers"),
+        ),
+    )
 
 
 KNOWN_ENCODERS: tuple[KnownEncoder, ...] = (

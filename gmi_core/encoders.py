@@ -173,8 +173,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _wrap(towers: torch.nn.Module, encoder_id: str, layout: str, source: str, placement: Placement | None,
-          mean=OPENAI_MEAN, std=OPENAI_STD) -> ClipEncoder:
+def _wrap(
+    towers: torch.nn.Module,
+    encoder_id: str,
+    layout: str,
+    source: str,
+    placement: Placement | None,
+    mean=OPENAI_MEAN,
+    std=OPENAI_STD,
+) -> ClipEncoder:
     import open_clip
 
     placement = placement or Placement()
@@ -223,7 +230,7 @@ def _assign_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> N
     expected = set(model.state_dict())
     state = {}
     with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
             if key in expected:
                 tensor = handle.get_tensor(key)
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -277,12 +284,22 @@ def transformers_config(g: Geometry) -> dict:
     """CLIPConfig arguments for a geometry: OpenAI CLIP's conventions (64-wide heads, 4x MLP, quick GELU)."""
     return {
         "projection_dim": g.embed_dim,
-        "text_config": {"hidden_size": g.text_width, "intermediate_size": 4 * g.text_width, "num_hidden_layers": g.text_layers,
-                        "num_attention_heads": g.text_width // 64, "max_position_embeddings": g.context_length,
-                        "eos_token_id": 49407},
-        "vision_config": {"hidden_size": g.vision_width, "intermediate_size": 4 * g.vision_width,
-                          "num_hidden_layers": g.vision_layers, "num_attention_heads": g.vision_width // 64,
-                          "image_size": g.image_size, "patch_size": g.patch_size},
+        "text_config": {
+            "hidden_size": g.text_width,
+            "intermediate_size": 4 * g.text_width,
+            "num_hidden_layers": g.text_layers,
+            "num_attention_heads": g.text_width // 64,
+            "max_position_embeddings": g.context_length,
+            "eos_token_id": 49407,
+        },
+        "vision_config": {
+            "hidden_size": g.vision_width,
+            "intermediate_size": 4 * g.vision_width,
+            "num_hidden_layers": g.vision_layers,
+            "num_attention_heads": g.vision_width // 64,
+            "image_size": g.image_size,
+            "patch_size": g.patch_size,
+        },
     }
 
 
@@ -296,7 +313,9 @@ def _transformers_model(weights: WeightsFile, dtype: torch.dtype) -> _Transforme
     return _TransformersTowers(model)
 
 
-def load_weights_file(weights: WeightsFile, entry: KnownEncoder | None, placement: Placement | None = None) -> ClipEncoder:
+def load_weights_file(
+    weights: WeightsFile, entry: KnownEncoder | None, placement: Placement | None = None
+) -> ClipEncoder:
     """A ClipEncoder from a checked weights file of any supported layout."""
     placement = placement or Placement()
     dtype = placement.dtype
@@ -306,7 +325,9 @@ def load_weights_file(weights: WeightsFile, entry: KnownEncoder | None, placemen
             towers = _open_clip_model(config, config.get("quick_gelu", False), weights.path, dtype)
             return _wrap(towers, weights.gmi_config["encoder_id"], "gmi", str(weights.path), placement, None, None)
         if entry is None:
-            raise EncoderUnavailable(f"{weights.path} carries no gmi encoder config; choose a known encoder ({DEFAULT_ENCODER})")
+            raise EncoderUnavailable(
+                f"{weights.path} carries no gmi encoder config; choose a known encoder ({DEFAULT_ENCODER})"
+            )
         if weights.layout == "open_clip":
             import open_clip
 
@@ -314,7 +335,9 @@ def load_weights_file(weights: WeightsFile, entry: KnownEncoder | None, placemen
         else:
             towers = _transformers_model(weights, dtype)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise EncoderUnavailable(f"CLIP weights {weights.path} could not be loaded: {type(exc).__name__}: {exc}") from exc
+        raise EncoderUnavailable(
+            f"CLIP weights {weights.path} could not be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
     return _wrap(towers, entry.name, weights.layout, str(weights.path), placement, entry.mean, entry.std)
 
 
@@ -344,18 +367,25 @@ def load_encoder(
             except NotFound:
                 path = None
         if path is None or not path.is_file():
-            raise EncoderUnavailable(f"unknown CLIP encoder {name!r}: give one of {', '.join(encoder_names())} "
-                                     "or a gmi encoder .safetensors file")
+            raise EncoderUnavailable(
+                f"unknown CLIP encoder {name!r}: give one of {', '.join(encoder_names())} "
+                "or a gmi encoder .safetensors file"
+            )
         found, why = inspect_weights(path)
         if found is None or found.layout != "gmi":
-            raise EncoderUnavailable(f"{path} is not a gmi encoder file ({why or found.layout + ' layout'}); "
-                                     f"put CLIP weights in a model folder and choose {DEFAULT_ENCODER}")
+            raise EncoderUnavailable(
+                f"{path} is not a gmi encoder file ({why or found.layout + ' layout'}); "
+                f"put CLIP weights in a model folder and choose {DEFAULT_ENCODER}"
+            )
         return load_weights_file(found, None, placement)
     if weights is not None:
-        found, why = check_candidate(Path(weights), entry, entry.geometry()) if Path(weights).is_file() else (None, "does not exist")
+        found, why = (
+            check_candidate(Path(weights), entry, entry.geometry())
+            if Path(weights).is_file()
+            else (None, "does not exist")
+        )
         if found is None:
             raise EncoderUnavailable(f"CLIP weights file {weights}: {why}")
         return load_weights_file(found, entry, placement)
     found = resolve_weights(entry, search_dirs, own_dirs, allow_download, download_dir, progress, pickle_files)
     return load_weights_file(found, entry, placement)
-

@@ -116,8 +116,12 @@ def encode_spec(spec: Spec, prefix: str, thumbnails: bool = False, lossless: boo
         "prefix": prefix,
         "checkpoint": {"name": spec.checkpoint_name, "sha256": spec.sha256, "autov2": spec.sha256[:10]},
         "encoder_id": spec.encoder_id,
-        "prompt_set": {"name": spec.prompt_set_name, "hash": spec.prompt_set_hash, "builtin": builtin,
-                       **({} if builtin else {"prompts": spec.prompts})},
+        "prompt_set": {
+            "name": spec.prompt_set_name,
+            "hash": spec.prompt_set_hash,
+            "builtin": builtin,
+            **({} if builtin else {"prompts": spec.prompts}),
+        },
         "kind": kind,
         "counts": spec_counts(spec),
         "settings": spec.settings.to_dict(),
@@ -145,8 +149,9 @@ def write_exchange(specs: Sequence[Spec], out: Path, thumbnails: bool = False, l
     return out
 
 
-def exportable_specs(store: SpecStore, encoder_id: str | None = None, prompt_set_hash: str | None = None,
-                     shas: set[str] | None = None) -> list[Spec]:
+def exportable_specs(
+    store: SpecStore, encoder_id: str | None = None, prompt_set_hash: str | None = None, shas: set[str] | None = None
+) -> list[Spec]:
     """Specs in the store (optionally of one encoder, one prompt set plus observed specs, some checkpoints)."""
     specs = []
     for entry in store.entries():
@@ -177,9 +182,13 @@ class ImportReport:
     actions: list[ImportAction] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"actions": [a.__dict__ for a in self.actions],
-                "summary": {k: sum(a.action == k for a in self.actions)
-                            for k in ("added", "replaced", "kept-local", "identical", "rejected")}}
+        return {
+            "actions": [a.__dict__ for a in self.actions],
+            "summary": {
+                k: sum(a.action == k for a in self.actions)
+                for k in ("added", "replaced", "kept-local", "identical", "rejected")
+            },
+        }
 
 
 PromptFeatures = Callable[[str, PromptSet], "torch.Tensor | None"]
@@ -188,34 +197,13 @@ PromptFeatures = Callable[[str, PromptSet], "torch.Tensor | None"]
 def read_exchange(path: Path, prompt_features: PromptFeatures) -> list[tuple[str, Spec | None, str]]:
     """(checkpoint label, spec or None, reason) for each spec in the file; GmiError if the file is unusable."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise GmiError(f"{path}: cannot read ({exc})") from exc
-    if size > MAX_FILE_BYTES:
-        raise GmiError(f"{path}: {size} bytes is more than a spec file may hold ({MAX_FILE_BYTES})")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise GmiError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from exc
-    try:
-        meta = json.loads(header[HEADER_KEY])
-    except (KeyError, ValueError) as exc:
-        raise GmiError(f"{path}: not a gmi spec file (no {HEADER_KEY} metadata)") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise GmiError(f"{path}: not a gmi spec file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise GmiError(f"{path}: spec file version {meta.get('version')!r}; this gmi reads version {VERSION}")
-    try:
-        intact = _content_hash(tensors, meta) == meta.get("content_sha256")
-    except (TypeError, ValueError):  # metadata JSON cannot hold (NaN, odd types): not a file this gmi wrote
-        intact = False
-    if not intact:
-        raise GmiError(f"{path}: content checksum mismatch (file damaged or edited)")
+    meta, tensors = _read_checked(path)
     entries = meta.get("specs")
-    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SPECS_PER_FILE or not all(isinstance(e, dict) for e in entries):
+    if (
+        not isinstance(entries, list)
+        or not 0 < len(entries) <= MAX_SPECS_PER_FILE
+        or not all(isinstance(e, dict) for e in entries)
+    ):
         raise GmiError(f"{path}: no spec list")
     prefixes = [e.get("prefix") for e in entries]
     if not all(isinstance(p, str) and p for p in prefixes) or len(set(prefixes)) != len(prefixes):
@@ -233,6 +221,39 @@ def read_exchange(path: Path, prompt_features: PromptFeatures) -> list[tuple[str
     return out
 
 
+def _read_checked(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of an exchange file of this gmi's format and version whose checksum holds; else GmiError."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise GmiError(f"{path}: cannot read ({exc})") from exc
+    if size > MAX_FILE_BYTES:
+        raise GmiError(f"{path}: {size} bytes is more than a spec file may hold ({MAX_FILE_BYTES})")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise GmiError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from exc
+    try:
+        meta = json.loads(header[HEADER_KEY])
+    except (KeyError, ValueError) as exc:
+        raise GmiError(f"{path}: not a gmi spec file (no {HEADER_KEY} metadata)") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GmiError(
+            f"{path}: not a gmi spec file (format {meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
+    if meta.get("version") != VERSION:
+        raise GmiError(f"{path}: spec file version {meta.get('version')!r}; this gmi reads version {VERSION}")
+    try:
+        intact = _content_hash(tensors, meta) == meta.get("content_sha256")
+    except (TypeError, ValueError):  # metadata JSON cannot hold (NaN, odd types): not a file this gmi wrote
+        intact = False
+    if not intact:
+        raise GmiError(f"{path}: content checksum mismatch (file damaged or edited)")
+    return meta, tensors
+
+
 def _need(ok: bool, what: str) -> None:
     if not ok:
         raise SpecError(what)
@@ -247,8 +268,10 @@ def _tensor(tensors: dict, name: str, dtype: torch.dtype, shape: tuple) -> torch
     _need(name in tensors, f"missing tensor {name}")
     t = tensors[name]
     _need(t.dtype == dtype, f"{name} has dtype {t.dtype}, expected {dtype}")
-    _need(len(t.shape) == len(shape) and all(w in (-1, g) for g, w in zip(t.shape, shape)),
-          f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    _need(
+        len(t.shape) == len(shape) and all(w in (-1, g) for g, w in zip(t.shape, shape)),
+        f"{name} has shape {tuple(t.shape)}, expected {shape}",
+    )
     return t
 
 
@@ -294,10 +317,16 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
         _need(builtin in BUILTIN_SETS, f"unknown built-in prompt set {builtin!r}")
         _need(n <= len(load_prompt_set(builtin)), "more prompts than the built-in set has")
         prompt_set = builtin_prompt_set(builtin, n)
-        _need(prompt_set.hash == ps["hash"], f"prompt set {builtin!r} hash {ps['hash']} differs from this gmi's {prompt_set.hash}")
+        _need(
+            prompt_set.hash == ps["hash"],
+            f"prompt set {builtin!r} hash {ps['hash']} differs from this gmi's {prompt_set.hash}",
+        )
         prompts = list(prompt_set.prompts)
         features = prompt_features(encoder_id, prompt_set)
-        _need(features is not None, f"its prompt features need encoder {encoder_id} (not loaded here) or a local spec of it")
+        _need(
+            features is not None,
+            f"its prompt features need encoder {encoder_id} (not loaded here) or a local spec of it",
+        )
         features = features.to(torch.float16)
     else:
         _need(isinstance(ps["prompts"], list), "prompts are not a list")
@@ -305,13 +334,17 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
         if kind == OBSERVED:
             _need(ps["hash"] == OBSERVED, "observed spec with a prompt-set hash")
         else:
-            _need(PromptSet(ps["name"], tuple(prompts)).hash == ps["hash"], "prompt-set hash does not match its prompts")
+            _need(
+                PromptSet(ps["name"], tuple(prompts)).hash == ps["hash"], "prompt-set hash does not match its prompts"
+            )
         if enc["prompt_features"] == FP16:
             features = _tensor(tensors, f"{prefix}prompt_features", torch.float16, (n, d))
         else:
             _need(enc["prompt_features"] == INT8, "unknown prompt feature encoding")
-            features = dequantise(_tensor(tensors, f"{prefix}prompt_q", torch.int8, (n, d)),
-                                  _exponents(_tensor(tensors, f"{prefix}prompt_exp", torch.int8, (n,)), "prompt"))
+            features = dequantise(
+                _tensor(tensors, f"{prefix}prompt_q", torch.int8, (n, d)),
+                _exponents(_tensor(tensors, f"{prefix}prompt_exp", torch.int8, (n,)), "prompt"),
+            )
     _need(len(prompts) == n and tuple(features.shape) == (n, d), "prompt count or feature size does not match")
     if f"{prefix}thumbnails" in tensors:
         thumbs = _tensor(tensors, f"{prefix}thumbnails", torch.uint8, (n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3))
@@ -322,22 +355,36 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
     if kind == OBSERVED:
         extra["counts"] = {k: int(v) for k, v in entry["counts"].items()}
     popularity = entry.get("popularity")
-    _need(popularity is None or (isinstance(popularity, (int, float)) and not isinstance(popularity, bool) and popularity >= 0),
-          "bad popularity")
+    _need(
+        popularity is None
+        or (isinstance(popularity, (int, float)) and not isinstance(popularity, bool) and popularity >= 0),
+        "bad popularity",
+    )
     if popularity is not None:
         extra["popularity"] = float(popularity)
     spec = Spec(
-        checkpoint_name=name, sha256=sha, encoder_id=encoder_id, prompt_set_name=str(ps["name"]),
-        prompt_set_hash=str(ps["hash"]), prompts=prompts, seeds=seeds,
+        checkpoint_name=name,
+        sha256=sha,
+        encoder_id=encoder_id,
+        prompt_set_name=str(ps["name"]),
+        prompt_set_hash=str(ps["hash"]),
+        prompts=prompts,
+        seeds=seeds,
         settings=_settings(entry["settings"]),
-        image_features=image.contiguous(), prompt_features=features.contiguous(), pixel_features=pixel.contiguous(),
-        thumbnails=thumbs.contiguous(), image_done=done.bool(), extra=extra,
+        image_features=image.contiguous(),
+        prompt_features=features.contiguous(),
+        pixel_features=pixel.contiguous(),
+        thumbnails=thumbs.contiguous(),
+        image_done=done.bool(),
+        extra=extra,
     )
     _need(int(spec.done.sum()) == int(budget["prompts_done"]), "budget does not match the image_done mask")
     _need(int(budget["images"]) == sum(spec.image_counts), "budget images do not match the image_done mask")
     counts = entry["counts"]
-    want = {"generated_images": int(budget["images"]) if kind == "generated" else 0,
-            "observed_images": int(budget["images"]) if kind == OBSERVED else 0}
+    want = {
+        "generated_images": int(budget["images"]) if kind == "generated" else 0,
+        "observed_images": int(budget["images"]) if kind == OBSERVED else 0,
+    }
     _need(counts == want, f"counts {counts} do not match the budget")
     spec.validate("imported spec")
     return spec
@@ -390,8 +437,13 @@ def _store_one(store: SpecStore, spec: Spec, path: str) -> ImportAction:
         if _content_hash(local._tensors(), {}) == _content_hash(spec._tensors(), {}):
             return ImportAction(path, spec.checkpoint_name, spec.sha256, "identical", "the same spec is already here")
         if _images(local) >= _images(spec):
-            return ImportAction(path, spec.checkpoint_name, spec.sha256, "kept-local",
-                                f"local spec has {_images(local)} images, imported {_images(spec)}")
+            return ImportAction(
+                path,
+                spec.checkpoint_name,
+                spec.sha256,
+                "kept-local",
+                f"local spec has {_images(local)} images, imported {_images(spec)}",
+            )
         spec.checkpoint_name = local.checkpoint_name
     store.save(spec)
     action = "replaced" if local is not None else "added"

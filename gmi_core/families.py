@@ -34,7 +34,10 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "sdxl": {"width": 1024, "height": 1024, "steps": 25, "cfg": 6.0},
 }
 LIMITS: dict[str, tuple] = {  # the engine-wide limits of gmi_core.limits, per field
-    "width": (MIN_SIZE, MAX_SIZE), "height": (MIN_SIZE, MAX_SIZE), "steps": (1, MAX_STEPS), "cfg": (0.0, MAX_CFG),
+    "width": (MIN_SIZE, MAX_SIZE),
+    "height": (MIN_SIZE, MAX_SIZE),
+    "steps": (1, MAX_STEPS),
+    "cfg": (0.0, MAX_CFG),
 }
 SIZE_MULTIPLE = SIZE_STEP
 

@@ -109,7 +109,9 @@ class HashCache:
             try:
                 write_json_atomic(self.cache_path, on_disk)
             except OSError as exc:  # best effort: a hash is still right when the cache cannot be written
-                log.warning("gmi: hash cache not written (%s); the file will be hashed again next time", exc.strerror or exc)
+                log.warning(
+                    "gmi: hash cache not written (%s); the file will be hashed again next time", exc.strerror or exc
+                )
             self.entries = on_disk
             self._changed.clear()
 

@@ -11,6 +11,7 @@ EXIF in JPEG/WebP headers). Nothing here guesses: it returns what the file recor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -53,10 +54,8 @@ def parse_infotext(text: str) -> ImageMetadata:
     for key, value in _PARAM.findall(last):
         value = value.strip()
         if len(value) > 1 and value[0] == '"' and value[-1] == '"':
-            try:
+            with contextlib.suppress(ValueError):
                 value = json.loads(value)
-            except ValueError:
-                pass
         params[key.strip()] = value
     seed = params.get("Seed", "")
     meta = ImageMetadata(
@@ -128,7 +127,11 @@ def parse_comfy_workflow(workflow: dict) -> ImageMetadata:
     """The editor graph (when no API graph was saved): loader widgets only; the prompt is not linked reliably."""
     meta = ImageMetadata(source="comfyui-workflow")
     for node in workflow.get("nodes") or []:
-        if not isinstance(node, dict) or "CheckpointLoader" not in str(node.get("type", "")) or node.get("mode") in (2, 4):
+        if (
+            not isinstance(node, dict)
+            or "CheckpointLoader" not in str(node.get("type", ""))
+            or node.get("mode") in (2, 4)
+        ):
             continue
         values = node.get("widgets_values") or []
         if values and isinstance(values[0], str) and values[0] not in meta.checkpoint_names:

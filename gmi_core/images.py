@@ -86,7 +86,9 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     except Image.DecompressionBombError:
         raise ImageError(f"{label}: image too large (over PIL's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{label}: unreadable or truncated image ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc
+        raise ImageError(
+            f"{label}: unreadable or truncated image ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+        ) from exc
 
 
 def png_bytes(image: Image.Image | np.ndarray, size: int | None = None) -> bytes:

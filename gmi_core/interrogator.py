@@ -38,7 +38,9 @@ class LabelScore:
 
 
 class Interrogator:
-    def __init__(self, encoder: ClipEncoder, cache_dir: Path | None = None, vocabulary: dict[str, list[str]] | None = None):
+    def __init__(
+        self, encoder: ClipEncoder, cache_dir: Path | None = None, vocabulary: dict[str, list[str]] | None = None
+    ):
         self.encoder = encoder
         self.vocabulary = vocabulary or load_vocabulary()
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -58,7 +60,9 @@ class Interrogator:
                 try:
                     loaded = load_file(str(cache))
                     if set(loaded) == set(self.vocabulary) and all(
-                        loaded[k].ndim == 2 and loaded[k].shape[0] == len(v) and bool(torch.isfinite(loaded[k].float()).all())
+                        loaded[k].ndim == 2
+                        and loaded[k].shape[0] == len(v)
+                        and bool(torch.isfinite(loaded[k].float()).all())
                         for k, v in self.vocabulary.items()
                     ):
                         self._embeddings = {k: v.float() for k, v in loaded.items()}
@@ -94,7 +98,7 @@ class Interrogator:
         for category, count in PROMPT_LAYOUT:
             parts.extend(score.label for score in ranked.get(category, [])[:count])
         head = f"{parts[0]} of {parts[1]}" if len(parts) > 1 else "".join(parts)
-        return ", ".join([head] + parts[2:])
+        return ", ".join([head, *parts[2:]])
 
     def interrogate(self, images) -> str:
         return self.prompt_from_features(self.encoder.encode_images(list(images)))

@@ -17,14 +17,24 @@ def cmd_import_images(args) -> int:
     from .observed import import_images
 
     gmi, source = _engine(args)
-    report = import_images(gmi, source.list_checkpoints(), args.folder,
-                           progress=None if args.json else (lambda msg: print(f"gmi: {msg}", file=sys.stderr)))
+    report = import_images(
+        gmi,
+        source.list_checkpoints(),
+        args.folder,
+        progress=None if args.json else (lambda msg: print(f"gmi: {msg}", file=sys.stderr)),
+    )
     data = report.to_dict()
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
-    print(f"scanned {data['scanned']} image(s); added {data['added_total']} to {len(data['added'])} observed spec(s)"
-          + (f"; {data['interrogated_prompts']} prompt(s) interrogated (none recorded)" if data["interrogated_prompts"] else ""))
+    print(
+        f"scanned {data['scanned']} image(s); added {data['added_total']} to {len(data['added'])} observed spec(s)"
+        + (
+            f"; {data['interrogated_prompts']} prompt(s) interrogated (none recorded)"
+            if data["interrogated_prompts"]
+            else ""
+        )
+    )
     for spec in data["specs"]:
         print(f"  {spec['name']}: {spec['kind']} spec, {spec['observed_images']} observed image(s)")
     if data["skipped"]:
@@ -70,8 +80,13 @@ def cmd_import(args) -> int:
         if "encoder" not in state:  # loaded only when no local spec has the prompt features
             try:
                 clip_dir = args.home / "clip"
-                state["encoder"] = load_encoder(args.encoder, allow_download=args.allow_download, download_dir=clip_dir,
-                                                own_dirs=[clip_dir], weights=args.clip_weights)
+                state["encoder"] = load_encoder(
+                    args.encoder,
+                    allow_download=args.allow_download,
+                    download_dir=clip_dir,
+                    own_dirs=[clip_dir],
+                    weights=args.clip_weights,
+                )
             except EncoderUnavailable as exc:
                 print(f"gmi: {exc}", file=sys.stderr)
                 state["encoder"] = None
@@ -111,8 +126,11 @@ def cmd_map(args) -> int:
     for row in data["checkpoints"]:
         near = row["nearest"]
         mark = "" if row["installed"] else " [not installed]"
-        print(f"  {row['short_hash']}  {row['name']}{mark}: nearest {near['name']} ({near['relative_distance']})" if near
-              else f"  {row['short_hash']}  {row['name']}{mark}")
+        print(
+            f"  {row['short_hash']}  {row['name']}{mark}: nearest {near['name']} ({near['relative_distance']})"
+            if near
+            else f"  {row['short_hash']}  {row['name']}{mark}"
+        )
     if args.out:
         print(f"map image: {data['image']}")
     return 0
@@ -121,7 +139,9 @@ def cmd_map(args) -> int:
 def add_library_commands(commands, add_engine_options) -> None:
     from .cli import DEFAULT_HOME
 
-    p = commands.add_parser("import-images", help="build observed specs from images already on disk (nothing generated)")
+    p = commands.add_parser(
+        "import-images", help="build observed specs from images already on disk (nothing generated)"
+    )
     p.add_argument("folder", type=Path, help="folder of images (scanned recursively)")
     add_engine_options(p)
     p.add_argument("--json", action="store_true")

@@ -45,7 +45,9 @@ class SpecView:
 
 def spec_view(spec: Spec, anchors: torch.Tensor) -> SpecView:
     """Unrepeated images of a (possibly merged) spec and its weights at each anchor prompt."""
-    n_generated = spec.extra["parts"][0] if spec_kind(spec) == "mixed" else (0 if spec_kind(spec) == OBSERVED else spec.n_prompts)
+    n_generated = (
+        spec.extra["parts"][0] if spec_kind(spec) == "mixed" else (0 if spec_kind(spec) == OBSERVED else spec.n_prompts)
+    )
     rows, images, row_of = [], [], []
     for i in range(spec.n_prompts):
         if not spec.done[i]:
@@ -82,7 +84,9 @@ def _self_terms(view: SpecView, gamma: float) -> torch.Tensor:
     return torch.where(denom > 1e-6, (full - diag) / denom.clamp(min=1e-6), full)
 
 
-def distances(specs: list[Spec], anchors: torch.Tensor, gamma: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+def distances(
+    specs: list[Spec], anchors: torch.Tensor, gamma: float | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(D [M, M] squared prompt-aligned MMD, relative distance [M, M], gamma)."""
     views = [spec_view(s, anchors) for s in specs]
     if gamma is None:
@@ -108,7 +112,7 @@ def distances(specs: list[Spec], anchors: torch.Tensor, gamma: float | None = No
     d2 = (selfs[:, None, :] + selfs[None, :, :] - 2 * cross).mean(-1)
     d2.fill_diagonal_(0)
     scale = (selfs[:, None, :] + selfs[None, :, :]).mean(-1)
-    rel = (d2.clamp(min=0) / scale.clamp(min=1e-12))
+    rel = d2.clamp(min=0) / scale.clamp(min=1e-12)
     rel.fill_diagonal_(0)
     return d2.numpy().astype(np.float64), rel.numpy().astype(np.float64), float(gamma)
 
@@ -169,14 +173,29 @@ class LibraryMap:
         for i in range(len(self.names)):
             others = [j for j in range(len(self.names)) if j != i]
             j = min(others, key=lambda k: self.relative[i, k]) if others else None
-            nearest.append(None if j is None else {"name": self.names[j], "relative_distance": round(float(self.relative[i, j]), 5)})
+            nearest.append(
+                None
+                if j is None
+                else {"name": self.names[j], "relative_distance": round(float(self.relative[i, j]), 5)}
+            )
         return {
             "gamma": self.gamma,
             "threshold": self.threshold,
             "checkpoints": [
-                {"name": n, "sha256": s, "short_hash": s[:10], "installed": inst, "kind": k, "x": float(x), "y": float(y),
-                 "group": group_of.get(i), "nearest": nearest[i]}
-                for i, (n, s, inst, k, (x, y)) in enumerate(zip(self.names, self.sha256, self.installed, self.kinds, self.coords))
+                {
+                    "name": n,
+                    "sha256": s,
+                    "short_hash": s[:10],
+                    "installed": inst,
+                    "kind": k,
+                    "x": float(x),
+                    "y": float(y),
+                    "group": group_of.get(i),
+                    "nearest": nearest[i],
+                }
+                for i, (n, s, inst, k, (x, y)) in enumerate(
+                    zip(self.names, self.sha256, self.installed, self.kinds, self.coords)
+                )
             ],
             "groups": [[self.names[i] for i in g] for g in self.groups],
             "relative_distance": np.round(self.relative, 5).tolist(),
@@ -184,16 +203,27 @@ class LibraryMap:
         }
 
 
-def build_map(specs: list[Spec], anchors: torch.Tensor, threshold: float = NEAR_DUPLICATE_THRESHOLD,
-              excluded: list[tuple[str, str]] | None = None) -> LibraryMap:
+def build_map(
+    specs: list[Spec],
+    anchors: torch.Tensor,
+    threshold: float = NEAR_DUPLICATE_THRESHOLD,
+    excluded: list[tuple[str, str]] | None = None,
+) -> LibraryMap:
     if not specs:
         raise ValueError("no specs to map")
     d2, rel, gamma = distances(specs, anchors)
     return LibraryMap(
-        names=[s.checkpoint_name for s in specs], sha256=[s.sha256 for s in specs],
-        installed=[bool(s.extra.get("installed", True)) for s in specs], kinds=[spec_kind(s) for s in specs],
-        d2=d2, relative=rel, coords=classical_mds(d2), groups=groups(rel, threshold), gamma=gamma,
-        threshold=threshold, excluded=list(excluded or []),
+        names=[s.checkpoint_name for s in specs],
+        sha256=[s.sha256 for s in specs],
+        installed=[bool(s.extra.get("installed", True)) for s in specs],
+        kinds=[spec_kind(s) for s in specs],
+        d2=d2,
+        relative=rel,
+        coords=classical_mds(d2),
+        groups=groups(rel, threshold),
+        gamma=gamma,
+        threshold=threshold,
+        excluded=list(excluded or []),
     )
 
 
@@ -208,14 +238,23 @@ def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) ->
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     font, small = _font(14), _font(11)
-    draw.text((margin, 14), f"gmi library map: {len(lib.names)} checkpoints, {len(lib.groups)} near-duplicate group(s)",
-              fill="black", font=font)
+    draw.text(
+        (margin, 14),
+        f"gmi library map: {len(lib.names)} checkpoints, {len(lib.groups)} near-duplicate group(s)",
+        fill="black",
+        font=font,
+    )
     xy = lib.coords.astype(float)
     lo, hi = xy.min(0), xy.max(0)
     span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
     label_room = 190  # labels are drawn to the right of their points
-    pts = [(margin + (x - lo[0]) / span[0] * (width - 2 * margin - label_room),
-            margin + (y - lo[1]) / span[1] * (height - 2 * margin)) for x, y in xy]
+    pts = [
+        (
+            margin + (x - lo[0]) / span[0] * (width - 2 * margin - label_room),
+            margin + (y - lo[1]) / span[1] * (height - 2 * margin),
+        )
+        for x, y in xy
+    ]
     colour = {i: COLOURS[g % len(COLOURS)] for g, members in enumerate(lib.groups) for i in members}
     for members in lib.groups:
         for a in members:
@@ -231,8 +270,13 @@ def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) ->
             draw.ellipse([x - r, y - r, x + r, y + r], fill="white", outline=c, width=2)
         label = lib.names[i] if len(lib.names[i]) <= 28 else lib.names[i][:26] + "…"
         draw.text((x + 8, y - 7), label + ("" if lib.installed[i] else " (not installed)"), fill="black", font=small)
-    draw.text((margin, height - 24), "distances: prompt-aligned MMD between specs (same kernel as ranking); "
-              "filled = installed, hollow = imported spec only", fill=(90, 90, 90), font=small)
+    draw.text(
+        (margin, height - 24),
+        "distances: prompt-aligned MMD between specs (same kernel as ranking); "
+        "filled = installed, hollow = imported spec only",
+        fill=(90, 90, 90),
+        font=small,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -40,7 +40,7 @@ UNKNOWN_SEED = -1
 
 
 def spec_kind(spec: Spec) -> str:
-    """"generated" (the platform prompts, rendered by gmi), "observed" (the user's images) or "mixed"."""
+    """ "generated" (the platform prompts, rendered by gmi), "observed" (the user's images) or "mixed"."""
     return spec.extra.get("kind", "generated")
 
 
@@ -109,13 +109,18 @@ class Attributor:
         if meta.problem and not meta.checkpoint_names:
             return Attribution(None, meta.problem)
         if len(meta.checkpoint_names) > 1:
-            return Attribution(None, f"names {len(meta.checkpoint_names)} checkpoints ({', '.join(meta.checkpoint_names)}): ambiguous")
+            return Attribution(
+                None, f"names {len(meta.checkpoint_names)} checkpoints ({', '.join(meta.checkpoint_names)}): ambiguous"
+            )
         if meta.model_hash:
             hits = _distinct(self.by_hash(meta.model_hash))
             if len(hits) == 1:
                 return Attribution(hits[0], how="hash")
             if len(hits) > 1:
-                return Attribution(None, f"model hash {meta.model_hash} fits {len(hits)} checkpoints ({', '.join(c.name for c in hits)}): ambiguous")
+                return Attribution(
+                    None,
+                    f"model hash {meta.model_hash} fits {len(hits)} checkpoints ({', '.join(c.name for c in hits)}): ambiguous",
+                )
             named = f" ({meta.model_name})" if meta.model_name else ""
             return Attribution(None, f"checkpoint with hash {meta.model_hash}{named} is not installed")
         name = meta.checkpoint_names[0] if meta.checkpoint_names else meta.model_name
@@ -129,7 +134,10 @@ class Attributor:
         if len(hits) == 1:
             return Attribution(hits[0], how="name")
         if len(hits) > 1:
-            return Attribution(None, f"checkpoint name {name!r} fits {len(hits)} checkpoints ({', '.join(c.name for c in hits)}): ambiguous")
+            return Attribution(
+                None,
+                f"checkpoint name {name!r} fits {len(hits)} checkpoints ({', '.join(c.name for c in hits)}): ambiguous",
+            )
         return Attribution(None, f"checkpoint {name!r} is not installed")
 
 
@@ -186,15 +194,26 @@ class ImportImagesReport:
 
 
 def _reason_class(reason: str) -> str:
-    for key in ("not installed", "ambiguous", "no generation metadata", "unreadable", "not an image", "already", "cap",
-                "preview of", "names no checkpoint", "another node"):
+    for key in (
+        "not installed",
+        "ambiguous",
+        "no generation metadata",
+        "unreadable",
+        "not an image",
+        "already",
+        "cap",
+        "preview of",
+        "names no checkpoint",
+        "another node",
+    ):
         if key in reason:
             return key
     return "other"
 
 
-def scan(folder: Path, attributor: Attributor, report: ImportImagesReport,
-         progress: Callable[[str], None] | None = None) -> list[Candidate]:
+def scan(
+    folder: Path, attributor: Attributor, report: ImportImagesReport, progress: Callable[[str], None] | None = None
+) -> list[Candidate]:
     """Every image under ``folder`` (recursively) attributed to a local checkpoint; the rest reported."""
     found = []
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -245,8 +264,9 @@ def observed_key(sha256: str, encoder_id: str) -> SpecKey:
     return SpecKey(sha256, encoder_id, OBSERVED)
 
 
-def import_images(gmi, listing: CheckpointListing, folder: Path,
-                  progress: Callable[[str], None] | None = None) -> ImportImagesReport:
+def import_images(
+    gmi, listing: CheckpointListing, folder: Path, progress: Callable[[str], None] | None = None
+) -> ImportImagesReport:
     """Build or extend observed specs from the images under ``folder``. Generates nothing.
 
     ``gmi`` is the engine (its store, encoder and interrogator). Existing specs are only extended;
@@ -266,13 +286,24 @@ def import_images(gmi, listing: CheckpointListing, folder: Path,
             with spec_lock(gmi.store.path_for(key)):  # the same per-spec lock builds take: no lost extension
                 _import_checkpoint(gmi, key, candidates, folder, report, progress)
         except Busy:
-            report.skipped += [(str(c.path.relative_to(folder)), f"busy: the observed spec of {c.checkpoint.name} "
-                                "is being written by another import") for c in candidates]
+            report.skipped += [
+                (
+                    str(c.path.relative_to(folder)),
+                    f"busy: the observed spec of {c.checkpoint.name} is being written by another import",
+                )
+                for c in candidates
+            ]
     return report
 
 
-def _import_checkpoint(gmi, key: SpecKey, candidates: list[Candidate], folder: Path, report: ImportImagesReport,
-                       progress: Callable[[str], None] | None) -> None:
+def _import_checkpoint(
+    gmi,
+    key: SpecKey,
+    candidates: list[Candidate],
+    folder: Path,
+    report: ImportImagesReport,
+    progress: Callable[[str], None] | None,
+) -> None:
     """Extend one checkpoint's observed spec with its new images (called under the spec's lock)."""
     ckpt = candidates[0].checkpoint
     try:
@@ -298,20 +329,32 @@ def _import_checkpoint(gmi, key: SpecKey, candidates: list[Candidate], folder: P
     chosen = _select(fresh, max(0, room))
     for cand in fresh:
         if cand not in chosen:
-            report.skipped.append((str(cand.path.relative_to(folder)),
-                                   f"observed spec of {ckpt.name} is full (cap {MAX_OBSERVED_IMAGES} images)"))
+            report.skipped.append(
+                (
+                    str(cand.path.relative_to(folder)),
+                    f"observed spec of {ckpt.name} is full (cap {MAX_OBSERVED_IMAGES} images)",
+                )
+            )
     rows = _encode_rows(gmi, chosen, folder, report, progress, ckpt.name)
     if not rows:
         return
     spec = _extend(spec, rows, ckpt, gmi.encoder)
     gmi.store.save(spec)
     report.added[ckpt.name] = len(rows["prompts"])
-    report.specs.append({"name": ckpt.name, "sha256": key.sha256, "kind": spec_kind(spec), **spec_counts(spec),
-                         "attributed_by": dict(Counter(rows["how"]))})
+    report.specs.append(
+        {
+            "name": ckpt.name,
+            "sha256": key.sha256,
+            "kind": spec_kind(spec),
+            **spec_counts(spec),
+            "attributed_by": dict(Counter(rows["how"])),
+        }
+    )
 
 
-def _encode_rows(gmi, chosen: list[Candidate], folder: Path, report: ImportImagesReport,
-                 progress, name: str) -> dict | None:
+def _encode_rows(
+    gmi, chosen: list[Candidate], folder: Path, report: ImportImagesReport, progress, name: str
+) -> dict | None:
     images, kept = [], []
     for cand in chosen:
         try:
@@ -363,15 +406,24 @@ def _extend(spec: Spec | None, rows: dict, ckpt: CheckpointInfo, encoder) -> Spe
     )
     if spec is not None:
         new = Spec(
-            checkpoint_name=ckpt.name, sha256=ckpt.sha256, encoder_id=encoder.encoder_id,
-            prompt_set_name=OBSERVED, prompt_set_hash=OBSERVED,
-            prompts=spec.prompts + new.prompts, seeds=spec.seeds + new.seeds, settings=GenerationSettings(),
+            checkpoint_name=ckpt.name,
+            sha256=ckpt.sha256,
+            encoder_id=encoder.encoder_id,
+            prompt_set_name=OBSERVED,
+            prompt_set_hash=OBSERVED,
+            prompts=spec.prompts + new.prompts,
+            seeds=spec.seeds + new.seeds,
+            settings=GenerationSettings(),
             image_features=torch.cat([spec.image_features, new.image_features]),
             prompt_features=torch.cat([spec.prompt_features, new.prompt_features]),
             pixel_features=torch.cat([spec.pixel_features, new.pixel_features]),
             thumbnails=torch.cat([spec.thumbnails, new.thumbnails]),
             image_done=torch.cat([spec.image_done, new.image_done]),
-            extra={**spec.extra, "kind": OBSERVED, "observed_files": spec.extra.get("observed_files", []) + rows["files"]},
+            extra={
+                **spec.extra,
+                "kind": OBSERVED,
+                "observed_files": spec.extra.get("observed_files", []) + rows["files"],
+            },
         )
     new.extra["counts"] = {"generated_images": 0, "observed_images": new.n_prompts}
     new.validate(f"observed spec of {ckpt.name}")
@@ -394,7 +446,7 @@ def merge(generated: Spec | None, observed: Spec | None) -> Spec:
     def padded(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t, t.new_zeros(t.shape[0], s - t.shape[1], *t.shape[2:])], 1)
 
-    spec = Spec(
+    return Spec(
         checkpoint_name=generated.checkpoint_name,
         sha256=generated.sha256,
         encoder_id=generated.encoder_id,
@@ -406,13 +458,17 @@ def merge(generated: Spec | None, observed: Spec | None) -> Spec:
         image_features=torch.cat([generated.image_features, padded(observed.image_features)]),
         prompt_features=torch.cat([generated.prompt_features, observed.prompt_features]),
         pixel_features=torch.cat([generated.pixel_features, padded(observed.pixel_features)]),
-        thumbnails=None if generated.thumbnails is None or observed.thumbnails is None  # loaded for ranking
+        thumbnails=None
+        if generated.thumbnails is None or observed.thumbnails is None  # loaded for ranking
         else torch.cat([generated.thumbnails, observed.thumbnails]),
         image_done=torch.cat([generated.image_done, padded(observed.image_done)]),
-        extra={**generated.extra, "kind": "mixed", "parts": [generated.n_prompts, observed.n_prompts],
-               "counts": {"generated_images": sum(generated.image_counts), "observed_images": sum(observed.image_counts)}},
+        extra={
+            **generated.extra,
+            "kind": "mixed",
+            "parts": [generated.n_prompts, observed.n_prompts],
+            "counts": {"generated_images": sum(generated.image_counts), "observed_images": sum(observed.image_counts)},
+        },
     )
-    return spec
 
 
 def row_source(spec: Spec, index: int) -> tuple[str, int]:

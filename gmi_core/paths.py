@@ -13,7 +13,7 @@ import re
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.parse import unquote
 
@@ -141,10 +141,8 @@ FILE_MODE = 0o666 & ~_read_umask()
 
 def set_default_mode(path) -> None:
     """Temp files from mkstemp are 0600; a finished file gets the mode any other new file would get."""
-    try:
+    with suppress(OSError):
         os.chmod(path, FILE_MODE)
-    except OSError:
-        pass
 
 
 @contextmanager

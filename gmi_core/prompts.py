@@ -78,7 +78,9 @@ def load_prompt_set(name_or_path: str = "platform") -> PromptSet:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise GmiError(f"prompt set {label} is not UTF-8 text (a JSON list of strings or one prompt per line)") from None
+        raise GmiError(
+            f"prompt set {label} is not UTF-8 text (a JSON list of strings or one prompt per line)"
+        ) from None
     if "\x00" in text:
         raise GmiError(f"prompt set {label} is a binary file, not a JSON list of strings or one prompt per line")
     return PromptSet(path.stem, parse_prompts(text, path.suffix.lower() == ".json", label))

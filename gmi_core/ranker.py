@@ -1,6 +1,6 @@
 """Ranking checkpoints by (prompt-weighted) RKME distance, for all specs at once.
 
-Notation follows DESIGN.md. With unit vectors, k(a, b) = exp(-gamma * (2 - 2 a.b)), and
+Notation follows README "How it works". With unit vectors, k(a, b) = exp(-gamma * (2 - 2 a.b)), and
 
     D_m = const - 2 sum_i W_mi c_mi + W_m^T Kbar_m W_m
 
@@ -186,8 +186,9 @@ def _query_means(image: torch.Tensor, query: torch.Tensor, gamma: float, mask: t
     return torch.cat(out)
 
 
-def kbar(image: torch.Tensor, gamma: float, mask: torch.Tensor | None = None, chunk: int = 32,
-         per_prompt_fill: bool = True) -> torch.Tensor:
+def kbar(
+    image: torch.Tensor, gamma: float, mask: torch.Tensor | None = None, chunk: int = 32, per_prompt_fill: bool = True
+) -> torch.Tensor:
     """Kbar[m, i, j] = masked mean over image pairs (s, s') of k(z_{m,i,s}, z_{m,j,s'}), no image with itself.
 
     Entries without a pair (unrendered prompts; the diagonal of a prompt with one image) take the mean of
@@ -225,7 +226,9 @@ def _weighted_scores(image, query, gamma, weights, mask, kbar_m):
     w = (weights if weights.ndim == 2 else weights.unsqueeze(0)) * mask.any(dim=2).float()
     totals = w.sum(dim=1, keepdim=True)
     w = torch.where(totals > 0, w / totals.clamp(min=1e-12), w)
-    self_term = (torch.bmm(kbar_m, w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=1)  # w_m^T Kbar_m w_m; einsum is far slower
+    self_term = (torch.bmm(kbar_m, w.unsqueeze(-1)).squeeze(-1) * w).sum(
+        dim=1
+    )  # w_m^T Kbar_m w_m; einsum is far slower
     contributions = w * c
     scores = self_term - 2 * contributions.sum(dim=1)
     scores = torch.where(totals.squeeze(1) > 0, scores, torch.full_like(scores, float("inf")))
@@ -248,15 +251,36 @@ def rank(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "download":
+        return _by_popularity(bank)
+    image, query, weights = _method_view(bank, method, query_images, query_text, query_pixels, tau, centre)
+    view = (method == "rkme_basic", method == "rkme_concat", centre and method in ("gmi", "rkme_clip"))
+    if gamma is None:
+        if view not in bank._kbar_cache:
+            bank._kbar_cache[view] = median_gamma(image)
+        gamma = bank._kbar_cache[view]
+    cache_key = (*view, round(gamma, 9))
+    if cache_key not in bank._kbar_cache:
+        bank._kbar_cache[cache_key] = kbar(image, gamma, bank.mask, per_prompt_fill=bank.prompt.ndim == 2)
+    scores, contributions = _weighted_scores(image, query, gamma, weights, bank.mask, bank._kbar_cache[cache_key])
+    order = torch.argsort(scores, stable=True)
+    return Ranking(method, gamma, scores, order, weights, contributions)
+
+
+def _by_popularity(bank: FeatureBank) -> Ranking:
+    """The ``download`` baseline: most popular first, ties by name."""
+    popularity = bank.popularity or [None] * bank.size
+    pops = [(-(p if p is not None else float("-inf")), name.lower()) for p, name in zip(popularity, bank.names)]
+    order = sorted(range(bank.size), key=lambda i: pops[i])
+    scores = torch.empty(bank.size)
+    scores[torch.tensor(order)] = torch.arange(bank.size, dtype=torch.float32)
+    return Ranking("download", None, scores, torch.tensor(order), None, None)
+
+
+def _method_view(bank: FeatureBank, method, query_images, query_text, query_pixels, tau, centre):
+    """(library features, query features, prompt weights) that ``method`` compares."""
     n_prompts = bank.prompt.shape[-2]
     uniform = torch.full((n_prompts,), 1.0 / n_prompts)
-    if method == "download":
-        popularity = bank.popularity or [None] * bank.size
-        pops = [(-(p if p is not None else float("-inf")), name.lower()) for p, name in zip(popularity, bank.names)]
-        order = sorted(range(bank.size), key=lambda i: pops[i])
-        scores = torch.empty(bank.size)
-        scores[torch.tensor(order)] = torch.arange(bank.size, dtype=torch.float32)
-        return Ranking(method, None, scores, torch.tensor(order), None, None)
     if method == "rkme_basic":
         if query_pixels is None or bank.pixel is None:
             raise ValueError("rkme_basic needs pixel features of the query and the specs")
@@ -274,17 +298,7 @@ def rank(
             image, query = concat_features(bank.image, bank.prompt, query_images, query_text)
         if centre and method in ("gmi", "rkme_clip"):
             image, query = _centred(bank, query_images, query_text)
-    view = (method == "rkme_basic", method == "rkme_concat", centre and method in ("gmi", "rkme_clip"))
-    if gamma is None:
-        if view not in bank._kbar_cache:
-            bank._kbar_cache[view] = median_gamma(image)
-        gamma = bank._kbar_cache[view]
-    cache_key = (*view, round(gamma, 9))
-    if cache_key not in bank._kbar_cache:
-        bank._kbar_cache[cache_key] = kbar(image, gamma, bank.mask, per_prompt_fill=bank.prompt.ndim == 2)
-    scores, contributions = _weighted_scores(image, query, gamma, weights, bank.mask, bank._kbar_cache[cache_key])
-    order = torch.argsort(scores, stable=True)
-    return Ranking(method, gamma, scores, order, weights, contributions)
+    return image, query, weights
 
 
 def _centred(bank: FeatureBank, query_images: torch.Tensor, query_text: torch.Tensor | None):

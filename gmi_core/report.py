@@ -41,7 +41,7 @@ figure img{{width:96px;height:96px}} .q img{{width:192px;height:192px;margin-rig
 <div class=q>{query_html}</div>
 <p>Method <b>{result.method}</b>; prompt ({result.prompt_source}): <i>{html.escape(result.pseudo_prompt)}</i></p>
 <table><tr><th>#</th><th>checkpoint</th><th>hash</th><th>score (lower is better)</th><th>best-matching spec prompts</th></tr>
-{''.join(rows)}</table>"""
+{"".join(rows)}</table>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

@@ -58,7 +58,9 @@ class Spec:
     image_features: torch.Tensor  # [N, S, d] float16, unit rows
     prompt_features: torch.Tensor  # [N, d] float16, unit rows
     pixel_features: torch.Tensor  # [N, S, 3*8*8] float16, unit rows
-    thumbnails: torch.Tensor | None  # [N, 64, 64, 3] uint8, the first image of each prompt; None when loaded for ranking
+    thumbnails: (
+        torch.Tensor | None
+    )  # [N, 64, 64, 3] uint8, the first image of each prompt; None when loaded for ranking
     image_done: torch.Tensor  # [N, S] bool
     extra: dict = field(default_factory=dict)
     family: str = ""  # the checkpoint family whose generation settings were used
@@ -86,10 +88,16 @@ class Spec:
         extra = images_per_prompt - s
         if extra <= 0:
             return
-        self.image_features = torch.cat([self.image_features, self.image_features.new_zeros(n, extra, self.image_features.shape[-1])], 1)
-        self.pixel_features = torch.cat([self.pixel_features, self.pixel_features.new_zeros(n, extra, self.pixel_features.shape[-1])], 1)
+        self.image_features = torch.cat(
+            [self.image_features, self.image_features.new_zeros(n, extra, self.image_features.shape[-1])], 1
+        )
+        self.pixel_features = torch.cat(
+            [self.pixel_features, self.pixel_features.new_zeros(n, extra, self.pixel_features.shape[-1])], 1
+        )
         self.image_done = torch.cat([self.image_done, self.image_done.new_zeros(n, extra)], 1)
-        self.seeds = [row + [cell_seed(base_seed, i, j) for j in range(s, images_per_prompt)] for i, row in enumerate(self.seeds)]
+        self.seeds = [
+            row + [cell_seed(base_seed, i, j) for j in range(s, images_per_prompt)] for i, row in enumerate(self.seeds)
+        ]
 
     @property
     def n_prompts(self) -> int:
@@ -135,7 +143,9 @@ class Spec:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         if self.thumbnails is None:
-            raise SpecError(f"spec of {self.checkpoint_name} was loaded for ranking only (no thumbnails); it cannot be saved")
+            raise SpecError(
+                f"spec of {self.checkpoint_name} was loaded for ranking only (no thumbnails); it cannot be saved"
+            )
         return {
             "image_features": self.image_features.contiguous(),
             "prompt_features": self.prompt_features.contiguous(),
@@ -187,7 +197,9 @@ class Spec:
         except (KeyError, ValueError) as exc:
             raise SpecError(f"spec file {path} has no valid gmi metadata") from exc
         if meta.get("format_version") not in READABLE_VERSIONS:
-            raise SpecError(f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}")
+            raise SpecError(
+                f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}"
+            )
         done_name = "image_done" if meta["format_version"] >= 2 else "done"  # version 1: whole prompts
         missing = [name for name in _TENSORS if (done_name if name == "image_done" else name) not in names]
         if missing:
@@ -196,7 +208,9 @@ class Spec:
         if verify and _content_hash(tensors, covered) != meta.get("content_sha256"):
             raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
         if done_name == "done":
-            tensors["image_done"] = tensors.pop("done").bool()[:, None].expand(tensors["image_features"].shape[:2]).clone()
+            tensors["image_done"] = (
+                tensors.pop("done").bool()[:, None].expand(tensors["image_features"].shape[:2]).clone()
+            )
         try:
             spec = cls(
                 checkpoint_name=meta["checkpoint_name"],
@@ -230,8 +244,10 @@ class Spec:
             (tuple(self.image_features.shape) == (n, s, d), f"image_features shape {tuple(self.image_features.shape)}"),
             (tuple(self.prompt_features.shape) == (n, d), f"prompt_features shape {tuple(self.prompt_features.shape)}"),
             (self.pixel_features.shape[:2] == (n, s), "pixel_features shape"),
-            (self.thumbnails is None or (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8),
-             "thumbnails shape"),
+            (
+                self.thumbnails is None or (self.thumbnails.shape[0] == n and self.thumbnails.dtype == torch.uint8),
+                "thumbnails shape",
+            ),
             (tuple(self.image_done.shape) == (n, s), "image_done mask shape"),
         ]
         for ok, what in checks:
@@ -255,8 +271,18 @@ class Spec:
             raise SpecError(f"{origin}: image features are not unit vectors")
 
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8,
-           "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
 
 
 def _read_safetensors(path: Path, names) -> tuple[dict, set, dict[str, torch.Tensor]]:
@@ -312,7 +338,7 @@ def read_thumbnail(path: Path, prompt_index: int) -> np.ndarray | None:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            done = handle.get_slice("image_done" if "image_done" in handle.keys() else "done")  # version 1: done [N]
+            done = handle.get_slice("image_done" if "image_done" in handle.keys() else "done")  # noqa: SIM118 - v1 has done [N]
             count = done.get_shape()[0]
             if not 0 <= prompt_index < count:
                 raise SpecError(f"spec {Path(path).parent.name[:10]} has no prompt {prompt_index} (it has {count})")

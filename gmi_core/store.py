@@ -83,7 +83,9 @@ class SpecStore:
         try:
             spec = Spec.load(path, verify=verify, thumbnails=thumbnails)
             if spec.key != key:
-                raise SpecError(f"spec file {path.name} holds the spec of another key ({spec.sha256[:10]}), not {key.sha256[:10]}")
+                raise SpecError(
+                    f"spec file {path.name} holds the spec of another key ({spec.sha256[:10]}), not {key.sha256[:10]}"
+                )
         except SpecError as exc:
             self.mark_corrupt(path, str(exc))
             raise
@@ -178,7 +180,12 @@ class SpecStore:
                 cached = self._folder_cache.get(folder)
                 if cached is None or cached[0] != stamp:
                     with os.scandir(path) as found:
-                        cached = (stamp, sorted(e.name for e in found if e.name.endswith(".safetensors") and not e.name.startswith(".")))
+                        cached = (
+                            stamp,
+                            sorted(
+                                e.name for e in found if e.name.endswith(".safetensors") and not e.name.startswith(".")
+                            ),
+                        )
             except OSError:
                 continue
             if time.time_ns() - stamp > SETTLED_NS:
@@ -208,9 +215,13 @@ class SpecStore:
         try:
             spec = Spec.load(path)
             if self.path_for(spec.key) != path:
-                raise SpecError(f"spec file {path.name} holds the spec of {spec.sha256[:10]} and is trusted only at its own path")
+                raise SpecError(
+                    f"spec file {path.name} holds the spec of {spec.sha256[:10]} and is trusted only at its own path"
+                )
         except SpecError as exc:
-            log.warning("gmi: spec file %s is unusable (%s); it shows as corrupt and is rebuilt by 'build missing'", path, exc)
+            log.warning(
+                "gmi: spec file %s is unusable (%s); it shows as corrupt and is rebuilt by 'build missing'", path, exc
+            )
             return None, redact(str(exc))
         except OSError as exc:
             return None, f"unreadable ({exc.strerror or exc})"
@@ -241,9 +252,15 @@ class SpecStore:
             entry = ManifestEntry(**fields)
             ok = (
                 entry.file == rel
-                and all(isinstance(getattr(entry, f), str) for f in ("checkpoint_name", "encoder_id", "prompt_set_hash", "prompt_set_name"))
+                and all(
+                    isinstance(getattr(entry, f), str)
+                    for f in ("checkpoint_name", "encoder_id", "prompt_set_hash", "prompt_set_name")
+                )
                 and isinstance(entry.settings, dict)
-                and all(type(getattr(entry, f)) is int and getattr(entry, f) >= 0 for f in ("prompts_done", "prompts_total", "images_per_prompt", "size"))
+                and all(
+                    type(getattr(entry, f)) is int and getattr(entry, f) >= 0
+                    for f in ("prompts_done", "prompts_total", "images_per_prompt", "size")
+                )
                 and isinstance(entry.mtime, (int, float))
                 and isinstance(entry.complete, bool)
                 and isinstance(entry.family, str)
@@ -282,9 +299,13 @@ class SpecStore:
                 entries[rel] = entry
         problems = {}
         raw_problems = raw.get("problems")
-        for rel, item in (raw_problems.items() if isinstance(raw_problems, dict) else ()):
-            if (isinstance(item, dict) and isinstance(item.get("reason"), str) and isinstance(item.get("mtime"), (int, float))
-                    and type(item.get("size")) is int):
+        for rel, item in raw_problems.items() if isinstance(raw_problems, dict) else ():
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("reason"), str)
+                and isinstance(item.get("mtime"), (int, float))
+                and type(item.get("size")) is int
+            ):
                 problems[rel] = {"mtime": item["mtime"], "size": item["size"], "reason": item["reason"][:500]}
         return entries, problems
 

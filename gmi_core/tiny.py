@@ -60,7 +60,14 @@ def _resnet(prefix_from: str, prefix_to: str, names: dict[str, str]) -> dict[str
     return {f"{prefix_from}.{a}": f"{prefix_to}.{b}" for a, b in names.items()}
 
 
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -69,7 +76,11 @@ def unet_prefix_map(config: dict) -> dict[str, str]:
     """diffusers UNet module prefixes -> LDM prefixes, for the layouts built here (SD1 style)."""
     per = config["layers_per_block"] + 1
     levels = len(config["block_out_channels"])
-    m = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+    m = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+    }
     m |= {"conv_norm_out": "out.0", "conv_out": "out.2"}
     for i, kind in enumerate(config["down_block_types"]):
         for j in range(config["layers_per_block"]):
@@ -177,8 +188,15 @@ def clip_tokenizer_files(folder: Path) -> Path:
     vocab = {rename.get(token, token): index for token, index in bpe.encoder.items()}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     merges = sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n", encoding="utf-8"
+    )
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, **special}), encoding="utf-8")
     return folder
 
@@ -192,7 +210,9 @@ def tiny_pipeline_config(folder: Path) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     unet, vae, text = tiny_modules(0)
-    tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_files(folder.with_name(folder.name + ".tok"))), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(clip_tokenizer_files(folder.with_name(folder.name + ".tok"))), model_max_length=77
+    )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,

@@ -39,8 +39,13 @@ print("resolved and encoded")
 
 # A download with the old huggingface_hub the WebUI brings (HF_ENDPOINT points at the test's local hub).
 seen = []
-downloaded = load_encoder("ViT-B-32/openai", own_dirs=[clip_dir], allow_download=True, download_dir=clip_dir,
-                          progress=lambda done, total: seen.append((done, total)))
+downloaded = load_encoder(
+    "ViT-B-32/openai",
+    own_dirs=[clip_dir],
+    allow_download=True,
+    download_dir=clip_dir,
+    progress=lambda done, total: seen.append((done, total)),
+)
 size = Path(downloaded.source).stat().st_size
 assert downloaded.layout == "open_clip" and seen[-1] == (size, size) and len(seen) >= 3, seen
 print("downloaded with progress", len(seen))

@@ -20,17 +20,26 @@ import pytest
 from tests import test_a1111_integration as integration
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "a1111-identify.png"
 UI_TIMEOUT_MS = 180_000  # the WebUI page is heavy and the test machine has 2 shared cores
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not os.environ.get("GMI_A1111_DIR"),
-                       reason="set GMI_A1111_DIR to a stable-diffusion-webui checkout to run the real-WebUI browser test"),
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                       reason="the browser test needs the `playwright` Python package (pip install playwright)"),
+    pytest.mark.skipif(
+        not os.environ.get("GMI_A1111_DIR"),
+        reason="set GMI_A1111_DIR to a stable-diffusion-webui checkout to run the real-WebUI browser test",
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None,
+        reason="the browser test needs the `playwright` Python package (pip install playwright)",
+    ),
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"the browser test needs a system Chromium at {CHROMIUM}"),
 ]
 
@@ -53,7 +62,7 @@ def test_identify_and_switch_in_the_gmi_tab(server, tmp_path):
     _, options = server.get("/sdapi/v1/options")
     loaded = options["sd_model_checkpoint"]
     target = next(name for name in sorted(titles)[::-1] if titles[name] != loaded)  # so the switch is a real change
-    spec_prompts = set(load_prompt_set("platform").prompts[:integration.SPEC_PROMPTS])
+    spec_prompts = set(load_prompt_set("platform").prompts[: integration.SPEC_PROMPTS])
     prompt = next(p for p in load_prompt_set("evaluation").prompts if p not in spec_prompts)
     image, info = integration.txt2img(server, prompt, 777_013, titles[target])
     assert info["sd_model_name"] == target.removesuffix(".safetensors")

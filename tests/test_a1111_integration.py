@@ -24,7 +24,9 @@ import pytest
 WEBUI = os.environ.get("GMI_A1111_DIR")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not WEBUI, reason="set GMI_A1111_DIR to a stable-diffusion-webui checkout to run the real-WebUI test"),
+    pytest.mark.skipif(
+        not WEBUI, reason="set GMI_A1111_DIR to a stable-diffusion-webui checkout to run the real-WebUI test"
+    ),
 ]
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = 4
@@ -43,9 +45,22 @@ def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("a1111_data")
     models = data / "models" / "Stable-diffusion"
     subprocess.run(
-        [str(webui_python(webui)), str(REPO / "tests" / "a1111_support" / "tiny_checkpoints.py"), "--webui", str(webui),
-         "--out", str(models), "--count", str(CHECKPOINTS), "--text-encoder-dir", str(data / "tiny_clip_text")],
-        check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        [
+            str(webui_python(webui)),
+            str(REPO / "tests" / "a1111_support" / "tiny_checkpoints.py"),
+            "--webui",
+            str(webui),
+            "--out",
+            str(models),
+            "--count",
+            str(CHECKPOINTS),
+            "--text-encoder-dir",
+            str(data / "tiny_clip_text"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
     )
     import torch
     from safetensors.torch import save_file
@@ -58,8 +73,15 @@ def server(tmp_path_factory):
     srv = WebuiServer(webui, data, REPO, data / "webui.log", api_auth=API_AUTH)
     try:
         srv.start()
-        srv.settings = {"gmi_encoder": str(encoder), "gmi_prompt_set": prompts.name, "gmi_budget": f"allx{IMAGES_PER_PROMPT}",
-                        "gmi_sd1_steps": 3, "gmi_sd1_width": 64, "gmi_sd1_height": 64, "gmi_sampler": "Euler"}
+        srv.settings = {
+            "gmi_encoder": str(encoder),
+            "gmi_prompt_set": prompts.name,
+            "gmi_budget": f"allx{IMAGES_PER_PROMPT}",
+            "gmi_sd1_steps": 3,
+            "gmi_sd1_width": 64,
+            "gmi_sd1_height": 64,
+            "gmi_sampler": "Euler",
+        }
         yield srv
     finally:
         srv.stop()
@@ -67,7 +89,15 @@ def server(tmp_path_factory):
 
 
 def txt2img(server, prompt, seed, checkpoint=None, **extra):
-    body = {"prompt": prompt, "seed": seed, "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 1}
+    body = {
+        "prompt": prompt,
+        "seed": seed,
+        "steps": 3,
+        "width": 64,
+        "height": 64,
+        "sampler_name": "Euler",
+        "batch_size": 1,
+    }
     if checkpoint:
         body["override_settings"] = {"sd_model_checkpoint": checkpoint}
     body.update(extra)
@@ -81,22 +111,30 @@ def test_roundtrip_in_real_webui(server):
     t0 = time.time()
     server.post("/sdapi/v1/options", server.settings)  # Settings > GMI, as a user would set them
     _, options = server.get("/sdapi/v1/options")
-    assert options["gmi_budget"] == f"allx{IMAGES_PER_PROMPT}" and options["gmi_encoder"] == server.settings["gmi_encoder"]
+    assert (
+        options["gmi_budget"] == f"allx{IMAGES_PER_PROMPT}" and options["gmi_encoder"] == server.settings["gmi_encoder"]
+    )
 
     _, specs = server.get("/gmi/v1/specs")
     names = [c["name"] for c in specs["checkpoints"]]
     assert names == [f"tiny_sd1_{i}.safetensors" for i in range(CHECKPOINTS)]
     assert all(c["state"] == "missing" for c in specs["checkpoints"])
-    assert [s["name"] for s in specs["skipped"]] == ["some_lora.safetensors"] and "LoRA" in specs["skipped"][0]["reason"]
-    print(f"\nspecs before build: {[(c['name'], c['short_hash'], c['state']) for c in specs['checkpoints']]}; skipped: {specs['skipped']}")
+    assert [s["name"] for s in specs["skipped"]] == ["some_lora.safetensors"] and "LoRA" in specs["skipped"][0][
+        "reason"
+    ]
+    print(
+        f"\nspecs before build: {[(c['name'], c['short_hash'], c['state']) for c in specs['checkpoints']]}; skipped: {specs['skipped']}"
+    )
 
     code, bad = server.post("/gmi/v1/build", {"checkpoints": ["../../etc/passwd"]}, expect_error=True)
     assert code == 404, bad
     job = server.build_specs("missing")
     assert job["state"] == "done", job
     assert job["report"]["built"] == names and not job["report"]["failed"]
-    print(f"build: {job['state']} in {job['finished'] - job['started']:.1f}s, built {job['report']['built']}, "
-          f"skipped {[s['name'] for s in job['report']['skipped']]}")
+    print(
+        f"build: {job['state']} in {job['finished'] - job['started']:.1f}s, built {job['report']['built']}, "
+        f"skipped {[s['name'] for s in job['report']['skipped']]}"
+    )
     _, specs = server.get("/gmi/v1/specs")
     assert all(c["state"] == "ready" and c["prompts_done"] == SPEC_PROMPTS for c in specs["checkpoints"])
     titles = {c["name"]: c["title"] for c in specs["checkpoints"]}
@@ -111,7 +149,9 @@ def test_roundtrip_in_real_webui(server):
         assert info["sd_model_name"] == name.removesuffix(".safetensors")
         _, result = server.post("/gmi/v1/identify", {"image": image, "top_k": CHECKPOINTS})
         ranking = [(r["name"], round(r["score"], 4)) for r in result["ranking"]]
-        print(f"query from {name} ({prompt!r}, seed {seed}): pseudo-prompt {result['pseudo_prompt']!r}\n    ranking {ranking}")
+        print(
+            f"query from {name} ({prompt!r}, seed {seed}): pseudo-prompt {result['pseudo_prompt']!r}\n    ranking {ranking}"
+        )
         assert result["ranking"][0]["name"] == name
         assert len(result["ranking"]) == CHECKPOINTS
 
@@ -124,7 +164,12 @@ def test_roundtrip_in_real_webui(server):
     # auto-select: the option says tiny_sd1_0, the reference image comes from tiny_sd1_2
     server.post("/sdapi/v1/options", {"sd_model_checkpoint": titles[names[0]]})
     reference, _ = txt2img(server, eval_prompts[-1], 424_242, titles[names[2]])
-    _, info = txt2img(server, "a castle on a hill", 5, alwayson_scripts={"gmi auto-select checkpoint": {"args": [True, reference, ""]}})
+    _, info = txt2img(
+        server,
+        "a castle on a hill",
+        5,
+        alwayson_scripts={"gmi auto-select checkpoint": {"args": [True, reference, ""]}},
+    )
     print(f"auto-select infotext: {info['infotexts'][0]}")
     assert info["sd_model_name"] == "tiny_sd1_2"
     assert f"GMI auto-select: {names[2]} [" in info["infotexts"][0]
@@ -140,9 +185,15 @@ def test_roundtrip_in_real_webui(server):
 
 def test_api_auth_protects_gmi_routes_like_sdapi(server):
     """--api-auth: without the credentials every /gmi/v1/ route answers 401, exactly as /sdapi/v1/ does."""
-    calls = [("GET", "/gmi/v1/specs", None), ("GET", "/gmi/v1/build", None), ("POST", "/gmi/v1/build", {"checkpoints": "all"}),
-             ("POST", "/gmi/v1/identify", {"image": "AAAA"}), ("POST", "/gmi/v1/interrogate", {"image": "AAAA"}),
-             ("POST", "/gmi/v1/switch", {"checkpoint": "tiny_sd1_1.safetensors"}), ("GET", "/sdapi/v1/options", None)]
+    calls = [
+        ("GET", "/gmi/v1/specs", None),
+        ("GET", "/gmi/v1/build", None),
+        ("POST", "/gmi/v1/build", {"checkpoints": "all"}),
+        ("POST", "/gmi/v1/identify", {"image": "AAAA"}),
+        ("POST", "/gmi/v1/interrogate", {"image": "AAAA"}),
+        ("POST", "/gmi/v1/switch", {"checkpoint": "tiny_sd1_1.safetensors"}),
+        ("GET", "/sdapi/v1/options", None),
+    ]
     user = API_AUTH.split(":")[0]
     for method, path, body in calls:
         for credentials in ("", f"{user}:wrong", "nobody:" + API_AUTH.split(":")[1]):

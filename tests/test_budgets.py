@@ -82,8 +82,9 @@ def test_quick_spec_ranks_at_once_and_a_full_build_adds_only_missing_images(tiny
     assert progress[-1].images_planned == 64 and progress[-1].images_rendered == 64
     assert progress[-1].seconds_per_image > 0 and progress[-1].eta_s == 0
     reference = tiny_world.gmi().store.load(full.key(checkpoints[0]))
-    assert torch.allclose(after.image_features.float(), reference.image_features.float(), atol=1e-3), \
+    assert torch.allclose(after.image_features.float(), reference.image_features.float(), atol=1e-3), (
         "a spec grown in two builds equals one built at once"
+    )
 
 
 def test_mixed_budgets_rank_together_with_the_generating_checkpoint_first(tiny_world, tmp_path):
@@ -104,7 +105,9 @@ def test_mixed_budgets_rank_together_with_the_generating_checkpoint_first(tiny_w
         assert result.ranking[0].name == ckpt.name, [(r.name, r.score) for r in result.ranking]
         centred = gmi.identify(query, source=source, centre=True)
         assert centred.ranking[0].name == ckpt.name, [(r.name, r.score) for r in centred.ranking]
-        assert {r.name: r.partial for r in result.ranking} == {c.name: c.name != checkpoints[1].name for c in checkpoints}
+        assert {r.name: r.partial for r in result.ranking} == {
+            c.name: c.name != checkpoints[1].name for c in checkpoints
+        }
 
 
 def test_masked_kbar_is_fair_to_specs_with_fewer_images():
@@ -157,7 +160,7 @@ def test_version_1_spec_files_still_load(tiny_world, tmp_path):
     path = tmp_path / "v1.safetensors"
     save_file(tensors, str(path), metadata={"gmi": json.dumps(meta)})
     with safe_open(str(path), framework="pt") as handle:
-        assert "image_done" not in handle.keys()
+        assert "image_done" not in handle.keys()  # noqa: SIM118 - safe_open has no __contains__
     old = Spec.load(path)
     assert old.image_counts == [2] * 7 + [0] * 3 and old.done.sum() == 7
 
@@ -179,8 +182,9 @@ def test_family_settings_come_from_the_checkpoint_header(tmp_path):
     probe = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
     spread = torch.randn(1280, generator=torch.Generator().manual_seed(0)) * 0.2
     sd2v = _header_only_checkpoint(tmp_path / "two_v.safetensors", sd2_keys, tensors={probe: spread})
-    sd2v_meta = _header_only_checkpoint(tmp_path / "two_v_meta.safetensors", sd2_keys,
-                                        {"modelspec.architecture": "stable-diffusion-v2-768-v"})
+    sd2v_meta = _header_only_checkpoint(
+        tmp_path / "two_v_meta.safetensors", sd2_keys, {"modelspec.architecture": "stable-diffusion-v2-768-v"}
+    )
     families = {p.stem: inspect_checkpoint(p)[0] for p in (sdxl, sd1, sd2, sd2v, sd2v_meta)}
     assert families == {"xl": "sdxl", "one": "sd1", "two": "sd2", "two_v": "sd2-v", "two_v_meta": "sd2-v"}
 
@@ -220,7 +224,9 @@ def test_budget_curve_scores_what_the_ranker_ranks_for_a_spec_of_that_budget(cen
         batched = budget_scores(sub, prompt[idx], q_img, q_text, w, centre)
         mask = torch.zeros(6, 10, 4, dtype=torch.bool)
         mask[:, idx, : budget.images_per_prompt] = True
-        partial = FeatureBank([f"c{i}" for i in range(6)], image * mask[..., None], prompt, mask.any(2), None, [None] * 6, mask)
+        partial = FeatureBank(
+            [f"c{i}" for i in range(6)], image * mask[..., None], prompt, mask.any(2), None, [None] * 6, mask
+        )
         for t in range(3):
             want = rank(partial, "gmi", q_img[t], q_text[t], centre=centre).scores
             assert torch.allclose(batched[t], want, atol=1e-4), (budget, t)
@@ -230,13 +236,19 @@ def test_budget_json_has_every_estimators_curve(tmp_path):
     from gmi_core.bench import run_bench
 
     out = tmp_path / "s.json"
-    assert run_bench(["synthetic", "--quick", "--families", "c", "--no-sweep", "--max-tasks", "24", "--out", str(out)]) == 0
+    assert (
+        run_bench(["synthetic", "--quick", "--families", "c", "--no-sweep", "--max-tasks", "24", "--out", str(out)])
+        == 0
+    )
     data = json.loads(out.read_text())
     by_estimator = data["results_budget_by_estimator"]
     assert set(by_estimator) == {"gmi", "gmi_centred"} and by_estimator["gmi"] == data["results_budget"]
     for curves in by_estimator.values():
         assert set(curves["c_example_b1"]) >= {"16x1", "32x1", "55x1", "32x2", "55x2", "55x4"}
-        assert all(set(row) == {"images_per_spec", "top1", "top4", "mean_rank", "n_tasks"} for row in curves["c_example_b1"].values())
+        assert all(
+            set(row) == {"images_per_spec", "top1", "top4", "mean_rank", "n_tasks"}
+            for row in curves["c_example_b1"].values()
+        )
     assert set(data["budget_choice_by_estimator"]) == {"gmi", "gmi_centred"}
     assert data["budget_choice_by_estimator"]["gmi"] == data["budget_choice"]
     target = next(t for t in data["targets"] if t["target"].startswith("default budget"))

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfyui_support import browser, comfy_env  # noqa: E402
-from comfyui_support.workflows import nodes_of, ui_to_api  # noqa: E402
+from comfyui_support import browser, comfy_env
+from comfyui_support.workflows import nodes_of, ui_to_api
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +64,15 @@ def comfy(tmp_path_factory):
     # a file that is not a checkpoint: must be skipped with a reason, not crash the build
     (base / "models" / "checkpoints" / "not-a-model.safetensors").write_bytes(b"garbage")
 
-    missing = [m for m in ("aiohttp", "torchsde", "einops", "scipy", "av", "comfyui_frontend_package", "alembic", "spandrel")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("aiohttp", "torchsde", "einops", "scipy", "av", "comfyui_frontend_package", "alembic", "spandrel")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
-        pytest.fail(f"ComfyUI's dependencies are not installed ({', '.join(missing)}): pip install -e '.[comfyui-test]'")
+        pytest.fail(
+            f"ComfyUI's dependencies are not installed ({', '.join(missing)}): pip install -e '.[comfyui-test]'"
+        )
     server = comfy_env.ComfyServer(comfy_dir, base, log_path=comfy_env.CACHE / "last-comfyui.log")
     server.start()
     try:
@@ -82,10 +87,22 @@ def comfy(tmp_path_factory):
 def build_prompt(which="missing"):
     return {
         "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
-        "build": {"class_type": "GMIBuildSpecs", "inputs": {
-            "encoder": ["enc", 0], "which": which, "prompt_set": "platform", "max_prompts": MAX_PROMPTS,
-            "budget": f"allx{IMAGES_PER_PROMPT}", "family_settings": f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
-            "sampler_name": "euler", "scheduler": "normal", "seed": 0, "checkpoints": "", "negative_prompt": ""}},
+        "build": {
+            "class_type": "GMIBuildSpecs",
+            "inputs": {
+                "encoder": ["enc", 0],
+                "which": which,
+                "prompt_set": "platform",
+                "max_prompts": MAX_PROMPTS,
+                "budget": f"allx{IMAGES_PER_PROMPT}",
+                "family_settings": f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "seed": 0,
+                "checkpoints": "",
+                "negative_prompt": "",
+            },
+        },
     }
 
 
@@ -97,20 +114,49 @@ def query_and_identify_prompt(ckpt: str, text: str, seed: int, tag: str, pick_ra
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
         "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {"model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-                                                    "latent_image": ["lat", 0], **sampler}},
+        "ks": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["lat", 0],
+                **sampler,
+            },
+        },
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
         "save_query": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": f"query_{tag}"}},
         "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
-        "id": {"class_type": "GMIIdentify", "inputs": {
-            "encoder": ["enc", 0], "image": ["dec", 0], "method": "gmi", "top_k": 0, "pick_rank": pick_rank,
-            "prompt": "", "prompt_set": "platform", "max_prompts": MAX_PROMPTS}},
+        "id": {
+            "class_type": "GMIIdentify",
+            "inputs": {
+                "encoder": ["enc", 0],
+                "image": ["dec", 0],
+                "method": "gmi",
+                "top_k": 0,
+                "pick_rank": pick_rank,
+                "prompt": "",
+                "prompt_set": "platform",
+                "max_prompts": MAX_PROMPTS,
+            },
+        },
         "pos2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["id", 1]}},
         "neg2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["id", 1]}},
-        "ks2": {"class_type": "KSampler", "inputs": {"model": ["id", 0], "positive": ["pos2", 0], "negative": ["neg2", 0],
-                                                     "latent_image": ["lat", 0], **sampler}},
+        "ks2": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["id", 0],
+                "positive": ["pos2", 0],
+                "negative": ["neg2", 0],
+                "latent_image": ["lat", 0],
+                **sampler,
+            },
+        },
         "dec2": {"class_type": "VAEDecode", "inputs": {"samples": ["ks2", 0], "vae": ["id", 2]}},
-        "save_replay": {"class_type": "SaveImage", "inputs": {"images": ["dec2", 0], "filename_prefix": f"replay_{tag}"}},
+        "save_replay": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["dec2", 0], "filename_prefix": f"replay_{tag}"},
+        },
     }
 
 
@@ -128,8 +174,12 @@ def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
     for k, v in fields.items():
         out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
     for k, (filename, data) in files.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{filename}"\r\n'
-                  f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+        out.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{filename}"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
@@ -165,7 +215,9 @@ def test_node_help_and_templates_are_served(comfy):
     templates = server.get("/workflow_templates")
     assert sorted(templates["gmi"]) == sorted(p.stem for p in EXAMPLES.glob("*.json")), templates
     for stem in templates["gmi"]:
-        assert server.get(f"/api/workflow_templates/gmi/{stem}.json") == json.loads((EXAMPLES / f"{stem}.json").read_text())
+        assert server.get(f"/api/workflow_templates/gmi/{stem}.json") == json.loads(
+            (EXAMPLES / f"{stem}.json").read_text()
+        )
         assert server.get(f"/api/workflow_templates/gmi/{stem}.jpg")[:3] == b"\xff\xd8\xff"  # the template's thumbnail
 
 
@@ -195,8 +247,11 @@ def test_build_then_identify_each_checkpoint(comfy):
     text = load_prompt_set("platform").prompts[prompt_index]
     seed = cell_seed(0, prompt_index, IMAGES_PER_PROMPT - 1)  # the last image of the batch
     entry = server.run_prompt(query_and_identify_prompt(names[0], text, seed, "batch"), timeout=300)
-    spec_file = next(p for p in (server.base / "user" / "gmi" / "specs").glob("*/*.safetensors")
-                     if Spec.load(p).checkpoint_name == names[0])
+    spec_file = next(
+        p
+        for p in (server.base / "user" / "gmi" / "specs").glob("*/*.safetensors")
+        if Spec.load(p).checkpoint_name == names[0]
+    )
     spec = Spec.load(spec_file)
     from PIL import Image
 
@@ -207,7 +262,9 @@ def test_build_then_identify_each_checkpoint(comfy):
 
     queries = {}
     for i, ckpt in enumerate(names):
-        entry = server.run_prompt(query_and_identify_prompt(ckpt, QUERY_PROMPTS[i], QUERY_SEED + i, f"{i}"), timeout=300)
+        entry = server.run_prompt(
+            query_and_identify_prompt(ckpt, QUERY_PROMPTS[i], QUERY_SEED + i, f"{i}"), timeout=300
+        )
         ranking = entry["outputs"]["id"]["gmi_ranking"][0]
         order = [r["name"] for r in ranking["ranking"]]
         assert order[0] == ckpt, f"{ckpt} ranked {order.index(ckpt) + 1}: {json.dumps(ranking, indent=1)[:2000]}"
@@ -235,12 +292,13 @@ def test_build_then_identify_each_checkpoint(comfy):
 
     buf = io.BytesIO()
     Image.fromarray(queries[names[1]].astype(np.uint8)).save(buf, "PNG")
-    body, ctype = multipart({"encoder": ENCODER_FILE, "max_prompts": MAX_PROMPTS, "top_k": 2},
-                            {"image": ("q.png", buf.getvalue())})
+    body, ctype = multipart(
+        {"encoder": ENCODER_FILE, "max_prompts": MAX_PROMPTS, "top_k": 2}, {"image": ("q.png", buf.getvalue())}
+    )
     req = urllib.request.Request(server.url + "/gmi/identify", body, {"Content-Type": ctype})
     with urllib.request.urlopen(req, timeout=120) as r:
         data = json.loads(r.read())
-    assert [row["name"] for row in data["ranking"]][0] == names[1] and len(data["ranking"]) == 2
+    assert next(row["name"] for row in data["ranking"]) == names[1] and len(data["ranking"]) == 2
 
 
 @contextmanager
@@ -281,8 +339,11 @@ def test_example_workflows_run(comfy):
     build[only(build, "GMILoadEncoder")]["inputs"]["encoder"] = ENCODER_FILE
     build_id = only(build, "GMIBuildSpecs")
     assert build[build_id]["inputs"]["which"] == "missing"
-    build[build_id]["inputs"].update(max_prompts=MAX_PROMPTS, budget=f"allx{IMAGES_PER_PROMPT}",
-                                     family_settings=f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}")
+    build[build_id]["inputs"].update(
+        max_prompts=MAX_PROMPTS,
+        budget=f"allx{IMAGES_PER_PROMPT}",
+        family_settings=f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
+    )
     with new_checkpoint(server, names[0], "added-by-user.safetensors") as added:
         report = server.run_prompt(build, timeout=600)["outputs"][build_id]["gmi_build"][0]
         assert report["built"] == [added] and not report["failed"], report
@@ -291,7 +352,9 @@ def test_example_workflows_run(comfy):
 
     # Identify: the reference image (input/example.png, the name the workflow ships with) comes from names[3]
     entry = server.run_prompt(query_and_identify_prompt(names[3], QUERY_PROMPTS[3], QUERY_SEED + 3, "example"))
-    Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(server.base / "input" / "example.png")
+    Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(
+        server.base / "input" / "example.png"
+    )
     identify = example_prompt(server, "gmi_identify")
     identify[only(identify, "GMILoadEncoder")]["inputs"]["encoder"] = ENCODER_FILE
     id_node = only(identify, "GMIIdentify")
@@ -300,13 +363,15 @@ def test_example_workflows_run(comfy):
     identify[only(identify, "KSampler")]["inputs"]["steps"] = STEPS
     entry = server.run_prompt(identify, timeout=300)
     ranking = entry["outputs"][id_node]["gmi_ranking"][0]
-    assert [r["name"] for r in ranking["ranking"]][0] == names[3] == ranking["chosen"], ranking
+    assert next(r["name"] for r in ranking["ranking"]) == names[3] == ranking["chosen"], ranking
     generated = saved_image(server, entry, only(identify, "SaveImage"))
     assert generated.shape == (SIZE, SIZE, 3)
 
     # The KSampler really ran with the identified checkpoint: the same graph fed by a plain checkpoint loader
     # of names[3] gives the same image.
-    reference = {k: v for k, v in identify.items() if v["class_type"] not in ("LoadImage", "GMILoadEncoder", "GMIIdentify")}
+    reference = {
+        k: v for k, v in identify.items() if v["class_type"] not in ("LoadImage", "GMILoadEncoder", "GMIIdentify")
+    }
     reference["ref_ckpt"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names[3]}}
     for node in reference.values():
         for key, value in node["inputs"].items():
@@ -330,13 +395,17 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
 
         server.run_prompt(build_prompt(), timeout=600)
         entry = server.run_prompt(query_and_identify_prompt(names[3], QUERY_PROMPTS[3], QUERY_SEED + 3, "example"))
-        Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(server.base / "input" / "example.png")
+        Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(
+            server.base / "input" / "example.png"
+        )
     with browser.comfy_page(server.url) as (page, errors):
         assert page.evaluate("app.extensions.some(e => e.name === 'gmi.identify')")
         assert page.evaluate("app.extensionManager.setting.get('gmi.Ranking.ThumbnailSize')") == 40
         assert page.evaluate("app.extensionManager.command.commands.some(c => c.id === 'gmi.buildMissingSpecs')")
         for stem in ("gmi_build_specs", "gmi_identify"):
-            assert browser.front_end_prompt(page, json.loads((EXAMPLES / f"{stem}.json").read_text())) == example_prompt(server, stem)
+            assert browser.front_end_prompt(
+                page, json.loads((EXAMPLES / f"{stem}.json").read_text())
+            ) == example_prompt(server, stem)
 
         # the Identify example, as loaded from its template file, queued from the page
         browser.load_workflow(page, json.loads((EXAMPLES / "gmi_identify.json").read_text()))
@@ -370,8 +439,12 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
             page.locator(".gmi-tab-button").click()
             table = page.locator(".gmi-panel .gmi-table")
             page.wait_for_function(f"document.querySelectorAll('.gmi-panel .gmi-table tr').length === {len(names) + 2}")
-            states = dict(zip(table.locator("tr td:nth-child(1)").all_inner_texts(),
-                              table.locator("tr td:nth-child(2)").all_inner_texts()))
+            states = dict(
+                zip(
+                    table.locator("tr td:nth-child(1)").all_inner_texts(),
+                    table.locator("tr td:nth-child(2)").all_inner_texts(),
+                )
+            )
             # the example-workflow test built a spec for another file of this name: that one is "stale", else "missing"
             assert states.pop(added) in ("missing", "stale"), states
             assert states == {**{n: "ready" for n in names}, "not-a-model.safetensors": "skipped"}, states
@@ -379,12 +452,16 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
             status = page.locator(".gmi-panel .gmi-build-status")
             page.wait_for_function("!document.querySelector('.gmi-panel .gmi-progress').hidden")
             images = MAX_PROMPTS * IMAGES_PER_PROMPT
-            assert re.fullmatch(rf"budget .*: {images} images to render|1/1 {re.escape(added)}: \d+/{images} images · build \d+/{images} · ETA.*",
-                                status.inner_text()), status.inner_text()
+            assert re.fullmatch(
+                rf"budget .*: {images} images to render|1/1 {re.escape(added)}: \d+/{images} images · build \d+/{images} · ETA.*",
+                status.inner_text(),
+            ), status.inner_text()
             page.wait_for_function(f"""/ build [1-{images - 1}]\\/|^built/.test(
                 document.querySelector('.gmi-panel .gmi-build-status').textContent)""")  # a moment mid-build, if caught
             page.screenshot(path=str(shots / "comfyui-panel.png"))
-            page.wait_for_function("/^built 1/.test(document.querySelector('.gmi-panel .gmi-build-status').textContent)")
+            page.wait_for_function(
+                "/^built 1/.test(document.querySelector('.gmi-panel .gmi-build-status').textContent)"
+            )
             assert page.locator(".gmi-panel .gmi-progress").is_hidden()
             page.wait_for_function(f"""[...document.querySelectorAll('.gmi-panel .gmi-table tr')]
                 .some(r => r.cells[0].textContent === {json.dumps(added)} && r.cells[1].textContent === 'ready')""")
@@ -393,9 +470,11 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
 
 def test_routes_refuse_bad_input(comfy):
     server, _ = comfy
-    for path in ("/gmi/thumbnail?sha256=../../etc/passwd&encoder_id=x&prompt_set_hash=ab&prompt=0",
-                 "/gmi/thumbnail?sha256=" + "0" * 64 + "&encoder_id=..%2F..&prompt_set_hash=zz&prompt=0",
-                 "/gmi/thumbnail?sha256=" + "0" * 64 + "&encoder_id=x&prompt_set_hash=ab&prompt=0"):
+    for path in (
+        "/gmi/thumbnail?sha256=../../etc/passwd&encoder_id=x&prompt_set_hash=ab&prompt=0",
+        "/gmi/thumbnail?sha256=" + "0" * 64 + "&encoder_id=..%2F..&prompt_set_hash=zz&prompt=0",
+        "/gmi/thumbnail?sha256=" + "0" * 64 + "&encoder_id=x&prompt_set_hash=ab&prompt=0",
+    ):
         with pytest.raises(urllib.error.HTTPError) as err:
             server.get(path)
         assert err.value.code in (400, 404)
@@ -423,7 +502,12 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_upload_limits_and_host_access_control(comfy):
@@ -446,11 +530,22 @@ def test_upload_limits_and_host_access_control(comfy):
     # wrong content type, broken multipart, bad numbers, hostile names: 4xx with a JSON error, never 500
     cases = [
         (b'{"image": "x"}', {"Content-Type": "application/json"}),
-        (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG",
-         {"Content-Type": "multipart/form-data; boundary=b"}),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG',
+            {"Content-Type": "multipart/form-data; boundary=b"},
+        ),
         (*multipart({"encoder": ENCODER_FILE, "top_k": "lots"}, {"image": ("q.png", _png_header_only(64, 64))}),),
-        (*multipart({"encoder": "../../../../etc/passwd.safetensors"}, {"image": ("q.png", _png_header_only(64, 64))}),),
-        (*multipart({"encoder": ENCODER_FILE, "prompt_set": "../../../etc/passwd"}, {"image": ("q.png", _png_header_only(64, 64))}),),
+        (
+            *multipart(
+                {"encoder": "../../../../etc/passwd.safetensors"}, {"image": ("q.png", _png_header_only(64, 64))}
+            ),
+        ),
+        (
+            *multipart(
+                {"encoder": ENCODER_FILE, "prompt_set": "../../../etc/passwd"},
+                {"image": ("q.png", _png_header_only(64, 64))},
+            ),
+        ),
     ]
     for data, headers in cases:
         if isinstance(headers, str):
@@ -467,8 +562,11 @@ def test_upload_limits_and_host_access_control(comfy):
             yield b"\x00" * 65536
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    req = urllib.request.Request(server.url + "/gmi/identify", chunked(),
-                                 {"Content-Type": f"multipart/form-data; boundary={boundary}", "Transfer-Encoding": "chunked"})
+    req = urllib.request.Request(
+        server.url + "/gmi/identify",
+        chunked(),
+        {"Content-Type": f"multipart/form-data; boundary={boundary}", "Transfer-Encoding": "chunked"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             code = r.status
@@ -482,7 +580,9 @@ def test_upload_limits_and_host_access_control(comfy):
 
     big = io.BytesIO()
     Image.new("RGB", (6000, 6000), (90, 120, 150)).save(big, "PNG")
-    body, ctype = multipart({"encoder": ENCODER_FILE, "max_prompts": MAX_PROMPTS}, {"image": ("big.png", big.getvalue())})
+    body, ctype = multipart(
+        {"encoder": ENCODER_FILE, "max_prompts": MAX_PROMPTS}, {"image": ("big.png", big.getvalue())}
+    )
     finished = {}
 
     def identify_big():

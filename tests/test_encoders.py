@@ -55,13 +55,20 @@ def test_trimmed_text_pass_equals_the_full_context_pass():
 
 
 def test_names_mean_the_same_encoder_everywhere():
-    names = ["ViT-L-14/openai", "ViT-L-14", "vit-l-14-openai", "openai/clip-vit-large-patch14",
-             "timm/vit_large_patch14_clip_224.openai"]
+    names = [
+        "ViT-L-14/openai",
+        "ViT-L-14",
+        "vit-l-14-openai",
+        "openai/clip-vit-large-patch14",
+        "timm/vit_large_patch14_clip_224.openai",
+    ]
     assert {parse_encoder_name(n).name for n in names} == {DEFAULT_ENCODER} == {"ViT-L-14/openai"}
     assert parse_encoder_name("my-clip.safetensors") is None and parse_encoder_name("ViT-H-14") is None
     files = {(f.repo, f.filename, f.layout) for f in parse_encoder_name(DEFAULT_ENCODER).hub}
-    assert files == {("timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors", "open_clip"),
-                     ("openai/clip-vit-large-patch14", "model.safetensors", "transformers")}
+    assert files == {
+        ("timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors", "open_clip"),
+        ("openai/clip-vit-large-patch14", "model.safetensors", "transformers"),
+    }
 
 
 # -- real architecture (ViT-B-32), random weights, every layout -----------------------------------
@@ -96,7 +103,7 @@ def _place(layout: str, b32_files, models: Path, hub_cache: Path) -> Path:
 class ColourGenerator:
     """Images whose colour depends on the checkpoint (read from its header), with per-seed noise."""
 
-    COLOURS = [(200, 40, 40), (40, 180, 60), (50, 60, 210)]
+    COLOURS = ((200, 40, 40), (40, 180, 60), (50, 60, 210))
 
     def generate(self, checkpoint, prompt, seeds, settings):
         from safetensors import safe_open
@@ -117,10 +124,15 @@ class ColourGenerator:
 def _fake_checkpoints(folder: Path, count: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        save_file({"model.diffusion_model.out.2.bias": torch.full((4,), float(index)),
-                   "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
-                   "cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(8)},
-                  str(folder / f"ck{index}.safetensors"), metadata={"index": str(index)})
+        save_file(
+            {
+                "model.diffusion_model.out.2.bias": torch.full((4,), float(index)),
+                "first_stage_model.decoder.conv_out.bias": torch.zeros(3),
+                "cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(8),
+            },
+            str(folder / f"ck{index}.safetensors"),
+            metadata={"index": str(index)},
+        )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -170,8 +182,10 @@ def _misfits(folder: Path) -> dict[str, Path]:
         "LoRA": folder / "ViT-B-32.safetensors",
         "wrong architecture": folder / "ViT-B-32-openai.safetensors",
     }
-    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(768, 3, 32, 32),
-               "visual_projection.weight": z}, str(files["vision-only"]))
+    save_file(
+        {"vision_model.embeddings.patch_embedding.weight": torch.zeros(768, 3, 32, 32), "visual_projection.weight": z},
+        str(files["vision-only"]),
+    )
     save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": z}, str(files["LoRA"]))
     save_file(tiny_encoder().model.clip.state_dict(), str(files["wrong architecture"]))  # a 64-wide CLIP, no gmi header
     return files
@@ -196,18 +210,30 @@ def test_offline_error_names_every_place_tried_and_the_fix(tmp_path, monkeypatch
     jit.parent.mkdir()
     jit.write_bytes(b"PK\x03\x04 TorchScript archive stand-in")
     with pytest.raises(EncoderUnavailable) as info:
-        load_encoder("ViT-B-32/openai", own_dirs=[tmp_path / "gmi"], search_dirs=[tmp_path / "models" / "clip"],
-                     allow_download=True, download_dir=tmp_path / "gmi", pickle_files=[jit])
+        load_encoder(
+            "ViT-B-32/openai",
+            own_dirs=[tmp_path / "gmi"],
+            search_dirs=[tmp_path / "models" / "clip"],
+            allow_download=True,
+            download_dir=tmp_path / "gmi",
+            pickle_files=[jit],
+        )
     message = str(info.value)
     assert "\n" not in message
     for path in misfits.values():
         assert f"{path}: " in message
     assert "vision-only" in message and "LoRA" in message and "wrong architecture" in message
     assert f"{tmp_path / 'models' / 'clip'}: folder does not exist" in message
-    assert "Hugging Face cache timm/vit_base_patch32_clip_224.openai/open_clip_model.safetensors: not downloaded" in message
+    assert (
+        "Hugging Face cache timm/vit_base_patch32_clip_224.openai/open_clip_model.safetensors: not downloaded"
+        in message
+    )
     assert "HF_HUB_OFFLINE is set" in message and f"{jit}: pickle-based" in message
     assert f"save it as {tmp_path / 'gmi' / 'ViT-B-32-openai.safetensors'}" in message
-    assert "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors" in message
+    assert (
+        "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors"
+        in message
+    )
 
 
 DOWNLOAD_SCRIPT = """
@@ -238,22 +264,37 @@ def test_download_from_a_local_hub_with_progress(b32_files, tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
         target = tmp_path / "models_gmi" / "ViT-B-32-openai" / "model.safetensors"
         assert f"SOURCE {target} transformers" in run.stdout
-        progress = eval(run.stdout.split("PROGRESS", 1)[1].strip())  # noqa: S307 - our own printed list
+        progress = eval(run.stdout.split("PROGRESS", 1)[1].strip())
         size = b32_files["transformers"].stat().st_size
         assert progress[-1] == (size, size) and len({done for done, _ in progress}) >= 3, progress[:5]
         assert [d for d, _ in progress] == sorted(d for d, _ in progress)
         assert any("open_clip_model.safetensors" in r for r in hub.requests), "open_clip file asked for first"
 
         (tmp_path / "ckpts").mkdir()
-        cli = _run(["-m", "gmi_core", "specs", "--models", str(tmp_path / "ckpts"), "--home", str(tmp_path / "home"),
-                    "--encoder", "ViT-B-32/openai", "--allow-download"], env)
+        cli = _run(
+            [
+                "-m",
+                "gmi_core",
+                "specs",
+                "--models",
+                str(tmp_path / "ckpts"),
+                "--home",
+                str(tmp_path / "home"),
+                "--encoder",
+                "ViT-B-32/openai",
+                "--allow-download",
+            ],
+            env,
+        )
         assert cli.returncode == 0, cli.stderr[-3000:]
         assert (tmp_path / "home" / "clip" / "ViT-B-32-openai" / "model.safetensors").stat().st_size == size
         assert "CLIP weights" in cli.stderr and "100%" in cli.stderr, cli.stderr[-2000:]
 
 
-@pytest.mark.skipif(not os.environ.get("GMI_OPEN_CLIP_220_PYTHON"),
-                    reason="set GMI_OPEN_CLIP_220_PYTHON to a python with open_clip_torch 2.20.0 (A1111 1.10.1's pin)")
+@pytest.mark.skipif(
+    not os.environ.get("GMI_OPEN_CLIP_220_PYTHON"),
+    reason="set GMI_OPEN_CLIP_220_PYTHON to a python with open_clip_torch 2.20.0 (A1111 1.10.1's pin)",
+)
 def test_default_encoder_resolves_under_open_clip_2_20(b32_files, tmp_path):
     """Stock A1111 pins open_clip 2.20, whose pretrained table has no hub id for ViT-L-14/openai: gmi's own
     table still names the files, a ViT-L-14 in the WebUI's models/gmi/clip loads and encodes there, and a
@@ -263,8 +304,13 @@ def test_default_encoder_resolves_under_open_clip_2_20(b32_files, tmp_path):
     with HubServer({repo_file: b32_files["open_clip"]}) as hub:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         env.update(PYTHONPATH=str(ROOT), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))
-        run = subprocess.run([os.environ["GMI_OPEN_CLIP_220_PYTHON"], str(script), str(tmp_path)], capture_output=True,
-                             text=True, env=env, timeout=900)
+        run = subprocess.run(
+            [os.environ["GMI_OPEN_CLIP_220_PYTHON"], str(script), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "open_clip 2.20.0" in run.stdout and "hf_hub ''" in run.stdout and "OK" in run.stdout
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfyui_support.workflows import ui_to_api, widget_values_taken  # noqa: E402
+from comfyui_support.workflows import ui_to_api, widget_values_taken
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 
@@ -41,23 +41,46 @@ def test_identify_example_feeds_the_sampler_from_identify():
 
 
 def _info(required, optional=None):
-    return {"input": {"required": required, "optional": optional or {}},
-            "input_order": {"required": list(required), "optional": list(optional or {})}}
+    return {
+        "input": {"required": required, "optional": optional or {}},
+        "input_order": {"required": list(required), "optional": list(optional or {})},
+    }
 
 
 FAKE_INFO_FOR_IDENTIFY = {  # /object_info's shape for the node types of the Identify example (real: the integration test)
     "LoadImage": _info({"image": [["example.png"], {"image_upload": True}]}),
     "GMILoadEncoder": _info({"encoder": [["ViT-L-14/openai"], {}], "allow_download": ["BOOLEAN", {}]}),
-    "GMIIdentify": _info({"encoder": ["GMI_ENCODER", {}], "image": ["IMAGE", {}], "method": [["gmi"], {}],
-                          "top_k": ["INT", {}], "pick_rank": ["INT", {}]},
-                         {"prompt": ["STRING", {}], "prompt_set": [["platform"], {}], "max_prompts": ["INT", {}],
-                          "include_not_installed": ["BOOLEAN", {}]}),
+    "GMIIdentify": _info(
+        {
+            "encoder": ["GMI_ENCODER", {}],
+            "image": ["IMAGE", {}],
+            "method": [["gmi"], {}],
+            "top_k": ["INT", {}],
+            "pick_rank": ["INT", {}],
+        },
+        {
+            "prompt": ["STRING", {}],
+            "prompt_set": [["platform"], {}],
+            "max_prompts": ["INT", {}],
+            "include_not_installed": ["BOOLEAN", {}],
+        },
+    ),
     "CLIPTextEncode": _info({"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}),
     "EmptyLatentImage": _info({"width": ["INT", {}], "height": ["INT", {}], "batch_size": ["INT", {}]}),
-    "KSampler": _info({"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}], "steps": ["INT", {}],
-                       "cfg": ["FLOAT", {}], "sampler_name": [["euler"], {}], "scheduler": [["normal"], {}],
-                       "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}],
-                       "latent_image": ["LATENT", {}], "denoise": ["FLOAT", {}]}),
+    "KSampler": _info(
+        {
+            "model": ["MODEL", {}],
+            "seed": ["INT", {"control_after_generate": True}],
+            "steps": ["INT", {}],
+            "cfg": ["FLOAT", {}],
+            "sampler_name": [["euler"], {}],
+            "scheduler": [["normal"], {}],
+            "positive": ["CONDITIONING", {}],
+            "negative": ["CONDITIONING", {}],
+            "latent_image": ["LATENT", {}],
+            "denoise": ["FLOAT", {}],
+        }
+    ),
     "VAEDecode": _info({"samples": ["LATENT", {}], "vae": ["VAE", {}]}),
     "SaveImage": _info({"images": ["IMAGE", {}], "filename_prefix": ["STRING", {}]}),
 }

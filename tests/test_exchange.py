@@ -46,10 +46,21 @@ def default_size_spec(seed: int = 0) -> Spec:
         x = torch.randn(*shape, generator=g)
         return (x / x.norm(dim=-1, keepdim=True)).half()
 
-    return Spec("big.safetensors", f"{seed:064x}", "ViT-L-14/openai", prompts.name, prompts.hash, list(prompts.prompts),
-                [[i * s + k for k in range(s)] for i in range(n)], GenerationSettings(), unit(n, s, d), unit(n, d),
-                unit(n, s, 192), torch.randint(0, 255, (n, 64, 64, 3), dtype=torch.uint8, generator=g),
-                torch.ones(n, s, dtype=torch.bool))
+    return Spec(
+        "big.safetensors",
+        f"{seed:064x}",
+        "ViT-L-14/openai",
+        prompts.name,
+        prompts.hash,
+        list(prompts.prompts),
+        [[i * s + k for k in range(s)] for i in range(n)],
+        GenerationSettings(),
+        unit(n, s, d),
+        unit(n, d),
+        unit(n, s, 192),
+        torch.randint(0, 255, (n, 64, 64, 3), dtype=torch.uint8, generator=g),
+        torch.ones(n, s, dtype=torch.bool),
+    )
 
 
 def test_quantisation_is_idempotent_and_close():
@@ -59,7 +70,7 @@ def test_quantisation_is_idempotent_and_close():
     assert (y.float() - x.float()).abs().max() < 0.01
     assert torch.equal(torch.stack(quantise(y, 127)[:1]), torch.stack([q]))  # re-encoding the decoded values is exact
     assert torch.equal(quantise(y, 127)[1], e)
-    p, pe = quantise(default_size_spec().pixel_features, 7)
+    p, _pe = quantise(default_size_spec().pixel_features, 7)
     assert torch.equal(unpack_int4(pack_int4(p)), p)
 
 
@@ -91,7 +102,9 @@ def test_export_import_round_trip_on_a_fresh_store_is_bit_exact(tiny_world, tmp_
     fresh = tmp_path / "fresh"
     for mode, path in files.items():
         store_home = fresh / mode
-        code = main(["import", str(path), "--home", str(store_home), "--encoder", str(tiny_world.encoder_file), "--json"])
+        code = main(
+            ["import", str(path), "--home", str(store_home), "--encoder", str(tiny_world.encoder_file), "--json"]
+        )
         report = json.loads(capsys.readouterr().out)
         assert code == 0 and report["summary"]["added"] == 4, report
         store = SpecStore(store_home / "specs")
@@ -107,17 +120,34 @@ def test_export_import_round_trip_on_a_fresh_store_is_bit_exact(tiny_world, tmp_
                 assert (spec.image_features.float() - originals[sha].image_features.float()).abs().max() < 0.02
         # exporting the imported store again reproduces the file byte for byte
         again = tmp_path / f"again-{mode}.safetensors"
-        assert main(["export", "--home", str(store_home), "--out", str(again), *(["--lossless"] if mode == "lossless" else [])]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    "--home",
+                    str(store_home),
+                    "--out",
+                    str(again),
+                    *(["--lossless"] if mode == "lossless" else []),
+                ]
+            )
+            == 0
+        )
         assert again.read_bytes() == path.read_bytes()
         # importing again: identical specs are left alone
         assert main(["import", str(path), "--home", str(store_home), "--json"]) == 0
         assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["summary"]["identical"] == 4
 
     # ranking on the compact import agrees with the original store on every checkpoint's query
-    gmi_original, gmi_imported = tiny_world.gmi(spec_root=home / "specs"), tiny_world.gmi(spec_root=fresh / "compact" / "specs")
+    gmi_original, gmi_imported = (
+        tiny_world.gmi(spec_root=home / "specs"),
+        tiny_world.gmi(spec_root=fresh / "compact" / "specs"),
+    )
     source = tiny_world.source()
     for index, ckpt in enumerate(source.list_checkpoints().checkpoints):
-        query = tiny_world.generator().generate(ckpt, load_prompt_set("evaluation").prompts[index], [31 + index], tiny_world.settings)
+        query = tiny_world.generator().generate(
+            ckpt, load_prompt_set("evaluation").prompts[index], [31 + index], tiny_world.settings
+        )
         a = gmi_original.identify(query, source=source)
         b = gmi_imported.identify(query, source=source)
         assert [r.name for r in a.ranking] == [r.name for r in b.ranking] and b.ranking[0].name == ckpt.name
@@ -153,16 +183,22 @@ def test_import_never_replaces_a_bigger_spec_and_rejects_bad_files(tiny_world, t
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=header)
     meta = json.loads(header[HEADER_KEY])
     meta["specs"][0]["checkpoint"]["autov2"] = "0000000000"
-    save_file(load_file(str(small)), str(tmp_path / "badhash.safetensors"), metadata=resealed(load_file(str(small)), meta))
+    save_file(
+        load_file(str(small)), str(tmp_path / "badhash.safetensors"), metadata=resealed(load_file(str(small)), meta)
+    )
     (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"x" * 100)
     meta = json.loads(header[HEADER_KEY])
     meta["version"] = 99
-    save_file(load_file(str(small)), str(tmp_path / "future.safetensors"), metadata=resealed(load_file(str(small)), meta))
+    save_file(
+        load_file(str(small)), str(tmp_path / "future.safetensors"), metadata=resealed(load_file(str(small)), meta)
+    )
     names = ["edited", "badhash", "pickle", "future"]
     report = import_files(store, [tmp_path / f"{n}.safetensors" for n in names], derive)
     assert [a.action for a in report.actions] == ["rejected"] * 4
     details = [a.detail for a in report.actions]
-    assert "checksum" in details[0] and "AutoV2" in details[1] and "safetensors" in details[2] and "version" in details[3]
+    assert (
+        "checksum" in details[0] and "AutoV2" in details[1] and "safetensors" in details[2] and "version" in details[3]
+    )
     assert {e.file: e.mtime for e in store.entries()} == before
 
 
@@ -180,13 +216,17 @@ def test_not_installed_imported_spec_ranks_and_is_marked(tiny_world, tmp_path):
     shutil.copytree(tiny_world.root / "specs", store_root)
     shutil.rmtree(store_root / "specs" / checkpoints[0].sha256)
     friend = SpecStore(tiny_world.root / "specs")
-    shared = write_exchange([friend.load(e.key) for e in friend.entries() if e.sha256 == checkpoints[0].sha256],
-                            tmp_path / "friend.safetensors")
+    shared = write_exchange(
+        [friend.load(e.key) for e in friend.entries() if e.sha256 == checkpoints[0].sha256],
+        tmp_path / "friend.safetensors",
+    )
     gmi = tiny_world.gmi(spec_root=store_root)
     report = import_files(gmi.store, [shared], local_prompt_features(gmi.store, gmi.encoder))
     assert [a.action for a in report.actions] == ["added"]
 
-    query = tiny_world.generator().generate(checkpoints[0], "a lighthouse on a cliff at dusk", [77], tiny_world.settings)
+    query = tiny_world.generator().generate(
+        checkpoints[0], "a lighthouse on a cliff at dusk", [77], tiny_world.settings
+    )
     without = gmi.identify(query, source=source)
     assert checkpoints[0].sha256 not in [r.sha256 for r in without.ranking]
     assert any("not installed" in name for name, _ in without.excluded)
@@ -200,10 +240,22 @@ def test_not_installed_imported_spec_ranks_and_is_marked(tiny_world, tmp_path):
 
 def test_observed_spec_exports_with_its_own_prompts(tmp_path):
     spec = default_size_spec(1)
-    spec = Spec("mine", spec.sha256, spec.encoder_id, OBSERVED, OBSERVED, [f"my prompt {i}" for i in range(8)], [[-1]] * 8,
-                GenerationSettings(), spec.image_features[:8, :1].contiguous(), spec.prompt_features[:8].contiguous(),
-                spec.pixel_features[:8, :1].contiguous(), spec.thumbnails[:8].contiguous(), torch.ones(8, 1, dtype=torch.bool),
-                {"kind": OBSERVED, "counts": {"generated_images": 0, "observed_images": 8}})
+    spec = Spec(
+        "mine",
+        spec.sha256,
+        spec.encoder_id,
+        OBSERVED,
+        OBSERVED,
+        [f"my prompt {i}" for i in range(8)],
+        [[-1]] * 8,
+        GenerationSettings(),
+        spec.image_features[:8, :1].contiguous(),
+        spec.prompt_features[:8].contiguous(),
+        spec.pixel_features[:8, :1].contiguous(),
+        spec.thumbnails[:8].contiguous(),
+        torch.ones(8, 1, dtype=torch.bool),
+        {"kind": OBSERVED, "counts": {"generated_images": 0, "observed_images": 8}},
+    )
     out = write_exchange([spec], tmp_path / "observed.safetensors")
     store = SpecStore(tmp_path / "store")
     report = import_files(store, [out], lambda *_: pytest.fail("observed specs carry their own prompt features"))
@@ -225,13 +277,17 @@ def test_mangled_metadata_is_rejected_per_spec_never_raised(tmp_path):
     store = SpecStore(tmp_path / "store")
     paths = []
     for key in meta["specs"][0]:
-        for bad in ((None,) if key != "popularity" else ()) + ([], -1, {"a": 1}) + (("x",) if key != "encoder_id" else ()):
+        for bad in (
+            ((None,) if key != "popularity" else ()) + ([], -1, {"a": 1}) + (("x",) if key != "encoder_id" else ())
+        ):
             broken = json.loads(json.dumps(meta))
             broken["specs"][0][key] = bad
             path = tmp_path / f"bad-{key}-{len(paths)}.safetensors"
             save_file(tensors, str(path), metadata=resealed(tensors, broken))
             paths.append(path)
     report = import_files(store, paths, lambda *_: spec.prompt_features)
-    assert [a.action for a in report.actions] == ["rejected"] * len(paths), [(a.file, a.action) for a in report.actions if a.action != "rejected"]
+    assert [a.action for a in report.actions] == ["rejected"] * len(paths), [
+        (a.file, a.action) for a in report.actions if a.action != "rejected"
+    ]
     assert not [a.detail for a in report.actions if "checksum" in a.detail]  # caught by the field checks, not the seal
     assert store.entries() == []

@@ -101,11 +101,17 @@ def query(index: int = 1) -> Image.Image:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with a token IDAT: decoding it would need width*height pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def no_server_path(text: str, *roots: Path) -> bool:
@@ -115,9 +121,19 @@ def no_server_path(text: str, *roots: Path) -> bool:
 # ===================================================================================================================
 # Security: names confined to gmi's folders, no path echo, decode limits before decoding
 # ===================================================================================================================
-HOSTILE_NAMES = ["../outside.json", "sets/../../outside.json", "..", "%2e%2e/outside.json", "..%2Foutside.json",
-                 "sets%2F..%2F..%2Foutside.json", "..\\outside.json", "C:\\outside.json", "", "a\x00b.json",
-                 "/etc/passwd"]
+HOSTILE_NAMES = [
+    "../outside.json",
+    "sets/../../outside.json",
+    "..",
+    "%2e%2e/outside.json",
+    "..%2Foutside.json",
+    "sets%2F..%2F..%2Foutside.json",
+    "..\\outside.json",
+    "C:\\outside.json",
+    "",
+    "a\x00b.json",
+    "/etc/passwd",
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
@@ -198,14 +214,19 @@ def test_security_pixel_limit_from_the_header_before_decoding(monkeypatch):
         with pytest.raises(ImageError, match="image too large"):
             load_image(png_header_only(w, h), name="upload")
         assert time.perf_counter() - t0 < 1.0
-    assert decoded == [] and Image.MAX_IMAGE_PIXELS == before  # PIL's global limit untouched
+    assert decoded == [] and before == Image.MAX_IMAGE_PIXELS  # PIL's global limit untouched
     monkeypatch.setattr(limits, "MAX_IMAGE_PIXELS", 100)  # the one configurable place
     buf = __import__("io").BytesIO()
     Image.new("RGB", (20, 20)).save(buf, "PNG")
     with pytest.raises(ImageError, match="image too large"):
         load_image(buf.getvalue())
-    out = subprocess.run([sys.executable, "-c", "from gmi_core import limits; print(limits.MAX_IMAGE_PIXELS)"],
-                         capture_output=True, text=True, cwd=REPO, env=dict(os.environ, GMI_MAX_IMAGE_PIXELS="1234"))
+    out = subprocess.run(
+        [sys.executable, "-c", "from gmi_core import limits; print(limits.MAX_IMAGE_PIXELS)"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, GMI_MAX_IMAGE_PIXELS="1234"),
+    )
     assert out.stdout.strip() == "1234"
 
 
@@ -316,10 +337,29 @@ def test_faults_os_cli_one_line_never_a_traceback(core, tmp_path, where):
     from gmi_core.encoders import save_encoder
 
     save_encoder(core.encoder, encoder)
-    cmd = [sys.executable, "-m", "gmi_core", "identify", str(image), "--models", str(models), "--home", str(home),
-           "--encoder", str(encoder), "--prompt", "x"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "gmi_core",
+        "identify",
+        str(image),
+        "--models",
+        str(models),
+        "--home",
+        str(home),
+        "--encoder",
+        str(encoder),
+        "--prompt",
+        "x",
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     if where == "image_is_a_dir":
@@ -424,9 +464,15 @@ def _nan(t):
 
 
 CORRUPTIONS = {
-    "flipped_tensor_byte": lambda p: p.write_bytes(p.read_bytes()[:-50] + bytes([p.read_bytes()[-50] ^ 0xFF]) + p.read_bytes()[-49:]),
-    "edited_metadata_no_checksum": lambda p: _rewrite(p, lambda m: m.update(checkpoint_name="renamed"), recompute_checksum=False),
-    "edited_settings_no_checksum": lambda p: _rewrite(p, lambda m: m["settings"].update(steps=99), recompute_checksum=False),
+    "flipped_tensor_byte": lambda p: p.write_bytes(
+        p.read_bytes()[:-50] + bytes([p.read_bytes()[-50] ^ 0xFF]) + p.read_bytes()[-49:]
+    ),
+    "edited_metadata_no_checksum": lambda p: _rewrite(
+        p, lambda m: m.update(checkpoint_name="renamed"), recompute_checksum=False
+    ),
+    "edited_settings_no_checksum": lambda p: _rewrite(
+        p, lambda m: m["settings"].update(steps=99), recompute_checksum=False
+    ),
     "nan_features_valid_checksum": lambda p: _rewrite(p, edit_tensors=_nan),
     "bad_field_types_valid_checksum": lambda p: _rewrite(p, lambda m: m["settings"].update(steps="many")),
     "negative_size_valid_checksum": lambda p: _rewrite(p, lambda m: m["settings"].update(width=-64)),
@@ -444,7 +490,10 @@ def test_faults_status_corrupt_everywhere_and_build_missing_rebuilds(core, kind)
     statuses = {s.name: s for s in core.gmi().status(core.source())[0]}
     assert statuses[target].state == "corrupt", (kind, statuses[target])
     assert statuses[target].detail and no_server_path(statuses[target].detail, core.root)
-    assert {n: s.state for n, s in statuses.items() if n != target} == {"m0.safetensors": "ready", "m2.safetensors": "ready"}
+    assert {n: s.state for n, s in statuses.items() if n != target} == {
+        "m0.safetensors": "ready",
+        "m2.safetensors": "ready",
+    }
     result = core.gmi().identify([query()], prompt="x", source=core.source())
     assert target not in [r.name for r in result.ranking] and target in dict(result.excluded)
     generator = PaintingGenerator()
@@ -509,8 +558,13 @@ with spec_lock(Path(sys.argv[1])):
 
 
 def _hold_lock_in_another_process(spec_path: Path):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(spec_path)], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(spec_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -554,8 +608,17 @@ r = w.gmi().build(w.source(), g, "missing")
 print(json.dumps({{"built": r.built, "calls": len(g.calls), "skipped": [s.name for s in r.skipped]}}))
 """
     env_vars = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=REPO, env=env_vars) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=env_vars,
+        )
+        for _ in range(2)
+    ]
     outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
     built = sorted(n for o in outs for n in o["built"])
     # every spec built exactly once overall; a process that met a lock skipped, the other rendered
@@ -579,9 +642,19 @@ def test_faults_lock_spec_files_get_normal_permissions(core):
 # Faults: numbers validated in one place; JSON never NaN
 # ===================================================================================================================
 BAD_NUMBERS = [
-    ("top_k", 0), ("top_k", -3), ("top_k", "abc"), ("top_k", 1.5), ("top_k", True),
-    ("gamma", float("nan")), ("gamma", float("inf")), ("gamma", 0), ("gamma", -1.0), ("gamma", "x"),
-    ("tau", float("nan")), ("tau", float("-inf")), ("tau", 0.0),
+    ("top_k", 0),
+    ("top_k", -3),
+    ("top_k", "abc"),
+    ("top_k", 1.5),
+    ("top_k", True),
+    ("gamma", float("nan")),
+    ("gamma", float("inf")),
+    ("gamma", 0),
+    ("gamma", -1.0),
+    ("gamma", "x"),
+    ("tau", float("nan")),
+    ("tau", float("-inf")),
+    ("tau", 0.0),
 ]
 
 
@@ -592,8 +665,18 @@ def test_faults_numbers_identify_refuses_bad_values(core, field, value):
 
 
 BAD_SETTINGS = [
-    {"steps": 0}, {"steps": -1}, {"steps": 10**6}, {"width": 65}, {"width": 32}, {"height": 8192}, {"width": 0},
-    {"cfg": float("nan")}, {"cfg": float("inf")}, {"cfg": -1.0}, {"sampler": ""}, {"negative_prompt": "x" * 5000},
+    {"steps": 0},
+    {"steps": -1},
+    {"steps": 10**6},
+    {"width": 65},
+    {"width": 32},
+    {"height": 8192},
+    {"width": 0},
+    {"cfg": float("nan")},
+    {"cfg": float("inf")},
+    {"cfg": -1.0},
+    {"sampler": ""},
+    {"negative_prompt": "x" * 5000},
 ]
 
 
@@ -685,9 +768,25 @@ def test_faults_messages_cli_empty_models_folder_says_so(tmp_path):
     from gmi_core.encoders import save_encoder
 
     encoder = save_encoder(tiny_encoder(0), tmp_path / "enc.safetensors")
-    out = subprocess.run([sys.executable, "-m", "gmi_core", "specs", "--models", str(tmp_path / "models"), "--home",
-                          str(tmp_path / "home"), "--encoder", str(encoder)], capture_output=True, text=True, cwd=REPO,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gmi_core",
+            "specs",
+            "--models",
+            str(tmp_path / "models"),
+            "--home",
+            str(tmp_path / "home"),
+            "--encoder",
+            str(encoder),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
     assert out.returncode == 0 and "holds no checkpoint files" in out.stdout, out
 
 
@@ -697,9 +796,27 @@ def test_faults_messages_cli_build_prints_skipped_reason(tmp_path):
     from gmi_core.encoders import save_encoder
 
     encoder = save_encoder(tiny_encoder(0), tmp_path / "enc.safetensors")
-    out = subprocess.run([sys.executable, "-m", "gmi_core", "build", "--models", str(tmp_path / "models"), "--home",
-                          str(tmp_path / "home"), "--encoder", str(encoder), "--which", "lora.safetensors"],
-                         capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gmi_core",
+            "build",
+            "--models",
+            str(tmp_path / "models"),
+            "--home",
+            str(tmp_path / "home"),
+            "--encoder",
+            str(encoder),
+            "--which",
+            "lora.safetensors",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
     assert "lora.safetensors: skipped: unreadable" in out.stderr and "unknown" not in out.stderr, out
 
 
@@ -710,8 +827,11 @@ def test_faults_messages_cli_build_prints_skipped_reason(tmp_path):
 def test_faults_progress_comfyui_panel_always_gets_done(env, monkeypatch, fault):  # noqa: F811 - the fixture
     sent = []
     monkeypatch.setattr(env.nodes.events, "send", lambda event, data: sent.append((event, data)))
-    exc = {"interrupt_in_sampler": Interrupted("stop"), "os_error": OSError(28, "No space left on device"),
-           "unexpected": KeyError("boom")}[fault]
+    exc = {
+        "interrupt_in_sampler": Interrupted("stop"),
+        "os_error": OSError(28, "No space left on device"),
+        "unexpected": KeyError("boom"),
+    }[fault]
     original = FakeGenerator.generate
 
     def failing(self, *args, **kwargs):
@@ -803,7 +923,9 @@ def test_security_comfyui_uploads_are_limited_and_decoded_off_the_loop(env, monk
                     yield b"\x00" * 4096
                 yield f"\r\n--{boundary}--\r\n".encode()
 
-            r = await client.post("/gmi/identify", data=chunks(), headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+            r = await client.post(
+                "/gmi/identify", data=chunks(), headers={"Content-Type": "multipart/form-data; boundary=XyZ"}
+            )
             assert r.status == 413, await r.text()
 
     asyncio.run(scenario())
@@ -814,8 +936,11 @@ MALFORMED = [
     ("no_content_type", {}, b"abc"),
     ("form_urlencoded", {"Content-Type": "application/x-www-form-urlencoded"}, b"image=abc"),
     ("missing_boundary", {"Content-Type": "multipart/form-data"}, b"--x\r\n\r\n"),
-    ("truncated_multipart", {"Content-Type": "multipart/form-data; boundary=b"},
-     b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG'),
+    (
+        "truncated_multipart",
+        {"Content-Type": "multipart/form-data; boundary=b"},
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG',
+    ),
     ("garbage_multipart", {"Content-Type": "multipart/form-data; boundary=b"}, b"\x00\xff\x00garbage"),
     ("bad_top_k", None, {"top_k": "abc"}),
     ("negative_top_k", None, {"top_k": "-2"}),
@@ -854,10 +979,22 @@ def test_faults_numbers_comfyui_malformed_requests_are_4xx_never_500(env, case):
     asyncio.run(scenario())
 
 
-BAD_STATUS_QUERIES = ["family_settings=steps%3Dabc", "family_settings=steps%3D0", "family_settings=cfg%3Dnan",
-                      "family_settings=cfg%3Dinf", "family_settings=width%3D65", "family_settings=sdxl.width%3D99999",
-                      "family_settings=sd9.steps%3D3", "sampler_name=warp", "budget=0x-1", "budget=banana",
-                      "prompt_set=../../secret.txt", "encoder=/etc/x.safetensors", "max_prompts=1e9", "seed=1.5"]
+BAD_STATUS_QUERIES = [
+    "family_settings=steps%3Dabc",
+    "family_settings=steps%3D0",
+    "family_settings=cfg%3Dnan",
+    "family_settings=cfg%3Dinf",
+    "family_settings=width%3D65",
+    "family_settings=sdxl.width%3D99999",
+    "family_settings=sd9.steps%3D3",
+    "sampler_name=warp",
+    "budget=0x-1",
+    "budget=banana",
+    "prompt_set=../../secret.txt",
+    "encoder=/etc/x.safetensors",
+    "max_prompts=1e9",
+    "seed=1.5",
+]
 
 
 @pytest.mark.parametrize("q", BAD_STATUS_QUERIES)
@@ -888,7 +1025,9 @@ def test_faults_status_comfyui_route_shows_corrupt_and_no_paths(env):  # noqa: F
 
     async def scenario():
         async with TestClient(TestServer(app)) as client:
-            r = await client.get("/gmi/status?encoder=tiny.safetensors&max_prompts=4&budget=allx2&family_settings=steps%3D3+width%3D64+height%3D64")
+            r = await client.get(
+                "/gmi/status?encoder=tiny.safetensors&max_prompts=4&budget=allx2&family_settings=steps%3D3+width%3D64+height%3D64"
+            )
             data = await r.json()
             states = sorted(c["state"] for c in data["checkpoints"])
             assert r.status == 200 and states == ["corrupt", "ready", "ready", "ready"], data
@@ -910,7 +1049,7 @@ def a1111_world(world):  # noqa: F811 - the fake WebUI world of test_a1111_adapt
 
 
 @pytest.fixture
-def a1111_app(a1111_world):  # noqa: F811
+def a1111_app(a1111_world):
     fastapi = pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
@@ -952,7 +1091,7 @@ def test_faults_numbers_a1111_bad_requests_are_4xx_never_500(a1111_app, case):
 
 
 def test_security_a1111_chunked_body_over_the_limit_is_413(a1111_app, monkeypatch):
-    client, webui_world = a1111_app
+    client, _webui_world = a1111_app
     monkeypatch.setattr(gmi("api"), "MAX_REQUEST_BYTES", 10_000)
 
     def body():
@@ -962,7 +1101,9 @@ def test_security_a1111_chunked_body_over_the_limit_is_413(a1111_app, monkeypatc
         yield b'"}'
 
     r = client.post("/gmi/v1/identify", content=body(), headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "transfer-encoding" not in {k.lower() for k in r.request.headers if k.lower() == "content-length"}
+    assert r.status_code == 413 and "transfer-encoding" not in {
+        k.lower() for k in r.request.headers if k.lower() == "content-length"
+    }
     r = client.post("/gmi/v1/identify", content=b"x" * 20_000, headers={"content-type": "application/json"})
     assert r.status_code == 413
 
@@ -973,7 +1114,9 @@ def test_security_a1111_image_pixel_limit_and_no_path_in_errors(a1111_app):
     client, webui_world = a1111_app
     r = client.post("/gmi/v1/identify", json={"image": base64.b64encode(png_header_only(20000, 20000)).decode()})
     assert r.status_code == 422 and "image too large" in r.json()["detail"]
-    webui_world.shared.opts.set("gmi_prompt_set", str(webui_world.root / "elsewhere.json"))  # a setting pointing outside
+    webui_world.shared.opts.set(
+        "gmi_prompt_set", str(webui_world.root / "elsewhere.json")
+    )  # a setting pointing outside
     r = client.get("/gmi/v1/specs")
     assert r.status_code == 404 and no_server_path(r.text, webui_world.root)
 
@@ -1000,7 +1143,7 @@ def test_etiquette_a1111_switch_during_a_build_is_busy_not_a_hang(a1111_app):
     assert client.post("/gmi/v1/switch", json={"checkpoint": "model_2.safetensors"}).status_code == 200
 
 
-def test_etiquette_a1111_job_status_ends_when_the_build_dies(a1111_world, monkeypatch):  # noqa: F811
+def test_etiquette_a1111_job_status_ends_when_the_build_dies(a1111_world, monkeypatch):
     build_module, runtime = gmi("build"), gmi("runtime")
 
     def dying(**overrides):
@@ -1012,12 +1155,14 @@ def test_etiquette_a1111_job_status_ends_when_the_build_dies(a1111_world, monkey
         build_module._run_in_queue(job)
     assert job.state == "failed" and job.finished and build_module.active_job() is None
     assert a1111_world.state_log[-1] == ("end", None)
-    monkeypatch.setattr(runtime, "get_engine", lambda **o: (_ for _ in ()).throw(OSError(30, "Read-only file system", "/srv/x")))
+    monkeypatch.setattr(
+        runtime, "get_engine", lambda **o: (_ for _ in ()).throw(OSError(30, "Read-only file system", "/srv/x"))
+    )
     job = build_module.start_build("missing", wait=True)
     assert job.state == "failed" and job.error == "Read-only file system: x"
 
 
-def test_etiquette_a1111_encoder_load_waits_for_the_webui_model_load(a1111_world):  # noqa: F811
+def test_etiquette_a1111_encoder_load_waits_for_the_webui_model_load(a1111_world):
     runtime = gmi("runtime")
     runtime.reset()
     model_lock = a1111_world.sd_models.model_data.lock
@@ -1045,7 +1190,7 @@ def test_etiquette_a1111_encoder_load_waits_for_the_webui_model_load(a1111_world
     assert job.state == "done", job.error
 
 
-def test_etiquette_a1111_switch_names_match_like_the_webui(a1111_world):  # noqa: F811
+def test_etiquette_a1111_switch_names_match_like_the_webui(a1111_world):
     host = gmi("host")
     host.WebuiCheckpointSource().list_checkpoints()
     info = host.resolve_checkpoint("model_1.safetensors")
@@ -1083,14 +1228,29 @@ class _FakeGradio:
                 return register
 
         self.module = __import__("types").ModuleType("gradio")
-        for name in ("Blocks", "Tab", "Row", "Column", "Image", "File", "Textbox", "Dropdown", "Slider", "Button", "HTML",
-                     "Dataframe", "CheckboxGroup", "State", "Accordion"):
+        for name in (
+            "Blocks",
+            "Tab",
+            "Row",
+            "Column",
+            "Image",
+            "File",
+            "Textbox",
+            "Dropdown",
+            "Slider",
+            "Button",
+            "HTML",
+            "Dataframe",
+            "CheckboxGroup",
+            "State",
+            "Accordion",
+        ):
             setattr(self.module, name, type(name, (Component,), {}))
         self.module.update = lambda **kwargs: {"__update__": True, **kwargs}
 
 
 @pytest.fixture
-def gradio_tab(a1111_world, monkeypatch):  # noqa: F811
+def gradio_tab(a1111_world, monkeypatch):
     fake = _FakeGradio()
     monkeypatch.setitem(sys.modules, "gradio", fake.module)
     call_queue = a1111_world.modules["modules.call_queue"]
@@ -1098,7 +1258,7 @@ def gradio_tab(a1111_world, monkeypatch):  # noqa: F811
     return fake, gmi("ui")
 
 
-def test_etiquette_a1111_building_the_tab_does_nothing_heavy(gradio_tab, a1111_world, monkeypatch):  # noqa: F811
+def test_etiquette_a1111_building_the_tab_does_nothing_heavy(gradio_tab, a1111_world, monkeypatch):
     fake, ui = gradio_tab
     runtime = gmi("runtime")
     runtime.reset()
@@ -1114,7 +1274,7 @@ def test_etiquette_a1111_building_the_tab_does_nothing_heavy(gradio_tab, a1111_w
     assert ("Tab", "select") in wired  # status loads when the Build tab opens (and on Refresh)
 
 
-def test_etiquette_a1111_refresh_reports_first_time_hashing(gradio_tab, a1111_world):  # noqa: F811
+def test_etiquette_a1111_refresh_reports_first_time_hashing(gradio_tab, a1111_world):
     _, ui = gradio_tab
     a1111_world.refresh()  # a fresh start: only the loaded model_0 is in the WebUI's hash cache
     a1111_world.hash_calls.clear()
@@ -1122,20 +1282,26 @@ def test_etiquette_a1111_refresh_reports_first_time_hashing(gradio_tab, a1111_wo
     hashing = [s[0] for s in steps[:-1]]
     assert len(hashing) == len(a1111_world.hash_calls) == 2
     assert all(f"hashing {c.split('/', 1)[1]}" in h for c, h in zip(a1111_world.hash_calls, hashing))
-    note, rows, selected = steps[-1]
-    assert [r[3] for r in rows[:3]] == ["missing"] * 3 and selected["choices"][:3] == ["model_0.safetensors", "model_1.safetensors", "model_2.safetensors"]
+    _note, rows, selected = steps[-1]
+    assert [r[3] for r in rows[:3]] == ["missing"] * 3 and selected["choices"][:3] == [
+        "model_0.safetensors",
+        "model_1.safetensors",
+        "model_2.safetensors",
+    ]
     assert len(list(ui.refresh_status())) == 1  # hashed once: no hashing messages the second time
 
 
-def test_etiquette_a1111_identify_never_reuses_the_last_pseudo_prompt(gradio_tab, a1111_world):  # noqa: F811
+def test_etiquette_a1111_identify_never_reuses_the_last_pseudo_prompt(gradio_tab, a1111_world):
     fake, ui = gradio_tab
     gmi("build").start_build("missing", wait=True)
     ui.on_ui_tabs()
-    prompt_box = next(c for c in fake.components if type(c).__name__ == "Textbox" and c.kwargs.get("elem_id") == "gmi_prompt")
+    prompt_box = next(
+        c for c in fake.components if type(c).__name__ == "Textbox" and c.kwargs.get("elem_id") == "gmi_prompt"
+    )
     identify_event = next(e for e in fake.events if e[1] == "click" and e[2] is ui.do_identify)
     assert prompt_box not in identify_event[4]  # identify never writes into what the user types
     first = a1111_world.render(str(a1111_world.ckpt_dir / "model_1.safetensors"), "a ship", 1, 64, 64)
-    html, used, choice = ui.do_identify(first, None, "", "gmi", 3)
+    _html, used, choice = ui.do_identify(first, None, "", "gmi", 3)
     assert "interrogated" in used and choice["value"].startswith("model_1")
     # Interrogate fills the prompt on request; a new image clears what only came from the old image
     text, _, remembered = ui.do_interrogate(first, None)
@@ -1201,7 +1367,9 @@ def test_faults_lock_two_threads_one_process_build_once(core):
 
     first, second = SlowGenerator(), PaintingGenerator()
     reports = {}
-    worker = threading.Thread(target=lambda: reports.setdefault("first", core.gmi().build(core.source(), first, "missing")))
+    worker = threading.Thread(
+        target=lambda: reports.setdefault("first", core.gmi().build(core.source(), first, "missing"))
+    )
     worker.start()
     assert started.wait(30)
     reports["second"] = core.gmi().build(core.source(), second, "missing")
@@ -1214,7 +1382,9 @@ def test_faults_lock_two_threads_one_process_build_once(core):
 
 def test_faults_alias_a1111_api_lists_both_names(a1111_app):
     client, webui_world = a1111_app
-    (webui_world.ckpt_dir / "copy_of_model_1.safetensors").write_bytes((webui_world.ckpt_dir / "model_1.safetensors").read_bytes())
+    (webui_world.ckpt_dir / "copy_of_model_1.safetensors").write_bytes(
+        (webui_world.ckpt_dir / "model_1.safetensors").read_bytes()
+    )
     webui_world.refresh()
     job = client.post("/gmi/v1/build", json={"wait": True}).json()
     built = job["report"]["built"]
@@ -1227,7 +1397,10 @@ def test_faults_alias_a1111_api_lists_both_names(a1111_app):
     names = [r["name"] for r in ranking]
     assert len(names) == 3 and len({"model_1.safetensors", "copy_of_model_1.safetensors"} & set(names)) == 1
     row = next(r for r in ranking if r["name"] in ("model_1.safetensors", "copy_of_model_1.safetensors"))
-    assert row["aliases"] and set(row["aliases"] + [row["name"]]) == {"model_1.safetensors", "copy_of_model_1.safetensors"}
+    assert row["aliases"] and set(row["aliases"] + [row["name"]]) == {
+        "model_1.safetensors",
+        "copy_of_model_1.safetensors",
+    }
 
 
 # ===================================================================================================================
@@ -1237,8 +1410,21 @@ def test_faults_alias_a1111_api_lists_both_names(a1111_app):
 from gmi_core.observed import import_images, observed_key  # noqa: E402
 from gmi_core.paths import folder_inside  # noqa: E402
 
-HOSTILE_FOLDERS = ["..", "../", "renders/../..", "/etc", "//server/share", "%2e%2e", "renders%2F..%2F..", "..\\x",
-                   "C:\\Windows", "a\x00b", "link_out", "link_out/deeper", "missing"]
+HOSTILE_FOLDERS = [
+    "..",
+    "../",
+    "renders/../..",
+    "/etc",
+    "//server/share",
+    "%2e%2e",
+    "renders%2F..%2F..",
+    "..\\x",
+    "C:\\Windows",
+    "a\x00b",
+    "link_out",
+    "link_out/deeper",
+    "missing",
+]
 
 
 def _user_images(folder: Path, checkpoint_names: list[str], count: int = 2) -> None:
@@ -1249,7 +1435,9 @@ def _user_images(folder: Path, checkpoint_names: list[str], count: int = 2) -> N
     for c, name in enumerate(checkpoint_names):
         for i in range(count):
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", f"a harbour at dusk {i}\nSteps: 3, Seed: {i}, Size: 64x64, Model: {Path(name).stem}")
+            info.add_text(
+                "parameters", f"a harbour at dusk {i}\nSteps: 3, Seed: {i}, Size: 64x64, Model: {Path(name).stem}"
+            )
             fake_image(c, f"a harbour at dusk {i}", i).save(folder / f"{Path(name).stem}_{i}.png", pnginfo=info)
 
 
@@ -1285,7 +1473,9 @@ def test_security_import_images_files_linking_out_are_skipped(core, tmp_path):
     refused = sorted(f for f, r in report.skipped if "link that leaves the folder" in r)
     assert refused == ["leak.png"], report.skipped  # a linked folder is not walked at all
     assert not any(f.startswith("sub/") for f, _ in report.skipped)
-    assert core.states() == dict.fromkeys(("m0.safetensors", "m1.safetensors", "m2.safetensors"), "ready")  # nothing lost
+    assert core.states() == dict.fromkeys(
+        ("m0.safetensors", "m1.safetensors", "m2.safetensors"), "ready"
+    )  # nothing lost
 
 
 def test_faults_lock_import_images_waits_for_no_one_and_loses_nothing(core, tmp_path):
@@ -1369,10 +1559,12 @@ def test_faults_numbers_comfyui_library_routes_malformed_and_map(env, tmp_path):
 
     async def scenario():
         async with TestClient(TestServer(app)) as client:
-            for body, headers in ((b"root=output", {"Content-Type": "application/x-www-form-urlencoded"}),
-                                  (b"{not json", {"Content-Type": "application/json"}),
-                                  (b"[1, 2]", {"Content-Type": "application/json"}),
-                                  (b"\xff\xfe", {"Content-Type": "application/json"})):
+            for body, headers in (
+                (b"root=output", {"Content-Type": "application/x-www-form-urlencoded"}),
+                (b"{not json", {"Content-Type": "application/json"}),
+                (b"[1, 2]", {"Content-Type": "application/json"}),
+                (b"\xff\xfe", {"Content-Type": "application/json"}),
+            ):
                 r = await client.post("/gmi/import-images", data=body, headers=headers)
                 assert r.status == 400 and (await r.json())["error"], (body, r.status)
 
@@ -1395,8 +1587,11 @@ def test_faults_numbers_comfyui_library_routes_malformed_and_map(env, tmp_path):
             r = await client.get("/gmi/map?encoder=tiny.safetensors&max_prompts=4")
             data = await r.json()
             assert r.status == 200 and len(data["checkpoints"]) == 4 and "NaN" not in await r.text(), data
-            r = await client.post("/gmi/import-images", data=json.dumps({"encoder": "tiny.safetensors", "max_prompts": 4}),
-                                  headers={"Content-Type": "application/json"})
+            r = await client.post(
+                "/gmi/import-images",
+                data=json.dumps({"encoder": "tiny.safetensors", "max_prompts": 4}),
+                headers={"Content-Type": "application/json"},
+            )
             assert r.status == 200 and (await r.json())["scanned"] == 0  # an empty output folder: nothing, no error
 
     asyncio.run(scenario())

@@ -81,7 +81,9 @@ def test_bad_checkpoints_are_skipped_with_a_reason(tiny_world, tmp_path):
     assert [c.name for c in listing.checkpoints] == ["good.safetensors"]
     reasons = {s.name: s.reason for s in listing.skipped}
     assert "truncated" in reasons["truncated.safetensors"]
-    assert "not a Stable Diffusion checkpoint" in reasons["a-lora.safetensors"] and "LoRA" in reasons["a-lora.safetensors"]
+    assert (
+        "not a Stable Diffusion checkpoint" in reasons["a-lora.safetensors"] and "LoRA" in reasons["a-lora.safetensors"]
+    )
     assert "not a Stable Diffusion checkpoint" in reasons["vae.safetensors"]
     assert "pickle" in reasons["old.ckpt"]
     assert good.exists() and (models / "truncated.safetensors").stat().st_size == good.stat().st_size // 3
@@ -89,10 +91,18 @@ def test_bad_checkpoints_are_skipped_with_a_reason(tiny_world, tmp_path):
 
 def test_checkpoint_families(tmp_path):
     path = tmp_path / "xl.safetensors"
-    save_file({"model.diffusion_model.x": torch.zeros(1), "first_stage_model.y": torch.zeros(1),
-               "conditioner.embedders.0.z": torch.zeros(1)}, str(path))
+    save_file(
+        {
+            "model.diffusion_model.x": torch.zeros(1),
+            "first_stage_model.y": torch.zeros(1),
+            "conditioner.embedders.0.z": torch.zeros(1),
+        },
+        str(path),
+    )
     assert inspect_checkpoint(path) == ("sdxl", None)
-    save_file({"model.diffusion_model.joint_blocks.0": torch.zeros(1), "first_stage_model.y": torch.zeros(1)}, str(path))
+    save_file(
+        {"model.diffusion_model.joint_blocks.0": torch.zeros(1), "first_stage_model.y": torch.zeros(1)}, str(path)
+    )
     assert "unsupported architecture" in inspect_checkpoint(path)[1]
 
 

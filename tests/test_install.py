@@ -70,5 +70,9 @@ def test_silent_when_nothing_is_missing():
 
 
 def test_requirements_never_name_torch():
-    names = [line.split(">")[0].split("=")[0].strip().lower() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
+    names = [
+        line.split(">")[0].split("=")[0].strip().lower()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip()
+    ]
     assert names and not {"torch", "torchvision"} & set(names)

@@ -22,9 +22,24 @@ def simulated_specs(family: str, m: int = 16, seed: int = 4):
     text = world.text(platform).half()
     z, _ = world.render(torch.arange(m), platform, cfg.images_per_prompt, pixels=False)
     n, s = len(platform), cfg.images_per_prompt
-    specs = [Spec(f"c{i:02}", f"{i:064x}", "sim", "platform", "sim", [str(k) for k in range(n)], [[0] * s] * n,
-                  GenerationSettings(), z[i].half(), text, torch.zeros(n, s, 1, dtype=torch.float16),
-                  torch.zeros(n, 1, 1, 3, dtype=torch.uint8), torch.ones(n, s, dtype=torch.bool)) for i in range(m)]
+    specs = [
+        Spec(
+            f"c{i:02}",
+            f"{i:064x}",
+            "sim",
+            "platform",
+            "sim",
+            [str(k) for k in range(n)],
+            [[0] * s] * n,
+            GenerationSettings(),
+            z[i].half(),
+            text,
+            torch.zeros(n, s, 1, dtype=torch.float16),
+            torch.zeros(n, 1, 1, 3, dtype=torch.uint8),
+            torch.ones(n, s, dtype=torch.bool),
+        )
+        for i in range(m)
+    ]
     return specs, text
 
 
@@ -53,7 +68,9 @@ def test_map_cli_groups_a_reupload_and_a_merge_of_real_checkpoints(tiny_world, t
     other = sorted(models.glob("*.safetensors"))[1]
     a, b = load_file(str(base)), load_file(str(other))
     save_file(a, str(models / "reupload.safetensors"), metadata={"uploader": "someone else"})
-    merged = {k: (0.97 * v.float() + 0.03 * b[k].float()).to(v.dtype) if v.is_floating_point() else v for k, v in a.items()}
+    merged = {
+        k: (0.97 * v.float() + 0.03 * b[k].float()).to(v.dtype) if v.is_floating_point() else v for k, v in a.items()
+    }
     save_file(merged, str(models / "merge.safetensors"))
     for cfg in tiny_world.models.glob("*.yaml"):
         shutil.copy(cfg, models / cfg.name)
@@ -67,18 +84,52 @@ def test_map_cli_groups_a_reupload_and_a_merge_of_real_checkpoints(tiny_world, t
     assert sorted(report.built) == ["merge.safetensors", "reupload.safetensors"], report.to_dict()
     prompts = tmp_path / "prompts.json"  # the world's prompt set (the platform set's head) as a file
     prompts.write_text(json.dumps(list(tiny_world.prompt_set.prompts)))
-    assert main(["map", "--models", str(models), "--home", str(home), "--encoder", str(tiny_world.encoder_file),
-                 "--prompt-set", str(prompts), "--json", "--out", str(tmp_path / "map.png")]) == 0
+    assert (
+        main(
+            [
+                "map",
+                "--models",
+                str(models),
+                "--home",
+                str(home),
+                "--encoder",
+                str(tiny_world.encoder_file),
+                "--prompt-set",
+                str(prompts),
+                "--json",
+                "--out",
+                str(tmp_path / "map.png"),
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     groups = [set(g) for g in data["groups"]]
     assert {base.name, "reupload.safetensors", "merge.safetensors"} in groups, data
-    distinct = [p.name for p in sorted(models.glob("*.safetensors"))[1:4] if p.name not in ("merge.safetensors", "reupload.safetensors")]
+    distinct = [
+        p.name
+        for p in sorted(models.glob("*.safetensors"))[1:4]
+        if p.name not in ("merge.safetensors", "reupload.safetensors")
+    ]
     assert not any(len(g & set(distinct)) > 1 for g in groups), data
     assert data["threshold"] == NEAR_DUPLICATE_THRESHOLD
     from PIL import Image
 
     assert Image.open(tmp_path / "map.png").size == (900, 700)
-    assert main(["map", "--models", str(models), "--home", str(home), "--encoder", str(tiny_world.encoder_file),
-                 "--prompt-set", str(prompts)]) == 0
+    assert (
+        main(
+            [
+                "map",
+                "--models",
+                str(models),
+                "--home",
+                str(home),
+                "--encoder",
+                str(tiny_world.encoder_file),
+                "--prompt-set",
+                str(prompts),
+            ]
+        )
+        == 0
+    )
     assert "group 1: " in capsys.readouterr().out
-

@@ -12,8 +12,24 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 # The WebUI index's tags (index.json of the extensions index repository).
-A1111_INDEX_TAGS = {"script", "localization", "tab", "dropdown", "ads", "installed", "training", "models", "UI related",
-                    "prompting", "editing", "manipulations", "online", "animation", "query", "science"}
+A1111_INDEX_TAGS = {
+    "script",
+    "localization",
+    "tab",
+    "dropdown",
+    "ads",
+    "installed",
+    "training",
+    "models",
+    "UI related",
+    "prompting",
+    "editing",
+    "manipulations",
+    "online",
+    "animation",
+    "query",
+    "science",
+}
 
 
 def test_registry_metadata_is_complete():
@@ -36,7 +52,9 @@ def test_one_version_everywhere():
     version = PYPROJECT["project"]["version"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", version), "the registry wants X.Y.Z"
     assert gmi_core.__version__ == version
-    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
+    releases = re.findall(
+        r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), flags=re.M
+    )
     assert releases and releases[0] == version, f"CHANGELOG.md's newest entry {releases[:1]} is not {version}"
     assert len(set(releases)) == len(releases)
 

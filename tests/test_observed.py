@@ -17,8 +17,10 @@ QUERY_SEED = 700_000
 
 
 def infotext(prompt: str, seed: int, model_hash: str, model: str) -> str:
-    return (f"{prompt}\nNegative prompt: blurry\nSteps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, "
-            f"Seed: {seed}, Size: 64x64, Model hash: {model_hash}, Model: {model}, Version: v1.10.1")
+    return (
+        f"{prompt}\nNegative prompt: blurry\nSteps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, "
+        f"Seed: {seed}, Size: 64x64, Model hash: {model_hash}, Model: {model}, Version: v1.10.1"
+    )
 
 
 def exif_with_comment(text: str) -> Image.Exif:
@@ -28,7 +30,9 @@ def exif_with_comment(text: str) -> Image.Exif:
 
 
 def comfy_graph(ckpts: list[str], text: str, seed: int) -> str:
-    graph = {str(i + 1): {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": c}} for i, c in enumerate(ckpts)}
+    graph = {
+        str(i + 1): {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": c}} for i, c in enumerate(ckpts)
+    }
     graph["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}}
     graph["11"] = {"class_type": "KSampler", "inputs": {"seed": seed, "positive": ["10", 0], "negative": ["10", 0]}}
     return json.dumps(graph)
@@ -49,8 +53,10 @@ def user_folder(tiny_world, tmp_path_factory):
             image = generator.generate(ckpt, prompt, [seed], tiny_world.settings)[0]
             stem = ckpt.name.removesuffix(".safetensors")
             if i % 4 == 1:  # JPEG with the infotext in EXIF UserComment, model named only by name
-                image.save(sub / f"{i:05}.jpg", exif=exif_with_comment(
-                    f"{prompt}\nSteps: 4, Sampler: Euler, Seed: {seed}, Model: {stem}"))
+                image.save(
+                    sub / f"{i:05}.jpg",
+                    exif=exif_with_comment(f"{prompt}\nSteps: 4, Sampler: Euler, Seed: {seed}, Model: {stem}"),
+                )
             elif i % 4 == 2:  # WebP with EXIF, AutoV2 hash
                 image.save(sub / f"{i:05}.webp", exif=exif_with_comment(infotext(prompt, seed, ckpt.short_hash, stem)))
             elif i % 4 == 3:  # ComfyUI SaveImage-style PNG with the API graph
@@ -82,9 +88,16 @@ def user_folder(tiny_world, tmp_path_factory):
 
 def test_metadata_parsers():
     meta = parse_infotext(infotext("a red fox,\nin snow", 42, "0123456789", "my model"))
-    assert (meta.prompt, meta.seed, meta.model_hash, meta.model_name) == ("a red fox,\nin snow", 42, "0123456789", "my model")
+    assert (meta.prompt, meta.seed, meta.model_hash, meta.model_name) == (
+        "a red fox,\nin snow",
+        42,
+        "0123456789",
+        "my model",
+    )
     assert parse_infotext("just a prompt").model_hash is None
-    refined = parse_infotext(infotext("a fox", 1, "0123456789", "base") + ", Refiner: other [abcdef0123], Refiner switch at: 0.8")
+    refined = parse_infotext(
+        infotext("a fox", 1, "0123456789", "base") + ", Refiner: other [abcdef0123], Refiner switch at: 0.8"
+    )
     assert refined.checkpoint_names == ["base", "other [abcdef0123]"]  # two checkpoints: attributed to neither
     graph = json.loads(comfy_graph(["a.safetensors", "b.safetensors"], "a fox", 3))
     meta = parse_comfy_prompt(graph)
@@ -98,16 +111,30 @@ def test_import_images_builds_observed_specs_that_identify(tiny_world, user_fold
     folder, checkpoints = user_folder
     home = tmp_path / "home"
     (home / "specs").mkdir(parents=True)
-    args = ["import-images", str(folder), "--models", str(tiny_world.models), "--home", str(home),
-            "--encoder", str(tiny_world.encoder_file), "--json"]
+    args = [
+        "import-images",
+        str(folder),
+        "--models",
+        str(tiny_world.models),
+        "--home",
+        str(home),
+        "--encoder",
+        str(tiny_world.encoder_file),
+        "--json",
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["added"] == {c.name: IMAGE_PROMPTS for c in checkpoints}, report
     reasons = {item["file"]: item["reason"] for item in report["skipped"]}
-    assert set(reasons) == {f"bad/{n}" for n in ("no-metadata.png", "unknown-checkpoint.png", "two-checkpoints.png",
-                                                  "corrupt.png", "truncated.png")}, reasons
+    assert set(reasons) == {
+        f"bad/{n}"
+        for n in ("no-metadata.png", "unknown-checkpoint.png", "two-checkpoints.png", "corrupt.png", "truncated.png")
+    }, reasons
     assert "no generation metadata" in reasons["bad/no-metadata.png"]
-    assert "not installed" in reasons["bad/unknown-checkpoint.png"] and "abcdef0123" in reasons["bad/unknown-checkpoint.png"]
+    assert (
+        "not installed" in reasons["bad/unknown-checkpoint.png"]
+        and "abcdef0123" in reasons["bad/unknown-checkpoint.png"]
+    )
     assert "ambiguous" in reasons["bad/two-checkpoints.png"]
     assert "truncated" in reasons["bad/truncated.png"] or "unreadable" in reasons["bad/truncated.png"]
     for spec in report["specs"]:
@@ -136,7 +163,9 @@ def test_import_images_builds_observed_specs_that_identify(tiny_world, user_fold
     assert main(args) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["added_total"] == 0 and {e.file: e.mtime for e in gmi.store.entries()} == mtimes
-    assert sum("already in the observed spec" in s["reason"] for s in again["skipped"]) == IMAGE_PROMPTS * len(checkpoints)
+    assert sum("already in the observed spec" in s["reason"] for s in again["skipped"]) == IMAGE_PROMPTS * len(
+        checkpoints
+    )
     assert main(args[:-1]) == 0  # the summary for people
     text = capsys.readouterr().out
     assert "added 0 to 0 observed spec(s)" in text and "no generation metadata" in text
@@ -159,7 +188,9 @@ def test_observed_and_generated_specs_mix(tiny_world, user_folder, tmp_path):
     assert report.added == {checkpoints[0].name: IMAGE_PROMPTS}
     evaluation = load_prompt_set("evaluation").prompts
     for index, ckpt in enumerate(checkpoints):
-        query = tiny_world.generator().generate(ckpt, evaluation[index + 4], [QUERY_SEED + 50 + index], tiny_world.settings)
+        query = tiny_world.generator().generate(
+            ckpt, evaluation[index + 4], [QUERY_SEED + 50 + index], tiny_world.settings
+        )
         result = gmi.identify(query, source=tiny_world.source())
         assert result.ranking[0].name == ckpt.name, result.to_dict()
         kinds = {r.name: r.kind for r in result.ranking}
@@ -199,11 +230,26 @@ def test_padded_bank_scores_each_spec_as_if_alone():
         return (x / x.norm(dim=-1, keepdim=True)).half()
 
     def spec(n, s, kind, sha):
-        extra = {} if kind == "generated" else {"kind": OBSERVED, "counts": {"generated_images": 0, "observed_images": n}}
+        extra = (
+            {} if kind == "generated" else {"kind": OBSERVED, "counts": {"generated_images": 0, "observed_images": n}}
+        )
         psh = "p" if kind == "generated" else OBSERVED
-        return Spec(sha, sha * 64, "enc", psh, psh, [f"{sha}{i}" for i in range(n)], [[0] * s] * n, GenerationSettings(),
-                    unit(n, s, 16), unit(n, 16), unit(n, s, 12), torch.zeros(n, 2, 2, 3, dtype=torch.uint8),
-                    torch.ones(n, s, dtype=torch.bool), extra)
+        return Spec(
+            sha,
+            sha * 64,
+            "enc",
+            psh,
+            psh,
+            [f"{sha}{i}" for i in range(n)],
+            [[0] * s] * n,
+            GenerationSettings(),
+            unit(n, s, 16),
+            unit(n, 16),
+            unit(n, s, 12),
+            torch.zeros(n, 2, 2, 3, dtype=torch.uint8),
+            torch.ones(n, s, dtype=torch.bool),
+            extra,
+        )
 
     generated, observed, other = spec(6, 4, "generated", "a"), spec(9, 1, OBSERVED, "b"), spec(6, 4, "generated", "c")
     specs = [generated, observed, merge(other, spec(5, 1, OBSERVED, "c"))]
@@ -243,10 +289,18 @@ def test_odd_metadata_never_raises(tmp_path):
     from gmi_core.observed import Attributor
     from gmi_core.protocols import CheckpointListing
 
-    odd = [("prompt", '{"1": {"inputs": [1, 2]}}'), ("prompt", '{"1": "x", "2": {"class_type": "K", "inputs": '
-           '{"positive": ["9", 0], "ckpt_name": 5}}}'), ("prompt", "[1, 2]"), ("prompt", "null"),
-           ("prompt", "[" * 5000 + "]" * 5000), ("workflow", '{"nodes": "x"}'), ("workflow", '{"nodes": [{"type": 1}]}'),
-           ("parameters", "Steps: 20, Seed: x, Model hash: , Model: "), ("parameters", "\n\n"), ("parameters", '"' * 100)]
+    odd = [
+        ("prompt", '{"1": {"inputs": [1, 2]}}'),
+        ("prompt", '{"1": "x", "2": {"class_type": "K", "inputs": {"positive": ["9", 0], "ckpt_name": 5}}}'),
+        ("prompt", "[1, 2]"),
+        ("prompt", "null"),
+        ("prompt", "[" * 5000 + "]" * 5000),
+        ("workflow", '{"nodes": "x"}'),
+        ("workflow", '{"nodes": [{"type": 1}]}'),
+        ("parameters", "Steps: 20, Seed: x, Model hash: , Model: "),
+        ("parameters", "\n\n"),
+        ("parameters", '"' * 100),
+    ]
     attributor = Attributor(CheckpointListing())
     for index, (key, value) in enumerate(odd):
         info = PngImagePlugin.PngInfo()

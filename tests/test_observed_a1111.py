@@ -18,15 +18,24 @@ def test_build_tab_imports_infotext_images_and_shows_groups(world):  # noqa: F81
     out = world.root / "outputs" / "txt2img-images" / "2026-11-30"
     out.mkdir(parents=True)
     sha = {c.name: c.sha256 for c in runtime.source().list_checkpoints().checkpoints}  # hashes, as the WebUI has them
-    infos = sorted((i for i in {i.filename: i for i in world.sd_models.checkpoints_list.values()}.values()
-                    if i.name.startswith("model_")), key=lambda i: i.name)
+    infos = sorted(
+        (
+            i
+            for i in {i.filename: i for i in world.sd_models.checkpoints_list.values()}.values()
+            if i.name.startswith("model_")
+        ),
+        key=lambda i: i.name,
+    )
     for c, info in enumerate(infos):
         for i, text in enumerate(PROMPTS):
             seed = 100 * c + i
             image = world.render(info.filename, text, seed, 64, 64)
             png = PngImagePlugin.PngInfo()
-            png.add_text("parameters", f"{text}\nSteps: 3, Sampler: Euler, Seed: {seed}, Size: 64x64, "
-                                       f"Model hash: {sha[info.name][:10]}, Model: {info.model_name}")
+            png.add_text(
+                "parameters",
+                f"{text}\nSteps: 3, Sampler: Euler, Seed: {seed}, Size: 64x64, "
+                f"Model hash: {sha[info.name][:10]}, Model: {info.model_name}",
+            )
             image.save(out / f"{c}-{i}.png", pnginfo=png)
     for bad in ("../..", "/etc"):
         with pytest.raises(GmiError):

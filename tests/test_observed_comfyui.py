@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfyui_support import comfy_env  # noqa: E402
+from comfyui_support import comfy_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,11 @@ N_CHECKPOINTS = 3
 ENCODER_FILE = "gmi-tiny-clip.safetensors"
 STEPS, SIZE = 4, 64
 USER_PROMPTS = [  # what the user rendered (not the platform set)
-    "a red barn in a snowy field", "a cup of coffee on a desk, morning light", "a dragon flying over mountains",
-    "a portrait of a cat wearing a hat", "a sailing boat at sunset",
+    "a red barn in a snowy field",
+    "a cup of coffee on a desk, morning light",
+    "a dragon flying over mountains",
+    "a portrait of a cat wearing a hat",
+    "a sailing boat at sunset",
 ]
 QUERY_PROMPTS = ["a lighthouse on a cliff at dusk", "a bowl of ramen on a wooden table", "a knight in a forest"]
 
@@ -37,9 +40,21 @@ def render(ckpt: str, text: str, seed: int, prefix: str, clip_from: str | None =
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
         "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "seed": seed,
-            "steps": STEPS, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "ks": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["lat", 0],
+                "seed": seed,
+                "steps": STEPS,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": prefix}},
     }
@@ -56,10 +71,15 @@ def comfy(tmp_path_factory):
     torch.set_num_threads(1)
     sys.path.insert(0, str(comfy_env.REPO))
     comfy_dir, base, names = comfy_env.tiny_base(tmp_path_factory.mktemp("comfy-observed"), N_CHECKPOINTS, ENCODER_FILE)
-    missing = [m for m in ("aiohttp", "torchsde", "einops", "scipy", "av", "comfyui_frontend_package", "alembic", "spandrel")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("aiohttp", "torchsde", "einops", "scipy", "av", "comfyui_frontend_package", "alembic", "spandrel")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
-        pytest.fail(f"ComfyUI's dependencies are not installed ({', '.join(missing)}): pip install -e '.[comfyui-test]'")
+        pytest.fail(
+            f"ComfyUI's dependencies are not installed ({', '.join(missing)}): pip install -e '.[comfyui-test]'"
+        )
     server = comfy_env.ComfyServer(comfy_dir, base, log_path=base / "comfyui.log")
     server.start()
     try:
@@ -102,7 +122,9 @@ def test_comfyui_output_becomes_observed_specs(comfy):
         code, body = post(server, "/gmi/import-images", {**bad, "encoder": ENCODER_FILE})
         assert code == 400 and "error" in body, (bad, body)
 
-    code, report = post(server, "/gmi/import-images", {"root": "output", "subfolder": "renders", "encoder": ENCODER_FILE})
+    code, report = post(
+        server, "/gmi/import-images", {"root": "output", "subfolder": "renders", "encoder": ENCODER_FILE}
+    )
     assert code == 200, report
     assert report["added"] == {n: len(USER_PROMPTS) for n in names}, report
     assert [s["file"] for s in report["skipped"]] == ["mixed/img_00001_.png"]
@@ -110,7 +132,8 @@ def test_comfyui_output_becomes_observed_specs(comfy):
     assert all(s["kind"] == "observed" and s["generated_images"] == 0 for s in report["specs"])
     status = server.get("/gmi/status?encoder=" + ENCODER_FILE)
     assert {c["name"]: (c["state"], c["observed_images"]) for c in status["checkpoints"]} == {
-        n: ("missing", len(USER_PROMPTS)) for n in names}
+        n: ("missing", len(USER_PROMPTS)) for n in names
+    }
 
     for c, ckpt in enumerate(names):  # held-out prompt and seed, rendered by ComfyUI
         entry = server.run_prompt(render(ckpt, QUERY_PROMPTS[c], 900_000 + c, f"queries/q{c}"), timeout=300)

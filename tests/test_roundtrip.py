@@ -30,7 +30,9 @@ def test_generating_checkpoint_ranks_first_for_each_checkpoint(tiny_world):
 def test_every_method_ranks_every_checkpoint(tiny_world, method):
     gmi, source = tiny_world.gmi(), tiny_world.source()
     checkpoint = source.list_checkpoints().checkpoints[1]
-    result = gmi.identify(_query(tiny_world, checkpoint, 5), prompt="a fox in an autumn forest", method=method, source=source)
+    result = gmi.identify(
+        _query(tiny_world, checkpoint, 5), prompt="a fox in an autumn forest", method=method, source=source
+    )
     names = sorted(r.name for r in result.ranking)
     assert names == sorted(c.name for c in source.list_checkpoints().checkpoints)
     scores = [r.score for r in result.ranking]
@@ -52,6 +54,8 @@ def test_several_query_images_and_top_k(tiny_world):
 def test_download_baseline_ignores_the_image(tiny_world):
     gmi, source = tiny_world.gmi(), tiny_world.source()
     checkpoints = source.list_checkpoints().checkpoints
-    orders = {tuple(r.name for r in gmi.identify(_query(tiny_world, c, i), method="download", source=source).ranking)
-              for i, c in enumerate(checkpoints)}
+    orders = {
+        tuple(r.name for r in gmi.identify(_query(tiny_world, c, i), method="download", source=source).ranking)
+        for i, c in enumerate(checkpoints)
+    }
     assert orders == {tuple(sorted(c.name for c in checkpoints))}

@@ -96,8 +96,12 @@ def test_interrupted_build_resumes_without_regenerating(tiny_world, tmp_path):
     gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
     source = tiny_world.source()
     first = CountingGenerator(tiny_world.generator())
-    report = gmi.build(source, first, which=[source.list_checkpoints().checkpoints[0].name],
-                       should_cancel=lambda: len(first.prompts) >= 4)
+    report = gmi.build(
+        source,
+        first,
+        which=[source.list_checkpoints().checkpoints[0].name],
+        should_cancel=lambda: len(first.prompts) >= 4,
+    )
     order = [tiny_world.prompt_set.prompts[i] for i in prompt_order(10)]
     assert report.cancelled and first.prompts == order[:4]
     status = {s.name: s for s in gmi.status(source)[0]}
@@ -190,8 +194,9 @@ def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, mo
     assert loads == [(False, False)] * 4, "the store listed verified versions: features only, not checked again"
     bank, specs = gmi._bank_cache[1], [spec for _, spec in gmi._spec_cache.values()]
     storage = bank.image.untyped_storage().data_ptr()
-    assert all(s.thumbnails is None and s.image_features.untyped_storage().data_ptr() == storage for s in specs), \
+    assert all(s.thumbnails is None and s.image_features.untyped_storage().data_ptr() == storage for s in specs), (
         "the bank holds the only copy of the features, and no thumbnails"
+    )
     assert gmi.identify(query, source=source).to_dict() == first.to_dict() and len(loads) == 4
     loads.clear()
     fresh = tiny_world.gmi(spec_root=tmp_path / "specs")  # a new process: verified versions are trusted

@@ -43,7 +43,9 @@ def transformers_state(entry: KnownEncoder, seed: int = 0, vision_only: bool = F
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPConfig(**{k: v for k, v in transformers_config(entry).items() if k not in ("architectures", "model_type")})
+    config = CLIPConfig(
+        **{k: v for k, v in transformers_config(entry).items() if k not in ("architectures", "model_type")}
+    )
     if vision_only:  # what ComfyUI keeps in models/clip_vision
         return CLIPVisionModelWithProjection(config.vision_config).state_dict()
     return CLIPModel(config).state_dict()
@@ -57,8 +59,14 @@ def hub_snapshot_path(hub_cache: Path, repo: str, filename: str) -> Path:
     return root / "snapshots" / SNAPSHOT / filename
 
 
-def write_layout(layout: str, entry: KnownEncoder, target: Path, dtype: torch.dtype = torch.float16, seed: int = 0,
-                 state: dict | None = None) -> Path:
+def write_layout(
+    layout: str,
+    entry: KnownEncoder,
+    target: Path,
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+    state: dict | None = None,
+) -> Path:
     """Write ``entry``'s architecture with random weights in ``layout``.
 
     ``target``: a model folder for the flat layouts, the hub cache folder for the ``_hub`` ones.

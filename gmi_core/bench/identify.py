@@ -70,8 +70,11 @@ def run_child(config: dict) -> dict:
 
     if config.get("layout", "").startswith("transformers"):
         import transformers  # noqa: F401
-    out = {"process_start_s": round(started - config["launched"], 3), "imports_s": round(time.time() - started, 3),
-           "baseline_rss_mb": round(_rss_mb(), 1)}
+    out = {
+        "process_start_s": round(started - config["launched"], 3),
+        "imports_s": round(time.time() - started, 3),
+        "baseline_rss_mb": round(_rss_mb(), 1),
+    }
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -95,7 +98,10 @@ def run_child(config: dict) -> dict:
 
     encoder = load_encoder(config["encoder"], search_dirs=[Path(config["models"])])
     lap("encoder_load_s")
-    out["layout"], out["weights_bytes"] = encoder.layout, sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+    out["layout"], out["weights_bytes"] = (
+        encoder.layout,
+        sum(p.numel() * p.element_size() for p in encoder.model.parameters()),
+    )
     query = _query_image()
     if config["mode"] == "encoder":
         encoder.encode_images([query])
@@ -117,19 +123,29 @@ def run_child(config: dict) -> dict:
     features = encoder.encode_images([query])
     query_text = encoder.encode_texts([result.pseudo_prompt])[0]
     bank = gmi._bank(specs)
-    best_of({"image_encode_s": lambda: encoder.encode_images([query]),
-             "text_encode_s": lambda: encoder.encode_texts([result.pseudo_prompt]),
-             "ranking_s": lambda: rank(bank, "gmi", features, query_text),
-             "warm_identify_s": lambda: gmi.identify([query])})
-    out["features_bytes"] = int(bank.image.numel() * bank.image.element_size() + bank.pixel.numel() * bank.pixel.element_size())
+    best_of(
+        {
+            "image_encode_s": lambda: encoder.encode_images([query]),
+            "text_encode_s": lambda: encoder.encode_texts([result.pseudo_prompt]),
+            "ranking_s": lambda: rank(bank, "gmi", features, query_text),
+            "warm_identify_s": lambda: gmi.identify([query]),
+        }
+    )
+    out["features_bytes"] = int(
+        bank.image.numel() * bank.image.element_size() + bank.pixel.numel() * bank.pixel.element_size()
+    )
     out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return out
 
 
 def _spawn(config: dict) -> dict:
     config = {**config, "launched": time.time()}
-    run = subprocess.run([sys.executable, "-m", "gmi_core", "bench", "identify", "--child", json.dumps(config)],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = subprocess.run(
+        [sys.executable, "-m", "gmi_core", "bench", "identify", "--child", json.dumps(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if run.returncode != 0:
         raise RuntimeError(f"bench child failed ({run.returncode}): {run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -169,12 +185,23 @@ def _write_specs(entry, root: Path, count: int, seed: int = 0) -> list[Path]:
     paths = []
     for index in range(count):
         sha = f"{index:064x}"
-        spec = Spec.empty(checkpoint_name=f"checkpoint_{index:05d}.safetensors", sha256=sha, encoder_id=entry.name,
-                          prompt_set_name=prompts.name, prompt_set_hash=prompts.hash, prompts=list(prompts.prompts),
-                          seeds=seeds, settings=GenerationSettings(), prompt_features=prompt_features, feature_dim=d)
+        spec = Spec.empty(
+            checkpoint_name=f"checkpoint_{index:05d}.safetensors",
+            sha256=sha,
+            encoder_id=entry.name,
+            prompt_set_name=prompts.name,
+            prompt_set_hash=prompts.hash,
+            prompts=list(prompts.prompts),
+            seeds=seeds,
+            settings=GenerationSettings(),
+            prompt_features=prompt_features,
+            feature_dim=d,
+        )
         spec.image_features = unit(len(prompts), IMAGES_PER_PROMPT, d)
         spec.pixel_features = unit(len(prompts), IMAGES_PER_PROMPT, 3 * PIXEL_FEATURE_SIZE**2)
-        spec.thumbnails = torch.randint(0, 255, (len(prompts), THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), generator=g, dtype=torch.uint8)
+        spec.thumbnails = torch.randint(
+            0, 255, (len(prompts), THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), generator=g, dtype=torch.uint8
+        )
         spec.image_done[:] = True
         path = store.path_for(spec.key)
         spec.save(path)
@@ -200,17 +227,25 @@ def _targets(results: dict, sizes: list[int]) -> list[dict]:
     memory = (largest["weights_bytes"] + largest["features_bytes"]) / 2**20
     own = largest["peak_rss_mb"] - largest["baseline_rss_mb"]  # above what importing torch + open_clip costs
     return [
-        {"target": f"warm identify <= 1.2 x one image encode at M = {max(sizes):,}",
-         "value": f"{largest['warm_identify_s']} s vs {largest['image_encode_s']} s ({warm_ratio:.2f} x)", "met": warm_ratio <= 1.2},
-        {"target": f"fresh process <= encoder load + one image encode + {FRESH_PROCESS_SLACK_S:.0f} s at M = {max(sizes):,}, "
-                   "counted from the end of the python/torch/open_clip imports",
-         "value": f"{after_imports:.1f} s vs {budget:.1f} s (whole process {largest['fresh_process_s']} s, of which "
-                  f"{startup:.1f} s interpreter start and imports)", "met": after_imports <= budget},
-        {"target": "peak RSS <= 1.3 x (encoder weights + spec features), counted above the process's RSS after "
-                   "importing torch and open_clip",
-         "value": f"{own:.0f} MB ({largest['peak_rss_mb']:.0f} MB peak - {largest['baseline_rss_mb']:.0f} MB after imports) vs "
-                  f"1.3 x {memory:.0f} MB = {1.3 * memory:.0f} MB ({own / memory:.2f} x; whole process {largest['peak_rss_mb'] / memory:.2f} x)",
-         "met": own <= 1.3 * memory},
+        {
+            "target": f"warm identify <= 1.2 x one image encode at M = {max(sizes):,}",
+            "value": f"{largest['warm_identify_s']} s vs {largest['image_encode_s']} s ({warm_ratio:.2f} x)",
+            "met": warm_ratio <= 1.2,
+        },
+        {
+            "target": f"fresh process <= encoder load + one image encode + {FRESH_PROCESS_SLACK_S:.0f} s at M = {max(sizes):,}, "
+            "counted from the end of the python/torch/open_clip imports",
+            "value": f"{after_imports:.1f} s vs {budget:.1f} s (whole process {largest['fresh_process_s']} s, of which "
+            f"{startup:.1f} s interpreter start and imports)",
+            "met": after_imports <= budget,
+        },
+        {
+            "target": "peak RSS <= 1.3 x (encoder weights + spec features), counted above the process's RSS after "
+            "importing torch and open_clip",
+            "value": f"{own:.0f} MB ({largest['peak_rss_mb']:.0f} MB peak - {largest['baseline_rss_mb']:.0f} MB after imports) vs "
+            f"1.3 x {memory:.0f} MB = {1.3 * memory:.0f} MB ({own / memory:.2f} x; whole process {largest['peak_rss_mb'] / memory:.2f} x)",
+            "met": own <= 1.3 * memory,
+        },
     ]
 
 
@@ -231,10 +266,14 @@ def run(args) -> dict:
         results["write_encoders_s"] = round(time.perf_counter() - started, 1)
         for layout, path in encoders.items():
             models = path.parent if layout.endswith("_flat") else work / "encoders" / layout / "none"
-            env_cache = {"HF_HUB_CACHE": str(work / "encoders" / layout / "hub")} if not layout.endswith("_flat") else {}
+            env_cache = (
+                {"HF_HUB_CACHE": str(work / "encoders" / layout / "hub")} if not layout.endswith("_flat") else {}
+            )
             os.environ.update(env_cache)
             try:
-                results["layouts"][layout] = _spawn({**child, "mode": "encoder", "models": str(models), "layout": layout})
+                results["layouts"][layout] = _spawn(
+                    {**child, "mode": "encoder", "models": str(models), "layout": layout}
+                )
             finally:
                 for key in env_cache:
                     os.environ.pop(key, None)
@@ -259,10 +298,17 @@ def run(args) -> dict:
     return {
         "command": "identify",
         "machine": machine_info(),
-        "settings": {"encoder": entry.name, "layouts": list(encoders), "sizes": sizes, "prompts": 55,
-                     "images_per_prompt": IMAGES_PER_PROMPT, "weights_dtype_on_disk": "float32",
-                     "threads": args.threads or torch.get_num_threads(), "quick": bool(args.quick),
-                     "query": "one 512x512 image, pseudo-prompt from the interrogator"},
+        "settings": {
+            "encoder": entry.name,
+            "layouts": list(encoders),
+            "sizes": sizes,
+            "prompts": 55,
+            "images_per_prompt": IMAGES_PER_PROMPT,
+            "weights_dtype_on_disk": "float32",
+            "threads": args.threads or torch.get_num_threads(),
+            "quick": bool(args.quick),
+            "query": "one 512x512 image, pseudo-prompt from the interrogator",
+        },
         "results": results,
         "targets": _targets(results, sizes),
     }
@@ -270,21 +316,30 @@ def run(args) -> dict:
 
 def format_tables(data: dict) -> str:
     r = data["results"]
-    lines = [f"Encoder {data['settings']['encoder']} (random weights), {data['settings']['threads']} threads", "",
-             "| layout | encoder load s | first image encode s | image encode s | RSS after imports MB | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Encoder {data['settings']['encoder']} (random weights), {data['settings']['threads']} threads",
+        "",
+        "| layout | encoder load s | first image encode s | image encode s | RSS after imports MB | peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for layout, v in r["layouts"].items():
-        lines.append(f"| {layout} | {v['encoder_load_s']} | {v['first_image_encode_s']} | {v['image_encode_s']} | "
-                     f"{v['baseline_rss_mb']:.0f} | {v['peak_rss_mb']:.0f} |")
-    lines += ["", "| M specs | run | process start + imports s | encoder load s | label embeddings s | spec load s | "
-              "first identify s | whole process until ranked s | image encode s | ranking s | warm identify s | peak RSS MB |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {layout} | {v['encoder_load_s']} | {v['first_image_encode_s']} | {v['image_encode_s']} | "
+            f"{v['baseline_rss_mb']:.0f} | {v['peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "| M specs | run | process start + imports s | encoder load s | label embeddings s | spec load s | "
+        "first identify s | whole process until ranked s | image encode s | ranking s | warm identify s | peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for m, runs in r["identify"].items():
         for phase, v in runs.items():
             lines.append(
                 f"| {int(m):,} | {phase.replace('_', ' ')} | {v['process_start_s'] + v['imports_s']:.1f} | {v['encoder_load_s']} | "
                 f"{v['label_embeddings_s']} | {v['spec_load_s']} | {v['first_identify_s']} | {v['fresh_process_s']} | "
-                f"{v['image_encode_s']} | {v['ranking_s']} | {v['warm_identify_s']} | {v['peak_rss_mb']:.0f} |")
+                f"{v['image_encode_s']} | {v['ranking_s']} | {v['warm_identify_s']} | {v['peak_rss_mb']:.0f} |"
+            )
     lines.append("\nTargets")
     for t in data["targets"]:
         lines.append(f"- [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}")
@@ -297,7 +352,9 @@ def add_arguments(commands) -> None:
     p.add_argument("--quick", action="store_true", help="CI size: ViT-B-32, M = 20 and 50")
     p.add_argument("--encoder", help="known encoder name (default ViT-L-14/openai; ViT-B-32/openai with --quick)")
     p.add_argument("--sizes", type=int, nargs="+", help="numbers of spec files (default 100 1000)")
-    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, help="weight layouts to time (default all; open_clip_flat always)")
+    p.add_argument(
+        "--layouts", nargs="+", choices=LAYOUTS, help="weight layouts to time (default all; open_clip_flat always)"
+    )
     p.add_argument("--threads", type=int, help="torch threads in the measured processes (default: torch's)")
     p.add_argument("--workdir", help="parent folder for the temporary files (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temporary files")

@@ -30,8 +30,12 @@ QUERY_SIZES = (1, 4)
 
 def _metrics(positions: torch.Tensor) -> dict:
     p = positions.float()
-    return {"top1": round(float((p <= 1).float().mean()), 4), "top3": round(float((p <= 3).float().mean()), 4),
-            "mean_rank": round(float(p.mean()), 4), "n_tasks": int(len(p))}
+    return {
+        "top1": round(float((p <= 1).float().mean()), 4),
+        "top3": round(float((p <= 3).float().mean()), 4),
+        "mean_rank": round(float(p.mean()), 4),
+        "n_tasks": len(p),
+    }
 
 
 def _scores(image, prompts, rendered, q_img, q_text, gamma, weighted: bool, u: int):
@@ -40,10 +44,7 @@ def _scores(image, prompts, rendered, q_img, q_text, gamma, weighted: bool, u: i
     done = rendered.any(dim=2)
     means = query_means_many(image, q_img, [gamma], (u,))[(gamma, u)]  # [T, M, N]
     kb = kbar(image, gamma, rendered)  # [M, N, N]
-    if weighted:
-        w = torch.stack([prompt_weights(prompts, q) for q in q_text])  # [T, M, N]
-    else:
-        w = torch.ones(len(q_text), *done.shape)
+    w = torch.stack([prompt_weights(prompts, q) for q in q_text]) if weighted else torch.ones(len(q_text), *done.shape)
     w = w * done.float()[None]
     w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
     self_term = torch.einsum("tmi,mij,tmj->tm", w, kb, w)
@@ -77,8 +78,9 @@ def _library(world, platform, kinds: list[int], seed: int):
     return image, prompts, rendered
 
 
-def observed_vs_generated(cfg, seed: int, families=("a_easy", "e_subtle_x16", "e_subtle_x64"),
-                          tasks_per_ckpt: int = 12) -> dict:
+def observed_vs_generated(
+    cfg, seed: int, families=("a_easy", "e_subtle_x16", "e_subtle_x64"), tasks_per_ckpt: int = 12
+) -> dict:
     from .synthetic import make_family
 
     out = {}
@@ -118,7 +120,9 @@ def observed_vs_generated(cfg, seed: int, families=("a_easy", "e_subtle_x16", "e
     return out
 
 
-def exchange_quantisation(cfg, seed: int, families=("a_easy", "e_subtle_x16", "e_subtle_x64"), tasks: int = 192) -> dict:
+def exchange_quantisation(
+    cfg, seed: int, families=("a_easy", "e_subtle_x16", "e_subtle_x64"), tasks: int = 192
+) -> dict:
     from .synthetic import make_family
 
     out = {}
@@ -157,10 +161,24 @@ def library_map_threshold(cfg, seed: int) -> dict:
     text = world.text(platform).half()
     z, _ = world.render(torch.arange(m), platform, cfg.images_per_prompt, pixels=False)
     n = len(platform)
-    specs = [Spec(f"c{i}", f"{i:064x}", "sim", "platform", "sim", [str(k) for k in range(n)],
-                  [[0] * cfg.images_per_prompt] * n, GenerationSettings(), z[i].half(), text,
-                  torch.zeros(n, cfg.images_per_prompt, 1, dtype=torch.float16),
-                  torch.zeros(n, 1, 1, 3, dtype=torch.uint8), torch.ones(n, cfg.images_per_prompt, dtype=torch.bool)) for i in range(m)]
+    specs = [
+        Spec(
+            f"c{i}",
+            f"{i:064x}",
+            "sim",
+            "platform",
+            "sim",
+            [str(k) for k in range(n)],
+            [[0] * cfg.images_per_prompt] * n,
+            GenerationSettings(),
+            z[i].half(),
+            text,
+            torch.zeros(n, cfg.images_per_prompt, 1, dtype=torch.float16),
+            torch.zeros(n, 1, 1, 3, dtype=torch.uint8),
+            torch.ones(n, cfg.images_per_prompt, dtype=torch.bool),
+        )
+        for i in range(m)
+    ]
     _, rel, gamma = distances(specs, text)
     lineage = torch.arange(m) % max(1, m // 4)
     same = [float(rel[i, j]) for i in range(m) for j in range(i + 1, m) if lineage[i] == lineage[j]]

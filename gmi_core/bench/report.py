@@ -159,10 +159,13 @@ def _row(cells: Sequence[str]) -> str:
 
 def quality_tables(data: dict) -> str:
     """Markdown tables of a quality bench: one per number of query images, families x methods."""
+    sections = (_accuracy_lines, _paper_lines, _gamma_lines, _budget_lines, _target_lines)
+    return "\n".join(line for section in sections for line in section(data)).lstrip("\n")
+
+
+def _accuracy_lines(data: dict) -> list[str]:
     lines = []
-    res = data["results"]
-    paper = data.get("paper", {})
-    fams = data.get("families", {})
+    res, fams = data["results"], data.get("families", {})
     for n in ("1", "4"):
         if not any(n in per for methods in res.values() for per in methods.values()):
             continue
@@ -174,63 +177,75 @@ def quality_tables(data: dict) -> str:
         for fam, methods in res.items():
             for method, per in methods.items():
                 r = per.get(n)
-                if r is None:
-                    continue
                 if isinstance(r, str):
                     lines.append(_row([fam, "", "", method, r, "", "", "", ""]))
-                    continue
-                m = str(fams.get(fam, {}).get("checkpoints", ""))
-                lines.append(
-                    _row(
-                        [fam, m, str(r["n_tasks"]), method]
-                        + [f"{r[f'top{k}']:.3f}" for k in (1, 2, 3, 4)]
-                        + [f"{r['mean_rank']:.2f}"]
-                    )
-                )
-    if paper:
-        lines.append(f"\nPaper ({paper.get('source', '')}):")
-        lines.append(_row(["method", "top-1", "top-2", "top-3", "top-4", "mean rank"]))
-        lines.append(_row(["---"] * 6))
-        for method in ("gmi", "rkme_clip", "rkme_concat", "rkme_basic", "download"):
-            p = paper.get(method, {})
-            lines.append(
-                _row(
-                    [method]
-                    + [f"{p[k]:.3f}" if k in p else "" for k in ("top1", "top2", "top3", "top4")]
-                    + [str(p.get("mean_rank", ""))]
-                )
-            )
-        if paper.get("later_paper"):
-            lines.append(f"Later paper: {paper['later_paper']}.")
+                elif r is not None:
+                    m = str(fams.get(fam, {}).get("checkpoints", ""))
+                    accuracy = [f"{r[f'top{k}']:.3f}" for k in (1, 2, 3, 4)]
+                    lines.append(_row([fam, m, str(r["n_tasks"]), method, *accuracy, f"{r['mean_rank']:.2f}"]))
+    return lines
+
+
+def _paper_lines(data: dict) -> list[str]:
+    paper = data.get("paper", {})
+    if not paper:
+        return []
+    lines = [f"\nPaper ({paper.get('source', '')}):", _row(["method", "top-1", "top-2", "top-3", "top-4", "mean rank"])]
+    lines.append(_row(["---"] * 6))
+    for method in ("gmi", "rkme_clip", "rkme_concat", "rkme_basic", "download"):
+        p = paper.get(method, {})
+        accuracy = [f"{p[k]:.3f}" if k in p else "" for k in ("top1", "top2", "top3", "top4")]
+        lines.append(_row([method, *accuracy, str(p.get("mean_rank", ""))]))
+    if paper.get("later_paper"):
+        lines.append(f"Later paper: {paper['later_paper']}.")
+    return lines
+
+
+def _gamma_lines(data: dict) -> list[str]:
     sweep = data.get("gamma_sweep") or {}
-    if sweep:
-        lines.append("\nGamma sweep (top-1 with 1 / 4 query images; gamma = factor x median heuristic)")
-        factors = list(next(iter(next(iter(sweep.values())).values())).keys())
-        lines.append(_row(["family", "method"] + [f"x{f}" for f in factors]))
-        lines.append(_row(["---"] * (2 + len(factors))))
-        for fam, methods in sweep.items():
-            for method, per in methods.items():
-                lines.append(
-                    _row([fam, method] + [f"{per[f]['1']['top1']:.3f} / {per[f]['4']['top1']:.3f}" for f in factors])
-                )
+    if not sweep:
+        return []
+    factors = list(next(iter(next(iter(sweep.values())).values())).keys())
+    lines = ["\nGamma sweep (top-1 with 1 / 4 query images; gamma = factor x median heuristic)"]
+    lines.append(_row(["family", "method"] + [f"x{f}" for f in factors]))
+    lines.append(_row(["---"] * (2 + len(factors))))
+    for fam, methods in sweep.items():
+        for method, per in methods.items():
+            lines.append(
+                _row([fam, method] + [f"{per[f]['1']['top1']:.3f} / {per[f]['4']['top1']:.3f}" for f in factors])
+            )
+    return lines
+
+
+def _budget_lines(data: dict) -> list[str]:
+    lines = []
     by_estimator = data.get("results_budget_by_estimator") or {"gmi": data.get("results_budget") or {}}
     for estimator, budgets in by_estimator.items():
         if not budgets:
             continue
         first = next(iter(budgets.values()))
         labels = sorted(first, key=lambda b: (first[b]["images_per_spec"], b))
-        lines.append(f"\nBudget curve ({estimator}, 1 query image): top-1 / top-4 / mean rank per budget (prompts x images per prompt)")
+        lines.append(
+            f"\nBudget curve ({estimator}, 1 query image): top-1 / top-4 / mean rank per budget (prompts x images per prompt)"
+        )
         lines.append(_row(["family"] + [f"{b} ({first[b]['images_per_spec']} img)" for b in labels]))
         lines.append(_row(["---"] * (1 + len(labels))))
         for fam, per in budgets.items():
-            cells = [f"{per[b]['top1']:.3f} / {per[b]['top4']:.3f} / {per[b]['mean_rank']:.2f}" if b in per else "" for b in labels]
-            lines.append(_row([fam] + cells))
+            cells = [
+                f"{per[b]['top1']:.3f} / {per[b]['top4']:.3f} / {per[b]['mean_rank']:.2f}" if b in per else ""
+                for b in labels
+            ]
+            lines.append(_row([fam, *cells]))
     for estimator, choice in (data.get("budget_choice_by_estimator") or {"gmi": data.get("budget_choice")}).items():
         if choice:
-            lines.append(f"Best budget of <= 64 images for {estimator} (smallest worst top-1 gap to full): {choice.get('budget')} {choice}")
+            lines.append(
+                f"Best budget of <= 64 images for {estimator} (smallest worst top-1 gap to full): {choice.get('budget')} {choice}"
+            )
+    return lines
+
+
+def _target_lines(data: dict) -> list[str]:
     targets = data.get("targets") or []
-    if targets:
-        lines.append("\nTargets")
-        for t in targets:
-            lines.append(f"- [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}")
-    return "\n".join(lines).lstrip("\n")
+    if not targets:
+        return []
+    return ["\nTargets"] + [f"- [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}" for t in targets]

@@ -26,6 +26,44 @@ QUERY_SIZES = (1, 4)
 TASK_SEED_BASE = 10**6
 
 
+def _checkpoint_folder(args: argparse.Namespace, work: Path, count: int) -> tuple[Path, Path | None]:
+    """(checkpoint folder, pipeline config): the user's, or ``count`` tiny random checkpoints written under ``work``."""
+    if args.checkpoints:
+        return Path(args.checkpoints), (Path(args.config) if args.config else None)
+    from ..tiny import tiny_pipeline_config, write_tiny_checkpoint
+
+    folder = work / "checkpoints"
+    for i in range(count):
+        write_tiny_checkpoint(folder / f"tiny-{i:02d}.safetensors", seed=100 + i)
+    return folder, Path(args.config) if args.config else tiny_pipeline_config(work / "config")
+
+
+def _run_tasks(gmi, only, generator, checkpoints, evaluation, settings, specs, budget_banks, true_prompt: bool):
+    """Render every (checkpoint, evaluation prompt) task with unseen seeds and rank it: (positions per method and
+    number of query images, positions per (estimator, budget), seconds spent identifying)."""
+    from .synthetic import BUDGET_ESTIMATORS
+
+    positions = {m: {n: [] for n in QUERY_SIZES} for m in METHODS}
+    budget_positions = {(name, label): [] for name in BUDGET_ESTIMATORS for label in budget_banks}
+    u, identify_s = max(QUERY_SIZES), 0.0
+    for ci, ckpt in enumerate(checkpoints):
+        for ei, prompt in enumerate(evaluation.prompts):
+            seeds = [TASK_SEED_BASE + (ci * len(evaluation) + ei) * u + j for j in range(u)]
+            images = generator.generate(ckpt, prompt, seeds, settings)
+            query_prompt = prompt if true_prompt else None
+            t0 = time.perf_counter()
+            for key, position in rank_budgets(gmi, budget_banks, specs, ckpt, images[0], query_prompt or False).items():
+                budget_positions[key].append(position)
+            for n in QUERY_SIZES:
+                for method in METHODS:
+                    result = gmi.identify(images[:n], prompt=query_prompt, method=method, source=only)
+                    order = [r.sha256 for r in result.ranking]
+                    positions[method][n].append(order.index(ckpt.sha256) + 1)
+            identify_s += time.perf_counter() - t0
+        generator.release()
+    return positions, budget_positions, identify_s
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -56,20 +94,16 @@ def run(args: argparse.Namespace) -> dict:
     )
     work = Path(tempfile.mkdtemp(prefix="gmi-bench-roundtrip-", dir=args.workdir))
     try:
-        if args.checkpoints:
-            folder, config = Path(args.checkpoints), (Path(args.config) if args.config else None)
-        else:
-            from ..tiny import tiny_pipeline_config, write_tiny_checkpoint
-
-            folder = work / "checkpoints"
-            for i in range(n_ckpt):
-                write_tiny_checkpoint(folder / f"tiny-{i:02d}.safetensors", seed=100 + i)
-            config = Path(args.config) if args.config else tiny_pipeline_config(work / "config")
+        folder, config = _checkpoint_folder(args, work, n_ckpt)
         source = FolderCheckpointSource(folder, hash_cache=work / "hashes.json")
         checkpoints = source.list_checkpoints().checkpoints[:n_ckpt]
         if len(checkpoints) < 2:
             raise SystemExit(f"bench roundtrip needs at least 2 checkpoints in {folder}")
-        encoder = tiny_encoder(0) if args.encoder == "tiny" else load_encoder(args.encoder, allow_download=args.allow_download)
+        encoder = (
+            tiny_encoder(0)
+            if args.encoder == "tiny"
+            else load_encoder(args.encoder, allow_download=args.allow_download)
+        )
         platform = load_prompt_set("platform").head(n_platform)
         evaluation = load_prompt_set("evaluation").head(n_eval)
         assert not set(platform.prompts) & set(evaluation.prompts), "evaluation prompts must not be platform prompts"
@@ -93,32 +127,12 @@ def run(args: argparse.Namespace) -> dict:
                 listing.checkpoints = [c for c in listing.checkpoints if c.name in {k.name for k in checkpoints}]
                 return listing
 
-        only = _Only()
-        positions = {m: {n: [] for n in QUERY_SIZES} for m in METHODS}
-        specs, _ = gmi.load_specs(only)
+        specs, _ = gmi.load_specs(_Only())
         budget_banks = budget_cut_banks(specs)
-        budget_positions = {(name, label): [] for name in BUDGET_ESTIMATORS for label in budget_banks}
-        u = max(QUERY_SIZES)
         t = time.perf_counter()
-        identify_s = 0.0
-        for ci, ckpt in enumerate(checkpoints):
-            for ei, prompt in enumerate(evaluation.prompts):
-                seeds = [TASK_SEED_BASE + (ci * len(evaluation) + ei) * u + j for j in range(u)]
-                images = generator.generate(ckpt, prompt, seeds, settings)
-                t0 = time.perf_counter()
-                true_prompt = args.prompt_source == "true" and prompt
-                for key, position in rank_budgets(gmi, budget_banks, specs, ckpt, images[0], true_prompt).items():
-                    budget_positions[key].append(position)
-                identify_s += time.perf_counter() - t0
-                for n in QUERY_SIZES:
-                    query_prompt = prompt if args.prompt_source == "true" else None
-                    for method in METHODS:
-                        t0 = time.perf_counter()
-                        result = gmi.identify(images[:n], prompt=query_prompt, method=method, source=only)
-                        identify_s += time.perf_counter() - t0
-                        order = [r.sha256 for r in result.ranking]
-                        positions[method][n].append(order.index(ckpt.sha256) + 1)
-            generator.release()
+        positions, budget_positions, identify_s = _run_tasks(
+            gmi, _Only(), generator, checkpoints, evaluation, settings, specs, budget_banks, args.prompt_source == "true"
+        )
         tasks_s = time.perf_counter() - t
     finally:
         if not args.keep:
@@ -129,8 +143,10 @@ def run(args: argparse.Namespace) -> dict:
     by_estimator = {name: {family: {}} for name in BUDGET_ESTIMATORS}
     for (name, label), found in budget_positions.items():
         metrics = _metrics(torch.tensor(found))
-        by_estimator[name][family][label] = {"images_per_spec": budget_banks[label][1],
-                                             **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")}}
+        by_estimator[name][family][label] = {
+            "images_per_spec": budget_banks[label][1],
+            **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")},
+        }
     results_budget = by_estimator["gmi"]
     data = {
         "command": "roundtrip",
@@ -175,8 +191,13 @@ def run(args: argparse.Namespace) -> dict:
             chance={family: 1 / len(checkpoints)},
         )
         data["plot"] = plot
-        data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), by_estimator,
-                                              f"{encoder.encoder_id}, {len(checkpoints)} checkpoints"))
+        data["plot_budget"] = str(
+            budget_plot(
+                Path(plot).with_name(Path(plot).stem + "-budget.png"),
+                by_estimator,
+                f"{encoder.encoder_id}, {len(checkpoints)} checkpoints",
+            )
+        )
     return data
 
 

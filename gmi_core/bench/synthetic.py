@@ -227,7 +227,7 @@ def _metrics(positions: torch.Tensor) -> dict:
     p = positions.float()
     out = {f"top{k}": round(float((p <= k).float().mean()), 4) for k in (1, 2, 3, 4)}
     out["mean_rank"] = round(float(p.mean()), 4)
-    out["n_tasks"] = int(len(p))
+    out["n_tasks"] = len(p)
     return out
 
 
@@ -322,8 +322,10 @@ def evaluate_family(
         )
     curves = None
     if m <= BUDGET_CURVE_MAX_M:
-        curves = {name: budget_curve(image, prompt, q_img, q_text, weights_gmi, truth, centre=centre)
-                  for name, centre in BUDGET_ESTIMATORS.items()}
+        curves = {
+            name: budget_curve(image, prompt, q_img, q_text, weights_gmi, truth, centre=centre)
+            for name, centre in BUDGET_ESTIMATORS.items()
+        }
     return {"results": results, "gamma_sweep": gamma_sweep, "info": info, "budget": curves}
 
 
@@ -335,8 +337,14 @@ BUDGET_TOLERANCE = 0.02
 BUDGET_ESTIMATORS = {"gmi": False, "gmi_centred": True}
 
 
-def budget_scores(sub: torch.Tensor, prompt: torch.Tensor, q_img: torch.Tensor, q_text: torch.Tensor,
-                  weights: torch.Tensor, centre: bool = False) -> torch.Tensor:
+def budget_scores(
+    sub: torch.Tensor,
+    prompt: torch.Tensor,
+    q_img: torch.Tensor,
+    q_text: torch.Tensor,
+    weights: torch.Tensor,
+    centre: bool = False,
+) -> torch.Tensor:
     """Scores [T, M] of T one-image queries q_img [T, 1, d] against complete specs ``sub`` [M, N, S, d] with
     prompts [N, d]: for each task what ``ranker.rank(bank, "gmi", q_img[t], q_text[t], centre=centre)`` gives,
     batched (tests assert they agree). ``weights`` [T, N] are the tasks' prompt weights over these prompts."""
@@ -348,8 +356,16 @@ def budget_scores(sub: torch.Tensor, prompt: torch.Tensor, q_img: torch.Tensor, 
     return scores_from_means(means, kbar(sub, g), weights)
 
 
-def budget_curve(image: torch.Tensor, prompt: torch.Tensor, q_img: torch.Tensor, q_text: torch.Tensor,
-                 weights: torch.Tensor, truth: torch.Tensor, budgets=CURVE, centre: bool = False) -> dict:
+def budget_curve(
+    image: torch.Tensor,
+    prompt: torch.Tensor,
+    q_img: torch.Tensor,
+    q_text: torch.Tensor,
+    weights: torch.Tensor,
+    truth: torch.Tensor,
+    budgets=CURVE,
+    centre: bool = False,
+) -> dict:
     """gmi with 1 query image, specs cut to each budget's cells exactly as a smaller build would hold them
     (the first P prompts of the budget order, the first S seeds), gamma by the median heuristic on them;
     ``centre``: on prompt-conditionally centred features (the library's centring also sees only those cells)."""
@@ -365,7 +381,10 @@ def budget_curve(image: torch.Tensor, prompt: torch.Tensor, q_img: torch.Tensor,
         w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)  # the ranker renormalises over the finished prompts
         scores = budget_scores(sub, prompt[idx], q_img[:, :1], q_text, w, centre)
         metrics = _metrics(rank_positions(scores, truth))
-        out[label] = {"images_per_spec": budget.images(n), **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")}}
+        out[label] = {
+            "images_per_spec": budget.images(n),
+            **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")},
+        }
     return out
 
 
@@ -385,8 +404,13 @@ def choose_budget(results_budget: dict, families=BUDGET_FAMILIES, max_images: in
     if not candidates:
         return {"budget": None, "reason": f"no budget of <= {max_images} images was measured"}
     worst, images, label, gaps = min(candidates)
-    return {"budget": label, "images_per_spec": images, "top1_gap_to_full": gaps,
-            "within_tolerance": worst <= BUDGET_TOLERANCE, "tolerance": BUDGET_TOLERANCE}
+    return {
+        "budget": label,
+        "images_per_spec": images,
+        "top1_gap_to_full": gaps,
+        "within_tolerance": worst <= BUDGET_TOLERANCE,
+        "tolerance": BUDGET_TOLERANCE,
+    }
 
 
 def family_plan(quick: bool, many: list[int]) -> list[tuple[str, int]]:
@@ -438,11 +462,16 @@ def run(args: argparse.Namespace) -> dict:
             "gamma_factors": list(GAMMA_FACTORS),
             "max_tasks_per_family": cap,
             "rkme_basic": "simulated pixel features: a random projection of the image feature with 10% of the energy, 90% noise (modelling assumption)",
-            "budgets": {"named": {k: b.label() for k, b in BUDGETS.items()}, "default": DEFAULT_BUDGET,
-                        "curve": "gmi, 1 query image; specs rendered at 4 images per prompt and cut to each budget",
-                        "estimators": {"gmi": "the engine default (results_budget, budget_choice)",
-                                       "gmi_centred": "rank(..., centre=True): prompt-conditional centring (gmi_core/centring.py)"},
-                        "families": f"M <= {BUDGET_CURVE_MAX_M}"},
+            "budgets": {
+                "named": {k: b.label() for k, b in BUDGETS.items()},
+                "default": DEFAULT_BUDGET,
+                "curve": "gmi, 1 query image; specs rendered at 4 images per prompt and cut to each budget",
+                "estimators": {
+                    "gmi": "the engine default (results_budget, budget_choice)",
+                    "gmi_centred": "rank(..., centre=True): prompt-conditional centring (gmi_core/centring.py)",
+                },
+                "families": f"M <= {BUDGET_CURVE_MAX_M}",
+            },
         },
         "results": results,
         "results_budget": budgets,
@@ -472,8 +501,9 @@ def run(args: argparse.Namespace) -> dict:
         )
         data["plot"] = plot
         if budgets:
-            data["plot_budget"] = str(budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), by_estimator,
-                                                  f"d={cfg.d}"))
+            data["plot_budget"] = str(
+                budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), by_estimator, f"d={cfg.d}")
+            )
     return data
 
 
@@ -484,10 +514,17 @@ def budget_plot(path, by_estimator: dict, dim: int | str):
 
     tags = {name: name.removeprefix("gmi_") for name in by_estimator}  # gmi, centred
     families = list(dict.fromkeys(f for curves in by_estimator.values() for f in curves))
-    rows = {f"{family.split('_', 1)[-1]}\n{tags[name]}": by_estimator[name][family]
-            for family in families for name in by_estimator if family in by_estimator[name]}  # estimators side by side
+    rows = {
+        f"{family.split('_', 1)[-1]}\n{tags[name]}": by_estimator[name][family]
+        for family in families
+        for name in by_estimator
+        if family in by_estimator[name]
+    }  # estimators side by side
     first = next(iter(rows.values()))
-    labels = {f"{b} = {first[b]['images_per_spec']} img": b for b in sorted(first, key=lambda b: (first[b]["images_per_spec"], b))}
+    labels = {
+        f"{b} = {first[b]['images_per_spec']} img": b
+        for b in sorted(first, key=lambda b: (first[b]["images_per_spec"], b))
+    }
     return bar_chart(
         path,
         title=f"budget curve: top-1 per budget, 1 query image ({dim})",
@@ -506,10 +543,17 @@ def check_targets(data: dict) -> list[dict]:
     checks = []
     if "library_map" in data:
         lm = data["library_map"]
-        checks.append({"target": "library map: the near-duplicate threshold lies between near-duplicates and distinct checkpoints",
-                       "value": {"near_duplicates_max": lm["near_duplicate_relative_distance"]["max"],
-                                 "threshold": lm["threshold_used"], "distinct_min": lm["distinct_relative_distance"]["min"]},
-                       "met": lm["separates"]})
+        checks.append(
+            {
+                "target": "library map: the near-duplicate threshold lies between near-duplicates and distinct checkpoints",
+                "value": {
+                    "near_duplicates_max": lm["near_duplicate_relative_distance"]["max"],
+                    "threshold": lm["threshold_used"],
+                    "distinct_min": lm["distinct_relative_distance"]["min"],
+                },
+                "met": lm["separates"],
+            }
+        )
     c = res.get("c_example_b1")
     if c:
         for n in ("1", "4"):
@@ -540,19 +584,32 @@ def check_targets(data: dict) -> list[dict]:
     if choice:
         rb = data.get("results_budget", {})
         default = BUDGETS[DEFAULT_BUDGET].size_label()
-        gaps = {f: round(rb[f][FULL_BUDGET.size_label()]["top1"] - rb[f][default]["top1"], 4)
-                for f in BUDGET_FAMILIES if f in rb and default in rb[f]}
-        other = {name: {f: round(curves[f][FULL_BUDGET.size_label()]["top1"] - curves[f][default]["top1"], 4)
-                        for f in BUDGET_FAMILIES if f in curves and default in curves[f]}
-                 for name, curves in data.get("results_budget_by_estimator", {}).items() if name != "gmi"}
+        gaps = {
+            f: round(rb[f][FULL_BUDGET.size_label()]["top1"] - rb[f][default]["top1"], 4)
+            for f in BUDGET_FAMILIES
+            if f in rb and default in rb[f]
+        }
+        other = {
+            name: {
+                f: round(curves[f][FULL_BUDGET.size_label()]["top1"] - curves[f][default]["top1"], 4)
+                for f in BUDGET_FAMILIES
+                if f in curves and default in curves[f]
+            }
+            for name, curves in data.get("results_budget_by_estimator", {}).items()
+            if name != "gmi"
+        }
         checks.append(
             {
                 "target": f"default budget {DEFAULT_BUDGET} ({default}) <= 64 images and top-1 within {BUDGET_TOLERANCE} "
                 f"of full ({FULL_BUDGET.size_label()}) on {', '.join(BUDGET_FAMILIES)} (1 query image)",
-                "value": {"top1_gap_to_full": gaps, "best_budget_of_at_most_64_images": choice.get("budget"),
-                          "that_budget_within_tolerance": choice.get("within_tolerance"),
-                          **({"top1_gap_to_full_other_estimators": other} if other else {})},
-                "met": bool(gaps) and all(g <= BUDGET_TOLERANCE for g in gaps.values())
+                "value": {
+                    "top1_gap_to_full": gaps,
+                    "best_budget_of_at_most_64_images": choice.get("budget"),
+                    "that_budget_within_tolerance": choice.get("within_tolerance"),
+                    **({"top1_gap_to_full_other_estimators": other} if other else {}),
+                },
+                "met": bool(gaps)
+                and all(g <= BUDGET_TOLERANCE for g in gaps.values())
                 and BUDGETS[DEFAULT_BUDGET].images(55) <= 64,
             }
         )
@@ -574,20 +631,32 @@ def format_tables(data: dict) -> str:
 
     text = quality_tables(data)
     if "observed" in data:
-        lines = ["", "observed specs (the user's own prompts, 1 image each) vs generated (55 platform prompts x 4): top-1, 1 / 4 query images"]
+        lines = [
+            "",
+            "observed specs (the user's own prompts, 1 image each) vs generated (55 platform prompts x 4): top-1, 1 / 4 query images",
+        ]
         for family, rows in data["observed"].items():
             for label, row in rows.items():
-                lines.append(f"  {family:14} {label:34} " + "   ".join(
-                    f"{m} {row[m]['1']['top1']:.3f} / {row[m]['4']['top1']:.3f}" for m in ("gmi", "rkme_clip", "gmi_centred")))
+                lines.append(
+                    f"  {family:14} {label:34} "
+                    + "   ".join(
+                        f"{m} {row[m]['1']['top1']:.3f} / {row[m]['4']['top1']:.3f}"
+                        for m in ("gmi", "rkme_clip", "gmi_centred")
+                    )
+                )
         for family, row in data["exchange"].items():
             if isinstance(row, dict):
-                lines.append(f"  exchange int8 {family:14} gmi top-1 fp16 {row['fp16']['1']['top1']:.3f} -> int8 "
-                             f"{row['int8_exchange']['1']['top1']:.3f}; same top-1 {row['agreement']['1']['same_top1']:.3f}")
+                lines.append(
+                    f"  exchange int8 {family:14} gmi top-1 fp16 {row['fp16']['1']['top1']:.3f} -> int8 "
+                    f"{row['int8_exchange']['1']['top1']:.3f}; same top-1 {row['agreement']['1']['same_top1']:.3f}"
+                )
         lm = data["library_map"]
-        lines.append(f"  library map: near-duplicates {lm['near_duplicate_relative_distance']['min']:.3f}.."
-                     f"{lm['near_duplicate_relative_distance']['max']:.3f}, distinct {lm['distinct_relative_distance']['min']:.3f}.."
-                     f"{lm['distinct_relative_distance']['max']:.3f}, threshold {lm['threshold_used']} "
-                     f"(recommended {lm['recommended_threshold']})")
+        lines.append(
+            f"  library map: near-duplicates {lm['near_duplicate_relative_distance']['min']:.3f}.."
+            f"{lm['near_duplicate_relative_distance']['max']:.3f}, distinct {lm['distinct_relative_distance']['min']:.3f}.."
+            f"{lm['distinct_relative_distance']['max']:.3f}, threshold {lm['threshold_used']} "
+            f"(recommended {lm['recommended_threshold']})"
+        )
         text += "\n".join(lines)
     return text
 

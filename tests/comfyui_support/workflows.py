@@ -48,7 +48,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             raise ValueError(f"node {node['id']}: the server has no node type {kind!r}")
         info = object_info[kind]
         specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
-        order = info.get("input_order") or {section: list(info["input"].get(section, {})) for section in ("required", "optional")}
+        order = info.get("input_order") or {
+            section: list(info["input"].get(section, {})) for section in ("required", "optional")
+        }
         values = node.get("widgets_values") or []
         if isinstance(values, dict):
             raise ValueError(f"node {node['id']} ({kind}): dict-form widgets_values are not supported")
