@@ -1,18 +1,10 @@
-"""gmi as a ComfyUI node pack (custom_nodes/<this folder>).
-
-Also importable in plain Python: the node classes are defined and ComfyUI is imported only when a
-node runs; the ComfyUI-only parts (the models/gmi folder, the /gmi/ routes) are set up only when
-ComfyUI is running.
+"""gmi as a ComfyUI node pack (custom_nodes/<this folder>): V3 nodes through ``comfy_entrypoint``, the side panel
+from web/. ComfyUI imports this folder as a package; the engine (gmi_core) and the A1111 glue never import it.
 """
 
 WEB_DIRECTORY = "./web"
 
 if __package__:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from .nodes import setup as _setup
+    from .nodes import comfy_entrypoint
 
-    _setup()
-else:  # executed as a plain script, not as a package: nothing to register
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
-
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -1,34 +1,30 @@
-"""gmi's ComfyUI nodes. Modules import ComfyUI lazily, so this package imports in plain Python too."""
+"""gmi's ComfyUI nodes on the V3 schema (``comfy_api.latest``), registered through :func:`comfy_entrypoint`."""
+
+from comfy_api.latest import ComfyExtension, io
 
 from .build_node import GMIBuildSpecs
 from .encoder_node import GMILoadEncoder
 from .identify_node import GMIIdentify
 from .interrogate_node import GMIInterrogate
 
-NODE_CLASS_MAPPINGS = {
-    "GMILoadEncoder": GMILoadEncoder,
-    "GMIBuildSpecs": GMIBuildSpecs,
-    "GMIIdentify": GMIIdentify,
-    "GMIInterrogate": GMIInterrogate,
-}
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "GMILoadEncoder": "GMI Load CLIP Encoder",
-    "GMIBuildSpecs": "GMI Build Specs",
-    "GMIIdentify": "GMI Identify",
-    "GMIInterrogate": "GMI Interrogate",
-}
+class GmiExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [GMILoadEncoder, GMIBuildSpecs, GMIIdentify, GMIInterrogate]
 
 
 def setup() -> bool:
-    """Inside ComfyUI: the models/gmi folder and the /gmi/ routes. Returns whether ComfyUI was found."""
+    """The models/gmi folder and the /gmi/ routes. Returns whether ComfyUI's server is running."""
     from . import engines, host, routes
 
-    try:
-        host.register_model_folder()
-    except ImportError:
-        return False
+    host.register_model_folder()
     running = routes.register_if_running()
     if running:
         engines.warm_in_background()
     return running
+
+
+async def comfy_entrypoint() -> GmiExtension:
+    """Called once by ComfyUI when it loads the pack (after its server exists)."""
+    setup()
+    return GmiExtension()

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 
+from comfy_api.latest import io
+
 from ..gmi_core.budgets import BUDGETS
 from ..gmi_core.families import FAMILY_DEFAULTS
 from ..gmi_core.limits import MAX_PROMPTS, MAX_SEED, check_settings
 from ..gmi_core.paths import one_line
 from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
 from . import engines, events, settings
-from .encoder_node import ENCODER_TYPE
+from .encoder_node import Encoder
 from .host import ComfyGenerator
 
-FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
-FALLBACK_SCHEDULERS = ["normal", "karras", "simple"]
 BUDGET_HELP = ", ".join(f"{k} = {v.label()}" for k, v in BUDGETS.items()) + ", or PROMPTSxIMAGES such as 32x2"
 FAMILY_HELP = (
     "empty = per-family defaults ("
@@ -25,13 +25,10 @@ FAMILY_HELP = (
 )
 
 
-def sampler_choices():
-    try:
-        import comfy.samplers
+def sampler_choices() -> tuple[list[str], list[str]]:
+    import comfy.samplers  # imported when asked: it loads ComfyUI's model management
 
-        return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
-    except ImportError:
-        return FALLBACK_SAMPLERS, FALLBACK_SCHEDULERS
+    return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
 
 
 def parse_which(which: str, checkpoints: str):
@@ -45,13 +42,9 @@ def parse_which(which: str, checkpoints: str):
 
 def build_inputs(config: dict) -> dict:
     """The Build node's widget values the side panel queues, from the saved panel ``config`` and the node's own
-    defaults: every widget input of :meth:`GMIBuildSpecs.INPUT_TYPES`, so the panel repeats none of them."""
-    schema = GMIBuildSpecs.INPUT_TYPES()
-    inputs = {}
-    for name, (kind, options) in {**schema["required"], **schema["optional"]}.items():
-        if kind == ENCODER_TYPE:
-            continue  # a link to the encoder node, wired by the panel
-        inputs[name] = config.get(name, options.get("default"))
+    defaults: every widget input of :meth:`GMIBuildSpecs.define_schema`, so the panel repeats none of them."""
+    widgets = [i for i in GMIBuildSpecs.define_schema().inputs if isinstance(i, io.WidgetInput)]
+    inputs = {i.id: config.get(i.id, i.default) for i in widgets}  # not the encoder: a link, wired by the panel
     inputs["which"] = "missing"
     return inputs
 
@@ -61,111 +54,107 @@ def progress_payload(p: BuildProgress) -> dict:
     return {**p.to_dict(), "index": p.checkpoint_index, "count": p.checkpoint_count, "eta": format_eta(p.eta_s)}
 
 
-class GMIBuildSpecs:
-    CATEGORY = "gmi"
-    FUNCTION = "build"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    DESCRIPTION = (
-        "Builds or tops up the spec of each checkpoint in models/checkpoints to a budget (prompts x images): "
-        "renders the prompt set with ComfyUI's own loader, sampler and VAE at the checkpoint family's size, steps "
-        "and CFG, and keeps the CLIP features of the images. A larger budget later adds only the missing images; "
-        "interrupting keeps every finished prompt, and the next run resumes."
-    )
-    OUTPUT_TOOLTIPS = (
-        "What the run did, as JSON: built, skipped (with reasons), failed and whether it was interrupted.",
-    )
-
+class GMIBuildSpecs(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         samplers, schedulers = sampler_choices()
         d = settings.DEFAULTS
-        return {
-            "required": {
-                "encoder": (
-                    ENCODER_TYPE,
-                    {"tooltip": "The CLIP encoder the spec images are encoded with (GMI Load CLIP Encoder)."},
+        return io.Schema(
+            node_id="GMIBuildSpecs",
+            display_name="GMI Build Specs",
+            category="gmi",
+            description=(
+                "Builds or tops up the spec of each checkpoint in models/checkpoints to a budget (prompts x images): "
+                "renders the prompt set with ComfyUI's own loader, sampler and VAE at the checkpoint family's size, "
+                "steps and CFG, and keeps the CLIP features of the images. A larger budget later adds only the missing "
+                "images; interrupting keeps every finished prompt, and the next run resumes."
+            ),
+            inputs=[
+                Encoder.Input(
+                    "encoder", tooltip="The CLIP encoder the spec images are encoded with (GMI Load CLIP Encoder)."
                 ),
-                "which": (
-                    ["missing", "all", "listed"],
-                    {
-                        "default": "missing",
-                        "tooltip": (
-                            "missing: top every spec up to the budget (resumes partial ones, adds only missing images); "
-                            "all: render every spec again with these settings; listed: only the names in 'checkpoints'."
-                        ),
-                    },
+                io.Combo.Input(
+                    "which",
+                    options=["missing", "all", "listed"],
+                    default="missing",
+                    tooltip=(
+                        "missing: top every spec up to the budget (resumes partial ones, adds only missing images); "
+                        "all: render every spec again with these settings; listed: only the names in 'checkpoints'."
+                    ),
                 ),
-                "prompt_set": (
-                    engines.prompt_set_choices(),
-                    {"default": d["prompt_set"], "tooltip": "The prompts every checkpoint renders for its spec."},
+                io.Combo.Input(
+                    "prompt_set",
+                    options=engines.prompt_set_choices(),
+                    default=d["prompt_set"],
+                    tooltip="The prompts every checkpoint renders for its spec.",
                 ),
-                "budget": ("STRING", {"default": d["budget"], "tooltip": "Images per spec: " + BUDGET_HELP}),
-                "family_settings": (
-                    "STRING",
-                    {"multiline": True, "default": d["family_settings"], "tooltip": FAMILY_HELP},
+                io.String.Input("budget", default=d["budget"], tooltip="Images per spec: " + BUDGET_HELP),
+                io.String.Input("family_settings", multiline=True, default=d["family_settings"], tooltip=FAMILY_HELP),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=samplers,
+                    default=d["sampler_name"],
+                    tooltip="ComfyUI sampler for the spec images.",
                 ),
-                "sampler_name": (
-                    samplers,
-                    {"default": d["sampler_name"], "tooltip": "ComfyUI sampler for the spec images."},
-                ),
-                "scheduler": (
-                    schedulers,
-                    {"default": d["scheduler"], "tooltip": "ComfyUI scheduler for the spec images."},
+                io.Combo.Input(
+                    "scheduler",
+                    options=schedulers,
+                    default=d["scheduler"],
+                    tooltip="ComfyUI scheduler for the spec images.",
                 ),
                 # control_after_generate off: the front end would otherwise randomize a "seed" after every run,
                 # and specs built with another seed are not comparable.
-                "seed": (
-                    "INT",
-                    {
-                        "default": d["seed"],
-                        "min": 0,
-                        "max": MAX_SEED,
-                        "control_after_generate": False,
-                        "tooltip": "Base seed of the spec images; the same seeds are used for every checkpoint.",
-                    },
+                io.Int.Input(
+                    "seed",
+                    default=d["seed"],
+                    min=0,
+                    max=MAX_SEED,
+                    control_after_generate=False,
+                    tooltip="Base seed of the spec images; the same seeds are used for every checkpoint.",
                 ),
-            },
-            "optional": {
-                "max_prompts": (
-                    "INT",
-                    {
-                        "default": d["max_prompts"],
-                        "min": 0,
-                        "max": MAX_PROMPTS,
-                        "tooltip": (
-                            "Use only the first N prompts of the set; 0 = every prompt. A cut set is another prompt set: "
-                            "prefer a smaller budget."
-                        ),
-                    },
+                io.Int.Input(
+                    "max_prompts",
+                    optional=True,
+                    default=d["max_prompts"],
+                    min=0,
+                    max=MAX_PROMPTS,
+                    tooltip=(
+                        "Use only the first N prompts of the set; 0 = every prompt. A cut set is another prompt set: "
+                        "prefer a smaller budget."
+                    ),
                 ),
-                "checkpoints": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "default": "",
-                        "tooltip": "Checkpoint file names, one per line (used when which = listed).",
-                    },
+                io.String.Input(
+                    "checkpoints",
+                    optional=True,
+                    multiline=True,
+                    default="",
+                    tooltip="Checkpoint file names, one per line (used when which = listed).",
                 ),
-                "negative_prompt": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "default": GenerationSettings.negative_prompt,
-                        "tooltip": "Negative prompt for every spec image.",
-                    },
+                io.String.Input(
+                    "negative_prompt",
+                    optional=True,
+                    multiline=True,
+                    default=GenerationSettings.negative_prompt,
+                    tooltip="Negative prompt for every spec image.",
                 ),
-            },
-        }
+            ],
+            outputs=[
+                io.String.Output(
+                    display_name="report",
+                    tooltip="What the run did, as JSON: built, skipped (with reasons), failed and whether it was interrupted.",
+                ),
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
+    def fingerprint_inputs(cls, **kwargs):
         # Always look again: checkpoints may have been added, and "missing" is judged at run time.
         return float("nan")
 
-    def build(
-        self,
+    @classmethod
+    def execute(
+        cls,
         encoder,
         which,
         prompt_set,
@@ -177,7 +166,7 @@ class GMIBuildSpecs:
         max_prompts=0,
         checkpoints="",
         negative_prompt="",
-    ):
+    ) -> io.NodeOutput:
         per_family = settings.family_settings(family_settings, sampler_name, scheduler, negative_prompt)
         for _, family_row in per_family.rows:
             check_settings(family_row, *sampler_choices())
@@ -217,5 +206,4 @@ class GMIBuildSpecs:
             events.send(events.BUILD_DONE, result)
         if report.cancelled:
             events.check_interrupted()  # raises ComfyUI's interrupt exception; finished prompts are saved
-        text = json.dumps(result, indent=1)
-        return {"ui": {"gmi_build": [result]}, "result": (text,)}
+        return io.NodeOutput(json.dumps(result, indent=1), ui={"gmi_build": [result]})

@@ -26,11 +26,7 @@ ENV_ALLOW_DOWNLOAD = "GMI_ALLOW_DOWNLOAD"  # "0" forbids downloads everywhere (o
 
 def encoder_choices() -> list[str]:
     """The known encoders (the default first), then gmi encoder files in models/gmi."""
-    try:
-        files = host.encoder_files()
-    except ImportError:  # outside ComfyUI
-        files = []
-    return encoder_names() + files
+    return encoder_names() + host.encoder_files()
 
 
 def downloads_allowed(requested: bool = True) -> bool:
@@ -81,10 +77,7 @@ def prompt_set_dir() -> Path:
 
 
 def prompt_set_choices() -> list[str]:
-    try:
-        folder = prompt_set_dir()
-    except ImportError:  # outside ComfyUI
-        return list(BUILTIN_SETS[:1])
+    folder = prompt_set_dir()
     files = sorted(p.name for p in folder.glob("*") if p.suffix in (".txt", ".json")) if folder.is_dir() else []
     return list(BUILTIN_SETS[:1]) + files
 

@@ -1,4 +1,4 @@
-"""Messages to the browser (``PromptServer.send_sync``) and the node progress bar; no-ops outside ComfyUI."""
+"""Messages to the browser (``PromptServer.send_sync``), the node progress bar and the user's interrupt."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ BUILD_DONE = "gmi.build.done"
 
 
 def send(event: str, data: dict) -> None:
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
+    from server import PromptServer  # ComfyUI's app module, imported when a message is sent
+
     instance = getattr(PromptServer, "instance", None)
     if instance is not None:
         try:
@@ -28,30 +26,21 @@ class NodeProgress:
     """ComfyUI's progress bar for the running node (its update raises when the user interrupts)."""
 
     def __init__(self, total: int):
-        self.bar = None
-        try:
-            import comfy.utils
+        import comfy.utils
 
-            self.bar = comfy.utils.ProgressBar(max(1, total))
-        except ImportError:
-            pass
+        self.bar = comfy.utils.ProgressBar(max(1, total))
 
     def step(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+        self.bar.update(n)
 
 
 def check_interrupted() -> None:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
+    import comfy.model_management as mm
+
     mm.throw_exception_if_processing_interrupted()
 
 
 def interrupted() -> bool:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return False
+    import comfy.model_management as mm
+
     return bool(mm.processing_interrupted())

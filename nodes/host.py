@@ -1,7 +1,7 @@
 """ComfyUI's side of the gmi seams: checkpoint source and generator (the Identify node loads the winner).
 
-Everything ComfyUI-specific is imported lazily, inside the functions that need it, so that the
-pack imports in plain Python (tests, linters) and only touches ComfyUI when a node runs.
+ComfyUI's modules are imported inside the functions that need them: importing ``comfy.model_management``
+picks the torch device, and the node unit tests put fakes of it and of ``folder_paths`` in place per test.
 Checkpoint names are resolved only through ``folder_paths``.
 """
 
@@ -276,13 +276,10 @@ class ComfyGenerator:
         if self._loaded is None:
             return
         self._loaded = None
-        try:
-            import comfy.model_management as mm
+        import comfy.model_management as mm
 
-            mm.unload_all_models()
-            mm.soft_empty_cache()
-        except ImportError:
-            pass
+        mm.unload_all_models()
+        mm.soft_empty_cache()
         gc.collect()
 
 

@@ -1,10 +1,13 @@
-"""Unit tests of the ComfyUI node classes without ComfyUI: fake folder_paths / comfy modules, a fake generator.
+"""Unit tests of the ComfyUI nodes without a running ComfyUI: ComfyUI's own V3 node API (``comfy_api.latest``) from
+the tree the integration tests use, fakes of what needs a server or a GPU (folder_paths' folders, model management,
+the progress bar, the sampler list, the server), a fake generator.
 
 The real thing is tested in test_comfyui_integration.py.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import importlib.util
@@ -21,8 +24,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfyui_support import comfy_env
+
 REPO = Path(__file__).resolve().parents[1]
 PACK = "gmi_pack_under_test"
+NODE_IDS = ["GMILoadEncoder", "GMIBuildSpecs", "GMIIdentify", "GMIInterrogate"]
+COMFYUI_MODULES = ("comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "server", "nodes")
 COLOURS = [(200, 60, 60), (60, 190, 70), (60, 80, 200), (210, 200, 50)]
 
 
@@ -30,9 +38,30 @@ class Interrupted(Exception):
     """Stands in for comfy.model_management.InterruptProcessingException."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def comfyui_tree():
+    """ComfyUI's tree appended to sys.path for this module, its modules dropped again afterwards. Imported as a
+    library, ComfyUI parses no command line (``comfy.options.args_parsing`` stays False: cli_args parses ``[]``, not
+    pytest's argv), and ``comfy_api.latest`` imports neither model management nor the server."""
+    tree = comfy_env.comfyui_dir()
+    top_level = {p.stem for p in tree.iterdir()}
+    before = set(sys.modules)
+    sys.path.append(str(tree))
+    try:
+        import comfy.options
+        from comfy.cli_args import args
+
+        assert not comfy.options.args_parsing and not args.cpu, "ComfyUI parsed pytest's command line"
+        yield tree
+    finally:
+        sys.path.remove(str(tree))
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in top_level:
+                del sys.modules[name]
+
+
 def _fake_comfy(state: dict):
-    comfy = types.ModuleType("comfy")
-    comfy.__path__ = []  # a package, so "import comfy.samplers" fails cleanly
+    """What needs a GPU or a running prompt: model management, model patcher, progress bar, the sampler list."""
     mm = types.ModuleType("comfy.model_management")
     mm.processing_interrupted = lambda: state["interrupt"]
 
@@ -66,8 +95,18 @@ def _fake_comfy(state: dict):
             self.current = value
 
     utils.ProgressBar = ProgressBar
-    comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, patcher
-    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy.model_patcher": patcher}
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.KSampler = types.SimpleNamespace(
+        SAMPLERS=["euler", "euler_ancestral", "dpmpp_2m", "ddim"], SCHEDULERS=["normal", "karras", "simple"]
+    )
+    return {"model_management": mm, "utils": utils, "model_patcher": patcher, "samplers": samplers}
+
+
+def _fake_server():
+    """ComfyUI's server module with no server running (its real import builds the whole app)."""
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(instance=None)
+    return server
 
 
 def _fake_folder_paths(base: Path):
@@ -157,8 +196,12 @@ def env(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     state = {"interrupt": False, "bars": []}
     monkeypatch.setitem(sys.modules, "folder_paths", _fake_folder_paths(tmp_path))
+    monkeypatch.setitem(sys.modules, "server", _fake_server())
+    import comfy
+
     for name, mod in _fake_comfy(state).items():
-        monkeypatch.setitem(sys.modules, name, mod)
+        monkeypatch.setitem(sys.modules, f"comfy.{name}", mod)
+        monkeypatch.setattr(comfy, name, mod, raising=False)
     for name in [m for m in sys.modules if m == PACK or m.startswith(PACK + ".")]:
         monkeypatch.delitem(sys.modules, name)
     spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
@@ -167,6 +210,7 @@ def env(tmp_path, monkeypatch):
     spec.loader.exec_module(pack)
 
     nodes = pack.nodes
+    importlib.import_module(PACK + ".nodes.routes")  # ComfyUI imports it in comfy_entrypoint; the tests call it
     monkeypatch.setattr(nodes.build_node, "ComfyGenerator", FakeGenerator)
     loaded = []
 
@@ -186,9 +230,23 @@ def env(tmp_path, monkeypatch):
     return types.SimpleNamespace(pack=pack, nodes=nodes, base=tmp_path, names=names, loaded=loaded, state=state)
 
 
+def load_encoder(env, name="tiny.safetensors", allow_download=True):
+    return env.nodes.GMILoadEncoder.execute(name, allow_download).result[0]
+
+
+def node_info(cls) -> dict:
+    """The node as GET /object_info shows it (V1 compatible JSON)."""
+    return json.loads(json.dumps(cls.GET_NODE_INFO_V1()))
+
+
+def widgets(cls) -> dict:
+    info = node_info(cls)["input"]
+    return {**info["required"], **info.get("optional", {})}
+
+
 def build(env, which="missing", max_prompts=4, budget="allx2", checkpoints=""):
-    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
-    return env.nodes.GMIBuildSpecs().build(
+    encoder = load_encoder(env)
+    return env.nodes.GMIBuildSpecs.execute(
         encoder,
         which,
         "platform",
@@ -206,47 +264,72 @@ def to_tensor(images):
     return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
 
 
-def test_pack_imports_in_plain_python():
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level names of the absolute imports in a source file (relative imports stay inside their package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_engine_imports_without_comfyui_and_the_hosts_stay_apart():
+    """The engine imports with every ComfyUI module blocked; no engine or A1111 file imports ComfyUI or nodes/; the
+    nodes use the pack's own gmi_core (relative imports: inside ComfyUI the pack has a mangled package name)."""
     code = (
-        "import importlib.abc, importlib.util, sys\n"
-        # as inside ComfyUI: no top-level gmi_core (not pip-installed), only the pack's own copy
+        "import importlib.abc, sys\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'gmi_core': raise ImportError('blocked')\n"
+        f"        if name.split('.')[0] in {COMFYUI_MODULES!r}: raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        f"spec = importlib.util.spec_from_file_location('p', {str(REPO / '__init__.py')!r}, submodule_search_locations=[{str(REPO)!r}])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m)\n"
-        "print(sorted(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY, 'folder_paths' in sys.modules, 'comfy' in sys.modules)\n"
-        "from p.gmi_core.interrogator import load_vocabulary\n"
-        "print(len(m.nodes.engines.get_prompt_set('platform', 3)), len(load_vocabulary()) > 0)\n"
+        "import gmi_core.cli, gmi_core.engine, gmi_core.service\n"
+        "from gmi_core.interrogator import load_vocabulary\n"
+        "print(len(load_vocabulary()) > 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [
-        "['GMIBuildSpecs',",
-        "'GMIIdentify',",
-        "'GMIInterrogate',",
-        "'GMILoadEncoder']",
-        "./web",
-        "False",
-        "False",
-        "3",
-        "True",
-    ]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.split() == ["True"], out.stderr
+    for folder in ("gmi_core", "gmi_a1111", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            assert not _imported_modules(path) & set(COMFYUI_MODULES), path
+    for path in (REPO / "nodes").glob("*.py"):
+        assert "gmi_core" not in _imported_modules(path), path
     script = subprocess.run([sys.executable, str(REPO / "__init__.py")], capture_output=True, text=True, timeout=60)
-    assert script.returncode == 0, script.stderr
-    assert (REPO / "web" / "gmi.js").is_file()
+    assert script.returncode == 0, script.stderr  # run as a plain script, the pack file registers nothing
 
 
-def test_node_classes_are_well_formed(env):
-    for key, cls in env.pack.NODE_CLASS_MAPPINGS.items():
-        assert key in env.pack.NODE_DISPLAY_NAME_MAPPINGS
-        types_ = cls.INPUT_TYPES()
-        assert "required" in types_ and callable(getattr(cls(), cls.FUNCTION))
-        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
-        json.dumps(types_)  # /object_info must be able to serialise it
-    enc = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"]
-    assert enc[0][0] == enc[1]["default"] == "ViT-L-14/openai" and "tiny.safetensors" in enc[0]
+def test_extension_lists_the_v3_nodes_as_object_info_shows_them(env):
+    from comfy_api.latest import ComfyExtension
+
+    assert (REPO / env.pack.WEB_DIRECTORY / "gmi.js").is_file()
+    extension = asyncio.run(env.pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    assert "gmi" in sys.modules["folder_paths"].folder_names_and_paths, "the entrypoint registers models/gmi"
+    node_classes = asyncio.run(extension.get_node_list())
+    assert [cls.GET_SCHEMA().node_id for cls in node_classes] == NODE_IDS  # saved workflows name these ids
+    for cls in node_classes:
+        info = node_info(cls)
+        assert info["name"] == cls.__name__ and info["display_name"].startswith("GMI ") and info["category"] == "gmi"
+        assert len(info["description"]) > 40
+        assert all(spec[1].get("tooltip") for spec in widgets(cls).values()), cls
+        assert len(info["output_name"]) == len(info["output"]) == len(info["output_tooltips"])
+        assert all(info["output_tooltips"]), cls
+    identify = node_info(env.nodes.GMIIdentify)
+    assert identify["output"] == ["MODEL", "CLIP", "VAE", "STRING", "STRING"] and identify["output_node"]
+    assert identify["output_name"] == ["model", "clip", "vae", "checkpoint_name", "ranking_json"]
+    assert identify["input_order"] == {
+        "required": ["encoder", "image", "method", "top_k", "pick_rank"],
+        "optional": ["prompt", "prompt_set", "max_prompts", "include_not_installed"],
+        "hidden": ["prompt", "extra_pnginfo"],
+    }
+    assert node_info(env.nodes.GMILoadEncoder)["output"] == ["GMI_ENCODER"]
+    assert widgets(env.nodes.GMIBuildSpecs)["seed"][1]["control_after_generate"] is False
+    kind, options = widgets(env.nodes.GMILoadEncoder)["encoder"]
+    assert kind == "COMBO" and options["options"][0] == options["default"] == "ViT-L-14/openai"
+    assert "tiny.safetensors" in options["options"]
+    sampler = widgets(env.nodes.GMIBuildSpecs)["sampler_name"][1]
+    assert sampler["options"] == ["euler", "euler_ancestral", "dpmpp_2m", "ddim"] and sampler["default"] == "euler"
 
 
 def test_non_gmi_clip_files_in_models_gmi_are_not_offered_and_encoders_are_model_managed(env):
@@ -258,9 +341,9 @@ def test_non_gmi_clip_files_in_models_gmi_are_not_offered_and_encoders_are_model
         },
         str(gmi_dir / "clip-vit-large-patch14.safetensors"),
     )
-    choices, options = env.nodes.GMILoadEncoder.INPUT_TYPES()["required"]["encoder"]
-    assert "clip-vit-large-patch14.safetensors" not in choices and options["default"] == "ViT-L-14/openai"
-    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    options = widgets(env.nodes.GMILoadEncoder)["encoder"][1]
+    assert "clip-vit-large-patch14.safetensors" not in options["options"] and options["default"] == "ViT-L-14/openai"
+    encoder = load_encoder(env)
     encoder.encode_texts(["a cat"])
     patcher = env.state["loaded_models"][-1]
     assert patcher.model is encoder.model and patcher.load_device == encoder.device
@@ -271,19 +354,19 @@ def test_missing_clip_weights_give_a_clear_message(env):
 
     errors = import_module(PACK + ".gmi_core.errors")
     with pytest.raises(errors.EncoderUnavailable) as err:
-        env.nodes.GMILoadEncoder().load("ViT-L-14/openai", allow_download=False)
+        load_encoder(env, "ViT-L-14/openai", allow_download=False)
     text = str(err.value)
     assert "ViT-L-14" in text and str(env.base / "models" / "gmi") in text and "clip_vision" in text
 
 
 def test_build_reports_skips_and_progress(env):
     out, _ = build(env)
-    report = out["ui"]["gmi_build"][0]
+    report = out.ui["gmi_build"][0]
     assert sorted(report["built"]) == env.names
     skipped = {s["name"]: s["reason"] for s in report["skipped"]}
     assert set(skipped) == {"broken.safetensors", "some-lora.safetensors"}
     assert "LoRA" in skipped["some-lora.safetensors"] and "unreadable" in skipped["broken.safetensors"]
-    assert json.loads(out["result"][0]) == report
+    assert json.loads(out.result[0]) == report
     assert len(FakeGenerator.calls) == 4 * 4 and all(len(c[2]) == 2 for c in FakeGenerator.calls)
     bar = env.state["bars"][-1]
     assert bar.total == 4 * 4 * 2 and bar.current == bar.total
@@ -294,10 +377,10 @@ def test_build_reports_skips_and_progress(env):
     # nothing left to do
     FakeGenerator.calls = []
     again, _ = build(env)
-    assert again["ui"]["gmi_build"][0]["built"] == [] and FakeGenerator.calls == []
+    assert again.ui["gmi_build"][0]["built"] == [] and FakeGenerator.calls == []
     # a listed checkpoint is rebuilt only when asked for "all"; unknown names are an error
     listed, _ = build(env, which="listed", checkpoints="ck1.safetensors\n")
-    assert listed["ui"]["gmi_build"][0]["built"] == ["ck1.safetensors"]
+    assert listed.ui["gmi_build"][0]["built"] == ["ck1.safetensors"]
     with pytest.raises(Exception, match="nope"):
         build(env, which="listed", checkpoints="nope.safetensors")
 
@@ -309,48 +392,47 @@ def test_interrupted_build_raises_and_resumes(env):
     done_before = len(FakeGenerator.calls)
     FakeGenerator.interrupt_after, FakeGenerator.calls = None, []
     out, _ = build(env)
-    assert sorted(out["ui"]["gmi_build"][0]["built"]) == env.names
+    assert sorted(out.ui["gmi_build"][0]["built"]) == env.names
     assert len(FakeGenerator.calls) == 16 - done_before  # every prompt finished before the interrupt is reused
 
 
 def test_identify_picks_the_generating_checkpoint(env):
     _, encoder = build(env)
-    node = env.nodes.GMIIdentify()
-    before = node.IS_CHANGED()
+    node = env.nodes.GMIIdentify
+    before = node.fingerprint_inputs()
     for index, name in enumerate(env.names):
         image = to_tensor([fake_image(index, "an unseen prompt about a harbour", 99_000 + index)])
-        out = node.identify(encoder, image, "gmi", 3, 1, prompt="", prompt_set="platform", max_prompts=4)
-        model, clip, vae, chosen, text = out["result"]
+        out = node.execute(encoder, image, "gmi", 3, 1, prompt="", prompt_set="platform", max_prompts=4)
+        model, clip, vae, chosen, text = out.result
         assert chosen == name and model == f"MODEL<{name}>" and clip == f"CLIP<{name}>" and vae == f"VAE<{name}>"
-        ui = out["ui"]["gmi_ranking"][0]
+        ui = out.ui["gmi_ranking"][0]
         assert ui["ranking"][0]["name"] == name and ui["chosen"] == name and len(ui["ranking"]) == 3
-        assert json.loads(text) == ui and out["ui"]["text"] == [name]
+        assert json.loads(text) == ui and out.ui["text"] == [name]
         thumb = ui["ranking"][0]["top_prompts"][0]["thumbnail"]
         assert thumb.startswith("/gmi/thumbnail?sha256=") and ui["prompt_source"] == "interrogator"
     # several reference images, a user prompt, another rank, another method
     images = to_tensor([fake_image(2, "a cat", 5), fake_image(2, "a dog", 6)])
-    out = node.identify(encoder, images, "rkme_clip", 0, 2, prompt="a cat", max_prompts=4)
-    assert (
-        out["result"][3] != "ck2.safetensors" and out["ui"]["gmi_ranking"][0]["ranking"][0]["name"] == "ck2.safetensors"
-    )
-    assert len(out["ui"]["gmi_ranking"][0]["ranking"]) == 4
+    out = node.execute(encoder, images, "rkme_clip", 0, 2, prompt="a cat", max_prompts=4)
+    assert out.result[3] != "ck2.safetensors" and out.ui["gmi_ranking"][0]["ranking"][0]["name"] == "ck2.safetensors"
+    assert len(out.ui["gmi_ranking"][0]["ranking"]) == 4
     with pytest.raises(Exception, match="pick_rank"):
-        node.identify(encoder, images, "gmi", 0, 9, max_prompts=4)
-    assert node.IS_CHANGED() == before  # identify does not touch the store
+        node.execute(encoder, images, "gmi", 0, 9, max_prompts=4)
+    assert node.fingerprint_inputs() == before  # identify does not touch the store
     build(env, which="all")
-    assert node.IS_CHANGED() != before
+    assert node.fingerprint_inputs() != before
 
 
 def test_identify_without_specs_says_so(env):
-    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    encoder = load_encoder(env)
     with pytest.raises(Exception, match="build specs first"):
-        env.nodes.GMIIdentify().identify(encoder, to_tensor([fake_image(0, "x", 1)]), "gmi", 5, 1)
+        env.nodes.GMIIdentify.execute(encoder, to_tensor([fake_image(0, "x", 1)]), "gmi", 5, 1)
 
 
 def test_interrogate_node(env):
-    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
-    out = env.nodes.GMIInterrogate().interrogate(encoder, to_tensor([fake_image(0, "x", 1)]))
-    assert isinstance(out["result"][0], str) and out["result"][0] and out["ui"]["text"] == [out["result"][0]]
+    encoder = load_encoder(env)
+    out = env.nodes.GMIInterrogate.execute(encoder, to_tensor([fake_image(0, "x", 1)]))
+    (text,) = out.result
+    assert isinstance(text, str) and text and json.loads(json.dumps(out.ui.as_dict())) == {"text": [text]}
 
 
 def test_tensor_to_pils_handles_batches_and_range(env):
@@ -391,17 +473,14 @@ def test_routes(env):
             options = await r.json()
             assert "tiny.safetensors" in options["encoders"]
             # the panel queues the Build node with exactly these inputs: every widget, last used values
-            widgets = {
-                **env.nodes.GMIBuildSpecs.INPUT_TYPES()["required"],
-                **env.nodes.GMIBuildSpecs.INPUT_TYPES()["optional"],
-            }
-            assert set(options["build_inputs"]) == set(widgets) - {"encoder"}
+            build_widgets = widgets(env.nodes.GMIBuildSpecs)
+            assert set(options["build_inputs"]) == set(build_widgets) - {"encoder"}
             assert options["build_inputs"]["max_prompts"] == 4 and options["build_inputs"]["which"] == "missing"
             r = await client.get("/gmi/defaults")
             defaults = await r.json()
-            assert defaults["limits"]["seed"]["max"] == widgets["seed"][1]["max"]
-            assert defaults["limits"]["max_prompts"]["max"] == widgets["max_prompts"][1]["max"]
-            assert defaults["generation"]["sampler"] == widgets["sampler_name"][1]["default"]
+            assert defaults["limits"]["seed"]["max"] == build_widgets["seed"][1]["max"]
+            assert defaults["limits"]["max_prompts"]["max"] == build_widgets["max_prompts"][1]["max"]
+            assert defaults["generation"]["sampler"] == build_widgets["sampler_name"][1]["default"]
 
             form = {"encoder": "tiny.safetensors", "max_prompts": "4", "top_k": "2"}
             import io
@@ -486,9 +565,9 @@ def test_each_family_renders_at_its_own_size(env):
         str(ckpts / "xl.safetensors"),
         metadata={"index": "1"},
     )
-    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
-    node = env.nodes.GMIBuildSpecs()
-    node.build(
+    encoder = load_encoder(env)
+    node = env.nodes.GMIBuildSpecs
+    node.execute(
         encoder, "listed", "platform", "1x1", "", "euler", "normal", 0, checkpoints="xl.safetensors\nck0.safetensors"
     )
     assert FakeGenerator.sizes == {"xl.safetensors": (1024, 1024, 25), "ck0.safetensors": (512, 512, 20)}
@@ -497,7 +576,7 @@ def test_each_family_renders_at_its_own_size(env):
     assert status["family_settings"]["sdxl"]["width"] == 1024 and status["budget"]["images"] == 1
 
     FakeGenerator.sizes = {}
-    node.build(
+    node.execute(
         encoder,
         "listed",
         "platform",

