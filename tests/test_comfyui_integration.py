@@ -189,7 +189,7 @@ def test_nodes_registered(comfy):
     info = server.get("/object_info")
     for name in GMI_NODES:
         assert name in info, f"{name} missing; log:\n{server.log()[-3000:]}"
-    assert ENCODER_FILE in info["GMILoadEncoder"]["input"]["required"]["encoder"][0]
+    assert ENCODER_FILE in info["GMILoadEncoder"]["input"]["required"]["encoder"][1]["options"]  # a V3 COMBO
     assert info["GMIIdentify"]["output"] == ["MODEL", "CLIP", "VAE", "STRING", "STRING"]
     version = server.get("/system_stats")["system"]["comfyui_version"]
     print(f"ComfyUI {version} from {server.comfy_dir}")
