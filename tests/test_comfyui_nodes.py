@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import hashlib
 import importlib.util
 import json
@@ -38,26 +39,19 @@ class Interrupted(Exception):
     """Stands in for comfy.model_management.InterruptProcessingException."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def comfyui_tree():
-    """ComfyUI's tree appended to sys.path for this module, its modules dropped again afterwards. Imported as a
-    library, ComfyUI parses no command line (``comfy.options.args_parsing`` stays False: cli_args parses ``[]``, not
-    pytest's argv), and ``comfy_api.latest`` imports neither model management nor the server."""
+@functools.cache
+def comfyui_on_path() -> Path:
+    """ComfyUI's tree (the integration tests' one) appended to sys.path once per session: last, so it only adds
+    ComfyUI's own modules. Imported as a library, ComfyUI parses no command line (``comfy.options.args_parsing``
+    stays False: cli_args parses ``[]``, not pytest's argv), and ``comfy_api.latest`` imports neither model
+    management nor the server."""
     tree = comfy_env.comfyui_dir()
-    top_level = {p.stem for p in tree.iterdir()}
-    before = set(sys.modules)
     sys.path.append(str(tree))
-    try:
-        import comfy.options
-        from comfy.cli_args import args
+    import comfy.options
+    from comfy.cli_args import args
 
-        assert not comfy.options.args_parsing and not args.cpu, "ComfyUI parsed pytest's command line"
-        yield tree
-    finally:
-        sys.path.remove(str(tree))
-        for name in set(sys.modules) - before:
-            if name.split(".")[0] in top_level:
-                del sys.modules[name]
+    assert not comfy.options.args_parsing and not args.cpu, "ComfyUI parsed pytest's command line"
+    return tree
 
 
 def _fake_comfy(state: dict):
@@ -194,6 +188,7 @@ class FakeGenerator:
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     torch.set_num_threads(1)
+    comfyui_on_path()
     state = {"interrupt": False, "bars": []}
     monkeypatch.setitem(sys.modules, "folder_paths", _fake_folder_paths(tmp_path))
     monkeypatch.setitem(sys.modules, "server", _fake_server())
@@ -245,8 +240,9 @@ def widgets(cls) -> dict:
 
 
 def build(env, which="missing", max_prompts=4, budget="allx2", checkpoints=""):
+    """A Build Specs run; its output as ComfyUI records it ({"ui": ..., "result": ...}) and the encoder."""
     encoder = load_encoder(env)
-    return env.nodes.GMIBuildSpecs.execute(
+    out = env.nodes.GMIBuildSpecs.execute(
         encoder,
         which,
         "platform",
@@ -257,7 +253,8 @@ def build(env, which="missing", max_prompts=4, budget="allx2", checkpoints=""):
         0,
         max_prompts=max_prompts,
         checkpoints=checkpoints,
-    ), encoder
+    )
+    return {"ui": out.ui, "result": out.result}, encoder
 
 
 def to_tensor(images):
@@ -361,12 +358,12 @@ def test_missing_clip_weights_give_a_clear_message(env):
 
 def test_build_reports_skips_and_progress(env):
     out, _ = build(env)
-    report = out.ui["gmi_build"][0]
+    report = out["ui"]["gmi_build"][0]
     assert sorted(report["built"]) == env.names
     skipped = {s["name"]: s["reason"] for s in report["skipped"]}
     assert set(skipped) == {"broken.safetensors", "some-lora.safetensors"}
     assert "LoRA" in skipped["some-lora.safetensors"] and "unreadable" in skipped["broken.safetensors"]
-    assert json.loads(out.result[0]) == report
+    assert json.loads(out["result"][0]) == report
     assert len(FakeGenerator.calls) == 4 * 4 and all(len(c[2]) == 2 for c in FakeGenerator.calls)
     bar = env.state["bars"][-1]
     assert bar.total == 4 * 4 * 2 and bar.current == bar.total
@@ -377,10 +374,10 @@ def test_build_reports_skips_and_progress(env):
     # nothing left to do
     FakeGenerator.calls = []
     again, _ = build(env)
-    assert again.ui["gmi_build"][0]["built"] == [] and FakeGenerator.calls == []
+    assert again["ui"]["gmi_build"][0]["built"] == [] and FakeGenerator.calls == []
     # a listed checkpoint is rebuilt only when asked for "all"; unknown names are an error
     listed, _ = build(env, which="listed", checkpoints="ck1.safetensors\n")
-    assert listed.ui["gmi_build"][0]["built"] == ["ck1.safetensors"]
+    assert listed["ui"]["gmi_build"][0]["built"] == ["ck1.safetensors"]
     with pytest.raises(Exception, match="nope"):
         build(env, which="listed", checkpoints="nope.safetensors")
 
@@ -392,7 +389,7 @@ def test_interrupted_build_raises_and_resumes(env):
     done_before = len(FakeGenerator.calls)
     FakeGenerator.interrupt_after, FakeGenerator.calls = None, []
     out, _ = build(env)
-    assert sorted(out.ui["gmi_build"][0]["built"]) == env.names
+    assert sorted(out["ui"]["gmi_build"][0]["built"]) == env.names
     assert len(FakeGenerator.calls) == 16 - done_before  # every prompt finished before the interrupt is reused
 
 

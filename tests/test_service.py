@@ -113,7 +113,7 @@ def test_build_renders_its_plan_lists_once_and_counts_only_specs_that_render(env
     """The plan a front end showed is what build() renders: one listing (and hashing) per build, and a checkpoint
     with nothing to render is reported built without counting in the progress."""
     build(env, which="listed", budget="2x1", checkpoints="ck0.safetensors")
-    (encoder,) = env.nodes.GMILoadEncoder().load("tiny.safetensors")
+    (encoder,) = env.nodes.GMILoadEncoder.execute("tiny.safetensors").result
     per_family = env.nodes.settings.family_settings("steps=3 width=64 height=64", "euler", "normal")
     engine = env.nodes.engines.get_engine(encoder, env.nodes.engines.get_prompt_set("platform", 4), "2x1", per_family)
     listings = []
