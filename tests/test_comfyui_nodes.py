@@ -47,10 +47,10 @@ def comfyui_on_path() -> Path:
     management nor the server."""
     tree = comfy_env.comfyui_dir()
     sys.path.append(str(tree))
+    import comfy.cli_args  # argparse would exit on pytest's options if it parsed sys.argv
     import comfy.options
-    from comfy.cli_args import args
 
-    assert not comfy.options.args_parsing and not args.cpu, "ComfyUI parsed pytest's command line"
+    assert not comfy.options.args_parsing and not comfy.cli_args.args.cpu
     return tree
 
 
@@ -300,6 +300,7 @@ def test_extension_lists_the_v3_nodes_as_object_info_shows_them(env):
     from comfy_api.latest import ComfyExtension
 
     assert (REPO / env.pack.WEB_DIRECTORY / "gmi.js").is_file()
+    assert not hasattr(env.pack, "NODE_CLASS_MAPPINGS"), "ComfyUI would load V1 mappings instead of the entrypoint"
     extension = asyncio.run(env.pack.comfy_entrypoint())
     assert isinstance(extension, ComfyExtension)
     assert "gmi" in sys.modules["folder_paths"].folder_names_and_paths, "the entrypoint registers models/gmi"
