@@ -131,7 +131,15 @@ def run(args: argparse.Namespace) -> dict:
         budget_banks = budget_cut_banks(specs)
         t = time.perf_counter()
         positions, budget_positions, identify_s = _run_tasks(
-            gmi, _Only(), generator, checkpoints, evaluation, settings, specs, budget_banks, args.prompt_source == "true"
+            gmi,
+            _Only(),
+            generator,
+            checkpoints,
+            evaluation,
+            settings,
+            specs,
+            budget_banks,
+            args.prompt_source == "true",
         )
         tasks_s = time.perf_counter() - t
     finally:
