@@ -33,6 +33,9 @@ MAX_STEPS = 500
 MAX_CFG = 100.0
 MAX_IMAGES_PER_PROMPT = 64
 MAX_TOP_K = 100_000
+# From this many complete specs (one encoder and prompt set) identify prefilters with the two-tier index
+# (gmi_core.index) and re-ranks its candidates exactly, instead of reading every spec.
+INDEX_MIN_SPECS = _env_int("GMI_INDEX_MIN_SPECS", 5000)
 
 
 def positive_int(name: str, value, upper: int | None = None) -> int:

@@ -13,13 +13,12 @@ from gmi_core import ranker
 from gmi_core.bench import run_bench
 from gmi_core.bench.synthetic import SimConfig, evaluate_family, make_family
 from gmi_core.fastrank import (
-    CompactIndex,
     concat_kbar,
     concat_means,
-    exact_scores,
     query_means_many,
     scores_from_means,
 )
+from gmi_core.index import CompactIndex, exact_scores
 
 torch.set_num_threads(1)
 QUALITY_KEYS = {"top1", "top2", "top3", "top4", "mean_rank", "n_tasks"}
