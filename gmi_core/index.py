@@ -135,7 +135,7 @@ class CompactIndex:
         ``full`` is [M, N, S, d] fp16, or anything indexable by a sorted index tensor that returns that
         (a memory-mapped file read per candidate)."""
         cand, _ = torch.sort(self.prefilter(query_images, weights, k))  # sorted: sequential reads of ``full``
-        scores = exact_scores(full[cand], self.kbar[cand], query_images, weights, self.gamma)
+        scores = exact_scores(full[cand].float(), self.kbar[cand], query_images, weights, self.gamma)  # few rows: fp32
         order = torch.argsort(scores, stable=True)
         return cand[order], scores[order]
 
