@@ -196,8 +196,6 @@ def test_scale_json_shape_and_memmap_path(tmp_path):
     args += [
         "--queries",
         "4",
-        "--stream-queries",
-        "2",
         "--out",
         str(out),
         "--workdir",
@@ -207,14 +205,16 @@ def test_scale_json_shape_and_memmap_path(tmp_path):
     ]
     assert run_bench(args) == 0
     data = json.loads(out.read_text())
-    assert {"command", "machine", "settings", "results", "build_overhead_ratio"} <= set(data)
+    assert {"command", "machine", "settings", "results", "build_overhead_ratio", "peak_rss_gb", "disk_bytes"} <= set(data)
     for m, row in data["results"].items():
         assert {"exact_ms", "prefilter_ms", "prefilter_recall_at_10", "spec_bytes"} <= set(row)
         assert row["spec_bytes"] == int(m) * 55 * 4 * 32 * 2
+        assert row["recall_queries"] == 4, "every M has its own recall queries, with an exact reference"
     assert data["results"]["100"]["exact_ms"] > 0
-    assert data["results"]["300"]["exact_ms"] is None and "infeasible" in data["results"]["300"]["exact_note"]
-    assert data["results"]["300"]["recall_queries"] == 2
+    assert data["results"]["300"]["exact_ms"] is None and "not timed" in data["results"]["300"]["exact_note"]
     assert all(row["prefilter_recall_at_10"] >= 0.9 for row in data["results"].values())
+    assert data["disk_bytes"] == 300 * 55 * 4 * 32 * 2 and 0 < data["peak_rss_gb"] < 8
+    assert {"peak RSS of the bench <= 8 GB", "disk <= 40 GB (removed on exit)"} <= {t["target"] for t in data["targets"]}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gmi-bench-scale-")]  # work folder removed
 
 

@@ -4,6 +4,12 @@ kept in step with the store listing, saved next to the store."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +164,44 @@ def test_index_gamma_reads_only_the_sampled_rows_and_equals_the_rankers(tmp_path
     order = {e.sha256: i for i, e in enumerate(entries)}
     stacked = torch.stack([stacked[m] for m in sorted(range(530), key=lambda m: order[hashlib.sha256(str(m).encode()).hexdigest()])])
     assert _gamma_of(gmi.store, entries) == median_gamma(stacked)
+
+
+def test_scale_bench_exact_reference_and_chunks(tmp_path):
+    """bench scale's chunk-by-chunk exact reference equals exact_scores over all specs held in RAM, and a chunk
+    regenerates bit for bit (so the pass can fit on the first chunks and stream them again)."""
+    from gmi_core.bench.scale import ScaleWorld, _generate, _make_queries
+    from gmi_core.bench.synthetic import SimConfig
+    from gmi_core.index import exact_scores
+
+    world = ScaleWorld(SimConfig(d=32), seed=2, chunk=100)
+    assert torch.equal(world.specs(1), world.specs(1))
+    queries = _make_queries(world, [100, 300], 3, 2, world.prompt, 300)
+    gen = _generate(world, 300, tmp_path, 16, queries)
+    full = gen.in_ram(300)
+    assert torch.equal(full[100:200], world.specs(1)), "the features file holds the chunks in order"
+    for q, m in enumerate(queries.size):
+        reference = exact_scores(full[:m].float(), gen.kbars[:m], queries.images[q, :1], queries.weights[q], gen.gamma)
+        assert torch.allclose(queries.exact[q, :m], reference, rtol=1e-4, atol=1e-5)
+        assert torch.isinf(queries.exact[q, m:]).all()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_scale_bench_leaves_no_temp_folder(tmp_path, sig):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "gmi_core", "bench", "scale", "--sizes", "20000", "--dim", "64", "--queries", "2",
+           "--no-build", "--plot", "none", "--threads", "1", "--workdir", str(tmp_path), "--out", str(tmp_path / "x.json")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("gmi-bench-scale-*/features.f16")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        assert list(tmp_path.glob("gmi-bench-scale-*/features.f16")), "the bench wrote its features file"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and not (tmp_path / "x.json").exists()
+    assert not list(tmp_path.glob("gmi-bench-scale-*")), "the temp folder is removed when the bench is interrupted"
