@@ -534,13 +534,13 @@ class Gmi:
 
     # -- the two-tier index (model-hub scale) -------------------------------------------------
     def _indexed_entries(self, method: str, centre: bool) -> list[ManifestEntry] | None:
-        """The complete generated specs of this encoder and prompt set when identify prefilters them with the
-        index (at least ``limits.INDEX_MIN_SPECS`` of them), else None (every spec is ranked exactly)."""
+        """This encoder's listed specs when identify prefilters the complete generated ones with the index (at least
+        ``limits.INDEX_MIN_SPECS`` of them), else None (every spec is ranked exactly)."""
         if method not in INDEXED_METHODS or centre:
             return None
-        entries = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id
-                   and e.prompt_set_hash == self.prompt_set.hash and e.complete]
-        return entries if len(entries) >= limits.INDEX_MIN_SPECS else None
+        listed = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
+        complete = sum(e.prompt_set_hash == self.prompt_set.hash and e.complete for e in listed)
+        return listed if complete >= limits.INDEX_MIN_SPECS else None
 
     def index_path(self) -> Path:
         return self.store.root / "index" / f"{safe_name(self.encoder.encoder_id)}--{safe_name(self.prompt_set.hash)}.safetensors"
@@ -558,10 +558,10 @@ class Gmi:
         self._index = index
         return index
 
-    def _index_candidates(self, entries, query_images, query_text, method, gamma, tau, top_k, source, include_not_installed):
+    def _index_candidates(self, listed, query_images, query_text, method, gamma, tau, top_k, source, include_not_installed):
         """(specs, excluded, bank, gamma) of the index's shortlist plus every spec it does not cover (partial and
         observed ones), read from their files; the exact ranker then orders just these."""
-        index = self.store_index(entries)
+        index = self.store_index([e for e in listed if e.prompt_set_hash == self.prompt_set.hash and e.complete])
         n = index.prompt.shape[0]
         weights = prompt_weights(index.prompt, query_text, tau) if method == "gmi" else torch.full((n,), 1.0 / n)
         allowed = None
@@ -569,7 +569,6 @@ class Gmi:
             installed = {c.sha256 for c in source.list_checkpoints().checkpoints}
             allowed = torch.tensor([sha in installed for sha in index.shas])
         shortlist = set(index.shortlist(query_images, weights, max(INDEX_CANDIDATES, top_k or 0), allowed))
-        listed = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
         covered = set(index.shas)
         shortlist |= {e.sha256 for e in listed if e.prompt_set_hash == OBSERVED
                       or (e.prompt_set_hash == self.prompt_set.hash and e.sha256 not in covered)}
