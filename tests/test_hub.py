@@ -96,3 +96,16 @@ def test_killed_worker_resumes_without_rendering_finished_prompts(world, local_r
     assert result["images"] == images_first - saved, "only the prompts not saved before the kill are rendered again"
     assert sorted(report.built) == sorted(c.name for c, _ in plan)
     assert Spec.load(spec_path).complete
+
+
+def test_models_list_file(world, tmp_path):
+    from gmi_core.hub.build import checkpoint_source
+
+    listed = tmp_path / "models.txt"
+    first = sorted(world["models"].glob("*.safetensors"))[0]
+    listed.write_text(f"# the hub's checkpoints\n{first}\n\nmissing.safetensors\n")
+    listing = checkpoint_source(listed, tmp_path / "hashes.json").list_checkpoints()
+    assert [c.name for c in listing.checkpoints] == [first.name] and listing.checkpoints[0].family == "sd1"
+    assert [(s.name, s.reason) for s in listing.skipped] == [("missing.safetensors", "file not found")]
+    folder = checkpoint_source(world["models"], tmp_path / "hashes.json").list_checkpoints()
+    assert folder.checkpoints[0].sha256 == listing.checkpoints[0].sha256
