@@ -20,7 +20,7 @@ from .encoders import ClipEncoder
 from .errors import Busy, Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
 from .families import FamilySettings
 from .images import to_rgb
-from .index import INDEX_CANDIDATES, StoreIndex, updated_index
+from .index import INDEX_CANDIDATES, MAX_RERANKED, StoreIndex, updated_index
 from .interrogator import Interrogator
 from .limits import check_identify, check_settings, json_safe
 from .locks import spec_lock
@@ -568,13 +568,17 @@ class Gmi:
         if source is not None and not include_not_installed:
             installed = {c.sha256 for c in source.list_checkpoints().checkpoints}
             allowed = torch.tensor([sha in installed for sha in index.shas])
-        shortlist = set(index.shortlist(query_images, weights, max(INDEX_CANDIDATES, top_k or 0), allowed))
+        shortlist = set(index.shortlist(query_images, weights, min(max(INDEX_CANDIDATES, top_k or 0), MAX_RERANKED), allowed))
         covered = set(index.shas)
         shortlist |= {e.sha256 for e in listed if e.prompt_set_hash == OBSERVED
                       or (e.prompt_set_hash == self.prompt_set.hash and e.sha256 not in covered)}
         specs, excluded = self.load_specs(source, include_not_installed, only=shortlist)
         if not specs:
             raise NoSpecsError(f"no installed checkpoint among the {len(index.shas)} indexed specs; build specs first")
+        others = int(allowed.sum()) if allowed is not None else len(index.shas)
+        others -= len(covered & {s.sha256 for s in specs})
+        if others > 0:
+            excluded.append((f"{others} other checkpoint(s)", "not among the two-tier index's candidates for this image"))
         bank = FeatureBank.from_specs(specs)
         if gamma is None:
             gamma = index.compact.gamma

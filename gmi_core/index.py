@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 INDEX_RANK = 64  # dimension of the compact codes
 INDEX_CANDIDATES = 64  # specs re-ranked exactly after the prefilter
+MAX_RERANKED = 1000  # a larger top_k re-ranks at most this many (their features are read per query)
 PROJECTION_SAMPLE = 2000  # specs the projection is fitted on
 REFIT_FRACTION = 0.1  # more changed rows than this share of the index: fit projection and gamma again
 INDEX_FORMAT = 1

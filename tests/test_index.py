@@ -89,6 +89,7 @@ def test_index_above_threshold_same_top1_as_exact(store, monkeypatch):
     for m, reference in zip(range(0, SPECS, 6), exact_results):
         got = indexed.identify(_query(m), prompt="a photo")
         assert len(got.ranking) == 8, "only the shortlist is read and ranked"
+        assert got.excluded == [(f"{SPECS - 8} other checkpoint(s)", "not among the two-tier index's candidates for this image")]
         assert got.gamma == pytest.approx(reference.gamma, rel=1e-6), "the index's gamma is the exact ranker's median heuristic"
         assert got.best.sha256 == reference.best.sha256
         assert got.best.score == pytest.approx(reference.best.score, rel=1e-4, abs=1e-6)
