@@ -328,7 +328,10 @@ def run(args: argparse.Namespace) -> dict:
         queries = _make_queries(world, sizes, args.queries, args.seed, world.prompt, m_max)
         gen = _generate(world, m_max, workdir, args.rank, queries)
         disk = gen.path.stat().st_size
-        results = {str(m): _measure_size(m, gen, queries, world, args) for m in sizes}
+        results = {}
+        for m in sizes:
+            results[str(m)] = _measure_size(m, gen, queries, world, args)
+            print(f"bench scale: M={m:,} measured: {results[str(m)]}", file=sys.stderr, flush=True)
         ratio = None if args.no_build else build_overhead(args)
     return _report(args, cfg, gen, results, ratio, disk)
 
