@@ -20,7 +20,7 @@ from .encoders import ClipEncoder
 from .errors import Busy, Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
 from .families import FamilySettings
 from .images import to_rgb
-from .index import INDEX_CANDIDATES, MAX_RERANKED, StoreIndex, updated_index
+from .index import INDEX_CANDIDATES, MAX_RERANKED, StoreIndex, prefetch, updated_index
 from .interrogator import Interrogator
 from .limits import check_identify, check_settings, json_safe
 from .locks import spec_lock
@@ -572,6 +572,9 @@ class Gmi:
         covered = set(index.shas)
         shortlist |= {e.sha256 for e in listed if e.prompt_set_hash == OBSERVED
                       or (e.prompt_set_hash == self.prompt_set.hash and e.sha256 not in covered)}
+        for entry in listed:
+            if entry.sha256 in shortlist:
+                prefetch(self.store.root / entry.file)
         specs, excluded = self.load_specs(source, include_not_installed, only=shortlist)
         if not specs:
             raise NoSpecsError(f"no installed checkpoint among the {len(index.shas)} indexed specs; build specs first")

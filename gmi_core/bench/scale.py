@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..index import INDEX_CANDIDATES, INDEX_RANK, PROJECTION_SAMPLE, CompactIndex, exact_scores
+from ..index import INDEX_CANDIDATES, INDEX_RANK, PROJECTION_SAMPLE, CompactIndex, exact_scores, prefetch
 from ..ranker import FeatureBank, kbar, kernel, median_gamma, prompt_weights, rank, similarities
 from .synthetic import SimConfig, make_family
 
@@ -183,7 +183,8 @@ class Generated:
 
 
 class MappedFeatures:
-    """Full features of the specs, read from the memory-mapped file for just the rows asked for (the candidates).
+    """Full features of the specs, read from the memory-mapped file for just the rows asked for (the candidates,
+    prefetched together).
 
     The mapping lives for one read only, so pages read for earlier queries do not stay in this process's RSS."""
 
@@ -191,6 +192,8 @@ class MappedFeatures:
         self.path, self.shape = path, shape
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        spec_bytes = int(np.prod(self.shape[1:])) * 2
+        prefetch(self.path, [(int(r) * spec_bytes, spec_bytes) for r in rows])
         mapped = np.memmap(self.path, dtype=np.float16, mode="r", shape=self.shape)
         try:
             return torch.from_numpy(mapped[rows.numpy()])  # fancy indexing copies: the mapping can close
