@@ -122,7 +122,8 @@ def _engine(args):
         weights=args.clip_weights,
         progress=_download_bar(),
     )
-    gmi = Gmi(args.home / "specs", encoder, load_prompt_set(args.prompt_set), args.budget, settings, args.seed)
+    spec_root = getattr(args, "store", None) or args.home / "specs"  # hub build: --store, a folder the workers share
+    gmi = Gmi(spec_root, encoder, load_prompt_set(args.prompt_set), args.budget, settings, args.seed)
 
     def announce(path: Path) -> None:
         print(f"gmi: hashing {path.name} ({path.stat().st_size / 2**30:.1f} GiB, once; cached after)", file=sys.stderr)
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .library_cli import add_library_commands
 
     add_library_commands(commands, _add_engine_options)
+    from .hub.build import add_hub_commands
+
+    add_hub_commands(commands, _add_engine_options)
 
     demo = commands.add_parser("demo", help="end-to-end run on tiny random checkpoints (no downloads)")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_HOME / "demo")

@@ -14,12 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import limits
 from .budgets import Budget, covered_budget, parse_budget
 from .builder import build_spec, missing_images
 from .encoders import ClipEncoder
 from .errors import Busy, Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
 from .families import FamilySettings
 from .images import to_rgb
+from .index import INDEX_CANDIDATES, MAX_RERANKED, StoreIndex, prefetch, updated_index
 from .interrogator import Interrogator
 from .limits import check_identify, check_settings, json_safe
 from .locks import spec_lock
@@ -36,12 +38,13 @@ from .protocols import (
     ProgressCallback,
     SkippedCheckpoint,
 )
-from .ranker import DEFAULT_METHOD, FeatureBank, rank
+from .ranker import DEFAULT_METHOD, FeatureBank, prompt_weights, rank
 from .spec import Spec, SpecKey, pixel_feature
-from .store import ManifestEntry, SpecStore
+from .store import ManifestEntry, SpecStore, safe_name
 
 log = logging.getLogger(__name__)
 STATES = ("ready", "partial", "missing", "stale", "corrupt")
+INDEXED_METHODS = ("gmi", "rkme_clip")  # the methods the two-tier index prefilters for
 
 
 def _return_freed_memory() -> None:
@@ -219,6 +222,7 @@ class Gmi:
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
         self._merged_cache: dict[str, tuple] = {}
         self._loaded_versions: tuple = ()  # (file, mtime) of the specs the last load_specs listed
+        self._index: StoreIndex | None = None
 
     @property
     def prompt_features(self) -> torch.Tensor:
@@ -428,29 +432,24 @@ class Gmi:
         return self.interrogator.interrogate([to_rgb(i) for i in images])
 
     def load_specs(
-        self, source: CheckpointSource | None = None, include_not_installed: bool = False
+        self,
+        source: CheckpointSource | None = None,
+        include_not_installed: bool = False,
+        only: set[str] | None = None,
+        listed: list[ManifestEntry] | None = None,
     ) -> tuple[list[Spec], list[tuple[str, str]]]:
         """Usable specs for this encoder and prompt set, and (name, reason) for those left out.
 
         A checkpoint's generated spec and its observed spec (:mod:`gmi_core.observed`) become one.
         Specs of checkpoints the source does not list (imported ones) are left out unless
-        ``include_not_installed``; they then carry ``extra["installed"] = False``.
+        ``include_not_installed``; they then carry ``extra["installed"] = False``. ``only``: just these sha256
+        (the index's candidates), read from their files and not kept in memory. ``listed``: this encoder's store
+        entries when the caller has listed the store already.
         """
-        excluded: list[tuple[str, str]] = []
-        aliases: dict[str, list[str]] = {}
-        if source is not None:
-            listing = source.list_checkpoints()
-            wanted = {}
-            for c in listing.checkpoints:  # one file, several names: ranked once, the others listed as aliases
-                if c.sha256 in wanted:
-                    aliases.setdefault(c.sha256, []).append(c.name)
-                else:
-                    wanted[c.sha256] = c
-            excluded += [(s.name, s.reason) for s in listing.skipped]
-        else:
-            wanted = None
-        entries = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
-        entries = [e for e in entries if e.prompt_set_hash in (self.prompt_set.hash, OBSERVED)]
+        wanted, aliases, excluded = self._installed(source)
+        if listed is None:
+            listed = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
+        entries = [e for e in listed if e.prompt_set_hash in (self.prompt_set.hash, OBSERVED)]
         self._loaded_versions = tuple((e.file, e.mtime) for e in entries)  # the bank's key: no second store listing
         found = {e.sha256 for e in entries}
         if wanted is not None:
@@ -464,17 +463,9 @@ class Gmi:
                     )
                 )
                 entries = [e for e in entries if e.sha256 in wanted]
-        parts: dict[str, dict[str, Spec]] = {}
-        for entry in entries:
-            try:
-                spec = self._load_cached(entry)
-            except SpecError as exc:
-                excluded.append((entry.checkpoint_name, str(exc)))
-                continue
-            if spec is None or not spec.done.any():
-                excluded.append((entry.checkpoint_name, "spec has no finished prompt"))
-                continue
-            parts.setdefault(entry.sha256, {})[OBSERVED if entry.prompt_set_hash == OBSERVED else "generated"] = spec
+        if only is not None:
+            entries = [e for e in entries if e.sha256 in only]
+        parts = self._read_parts(entries, keep=only is None, excluded=excluded)
         specs = []
         for sha, pair in parts.items():
             if not pair:
@@ -488,6 +479,37 @@ class Gmi:
             spec.extra["installed"] = installed
             specs.append(spec)
         return specs, excluded
+
+    @staticmethod
+    def _installed(source: CheckpointSource | None) -> tuple[dict | None, dict[str, list[str]], list[tuple[str, str]]]:
+        """({sha256: checkpoint} the source lists (None: no source), {sha256: other names of the same file},
+        [(name, reason)] for the files it skipped)."""
+        if source is None:
+            return None, {}, []
+        listing = source.list_checkpoints()
+        wanted, aliases = {}, {}
+        for c in listing.checkpoints:  # one file, several names: ranked once, the others listed as aliases
+            if c.sha256 in wanted:
+                aliases.setdefault(c.sha256, []).append(c.name)
+            else:
+                wanted[c.sha256] = c
+        return wanted, aliases, [(s.name, s.reason) for s in listing.skipped]
+
+    def _read_parts(self, entries: list[ManifestEntry], keep: bool, excluded: list) -> dict[str, dict[str, Spec]]:
+        """{sha256: {"generated" | OBSERVED: spec}} of the usable entries (kept in memory when ``keep``); the others
+        are added to ``excluded`` with their reason."""
+        parts: dict[str, dict[str, Spec]] = {}
+        for entry in entries:
+            try:
+                spec = self._load_cached(entry) if keep else self._load_listed(entry)
+            except SpecError as exc:
+                excluded.append((entry.checkpoint_name, str(exc)))
+                continue
+            if spec is None or not spec.done.any():
+                excluded.append((entry.checkpoint_name, "spec has no finished prompt"))
+                continue
+            parts.setdefault(entry.sha256, {})[OBSERVED if entry.prompt_set_hash == OBSERVED else "generated"] = spec
+        return parts
 
     def _merged(self, generated: Spec | None, observed: Spec | None) -> Spec:
         """merge(), cached while both parts are the same loaded objects (merging copies features)."""
@@ -505,14 +527,17 @@ class Gmi:
         cached = self._spec_cache.get(entry.file)
         if cached is not None and cached[0] == entry.mtime:
             return cached[1]
+        spec = self._load_listed(entry)
+        self._spec_cache[entry.file] = (entry.mtime, spec)
+        return spec
+
+    def _load_listed(self, entry: ManifestEntry) -> Spec | None:
         try:
             st = (self.store.root / entry.file).stat()
             listed = (st.st_mtime, st.st_size) == (entry.mtime, entry.size)
         except OSError:
             listed = False
-        spec = self.store.load(entry.key, verify=not listed, thumbnails=False)
-        self._spec_cache[entry.file] = (entry.mtime, spec)
-        return spec
+        return self.store.load(entry.key, verify=not listed, thumbnails=False)
 
     def _why_unusable(self, checkpoint: CheckpointInfo) -> str:
         try:
@@ -535,12 +560,15 @@ class Gmi:
         if not images:
             raise GmiError("identify needs at least one reference image")
         top_k, gamma, tau = check_identify(top_k, gamma, tau)
-        specs, excluded = self.load_specs(source, include_not_installed)
-        if not specs:
-            detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
-            raise NoSpecsError(
-                f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first"
-            )
+        listed = [e for e in self.store.entries() if e.encoder_id == self.encoder.encoder_id]
+        indexed = self._indexed_entries(listed, method, centre)
+        if indexed is None:
+            specs, excluded = self.load_specs(source, include_not_installed, listed=listed)
+            if not specs:
+                detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
+                raise NoSpecsError(
+                    f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first"
+                )
         images = [to_rgb(i) for i in images]
         query_images = self.encoder.encode_images(images)
         if prompt and prompt.strip():
@@ -549,7 +577,12 @@ class Gmi:
             pseudo, prompt_source = self.interrogator.prompt_from_features(query_images), "interrogator"
         query_text = self.encoder.encode_texts([pseudo])[0]
         query_pixels = torch.from_numpy(np.stack([pixel_feature(i) for i in images]))
-        bank = self._bank(specs)
+        if indexed is None:
+            bank = self._bank(specs)
+        else:
+            specs, excluded, bank, gamma = self._index_candidates(
+                indexed, query_images, query_text, method, gamma, tau, top_k, source, include_not_installed
+            )
         ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau, centre=centre)
         ranked = []
         order = ranking.order.tolist()[: top_k or None]
@@ -577,6 +610,84 @@ class Gmi:
                 )
             )
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
+
+    # -- the two-tier index (model-hub scale) -------------------------------------------------
+    def _indexed_entries(self, listed: list[ManifestEntry], method: str, centre: bool) -> list[ManifestEntry] | None:
+        """``listed`` (this encoder's specs) when identify prefilters the complete generated ones with the index (at
+        least ``limits.INDEX_MIN_SPECS`` of them), else None (every spec is ranked exactly)."""
+        if method not in INDEXED_METHODS or centre:
+            return None
+        complete = sum(e.prompt_set_hash == self.prompt_set.hash and e.complete for e in listed)
+        return listed if complete >= limits.INDEX_MIN_SPECS else None
+
+    def index_path(self) -> Path:
+        return (
+            self.store.root
+            / "index"
+            / f"{safe_name(self.encoder.encoder_id)}--{safe_name(self.prompt_set.hash)}.safetensors"
+        )
+
+    def store_index(self, entries: list[ManifestEntry]) -> StoreIndex:
+        """The index of ``entries``: held in memory, else the saved one; brought up to date with the store listing
+        (and saved) when specs were added, rewritten or removed since it was built."""
+        current = self._index or StoreIndex.load(self.index_path())
+        index = updated_index(self.store, entries, current)
+        if index is not current:
+            try:
+                index.save(self.index_path())
+            except OSError as exc:
+                log.warning("gmi: spec index not saved (%s); it is built again by the next process", exc)
+        self._index = index
+        return index
+
+    def _index_candidates(
+        self, listed, query_images, query_text, method, gamma, tau, top_k, source, include_not_installed
+    ):
+        """(specs, excluded, bank, gamma) of the index's shortlist plus every spec it does not cover (partial and
+        observed ones), read from their files; the exact ranker then orders just these."""
+        index = self.store_index([e for e in listed if e.prompt_set_hash == self.prompt_set.hash and e.complete])
+        n = index.prompt.shape[0]
+        weights = prompt_weights(index.prompt, query_text, tau) if method == "gmi" else torch.full((n,), 1.0 / n)
+        allowed = None
+        if source is not None and not include_not_installed:
+            installed = {c.sha256 for c in source.list_checkpoints().checkpoints}
+            allowed = torch.tensor([sha in installed for sha in index.shas])
+        shortlist = set(
+            index.shortlist(query_images, weights, min(max(INDEX_CANDIDATES, top_k or 0), MAX_RERANKED), allowed)
+        )
+        covered = set(index.shas)
+        shortlist |= {
+            e.sha256
+            for e in listed
+            if e.prompt_set_hash == OBSERVED or (e.prompt_set_hash == self.prompt_set.hash and e.sha256 not in covered)
+        }
+        for entry in listed:
+            if entry.sha256 in shortlist:
+                prefetch(self.store.root / entry.file)
+        specs, excluded = self.load_specs(source, include_not_installed, only=shortlist, listed=listed)
+        if not specs:
+            raise NoSpecsError(f"no installed checkpoint among the {len(index.shas)} indexed specs; build specs first")
+        others = int(allowed.sum()) if allowed is not None else len(index.shas)
+        others -= len(covered & {s.sha256 for s in specs})
+        if others > 0:
+            excluded.append(
+                (f"{others} other checkpoint(s)", "not among the two-tier index's candidates for this image")
+            )
+        bank = FeatureBank.from_specs(specs)
+        if gamma is None:
+            gamma = index.compact.gamma
+            rows = {sha: i for i, sha in enumerate(index.shas)}
+            if all(
+                s.sha256 in rows
+                and spec_kind(s) == "generated"
+                and s.complete
+                and s.images_per_prompt == bank.image.shape[2] > 1
+                for s in specs
+            ):  # Kbar of complete specs with >= 2 images depends on the spec alone: reuse the index's
+                bank._kbar_cache[(False, False, False, round(gamma, 9))] = index.compact.kbar[
+                    [rows[s.sha256] for s in specs]
+                ]
+        return specs, excluded, bank, gamma
 
     def _bank(self, specs: list[Spec]) -> FeatureBank:
         """The stacked features, reused (with their kernel caches) while the same specs are ranked."""

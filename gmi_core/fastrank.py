@@ -1,8 +1,8 @@
-"""Fast paths for the ranker's math: many queries at once, and a two-tier index for very many specs.
+"""Fast paths for the ranker's math: many queries at once (the benchmarks).
 
 Everything here computes the same quantities as :mod:`gmi_core.ranker` (the kernel, the prompt
 weights, the median heuristic and Kbar are imported from it, not copied); tests assert that the
-scores agree with :func:`gmi_core.ranker.rank`. Two additions:
+scores agree with :func:`gmi_core.ranker.rank`.
 
 * **batched scoring** (:func:`query_means_many`, :func:`scores_from_means`): the mean kernels of T
   queries against all specs in one matrix product, for several gammas at once, so the benchmarks
@@ -11,35 +11,23 @@ scores agree with :func:`gmi_core.ranker.rank`. Two additions:
   = k_{gamma/2}(z, z') * k_{gamma/2}(q, q'), so its mean kernels are image mean kernels at gamma/2
   times a per-prompt text factor (:func:`concat_means`, :func:`concat_kbar`).
 
-* **two-tier index** (:class:`CompactIndex`): for 10^4 - 10^5 specs the full features
-  (55 x 4 x 768 fp16 = 338 KB per spec) are too many bytes to scan per query. The compact tier
-  keeps per spec the per-prompt mean image feature, centred by the store's per-prompt mean and
-  projected onto the top ``r`` principal directions of the between-checkpoint variation (N x r
-  float32), plus Kbar at the store's median-heuristic gamma (N x N float32). The prefilter score is the
-  same prompt-weighted RKME with a *linear* kernel in that subspace:
-  ``|| P^T(zbar_u - sum_i w_i mu_i) - sum_i w_i code_{m,i} ||^2``, one fp16 matrix-vector product
-  over the index; the top ``k`` candidates are then re-ranked with the exact Gaussian-kernel score
-  from their full features (in RAM or memory-mapped from disk).
+The two-tier index for very many specs (and its exact scoring) is :mod:`gmi_core.index`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .ranker import kernel, median_gamma, prompt_weights, similarities
+from .ranker import kernel, median_gamma, prompt_weights
 
 __all__ = [
-    "query_means_many",
-    "scores_from_means",
-    "concat_means",
     "concat_kbar",
-    "rank_positions",
-    "CompactIndex",
-    "exact_scores",
+    "concat_means",
     "median_gamma",
     "prompt_weights",
+    "query_means_many",
+    "rank_positions",
+    "scores_from_means",
 ]
 
 _CHUNK = 1 << 24  # elements of one similarity block
@@ -105,99 +93,3 @@ def rank_positions(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(scores.shape[1])[None, :]
     better = (scores < true_score) | ((scores == true_score) & (idx < truth[:, None]))
     return better.sum(dim=1) + 1
-
-
-# -- exact and two-tier scoring for many specs (bench scale) ----------------------------------
-def _self_terms(kbar_m: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """w^T Kbar_m w for every m as one matrix-vector product (einsum is ~30x slower here)."""
-    w = weights.float()
-    m, n, _ = kbar_m.shape
-    return kbar_m.float().reshape(m, n * n) @ torch.outer(w, w).reshape(-1)
-
-
-def exact_scores(
-    full: torch.Tensor,
-    kbar_m: torch.Tensor,
-    query_images: torch.Tensor,
-    weights: torch.Tensor,
-    gamma: float,
-    chunk: int = 2048,
-) -> torch.Tensor:
-    """Exact weighted RKME scores [M] of one query for complete specs (full: [M, N, S, d] fp16;
-    kbar_m: [M, N, N] at ``gamma``, float32 preferred)."""
-    m, n, s, d = full.shape
-    out = []
-    for start in range(0, m, chunk):
-        block = full[start : start + chunk]
-        sims = similarities(block.reshape(-1, d), query_images)  # [mb*n*s, U]
-        out.append(kernel(sims, gamma).reshape(block.shape[0], n, -1).mean(-1))  # [mb, n]
-    c = torch.cat(out)
-    return _self_terms(kbar_m[:m], weights) - 2 * (c @ weights.float())
-
-
-@dataclass
-class CompactIndex:
-    """The compact tier: per-spec codes and Kbar, plus the projection.
-
-    ``codes`` is laid out [N, M * r] float32 so the prompt-weighted sum over all specs is one
-    vector-matrix product (the fastest layout on CPU: fp16 and bf16 products and fp16->fp32
-    conversion are several times slower here than streaming fp32).
-    """
-
-    proj: torch.Tensor  # [d, r] float32
-    prompt_mean: torch.Tensor  # [N, d] float32, the store's mean of per-prompt mean features
-    codes: torch.Tensor  # [N, M * r] float32
-    kbar: torch.Tensor  # [M, N, N] float32, at gamma
-    gamma: float
-
-    @property
-    def size(self) -> int:
-        return int(self.kbar.shape[0])
-
-    @property
-    def rank(self) -> int:
-        return int(self.proj.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.proj, self.prompt_mean, self.codes, self.kbar))
-
-    @staticmethod
-    def fit_projection(prompt_means: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu [N, d], P [d, r]) from a sample of per-prompt means [m, N, d]: principal directions of
-        the between-checkpoint variation (each prompt's mean over checkpoints removed first)."""
-        x = prompt_means.float()
-        mu = x.mean(dim=0)
-        centred = (x - mu).reshape(-1, x.shape[-1])
-        _, _, v = torch.linalg.svd(centred, full_matrices=False)
-        return mu, v[:r].T.contiguous()
-
-    @staticmethod
-    def encode(full: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-        """Codes [m, N, r] of full specs [m, N, S, d] (what a spec build adds besides Kbar)."""
-        return (full.float().mean(dim=2) - mu) @ proj
-
-    @classmethod
-    def from_parts(cls, proj, mu, codes_mnr: torch.Tensor, kbar_m: torch.Tensor, gamma: float) -> CompactIndex:
-        m, n, r = codes_mnr.shape
-        codes = codes_mnr.float().permute(1, 0, 2).reshape(n, m * r).contiguous()
-        return cls(proj, mu, codes, kbar_m.float().contiguous(), gamma)
-
-    def prefilter(self, query_images: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the k best specs by the linear-kernel weighted score in the projected space."""
-        w = weights.float()
-        y = (query_images.float().mean(0) - w @ self.prompt_mean) @ self.proj  # [r]
-        big = (w @ self.codes).reshape(self.size, self.rank)  # sum_i w_i code_{m,i}
-        score = ((big - y) ** 2).sum(dim=1)
-        return torch.topk(score, min(k, self.size), largest=False).indices
-
-    def identify(
-        self, full: torch.Tensor, query_images: torch.Tensor, weights: torch.Tensor, k: int = 64
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidate indices sorted best first, their exact scores): prefilter, then exact re-rank.
-
-        ``full`` is [M, N, S, d] fp16, in RAM or a memory-mapped array wrapped by torch."""
-        cand, _ = torch.sort(self.prefilter(query_images, weights, k))  # sorted: sequential reads of ``full``
-        scores = exact_scores(full[cand], self.kbar[cand], query_images, weights, self.gamma)
-        order = torch.argsort(scores, stable=True)
-        return cand[order], scores[order]

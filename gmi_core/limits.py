@@ -35,6 +35,9 @@ MAX_IMAGES_PER_PROMPT = 64
 MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1  # base seed of spec images (ComfyUI's INT widgets and the WebUI's seeds fit it)
 DEFAULT_TOP_K = 5  # ranking rows shown by the node, the tab and the API
+# From this many complete specs (one encoder and prompt set) identify prefilters with the two-tier index
+# (gmi_core.index) and re-ranks its candidates exactly, instead of reading every spec.
+INDEX_MIN_SPECS = _env_int("GMI_INDEX_MIN_SPECS", 5000)
 
 
 def positive_int(name: str, value, upper: int | None = None) -> int:
@@ -50,7 +53,9 @@ def positive_int(name: str, value, upper: int | None = None) -> int:
     except (TypeError, ValueError, OverflowError):
         raise InvalidInput(f"{name} must be a whole number >= 1, not {str(value)[:40]!r}") from None
     if number < 1 or (upper is not None and number > upper):
-        raise InvalidInput(f"{name} must be between 1 and {upper}, not {number}" if upper else f"{name} must be >= 1, not {number}")
+        raise InvalidInput(
+            f"{name} must be between 1 and {upper}, not {number}" if upper else f"{name} must be >= 1, not {number}"
+        )
     return number
 
 

@@ -1,17 +1,23 @@
-# ruff: noqa: B023  (timing lambdas are called at once, inside the loop that defines them)
-"""``bench scale``: identification latency and memory against the number of specs, and spec-build overhead.
+
+"""``bench scale``: identification latency, recall and memory against the number of specs, and spec-build overhead.
 
 Specs are synthetic features of realistic shape (55 prompts x 4 images x 768 dims, fp16, as
-``bench synthetic`` family (d) generates them). Per M it times, for one query (already encoded:
-the CLIP pass is not included), on this machine's CPU threads:
+``bench synthetic`` family (d) generates them), every one distinct: they are generated chunk by chunk
+(each chunk deterministic from the seed), written once to a features file in a temp folder, and
+never held in RAM together. In that one pass each chunk also adds its rows of the compact tier
+(codes and Kbar) and its part of the **exact** reference score of every recall query, so recall
+against exact is measured at every M without an exact pass over RAM-resident features. Per M, for
+one query (already encoded: the CLIP pass is not included), on this machine's CPU threads:
 
-* ``exact_ms``: the full weighted RKME over all M specs (full features in RAM, precomputed Kbar);
-  ``null`` where the full features do not fit in RAM (100,000 specs = 33.8 GB fp16);
-* ``prefilter_ms``: the two-tier path of :class:`gmi_core.fastrank.CompactIndex` (linear-kernel
-  weighted score on r-dim codes over all M, then the exact score on the top ``--candidates``);
+* ``exact_ms``: the full weighted RKME over all M specs, features in RAM (up to ``--ram-specs``);
+* ``prefilter_ms``: the two-tier path of :class:`gmi_core.index.CompactIndex` (linear-kernel
+  weighted score on r-dim codes over all M, then the exact score on the top ``--candidates``, whose
+  full features are read from the memory-mapped features file per query);
 * ``prefilter_recall_at_10``: |top-10 of the two-tier path intersect top-10 of the exact score| / 10,
-  averaged over queries. Where exact does not fit in RAM it is computed by streaming the full
-  features from a memory-mapped file (slow, a few queries), and the JSON says so.
+  averaged over ``--queries`` queries per M.
+
+``peak_rss_gb`` is the bench process's peak resident memory; ``disk_bytes`` the temp folder's size.
+The temp folder is removed on exit, also on SIGINT / SIGTERM (only SIGKILL can leave it).
 
 ``build_overhead_ratio``: time of a spec build (generate + encode + store) divided by the time of
 the same generation without gmi, in one run, on tiny random diffusers checkpoints with the tiny
@@ -21,17 +27,25 @@ random CLIP encoder (both on this CPU).
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
+import resource
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..fastrank import CompactIndex, exact_scores, median_gamma, prompt_weights
-from ..ranker import FeatureBank, kbar, rank
+from ..index import INDEX_CANDIDATES, INDEX_RANK, PROJECTION_SAMPLE, CompactIndex, exact_scores, prefetch
+from ..ranker import FeatureBank, kbar, kernel, median_gamma, prompt_weights, rank, similarities
 from .synthetic import SimConfig, make_family
 
 PAPER_SHAPE = "55 prompts x 4 images x 768 dims, fp16"
@@ -102,168 +116,257 @@ def _time(fn, repeats: int) -> float:
     return float(np.median(times) * 1000)
 
 
-def run(args: argparse.Namespace) -> dict:
-    from . import machine_info
-    from .report import line_chart
+DISK_LIMIT_BYTES = 40 * 10**9  # the features file of the largest M must fit in this
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+@contextmanager
+def scratch_dir(parent: str | None, keep: bool = False) -> Iterator[Path]:
+    """A temp folder removed on exit: normal return, exception, SIGINT or SIGTERM (turned into SystemExit so the
+    ``finally`` runs), and atexit for anything else that ends the interpreter."""
+    path = Path(tempfile.mkdtemp(prefix="gmi-bench-scale-", dir=parent))
+
+    def remove() -> None:
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def interrupted(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    atexit.register(remove)
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, interrupted) for sig in handled}
+    try:
+        yield path
+    finally:
+        remove()
+        atexit.unregister(remove)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Queries:
+    """Recall queries: for each M in the bench, ``per_size`` queries whose true checkpoint is below M."""
+
+    size: list[int]  # the M each query belongs to
+    truth: list[int]
+    images: torch.Tensor  # [Q, 4, d]
+    texts: torch.Tensor  # [Q, d] pseudo-prompt text features
+    weights: torch.Tensor  # [Q, N] prompt weights from the pseudo-prompt
+    exact: torch.Tensor  # [Q, M_max] float32 exact scores (1 query image), inf beyond the query's M
+
+
+@dataclass
+class Generated:
+    """What the one pass over all specs leaves: the features file and the compact tier of every spec."""
+
+    path: Path
+    shape: tuple[int, int, int, int]  # [M_max, N, S, d]
+    mu: torch.Tensor
+    proj: torch.Tensor
+    codes: torch.Tensor  # [N, M_max * r]: the index layout, so any prefix of M specs is a view
+    kbars: torch.Tensor  # [M_max, N, N]
+    gamma: float
+    chunk: int
+    seconds: float
+
+    def index(self, m: int) -> CompactIndex:
+        return CompactIndex(self.proj, self.mu, self.codes[:, : m * self.proj.shape[1]], self.kbars[:m], self.gamma)
+
+    def in_ram(self, m: int) -> torch.Tensor:
+        mapped = np.memmap(self.path, dtype=np.float16, mode="r", shape=self.shape)
+        try:
+            return torch.from_numpy(np.array(mapped[:m]))
+        finally:
+            del mapped
+
+
+class MappedFeatures:
+    """Full features of the specs, read from the memory-mapped file for just the rows asked for (the candidates,
+    prefetched together).
+
+    The mapping lives for one read only, so pages read for earlier queries do not stay in this process's RSS."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int, int]):
+        self.path, self.shape = path, shape
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        spec_bytes = int(np.prod(self.shape[1:])) * 2
+        prefetch(self.path, [(int(r) * spec_bytes, spec_bytes) for r in rows])
+        mapped = np.memmap(self.path, dtype=np.float16, mode="r", shape=self.shape)
+        try:
+            return torch.from_numpy(mapped[rows.numpy()])  # fancy indexing copies: the mapping can close
+        finally:
+            del mapped
+
+
+def _settings(args: argparse.Namespace) -> tuple[SimConfig, list[int], int]:
     sizes = sorted(args.sizes or ([100, 1000] if args.quick else [100, 1000, 10000, 100000]))
     cfg = SimConfig(d=args.dim or (128 if args.quick else 768))
-    n, s, d = cfg.n_platform, cfg.images_per_prompt, cfg.d
-    chunk = min(500, sizes[-1]) if sizes[-1] >= 500 else sizes[-1]
-    world = ScaleWorld(cfg, args.seed, chunk)
-    gen_max = min(sizes[-1], args.generate_max) if args.generate_max else sizes[-1]
-    m_max = math.ceil(gen_max / chunk) * chunk
-    spec_bytes_full = n * s * d * 2
-    ram_limit = args.ram_specs if args.ram_specs is not None else 10000
-    workdir = Path(tempfile.mkdtemp(prefix="gmi-bench-scale-", dir=args.workdir))
-    notes = []
-    try:
-        started = time.perf_counter()
-        on_disk = m_max > ram_limit
-        if on_disk:
-            path = workdir / "full.f16"
-            full_np = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(m_max, n, s, d))
-            notes.append(
-                f"full features of {m_max} specs ({m_max * spec_bytes_full / 1e9:.1f} GB) are a memory-mapped file on disk"
-            )
-        else:
-            full_np = np.empty((m_max, n, s, d), dtype=np.float16)
-        # pass 1: features; projection fitted on a sample of up to 2,000 specs' per-prompt means
-        sample_means = []
-        for c in range(m_max // chunk):
+    chunk = min(500, sizes[-1])
+    return cfg, sizes, chunk
+
+
+def _check_disk(workdir: Path, nbytes: int) -> None:
+    free = shutil.disk_usage(workdir).free
+    if nbytes > DISK_LIMIT_BYTES or nbytes > free - 2 * 10**9:
+        raise SystemExit(
+            f"bench scale: the features file needs {nbytes / 1e9:.1f} GB; the limit is {DISK_LIMIT_BYTES / 1e9:.0f} GB "
+            f"and {free / 1e9:.1f} GB are free in {workdir.parent} (--workdir picks another disk)"
+        )
+
+
+def _fit(world: ScaleWorld, m_max: int, rank_r: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(gamma, mu, P) from the first up to PROJECTION_SAMPLE specs (regenerated later in the pass: deterministic)."""
+    chunks = [world.specs(c) for c in range(max(1, min(m_max, PROJECTION_SAMPLE) // world.chunk))]
+    sample = torch.cat(chunks)
+    mu, proj = CompactIndex.fit_projection(sample.float().mean(dim=2), rank_r)
+    return median_gamma(sample), mu, proj
+
+
+def _make_queries(
+    world: ScaleWorld, sizes: list[int], per_size: int, seed: int, prompt: torch.Tensor, m_max: int
+) -> Queries:
+    qgen = torch.Generator().manual_seed(seed + 99)
+    size, truth = [], []
+    for m in sizes:
+        picked = torch.randint(m, (per_size,), generator=qgen).tolist()
+        size += [m] * len(picked)
+        truth += picked
+    images, texts = world.queries(truth, 4, seed + 1)
+    weights = torch.stack([prompt_weights(prompt, t) for t in texts])
+    return Queries(size, truth, images, texts, weights, torch.full((len(truth), m_max), float("inf")))
+
+
+def _generate(world: ScaleWorld, m_max: int, workdir: Path, rank_r: int, queries: Queries) -> Generated:
+    """One pass over every chunk of specs: append its features to the file, its codes and Kbar to the compact
+    tier, and its exact scores to every recall query whose M covers it."""
+    started = time.perf_counter()
+    gamma, mu, proj = _fit(world, m_max, rank_r)
+    n, s, d = world.cfg.n_platform, world.cfg.images_per_prompt, world.cfg.d
+    r = proj.shape[1]
+    codes = torch.empty(n, m_max * r)
+    kbars = torch.empty(m_max, n, n)
+    path = workdir / "features.f16"
+    sizes = torch.tensor(queries.size)
+    with open(path, "wb") as out:
+        for c in range(m_max // world.chunk):
             block = world.specs(c)
-            full_np[c * chunk : (c + 1) * chunk] = block.numpy()
-            if c * chunk < 2000:
-                sample_means.append(block.float().mean(dim=2))
-        gamma = median_gamma(torch.from_numpy(np.asarray(full_np[: min(m_max, 2000)])))
-        mu, proj = CompactIndex.fit_projection(torch.cat(sample_means), args.rank)
-        gen_s = time.perf_counter() - started
-        # pass 2: the compact tier (what each spec build would add: codes and Kbar)
-        started = time.perf_counter()
-        codes = torch.empty(m_max, n, proj.shape[1])  # rank <= d
-        kbars = torch.empty(m_max, n, n)
-        for c in range(0, m_max, chunk):
-            block = torch.from_numpy(np.asarray(full_np[c : c + chunk]))
-            codes[c : c + chunk] = CompactIndex.encode(block, mu, proj)
-            kbars[c : c + chunk] = kbar(block, gamma)
-        compact_s = time.perf_counter() - started
-        if on_disk:
-            full_np.flush()
+            lo, hi = c * world.chunk, (c + 1) * world.chunk
+            out.write(block.numpy().tobytes())
+            codes[:, lo * r : hi * r] = CompactIndex.encode(block, mu, proj).permute(1, 0, 2).reshape(n, -1)
+            kbars[lo:hi] = kbar(block, gamma)
+            active = torch.nonzero(sizes > lo).flatten()
+            if len(active):
+                queries.exact[active, lo:hi] = _exact_block(block, kbars[lo:hi], queries, active, gamma)
+            if hi % max(world.chunk, m_max // 20) < world.chunk:
+                spent = time.perf_counter() - started
+                print(
+                    f"bench scale: {hi:,} of {m_max:,} specs generated ({spent:.0f} s, about {spent * (m_max - hi) / hi:.0f} s left)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    for q, m in enumerate(queries.size):
+        queries.exact[q, m:] = float("inf")
+    return Generated(path, (m_max, n, s, d), mu, proj, codes, kbars, gamma, world.chunk, time.perf_counter() - started)
+
+
+def _exact_block(
+    block: torch.Tensor, kbar_block: torch.Tensor, queries: Queries, active: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Exact scores [len(active), chunk] of one chunk of specs for several queries (first query image each):
+    exact_scores' sum, with all queries in one matrix product."""
+    m, n, s, d = block.shape
+    sims = similarities(block.reshape(-1, d).float(), queries.images[active, 0])  # [m*n*s, Q]
+    means = kernel(sims, gamma).reshape(m, n, s, -1).mean(dim=2)  # [m, n, Q]
+    w = queries.weights[active]  # [Q, n]
+    self_terms = torch.einsum("qi,mij,qj->qm", w, kbar_block, w)
+    return self_terms - 2 * torch.einsum("mnq,qn->qm", means, w)
+
+
+def _measure_size(m: int, gen: Generated, queries: Queries, world: ScaleWorld, args) -> dict:
+    """Latency of exact (in RAM, if allowed) and of the two-tier path, and the two-tier path's recall, at M = m."""
+    n, s, d = gen.shape[1:]
+    index = gen.index(m)
+    mapped = MappedFeatures(gen.path, gen.shape)
+    mine = [q for q, size in enumerate(queries.size) if size == m]
+    img, w = queries.images, queries.weights
+    row = {
+        "spec_bytes": m * n * s * d * 2,
+        "compact_bytes": index.nbytes,
+        "candidates": args.candidates,
+        "queries": len(mine),
+    }
+    if m <= args.ram_specs:
+        full = gen.in_ram(m)
+        pick = lambda r: mine[r % len(mine)]  # noqa: E731
+        row["exact_ms"] = round(
+            _time(lambda r: exact_scores(full, gen.kbars[:m], img[pick(r), :1], w[pick(r)], gen.gamma), args.repeats), 2
+        )
+        row["exact_ms_4_images"] = round(
+            _time(
+                lambda r: exact_scores(full, gen.kbars[:m], img[pick(r)], w[pick(r)], gen.gamma),
+                max(2, args.repeats // 2),
+            ),
+            2,
+        )
+        if m <= ENGINE_PATH_MAX:
+            row |= _engine_path_ms(full, world.prompt, img[mine], queries.texts[mine], args.repeats)
+        del full
+    else:
+        row["exact_ms"] = row["exact_ms_4_images"] = None
+        row["exact_note"] = (
+            f"not timed: full features of {m} specs ({m * n * s * d * 2 / 1e9:.1f} GB) kept out of RAM (--ram-specs {args.ram_specs})"
+        )
+    pick = lambda r: mine[r % len(mine)]  # noqa: E731
+    row["prefilter_ms"] = round(
+        _time(lambda r: index.identify(mapped, img[pick(r), :1], w[pick(r)], args.candidates), args.repeats), 2
+    )
+    row["prefilter_ms_4_images"] = round(
+        _time(lambda r: index.identify(mapped, img[pick(r)], w[pick(r)], args.candidates), max(2, args.repeats // 2)), 2
+    )
+    recalls, hits = [], 0
+    for q in mine:
+        exact_top = torch.topk(queries.exact[q, :m], min(10, m), largest=False).indices
+        got, _ = index.identify(mapped, img[q, :1], w[q], args.candidates)
+        recalls.append(len(set(got[:10].tolist()) & set(exact_top.tolist())) / len(exact_top))
+        hits += int(got[0]) == queries.truth[q]
+    row["recall_reference"] = "exact over all M distinct specs, scored chunk by chunk while generating"
+    row["prefilter_recall_at_10"] = round(float(np.mean(recalls)), 4)
+    row["recall_queries"] = len(recalls)
+    row["prefilter_top1_is_truth"] = round(hits / len(recalls), 4)
+    row["prefilter_recall_at_10_min"] = round(float(np.min(recalls)), 2)
+    return row
+
+
+def _peak_rss_gb() -> float:
+    """Peak resident memory of this process (ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, sizes, chunk = _settings(args)
+    world = ScaleWorld(cfg, args.seed, chunk)
+    m_max = math.ceil(sizes[-1] / chunk) * chunk
+    with scratch_dir(args.workdir, args.keep) as workdir:
+        _check_disk(workdir, m_max * cfg.n_platform * cfg.images_per_prompt * cfg.d * 2)
+        queries = _make_queries(world, sizes, args.queries, args.seed, world.prompt, m_max)
+        gen = _generate(world, m_max, workdir, args.rank, queries)
+        disk = gen.path.stat().st_size
         results = {}
-        qgen = torch.Generator().manual_seed(args.seed + 99)
         for m in sizes:
-            tiled = m > m_max
-            if tiled:  # timing only: the generated index repeated; candidates map back to generated rows
-                reps = math.ceil(m / m_max)
-                index = _TiledIndex.from_parts(
-                    proj, mu, codes.repeat(reps, 1, 1)[:m], kbars.repeat(reps, 1, 1)[:m], gamma
-                )
-                index.rows = m_max
-                notes.append(
-                    f"M={m}: features of {m_max} generated specs repeated {reps}x (generating {m} specs takes too long here); "
-                    "latency measured on that index, recall not measurable on repeated specs"
-                )
-            else:
-                index = CompactIndex.from_parts(proj, mu, codes[:m], kbars[:m], gamma)
-            truth = torch.randint(min(m, m_max), (args.queries,), generator=qgen).tolist()
-            q_img, q_text = world.queries(truth, 4, args.seed + m)
-            weights = [prompt_weights(world.prompt, t) for t in q_text]
-            in_ram = m <= ram_limit
-            full = torch.from_numpy(
-                np.array(full_np[:m]) if (in_ram and on_disk) else np.asarray(full_np[: min(m, m_max)])
-            )
-            row = {
-                "spec_bytes": m * spec_bytes_full,
-                "compact_bytes": index.nbytes,
-                "candidates": args.candidates,
-                "queries": args.queries,
-            }
-            # exact and its top-10 (in RAM; or streamed from disk for recall only)
-            exact_top = []
-            if in_ram and not tiled:
-                row["exact_ms"] = round(
-                    _time(
-                        lambda r: exact_scores(
-                            full, kbars[:m], q_img[r % len(truth), :1], weights[r % len(truth)], gamma
-                        ),
-                        args.repeats,
-                    ),
-                    2,
-                )
-                row["exact_ms_4_images"] = round(
-                    _time(
-                        lambda r: exact_scores(full, kbars[:m], q_img[r % len(truth)], weights[r % len(truth)], gamma),
-                        max(2, args.repeats // 2),
-                    ),
-                    2,
-                )
-                for qi in range(len(truth)):
-                    sc = exact_scores(full, kbars[:m], q_img[qi, :1], weights[qi], gamma)
-                    exact_top.append(torch.topk(sc, min(10, m), largest=False).indices)
-                row["recall_reference"] = "exact over all specs in RAM"
-                if m <= ENGINE_PATH_MAX:
-                    row |= _engine_path_ms(full, world.prompt, q_img, q_text, args.repeats)
-            else:
-                row["exact_ms"] = None
-                row["exact_ms_4_images"] = None
-                row["exact_note"] = (
-                    f"exact over all {m} specs is infeasible in memory ({m * spec_bytes_full / 1e9:.1f} GB of fp16 features > RAM)"
-                    if not in_ram
-                    else "not measured on repeated specs"
-                )
-                nq = 0 if tiled else min(len(truth), args.stream_queries)
-                if nq:
-                    t0 = time.perf_counter()
-                    parts = [[] for _ in range(nq)]
-                    for c in range(0, m, 2048):
-                        block = torch.from_numpy(np.asarray(full_np[c : min(m, c + 2048)]))
-                        for qi in range(nq):
-                            parts[qi].append(
-                                exact_scores(block, kbars[c : c + len(block)], q_img[qi, :1], weights[qi], gamma)
-                            )
-                    exact_top = [torch.topk(torch.cat(p), 10, largest=False).indices for p in parts]
-                    row["recall_reference"] = (
-                        f"exact streamed from the memory-mapped file for {nq} queries ({time.perf_counter() - t0:.0f} s for all of them)"
-                    )
-                else:
-                    row["recall_reference"] = "none: repeated specs" if tiled else "none (no exact reference computed)"
-            row["prefilter_ms"] = round(
-                _time(
-                    lambda r: index.identify(
-                        full,
-                        q_img[r % len(truth), :1],
-                        prompt_weights(world.prompt, q_text[r % len(truth)]),
-                        args.candidates,
-                    ),
-                    args.repeats,
-                ),
-                2,
-            )
-            row["prefilter_ms_4_images"] = round(
-                _time(
-                    lambda r: index.identify(full, q_img[r % len(truth)], weights[r % len(truth)], args.candidates),
-                    max(2, args.repeats // 2),
-                ),
-                2,
-            )
-            recalls, hits = [], 0
-            for qi, top in enumerate(exact_top):
-                got, _ = index.identify(full, q_img[qi, :1], weights[qi], args.candidates)
-                recalls.append(len(set(got[:10].tolist()) & set(top.tolist())) / len(top))
-                hits += int(got[0]) == truth[qi]
-            row["prefilter_recall_at_10"] = round(float(np.mean(recalls)), 4) if recalls else None
-            row["recall_queries"] = len(recalls)
-            row["prefilter_top1_is_truth"] = round(hits / len(recalls), 4) if recalls else None
-            if tiled:
-                row["timing_index"] = f"{m_max} generated specs repeated to {m}"
-            results[str(m)] = row
-            full = None  # free before the next size
+            results[str(m)] = _measure_size(m, gen, queries, world, args)
+            print(f"bench scale: M={m:,} measured: {results[str(m)]}", file=sys.stderr, flush=True)
         ratio = None if args.no_build else build_overhead(args)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return _report(args, cfg, gen, results, ratio, disk)
+
+
+def _report(args, cfg: SimConfig, gen: Generated, results: dict, ratio: dict | None, disk: int) -> dict:
+    from . import machine_info
+
+    n, s, d = gen.shape[1:]
     data = {
         "command": "scale",
         "machine": machine_info(),
@@ -271,38 +374,47 @@ def run(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "quick": bool(args.quick),
             "spec_shape": f"{n} prompts x {s} images x {d} dims, fp16",
-            "compact": f"codes {n} x {args.rank} float32 + Kbar {n} x {n} float32 per spec; projection fitted on up to 2,000 specs",
+            "specs": f"{gen.shape[0]} distinct specs, generated in chunks of {gen.chunk}",
+            "compact": f"codes {n} x {gen.proj.shape[1]} float32 + Kbar {n} x {n} float32 per spec; projection and gamma fitted on the first {min(gen.shape[0], PROJECTION_SAMPLE)} specs",
             "candidates_reranked": args.candidates,
-            "gamma": gamma,
-            "timing": f"median of {args.repeats} queries after a warm-up; one already-encoded query, CLIP pass excluded",
-            "in_ram_limit_specs": ram_limit,
-            "generation_s": round(gen_s, 1),
-            "compact_build_s": round(compact_s, 1),
-            "notes": notes,
+            "gamma": gen.gamma,
+            "timing": f"median of {args.repeats} queries after a warm-up; one already-encoded query, CLIP pass excluded; "
+            "the re-rank reads its candidates' full features from the memory-mapped features file each query",
+            "in_ram_limit_specs": args.ram_specs,
+            "generation_s": round(gen.seconds, 1),
         },
         "results": results,
+        "peak_rss_gb": _peak_rss_gb(),
+        "disk_bytes": disk,
         "build_overhead_ratio": ratio["ratio"] if ratio else None,
         "build_overhead": ratio,
     }
     data["targets"] = check_targets(data)
     if args.plot != "none":
-        plot = args.plot or str(Path(args.out).with_suffix(".png") if args.out else Path("bench-scale.png"))
-        ms = [int(m) for m in results]
-        line_chart(
-            plot,
-            "bench scale: identification latency per query (ms, CPU)",
-            ms,
-            {
-                "exact": [results[str(m)]["exact_ms"] for m in ms],
-                "prefilter + re-rank": [results[str(m)]["prefilter_ms"] for m in ms],
-                "exact, 4 images": [results[str(m)]["exact_ms_4_images"] for m in ms],
-                "prefilter, 4 images": [results[str(m)]["prefilter_ms_4_images"] for m in ms],
-            },
-            "number of specs M",
-            "ms",
-        )
-        data["plot"] = plot
+        _plot(args, data)
     return data
+
+
+def _plot(args, data: dict) -> None:
+    from .report import line_chart
+
+    results = data["results"]
+    plot = args.plot or str(Path(args.out).with_suffix(".png") if args.out else Path("bench-scale.png"))
+    ms = [int(m) for m in results]
+    line_chart(
+        plot,
+        "bench scale: identification latency per query (ms, CPU)",
+        ms,
+        {
+            "exact": [results[str(m)]["exact_ms"] for m in ms],
+            "prefilter + re-rank": [results[str(m)]["prefilter_ms"] for m in ms],
+            "exact, 4 images": [results[str(m)]["exact_ms_4_images"] for m in ms],
+            "prefilter, 4 images": [results[str(m)]["prefilter_ms_4_images"] for m in ms],
+        },
+        "number of specs M",
+        "ms",
+    )
+    data["plot"] = plot
 
 
 def build_overhead(args: argparse.Namespace) -> dict:
@@ -367,18 +479,6 @@ def build_overhead(args: argparse.Namespace) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-class _TiledIndex(CompactIndex):
-    """A compact index whose rows repeat ``rows`` generated specs: the re-rank reads row ``i % rows``."""
-
-    rows: int = 0
-
-    def identify(self, full, query_images, weights, k=64):
-        cand, _ = torch.sort(self.prefilter(query_images, weights, k))
-        scores = exact_scores(full[cand % self.rows], self.kbar[cand], query_images, weights, self.gamma)
-        order = torch.argsort(scores, stable=True)
-        return cand[order], scores[order]
-
-
 class _KeepLoaded:
     """Wraps the generator so the build does not count reloading the already-loaded pipeline."""
 
@@ -411,14 +511,24 @@ def check_targets(data: dict) -> list[dict]:
                 }
             )
     for m, row in res.items():
-        if row.get("prefilter_recall_at_10") is not None and row.get("recall_queries"):
+        if row.get("recall_queries"):
             checks.append(
                 {
-                    "target": f"prefilter recall@10 >= 0.99 against exact at M={m} ({row['recall_reference']})",
+                    "target": f"prefilter recall@10 >= 0.99 against exact at M={m} ({row['recall_queries']} queries, distinct specs)",
                     "value": row["prefilter_recall_at_10"],
                     "met": row["prefilter_recall_at_10"] >= 0.99,
                 }
             )
+    checks.append(
+        {"target": "peak RSS of the bench <= 8 GB", "value": data["peak_rss_gb"], "met": data["peak_rss_gb"] <= 8}
+    )
+    checks.append(
+        {
+            "target": f"disk <= {DISK_LIMIT_BYTES / 1e9:.0f} GB (removed on exit)",
+            "value": round(data["disk_bytes"] / 1e9, 2),
+            "met": data["disk_bytes"] <= DISK_LIMIT_BYTES,
+        }
+    )
     if data.get("build_overhead_ratio") is not None:
         checks.append(
             {
@@ -432,15 +542,26 @@ def check_targets(data: dict) -> list[dict]:
 
 def format_tables(data: dict) -> str:
     lines = [
-        "| M specs | full features | compact tier | exact ms (1 img / 4 img) | engine ms (first / steady) | prefilter+re-rank ms (1 img / 4 img) | recall@10 | recall reference |"
+        "| M specs (distinct) | full fp16 features | compact tier | exact ms (1 / 4 images) | engine path ms (first / steady) | prefilter + re-rank ms (1 / 4 images) | recall@10 vs exact (min) | top-1 = truth |"
     ]
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     for m, r in data["results"].items():
-        lines.append(
-            f"| {int(m):,} | {r['spec_bytes'] / 1e6:,.0f} MB | {r['compact_bytes'] / 1e6:,.1f} MB | {fmt(r['exact_ms'])} / {fmt(r['exact_ms_4_images'])} | "
-            f"{fmt(r.get('engine_first_ms'))} / {fmt(r.get('engine_ms'))} | {fmt(r['prefilter_ms'])} / {fmt(r['prefilter_ms_4_images'])} | {r['prefilter_recall_at_10']} ({r['recall_queries']} q) | {r['recall_reference']} |"
+        exact = (
+            f"{fmt(r['exact_ms'])} / {fmt(r['exact_ms_4_images'])}"
+            if r["exact_ms"] is not None
+            else "not timed (not in RAM)"
         )
+        engine = f"{fmt(r.get('engine_first_ms'))} / {fmt(r.get('engine_ms'))}" if "engine_ms" in r else "not run"
+        lines.append(
+            f"| {int(m):,} | {r['spec_bytes'] / 1e9:,.2f} GB | {r['compact_bytes'] / 1e6:,.0f} MB | {exact} | {engine} | "
+            f"{fmt(r['prefilter_ms'])} / {fmt(r['prefilter_ms_4_images'])} | {r['prefilter_recall_at_10']:.3f} ({r['prefilter_recall_at_10_min']:.1f}; {r['recall_queries']} queries) | "
+            f"{r['prefilter_top1_is_truth']:.2f} |"
+        )
+    lines.append(
+        f"\nPeak RSS of the whole bench: {data['peak_rss_gb']} GB; temp disk: {data['disk_bytes'] / 1e9:.1f} GB (removed); "
+        f"generating the specs with their compact tier and exact reference scores: {data['settings']['generation_s']} s."
+    )
     b = data.get("build_overhead")
     if b:
         lines.append(
@@ -454,29 +575,25 @@ def format_tables(data: dict) -> str:
 
 
 def add_arguments(commands) -> None:
-    p = commands.add_parser("scale", help="latency and memory against the number of specs; spec-build overhead")
+    p = commands.add_parser("scale", help="latency, recall and memory against the number of specs; spec-build overhead")
     p.add_argument("--out", help="JSON file (default bench-scale.json); the PNG goes beside it")
     p.add_argument("--plot", help="PNG file, or 'none'")
     p.add_argument("--quick", action="store_true", help="CI size: M = 100, 1000 at d=128")
     p.add_argument("--sizes", type=int, nargs="+", help="numbers of specs (default 100 1000 10000 100000)")
     p.add_argument("--dim", type=int, help="feature dimension (default 768; 128 with --quick)")
-    p.add_argument("--rank", type=int, default=64, help="dimension of the compact codes")
-    p.add_argument("--candidates", type=int, default=64, help="specs re-ranked exactly after the prefilter")
-    p.add_argument("--queries", type=int, default=20, help="queries for recall")
+    p.add_argument("--rank", type=int, default=INDEX_RANK, help="dimension of the compact codes")
     p.add_argument(
-        "--stream-queries",
-        type=int,
-        default=5,
-        help="queries whose exact reference is streamed from disk where it does not fit in RAM",
+        "--candidates", type=int, default=INDEX_CANDIDATES, help="specs re-ranked exactly after the prefilter"
     )
+    p.add_argument("--queries", type=int, default=100, help="recall queries per M (each with its exact reference)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument(
-        "--generate-max",
+        "--ram-specs",
         type=int,
-        help="generate at most this many specs; larger M are timed on the generated ones repeated",
+        default=5000,
+        help="time exact in RAM up to this many specs (default 5000: keeps the bench under 8 GB at 10^5)",
     )
-    p.add_argument("--ram-specs", type=int, help="hold full features in RAM up to this many specs (default 10000)")
-    p.add_argument("--workdir", help="folder for the memory-mapped features (default: system temp)")
+    p.add_argument("--workdir", help="folder for the temp features file (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-build", action="store_true", help="skip the spec-build overhead measurement")
