@@ -1,4 +1,3 @@
-
 """``bench scale``: identification latency, recall and memory against the number of specs, and spec-build overhead.
 
 Specs are synthetic features of realistic shape (55 prompts x 4 images x 768 dims, fp16, as
