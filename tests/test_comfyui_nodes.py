@@ -204,7 +204,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, PACK, pack)
     spec.loader.exec_module(pack)
 
-    nodes = pack.nodes
+    nodes = importlib.import_module(PACK + ".nodes")  # imported when ComfyUI calls the pack's comfy_entrypoint
     importlib.import_module(PACK + ".nodes.routes")  # ComfyUI imports it in comfy_entrypoint; the tests call it
     monkeypatch.setattr(nodes.build_node, "ComfyGenerator", FakeGenerator)
     loaded = []
@@ -294,6 +294,15 @@ def test_engine_imports_without_comfyui_and_the_hosts_stay_apart():
         assert "gmi_core" not in _imported_modules(path), path
     script = subprocess.run([sys.executable, str(REPO / "__init__.py")], capture_output=True, text=True, timeout=60)
     assert script.returncode == 0, script.stderr  # run as a plain script, the pack file registers nothing
+    as_package = (  # pytest imports the checkout as the tests' parent package: that must not need ComfyUI
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(REPO / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(REPO)!r}])\n"
+        "pack = importlib.util.module_from_spec(spec); sys.modules['pack'] = pack; spec.loader.exec_module(pack)\n"
+        "print(callable(pack.comfy_entrypoint), any(m.startswith(('comfy', 'pack.nodes')) for m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", as_package], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "False"], out.stderr
 
 
 def test_extension_lists_the_v3_nodes_as_object_info_shows_them(env):
