@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .paths import set_default_mode
+from .paths import atomic_write
 from .ranker import kbar, kernel, median_gamma, similarities
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,6 @@ class StoreIndex:
 
     # -- persistence: safetensors with the listing in its metadata -------------------------
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         c = self.compact
         tensors = {
             "proj": c.proj,
@@ -178,15 +176,8 @@ class StoreIndex:
             "prompt": self.prompt.float(),
         }
         meta = {"format": INDEX_FORMAT, "gamma": c.gamma, "rows": [list(r) for r in self.rows]}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_write(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"gmi_index": json.dumps(meta)})
-            set_default_mode(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: Path) -> StoreIndex | None:
