@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -37,9 +39,15 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    """A local Ray whose session files (logs, sockets) go to a temp folder removed afterwards; a short path, as
+    Ray's socket paths must fit in 107 characters."""
+    temp = tempfile.mkdtemp(prefix="gmi-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp)
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _args(world, home, budget="3x2"):

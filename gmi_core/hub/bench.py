@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=2, help="images per prompt")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="gmi-bench-hub-"))
+    os.environ["RAY_TMPDIR"] = str(workdir)  # Ray's session files (logs, sockets) go with the rest of the bench's
     try:
         data = {**measure(workdir, args.workers, args.checkpoints, args.steps, args.images), "machine": machine_info()}
     finally:
