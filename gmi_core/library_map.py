@@ -231,13 +231,13 @@ def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) ->
     """The 2-D map as a PNG: groups in colour, near-duplicate links drawn, not-installed checkpoints hollow."""
     from PIL import Image, ImageDraw
 
-    from .bench.report import COLOURS, _font
+    from .charts import COLOURS, load_font
 
     width, height = size
     margin = 60
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    font, small = _font(14), _font(11)
+    font, small = load_font(14), load_font(11)
     draw.text(
         (margin, 14),
         f"gmi library map: {len(lib.names)} checkpoints, {len(lib.groups)} near-duplicate group(s)",

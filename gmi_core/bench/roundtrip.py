@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from ..budgets import Budget
+    from ..charts import bar_chart
     from ..checkpoints import FolderCheckpointSource
     from ..diffusers_generator import DiffusersGenerator
     from ..encoders import load_encoder, tiny_encoder
@@ -75,7 +76,6 @@ def run(args: argparse.Namespace) -> dict:
     from ..prompts import load_prompt_set
     from ..protocols import GenerationSettings
     from . import machine_info
-    from .report import bar_chart
     from .synthetic import BUDGET_ESTIMATORS, PAPER, _metrics, budget_plot
 
     if args.threads:

@@ -395,7 +395,7 @@ def _report(args, cfg: SimConfig, gen: Generated, results: dict, ratio: dict | N
 
 
 def _plot(args, data: dict) -> None:
-    from .report import line_chart
+    from ..charts import line_chart
 
     results = data["results"]
     plot = args.plot or str(Path(args.out).with_suffix(".png") if args.out else Path("bench-scale.png"))

@@ -421,8 +421,8 @@ def family_plan(quick: bool, many: list[int]) -> list[tuple[str, int]]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from ..charts import bar_chart
     from . import machine_info
-    from .report import bar_chart
 
     torch.set_num_threads(args.threads) if args.threads else None
     cfg = SimConfig()
@@ -510,7 +510,7 @@ def run(args: argparse.Namespace) -> dict:
 def budget_plot(path, by_estimator: dict, dim: int | str):
     """Top-1 per family and estimator for each budget (bars ordered by images per spec); ``by_estimator`` maps an
     estimator name (see BUDGET_ESTIMATORS) to results_budget-shaped curves."""
-    from .report import bar_chart
+    from ..charts import bar_chart
 
     tags = {name: name.removeprefix("gmi_") for name in by_estimator}  # gmi, centred
     families = list(dict.fromkeys(f for curves in by_estimator.values() for f in curves))
