@@ -35,6 +35,7 @@ from .protocols import (
     CheckpointSource,
     GenerationSettings,
     Generator,
+    ListedCheckpoints,
     ProgressCallback,
     SkippedCheckpoint,
 )
@@ -649,9 +650,11 @@ class Gmi:
         n = index.prompt.shape[0]
         weights = prompt_weights(index.prompt, query_text, tau) if method == "gmi" else torch.full((n,), 1.0 / n)
         allowed = None
-        if source is not None and not include_not_installed:
-            installed = {c.sha256 for c in source.list_checkpoints().checkpoints}
-            allowed = torch.tensor([sha in installed for sha in index.shas])
+        if source is not None:
+            source = ListedCheckpoints(source.list_checkpoints())  # also what load_specs reads below
+            if not include_not_installed:
+                installed = {c.sha256 for c in source.listing.checkpoints}
+                allowed = torch.tensor([sha in installed for sha in index.shas])
         shortlist = set(
             index.shortlist(query_images, weights, min(max(INDEX_CANDIDATES, top_k or 0), MAX_RERANKED), allowed)
         )

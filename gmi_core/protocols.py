@@ -79,6 +79,17 @@ class CheckpointSource(Protocol):
         """Every usable checkpoint, and the unusable ones with a reason."""
 
 
+@dataclass
+class ListedCheckpoints:
+    """A :class:`CheckpointSource` answering with a listing already made: the folders are listed once and the
+    answer used by several calls."""
+
+    listing: CheckpointListing
+
+    def list_checkpoints(self) -> CheckpointListing:
+        return self.listing
+
+
 @runtime_checkable
 class Generator(Protocol):
     def generate(

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..encoders import load_encoder, tiny_encoder
     from ..engine import Gmi
     from ..prompts import load_prompt_set
-    from ..protocols import GenerationSettings
+    from ..protocols import GenerationSettings, ListedCheckpoints
     from . import machine_info
     from .synthetic import BUDGET_ESTIMATORS, PAPER, _metrics, budget_plot
 
@@ -121,18 +121,15 @@ def run(args: argparse.Namespace) -> dict:
         if report.failed:
             raise SystemExit(f"spec builds failed: {report.failed}")
 
-        class _Only:  # restrict identification to the benchmark's checkpoints
-            def list_checkpoints(self_inner):
-                listing = source.list_checkpoints()
-                listing.checkpoints = [c for c in listing.checkpoints if c.name in {k.name for k in checkpoints}]
-                return listing
-
-        specs, _ = gmi.load_specs(_Only())
+        listing = source.list_checkpoints()  # identification restricted to the benchmark's checkpoints
+        listing.checkpoints = [c for c in listing.checkpoints if c.name in {k.name for k in checkpoints}]
+        only = ListedCheckpoints(listing)
+        specs, _ = gmi.load_specs(only)
         budget_banks = budget_cut_banks(specs)
         t = time.perf_counter()
         positions, budget_positions, identify_s = _run_tasks(
             gmi,
-            _Only(),
+            only,
             generator,
             checkpoints,
             evaluation,

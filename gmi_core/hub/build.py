@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GmiError
-from ..protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint, format_eta
+from ..protocols import CheckpointInfo, CheckpointListing, ListedCheckpoints, SkippedCheckpoint, format_eta
 
 TASK_RETRIES = 3  # a checkpoint whose build kills its worker this often is reported as failed
 
@@ -250,12 +250,7 @@ def plan_build(args: argparse.Namespace):
     source = checkpoint_source(args.models, args.home / "hashes.json")
     listing = source.list_checkpoints()
     by_name = {c.name: c for c in listing.checkpoints}
-
-    class Listed:
-        def list_checkpoints(self):
-            return listing
-
-    plan = gmi.plan(Listed(), "missing")
+    plan = gmi.plan(ListedCheckpoints(listing), "missing")
     return gmi, [(by_name[name], images) for name, images in plan.checkpoints if images], listing.skipped
 
 
