@@ -28,6 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import browser, comfy_env
 from comfyui_support.workflows import nodes_of, ui_to_api
+from image_files import png_header_only
 
 pytestmark = pytest.mark.slow
 
@@ -494,22 +495,6 @@ def _post(server, path, body: bytes, headers: dict, timeout: float = 120):
         return exc.code, exc.read()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
-        + chunk(b"IEND", b"")
-    )
-
-
 def test_upload_limits_and_host_access_control(comfy):
     """Hostile uploads against the real server: refused before decoding, 4xx not 500, and ComfyUI's own
     origin check guards gmi's routes exactly as it guards /prompt."""
@@ -518,12 +503,12 @@ def test_upload_limits_and_host_access_control(comfy):
 
     server, _ = comfy
     # a 16000x16000 PNG header in 1 KB: refused from the header, quickly
-    body, ctype = multipart({"encoder": ENCODER_FILE}, {"image": ("bomb.png", _png_header_only(16000, 16000))})
+    body, ctype = multipart({"encoder": ENCODER_FILE}, {"image": ("bomb.png", png_header_only(16000, 16000))})
     t0 = time.time()
     code, out = _post(server, "/gmi/identify", body, {"Content-Type": ctype})
     assert code == 400 and b"image too large" in out and time.time() - t0 < 10, out
     # more images than allowed: refused before any decode
-    files = {f"image{i}": (f"{i}.png", _png_header_only(64, 64)) for i in range(17)}
+    files = {f"image{i}": (f"{i}.png", png_header_only(64, 64)) for i in range(17)}
     body, ctype = multipart({"encoder": ENCODER_FILE}, files)
     code, out = _post(server, "/gmi/identify", body, {"Content-Type": ctype})
     assert code == 400 and b"at most 16 images" in out, out
@@ -534,16 +519,12 @@ def test_upload_limits_and_host_access_control(comfy):
             b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG',
             {"Content-Type": "multipart/form-data; boundary=b"},
         ),
-        (*multipart({"encoder": ENCODER_FILE, "top_k": "lots"}, {"image": ("q.png", _png_header_only(64, 64))}),),
-        (
-            *multipart(
-                {"encoder": "../../../../etc/passwd.safetensors"}, {"image": ("q.png", _png_header_only(64, 64))}
-            ),
-        ),
+        (*multipart({"encoder": ENCODER_FILE, "top_k": "lots"}, {"image": ("q.png", png_header_only(64, 64))}),),
+        (*multipart({"encoder": "../../../../etc/passwd.safetensors"}, {"image": ("q.png", png_header_only(64, 64))}),),
         (
             *multipart(
                 {"encoder": ENCODER_FILE, "prompt_set": "../../../etc/passwd"},
-                {"image": ("q.png", _png_header_only(64, 64))},
+                {"image": ("q.png", png_header_only(64, 64))},
             ),
         ),
     ]

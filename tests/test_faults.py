@@ -13,12 +13,10 @@ import asyncio
 import json
 import os
 import stat
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ from gmi_core.paths import FILE_MODE, redact, resolve_inside
 from gmi_core.prompts import load_prompt_set
 from gmi_core.protocols import GenerationSettings
 from gmi_core.spec import Spec, _content_hash
+from tests.image_files import png_header_only
 from tests.test_comfyui_nodes import FakeGenerator, Interrupted, build, env, fake_image, write_fake_checkpoint  # noqa: F401
 
 torch.set_num_threads(1)
@@ -95,23 +94,20 @@ def core(tmp_path) -> World:
     return w
 
 
+def run_gmi(*args) -> subprocess.CompletedProcess:
+    """``python -m gmi_core ARGS`` from this checkout in a child process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gmi_core", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+    )
+
+
 def query(index: int = 1) -> Image.Image:
     return fake_image(index, "a lighthouse in a storm", 987_654)
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with a token IDAT: decoding it would need width*height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
-        + chunk(b"IEND", b"")
-    )
 
 
 def no_server_path(text: str, *roots: Path) -> bool:
@@ -337,29 +333,7 @@ def test_faults_os_cli_one_line_never_a_traceback(core, tmp_path, where):
     from gmi_core.encoders import save_encoder
 
     save_encoder(core.encoder, encoder)
-    cmd = [
-        sys.executable,
-        "-m",
-        "gmi_core",
-        "identify",
-        str(image),
-        "--models",
-        str(models),
-        "--home",
-        str(home),
-        "--encoder",
-        str(encoder),
-        "--prompt",
-        "x",
-    ]
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-    )
+    out = run_gmi("identify", image, "--models", models, "--home", home, "--encoder", encoder, "--prompt", "x")
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     if where == "image_is_a_dir":
@@ -768,25 +742,7 @@ def test_faults_messages_cli_empty_models_folder_says_so(tmp_path):
     from gmi_core.encoders import save_encoder
 
     encoder = save_encoder(tiny_encoder(0), tmp_path / "enc.safetensors")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gmi_core",
-            "specs",
-            "--models",
-            str(tmp_path / "models"),
-            "--home",
-            str(tmp_path / "home"),
-            "--encoder",
-            str(encoder),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=300,
-    )
+    out = run_gmi("specs", "--models", tmp_path / "models", "--home", tmp_path / "home", "--encoder", encoder)
     assert out.returncode == 0 and "holds no checkpoint files" in out.stdout, out
 
 
@@ -796,26 +752,16 @@ def test_faults_messages_cli_build_prints_skipped_reason(tmp_path):
     from gmi_core.encoders import save_encoder
 
     encoder = save_encoder(tiny_encoder(0), tmp_path / "enc.safetensors")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gmi_core",
-            "build",
-            "--models",
-            str(tmp_path / "models"),
-            "--home",
-            str(tmp_path / "home"),
-            "--encoder",
-            str(encoder),
-            "--which",
-            "lora.safetensors",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=300,
+    out = run_gmi(
+        "build",
+        "--models",
+        tmp_path / "models",
+        "--home",
+        tmp_path / "home",
+        "--encoder",
+        encoder,
+        "--which",
+        "lora.safetensors",
     )
     assert "lora.safetensors: skipped: unreadable" in out.stderr and "unknown" not in out.stderr, out
 
