@@ -17,6 +17,7 @@ from PIL import Image
 from . import limits
 from .budgets import Budget, covered_budget, parse_budget
 from .builder import build_spec, missing_images
+from .confidence import ranking_confidence
 from .encoders import ClipEncoder
 from .errors import Busy, Cancelled, CheckpointError, GmiError, NoSpecsError, SpecError
 from .families import FamilySettings
@@ -145,6 +146,7 @@ class RankedCheckpoint:
     prompts_done: int = 0  # prompts with images in the spec
     images_done: int = 0
     partial: bool = False  # the spec holds less than the engine's budget
+    confidence: float | None = None  # gmi_core.confidence: winner beats every runner-up / runner-up beats the winner
 
     @property
     def short_hash(self) -> str:
@@ -159,6 +161,8 @@ class IdentifyResult:
     gamma: float | None
     ranking: list[RankedCheckpoint]
     excluded: list[tuple[str, str]] = field(default_factory=list)
+    ambiguous: bool | None = None  # None: the method has no noise model (gmi_core.confidence)
+    contenders: list[str] = field(default_factory=list)  # names that cannot be told apart from the winner, winner first
 
     @property
     def best(self) -> RankedCheckpoint:
@@ -186,10 +190,13 @@ class IdentifyResult:
                         "prompts_done": r.prompts_done,
                         "images_done": r.images_done,
                         "partial": r.partial,
+                        "confidence": r.confidence,
                     }
                     for r in self.ranking
                 ],
                 "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
+                "ambiguous": self.ambiguous,
+                "contenders": list(self.contenders),
             }
         )
 
@@ -585,6 +592,7 @@ class Gmi:
                 indexed, query_images, query_text, method, gamma, tau, top_k, source, include_not_installed
             )
         ranking = rank(bank, method, query_images, query_text, query_pixels, gamma=gamma, tau=tau, centre=centre)
+        confidence = ranking_confidence(bank, ranking, query_images, query_text, query_pixels, centre)
         ranked = []
         order = ranking.order.tolist()[: top_k or None]
         for position, index in enumerate(order, start=1):
@@ -608,9 +616,14 @@ class Gmi:
                     prompts_done=sum(c > 0 for c in counts),
                     images_done=sum(counts),
                     partial=missing_images(counts, self.budget) > 0,
+                    confidence=confidence.of(index) if confidence else None,
                 )
             )
-        return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
+        result = IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)
+        if confidence:
+            result.ambiguous = confidence.ambiguous
+            result.contenders = [specs[i].checkpoint_name for i in confidence.contenders]
+        return result
 
     # -- the two-tier index (model-hub scale) -------------------------------------------------
     def _indexed_entries(self, listed: list[ManifestEntry], method: str, centre: bool) -> list[ManifestEntry] | None:
