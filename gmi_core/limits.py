@@ -41,7 +41,7 @@ INDEX_MIN_SPECS = _env_int("GMI_INDEX_MIN_SPECS", 5000)
 # Confidence (gmi_core.confidence, docs/confidence.md): a runner-up is a contender while the winner's margin over
 # it is below CONFIDENCE_Z standard errors; the top CONFIDENCE_ROWS rows are examined. Refine renders the missing
 # images of at most REFINE_MAX_CONTENDERS contenders' specs (the best-ranked first).
-CONFIDENCE_Z = 2.0
+CONFIDENCE_Z = 3.0
 CONFIDENCE_ROWS = 8
 REFINE_MAX_CONTENDERS = 4
 

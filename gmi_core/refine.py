@@ -145,12 +145,23 @@ def refine(
     target = parse_budget(budget or REFINE_BUDGET)
     if max_images is not None and max_images < 0:
         raise GmiError(f"refine image cap must be >= 0, not {max_images}")
+    top_k = identify_options.pop("top_k", None)  # contenders come from the whole ranking; rows are cut at the end
     if before is None:
         before = engine.identify(images, source=source, **identify_options)
     plan = refine_plan(engine, before, source, target, max_images)
     result = RefineResult(before, before, target.label(len(engine.prompt_set)), [(c.name, k) for c, _, k in plan])
-    if not plan:
-        return result
+    if plan:
+        _render(engine, plan, generator, result, progress, should_cancel)
+        if result.images_rendered:
+            result.after = engine.identify(images, source=source, **identify_options)
+    if top_k:
+        result.before.ranking = result.before.ranking[:top_k]
+        result.after.ranking = result.after.ranking[:top_k]
+    return result
+
+
+def _render(engine: Gmi, plan, generator: Generator, result: RefineResult, progress, should_cancel) -> None:
+    """Build each planned spec to its budget (only missing cells), counting into ``result``; stops on Cancelled."""
     total = sum(k for *_, k in plan)
     started = time.perf_counter()
 
@@ -195,6 +206,3 @@ def refine(
             result.failed.append((ckpt.name, f"{type(exc).__name__}: {one_line(exc)}"))
         finally:
             generator.release()
-    if result.images_rendered:
-        result.after = engine.identify(images, source=source, **identify_options)
-    return result

@@ -47,6 +47,7 @@ from ..budgets import BUDGETS, CURVE, DEFAULT_BUDGET
 from ..centring import centre_library, centre_query
 from ..fastrank import concat_kbar, concat_means, query_means_many, rank_positions, scores_from_means
 from ..ranker import METHODS, FeatureBank, concat_features, kbar, median_gamma, prompt_weights, rank
+from .refine_bench import refine_section
 
 GAMMA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 QUERY_SIZES = (1, 4)
@@ -321,12 +322,18 @@ def evaluate_family(
             < 1e-4
         )
     curves = None
-    if m <= BUDGET_CURVE_MAX_M:
+    small = m <= BUDGET_CURVE_MAX_M
+    if small:
         curves = {
             name: budget_curve(image, prompt, q_img, q_text, weights_gmi, truth, centre=centre)
             for name, centre in BUDGET_ESTIMATORS.items()
         }
-    return {"results": results, "gamma_sweep": gamma_sweep, "info": info, "budget": curves}
+    refine = {  # centring a library of more specs than BUDGET_CURVE_MAX_M does not fit memory here
+        name: refine_section(image, prompt, q_img, q_text, weights_gmi, truth, centre=centre, policies=small)
+        for name, centre in BUDGET_ESTIMATORS.items()
+        if small or not centre
+    }
+    return {"results": results, "gamma_sweep": gamma_sweep, "info": info, "budget": curves, "refine": refine}
 
 
 BUDGET_CURVE_MAX_M = 100  # the curve is measured on families up to this many checkpoints
@@ -435,6 +442,7 @@ def run(args: argparse.Namespace) -> dict:
     min_tasks = 48 if args.quick else 288
     results, sweeps, infos, timing = {}, {}, {}, {}
     by_estimator = {name: {} for name in BUDGET_ESTIMATORS}
+    refine_by_estimator = {name: {} for name in BUDGET_ESTIMATORS}
     for index, (name, m) in enumerate(family_plan(args.quick, many)):
         if args.families and not any(name.startswith(f) for f in args.families):
             continue
@@ -446,6 +454,8 @@ def run(args: argparse.Namespace) -> dict:
             sweeps[name] = out["gamma_sweep"]
         for estimator, curve in (out["budget"] or {}).items():
             by_estimator[estimator][name] = curve
+        for estimator, section in out["refine"].items():
+            refine_by_estimator[estimator][name] = section
         timing[name] = round(time.perf_counter() - started, 2)
     budgets = by_estimator["gmi"]
     data = {
@@ -478,6 +488,7 @@ def run(args: argparse.Namespace) -> dict:
         "budget_choice": choose_budget(budgets),
         "results_budget_by_estimator": by_estimator,
         "budget_choice_by_estimator": {name: choose_budget(curves) for name, curves in by_estimator.items()},
+        **refine_results(refine_by_estimator),
         "gamma_sweep": sweeps,
         "families": infos,
         "family_seconds": timing,
@@ -505,6 +516,25 @@ def run(args: argparse.Namespace) -> dict:
                 budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), by_estimator, f"d={cfg.d}")
             )
     return data
+
+
+def refine_results(refine_by_estimator: dict) -> dict:
+    """The JSON sections of the confidence and refine measurements (gmi_core/bench/refine_bench.py): gmi's in
+    ``results_refine`` / ``calibration``, every estimator's in the ``*_by_estimator`` twins."""
+    policies = {
+        name: {f: s["policies"] for f, s in sections.items() if "policies" in s}
+        for name, sections in refine_by_estimator.items()
+    }
+    calibration = {
+        name: {f: s["calibration"] for f, s in sections.items()} for name, sections in refine_by_estimator.items()
+    }
+    return {
+        "results_refine": policies["gmi"],
+        "calibration": calibration["gmi"],
+        "results_refine_by_estimator": policies,
+        "calibration_by_estimator": calibration,
+        "refine_details": refine_by_estimator,
+    }
 
 
 def budget_plot(path, by_estimator: dict, dim: int | str):
@@ -613,6 +643,7 @@ def check_targets(data: dict) -> list[dict]:
                 and BUDGETS[DEFAULT_BUDGET].images(55) <= 64,
             }
         )
+    checks += refine_targets(data)
     for fam, methods in res.items():
         big = fam.startswith("d_many_") and int(fam.rsplit("_", 1)[1]) > 100
         if fam.startswith(("a_", "b_", "d_")) and not big:
@@ -626,10 +657,63 @@ def check_targets(data: dict) -> list[dict]:
     return checks
 
 
-def format_tables(data: dict) -> str:
-    from .report import quality_tables
+REFINE_FAMILY = "e_subtle_x16"  # the family refine of the contenders must bring to the full budget's top-1
+REFINE_TOLERANCE = 0.01
+CALIBRATED_TOP1 = 0.98  # top-1 among the queries the confidence calls unambiguous, in every family
 
-    text = quality_tables(data)
+
+def refine_targets(data: dict) -> list[dict]:
+    """The confidence's calibration and refine's targets (issue: a confidence on every ranking)."""
+    checks = []
+    for estimator, families in data.get("calibration_by_estimator", {}).items():
+        values = {f: c["top1_unambiguous"] for f, c in families.items()}
+        checks.append(
+            {
+                "target": f"{estimator}: top-1 >= {CALIBRATED_TOP1} among the queries called unambiguous, every family",
+                "value": values,
+                "met": all(v is None or v >= CALIBRATED_TOP1 for v in values.values()),
+            }
+        )
+    details = data.get("refine_details", {})
+    for estimator, families in data.get("results_refine_by_estimator", {}).items():
+        if REFINE_FAMILY in families:
+            rows = families[REFINE_FAMILY]
+            checks.append(
+                {
+                    "target": f"{estimator} {REFINE_FAMILY}: default + refine of the contenders top-1 >= full top-1 - "
+                    f"{REFINE_TOLERANCE}",
+                    "value": {"refine_contenders": rows["refine_contenders"]["top1"], "full": rows["full"]["top1"]},
+                    "met": rows["refine_contenders"]["top1"] >= rows["full"]["top1"] - REFINE_TOLERANCE,
+                }
+            )
+        if "c_example_b1" in families:
+            rows = families["c_example_b1"]
+            checks.append(
+                {
+                    "target": f"{estimator} c_example_b1: default + refine of the contenders equals the full budget",
+                    "value": {"refine_contenders": rows["refine_contenders"]["top1"], "full": rows["full"]["top1"]},
+                    "met": rows["refine_contenders"]["top1"] >= rows["full"]["top1"],
+                }
+            )
+        per_family = details.get(estimator, {})
+        zero = {f: s.get("images_unambiguous_max") for f, s in per_family.items() if "policies" in s}
+        per_ambiguous = {f: s.get("images_per_ambiguous_query") for f, s in per_family.items() if "policies" in s}
+        limit = {f: 4 * s["images_full_minus_default_per_spec"] for f, s in per_family.items() if "policies" in s}
+        checks.append(
+            {
+                "target": f"{estimator}: refine renders 0 images for unambiguous queries and <= 4 x (full - default) "
+                "per ambiguous query on average",
+                "value": {"unambiguous_max": zero, "per_ambiguous_query": per_ambiguous, "limit": limit},
+                "met": all(v == 0 for v in zero.values()) and all(per_ambiguous[f] <= limit[f] for f in limit),
+            }
+        )
+    return checks
+
+
+def format_tables(data: dict) -> str:
+    from .report import quality_tables, refine_tables
+
+    text = quality_tables(data) + refine_tables(data)
     if "observed" in data:
         lines = [
             "",
