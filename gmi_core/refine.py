@@ -198,10 +198,12 @@ def _render(engine: Gmi, plan, generator: Generator, result: RefineResult, progr
                     should_cancel=should_cancel,
                     position=(index, len(plan)),
                 )
-        except Cancelled:
-            result.cancelled = True
-            break
-        except (Busy, GmiError, RuntimeError, ValueError, OSError) as exc:
+        except Exception as exc:  # a host's own interrupt exception is an interrupt too
+            if isinstance(exc, Cancelled) or (should_cancel and should_cancel()):
+                result.cancelled = True
+                break
+            if not isinstance(exc, (Busy, GmiError, RuntimeError, ValueError, OSError)):
+                raise
             log.warning("gmi: refining the spec of %s failed: %s", ckpt.name, exc)
             result.failed.append((ckpt.name, f"{type(exc).__name__}: {one_line(exc)}"))
         finally:

@@ -10,7 +10,8 @@ from comfy_api.latest import io
 from ..gmi_core import service
 from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPTS, MAX_TOP_K
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
-from . import engines
+from ..gmi_core.refine import REFINE_MODES
+from . import engines, events
 from .encoder_node import Encoder
 from .host import checkpoint_path, load_checkpoint, tensor_to_pils
 
@@ -99,6 +100,25 @@ class GMIIdentify(io.ComfyNode):
                         "never loaded: pick_rank skips them)."
                     ),
                 ),
+                io.Combo.Input(
+                    "refine",
+                    optional=True,
+                    options=list(REFINE_MODES),
+                    default="off",
+                    tooltip=(
+                        "contenders: when the ranking is ambiguous (checkpoints that cannot be told apart at the images "
+                        "their specs hold), render the contenders' missing spec images (up to the full budget) with "
+                        "ComfyUI and rank again. The grown specs stay for later queries; interrupting keeps them."
+                    ),
+                ),
+                io.Int.Input(
+                    "refine_max_images",
+                    optional=True,
+                    default=0,
+                    min=0,
+                    max=MAX_TOP_K,
+                    tooltip="Images refine renders at most, shared by the contenders (0 = up to the full budget).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The chosen checkpoint's diffusion model."),
@@ -136,14 +156,54 @@ class GMIIdentify(io.ComfyNode):
         prompt_set="platform",
         max_prompts=0,
         include_not_installed=False,
+        refine="off",
+        refine_max_images=0,
     ) -> io.NodeOutput:
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
-        result = service.identify(
-            engine, tensor_to_pils(image), engines.source(), prompt, method, bool(include_not_installed)
-        )
+        thumbnails = thumbnail_urls(encoder.encoder_id)
+        if refine == "contenders":
+            refined = _refine(
+                engine, tensor_to_pils(image), prompt, method, bool(include_not_installed), refine_max_images
+            )
+            result = refined.after
+            ranking = service.refine_payload(refined, thumbnails, top_k=top_k, pick_rank=pick_rank)
+        else:
+            result = service.identify(
+                engine, tensor_to_pils(image), engines.source(), prompt, method, bool(include_not_installed)
+            )
+            ranking = service.identify_payload(result, thumbnails, top_k=top_k, pick_rank=pick_rank)
         chosen = service.pick_installed(result, pick_rank)  # only installed checkpoints can be switched to
         model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
-        ranking = service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k, pick_rank=pick_rank)
         text = json.dumps(ranking, indent=1)
         return io.NodeOutput(model, clip, vae, chosen.name, text, ui={"gmi_ranking": [ranking], "text": [chosen.name]})
+
+
+def _refine(engine, images, prompt, method, include_not_installed, max_images):
+    """Identify with refine of the contenders through ComfyUI's own sampler: the panel gets the build progress
+    events (with ETA), the node's bar counts the images after each prompt; an interrupt keeps what was rendered and still answers."""
+    from .build_node import progress_payload
+    from .host import ComfyGenerator
+
+    box = {"done": 0}
+
+    def progress(p):
+        if "bar" not in box:
+            box["bar"] = events.NodeProgress(p.images_planned)
+        box["bar"].step(p.images_rendered - box["done"])
+        box["done"] = p.images_rendered
+        events.send(events.BUILD_PROGRESS, progress_payload(p))
+
+    generator = ComfyGenerator()
+    return service.refine(
+        engine,
+        images,
+        engines.source(),
+        generator,
+        prompt,
+        method,
+        include_not_installed,
+        max_images=int(max_images) or None,
+        progress=progress,
+        should_cancel=events.interrupted,
+    )
