@@ -12,8 +12,9 @@ from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPTS, MAX_TOP_K
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from ..gmi_core.refine import REFINE_MODES
 from . import engines, events
+from .build_node import progress_payload
 from .encoder_node import Encoder
-from .host import checkpoint_path, load_checkpoint, tensor_to_pils
+from .host import ComfyGenerator, checkpoint_path, load_checkpoint, tensor_to_pils
 
 
 def thumbnail_urls(encoder_id: str):
@@ -182,9 +183,6 @@ class GMIIdentify(io.ComfyNode):
 def _refine(engine, images, prompt, method, include_not_installed, max_images):
     """Identify with refine of the contenders through ComfyUI's own sampler: the panel gets the build progress
     events (with ETA), the node's bar counts the images after each prompt; an interrupt keeps what was rendered and still answers."""
-    from .build_node import progress_payload
-    from .host import ComfyGenerator
-
     box = {"done": 0}
 
     def progress(p):

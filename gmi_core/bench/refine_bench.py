@@ -164,3 +164,29 @@ def refine_section(
     out["images_unambiguous_max"] = int(images[~ambiguous].max()) if (~ambiguous).any() else 0
     out["images_full_minus_default_per_spec"] = per_spec
     return out
+
+
+SHORT = {"default": "default", "refine_contenders": "contenders", "full": "full"}
+
+
+def refine_plot(path, by_estimator: dict, subtitle: str, families=None):
+    """Top-1 against images rendered per query for each refine policy (full: per library), one line per family and
+    estimator; ``by_estimator`` is results_refine_by_estimator."""
+    from ..charts import scatter_chart
+
+    series = {}
+    for estimator, per_family in by_estimator.items():
+        for family, rows in per_family.items():
+            if families and family not in families:
+                continue
+            series[f"{family} {estimator.removeprefix('gmi_') if estimator != 'gmi' else 'gmi'}"] = [
+                (row["images_rendered_mean"], row["top1"], SHORT.get(policy, policy.removeprefix("refine_")))
+                for policy, row in rows.items()
+            ]
+    return scatter_chart(
+        path,
+        f"refine: top-1 against images rendered per query ({subtitle})",
+        series,
+        "images rendered per query (full: per library)",
+        "top-1",
+    )
