@@ -462,7 +462,7 @@ def test_warm_start_loads_encoder_and_label_embeddings_in_the_background(world):
 
 
 def test_api_identify_refine_renders_only_the_contenders_in_the_queue(world, monkeypatch):
-    """"refine": true on an ambiguous query (a near-duplicate pair) renders the pair's missing spec images with the
+    """An API "refine": true on an ambiguous query (a near-duplicate pair) renders the pair's missing spec images with the
     WebUI pipeline under the queue lock, as a job, and answers with the ranking before and after."""
     api, build = gmi("api"), gmi("build")
     twin = world.add_checkpoint("model_0_twin.safetensors", seed=77)
