@@ -190,3 +190,23 @@ def refine_plot(path, by_estimator: dict, subtitle: str, families=None):
         "images rendered per query (full: per library)",
         "top-1",
     )
+
+
+def centring_comparison(by_estimator: dict, all_families=()) -> dict:
+    """Centred minus gmi top-1 per family and policy (results_refine_by_estimator), the families measured for gmi
+    only, and whether centring is never worse where both were measured (the condition to make it the default)."""
+    gmi, centred = by_estimator.get("gmi", {}), by_estimator.get("gmi_centred", {})
+    deltas = {
+        family: {
+            policy: round(centred[family][policy]["top1"] - rows[policy]["top1"], 4)
+            for policy in rows
+            if policy in centred[family]
+        }
+        for family, rows in gmi.items()
+        if family in centred
+    }
+    return {
+        "top1_centred_minus_gmi": deltas,
+        "never_worse_where_measured": all(d >= 0 for rows in deltas.values() for d in rows.values()),
+        "not_measured_centred": sorted(set(all_families) - set(deltas)),
+    }

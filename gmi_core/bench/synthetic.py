@@ -537,7 +537,10 @@ def refine_results(refine_by_estimator: dict) -> dict:
     calibration = {
         name: {f: s["calibration"] for f, s in sections.items()} for name, sections in refine_by_estimator.items()
     }
+    from .refine_bench import centring_comparison
+
     return {
+        "centring_comparison": centring_comparison(policies, refine_by_estimator.get("gmi", {})),
         "results_refine": policies["gmi"],
         "calibration": calibration["gmi"],
         "results_refine_by_estimator": policies,
