@@ -1,6 +1,6 @@
 """Confidence on every ranking (gmi_core/confidence.py) and refine of the contenders' specs (gmi_core/refine.py).
 
-The library here is real: four tiny random SD checkpoints rendered with diffusers, one of them a near-duplicate of
+The library here is real: three tiny random SD checkpoints rendered with diffusers, one of them a near-duplicate of
 another (the same weights with a slightly different colour cast), specs at a small budget (6 prompts x 1 image).
 """
 
@@ -48,11 +48,11 @@ class CountingGenerator:
 
 @pytest.fixture(scope="module")
 def twin_library(tmp_path_factory, tiny_world):
-    """Three of the tiny world's checkpoints plus a near-duplicate of the first, specs built at DEFAULT."""
+    """Two of the tiny world's checkpoints plus a near-duplicate of the first, specs built at DEFAULT."""
     root = tmp_path_factory.mktemp("twins")
     models = root / "models"
     models.mkdir()
-    originals = sorted(tiny_world.models.glob("*.safetensors"))[:3]
+    originals = sorted(tiny_world.models.glob("*.safetensors"))[:2]
     for path in originals:
         shutil.copy(path, models / path.name)
     state = load_file(str(originals[0]))
@@ -71,7 +71,7 @@ def twin_library(tmp_path_factory, tiny_world):
         return Gmi(spec_root, encoder, prompts, budget=DEFAULT, settings=tiny_world.settings)
 
     report = engine(root / "specs").build(source, tiny_world.generator())
-    assert len(report.built) == 4 and not report.failed
+    assert len(report.built) == 3 and not report.failed
     checkpoints = {c.name: c for c in source.list_checkpoints().checkpoints}
     return root, source, engine, checkpoints, originals[0].name
 
@@ -203,3 +203,27 @@ def test_refine_bench_keys_and_calibration_table():
     assert sum(calibration[k] for k in cells) == 16
     assert out["images_unambiguous_max"] == 0
     assert out["policies"]["refine_top2"]["images_rendered_mean"] == 2 * (220 - 64)
+
+
+def test_cli_identify_refine(tmp_path, tiny_world, twin_library, capsys):
+    """identify --refine with the diffusers runner: the table and the JSON show the ranking before and the images."""
+    from gmi_core.cli import main
+    from gmi_core.prompts import load_prompt_set
+
+    root, _, _, checkpoints, original = twin_library
+    shutil.copytree(root / "specs", tmp_path / "specs")  # --home's spec store
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(list(load_prompt_set("platform").head(6).prompts)))
+    _query(tiny_world, checkpoints[TWIN])[0].save(tmp_path / "query.png")
+    args = ["identify", str(tmp_path / "query.png"), "--models", str(root / "models"), "--home", str(tmp_path)]
+    args += ["--encoder", str(tiny_world.encoder_file), "--prompt-set", str(prompts), "--budget", DEFAULT]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "ambiguous: 2 checkpoints" in table and "[contender]" in table and " conf " in table
+    assert main([*args, "--refine", "--refine-budget", "6x2", "--config", str(tiny_world.config), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["refine"]["images_rendered"] == 2 * 6 and out["refine"]["before"]["ambiguous"] is True
+    assert {c["name"] for c in out["refine"]["checkpoints"]} == {TWIN, original}
+    assert main([*args, "--refine", "--refine-budget", "6x2", "--config", str(tiny_world.config)]) == 0
+    table = capsys.readouterr().out  # already refined to 6x2: nothing left to render
+    assert "before refine:" in table and "rendered 0 image(s): nothing" in table
