@@ -210,3 +210,64 @@ def centring_comparison(by_estimator: dict, all_families=()) -> dict:
         "never_worse_where_measured": all(d >= 0 for rows in deltas.values() for d in rows.values()),
         "not_measured_centred": sorted(set(all_families) - set(deltas)),
     }
+
+
+ENGINE_CHECK_TASKS = 96  # tasks re-ranked with the engine's own ranker (each refine a new library: CPU-bound)
+
+
+def engine_check(
+    image: torch.Tensor,
+    prompt: torch.Tensor,
+    q_img: torch.Tensor,
+    q_text: torch.Tensor,
+    truth: torch.Tensor,
+    centre: bool,
+    tasks: int = ENGINE_CHECK_TASKS,
+    default: str = DEFAULT_BUDGET,
+    full: str = "full",
+) -> dict:
+    """default / refine_contenders / full through exactly what identify computes (:func:`gmi_core.ranker.rank` and
+    :func:`gmi_core.confidence.ranking_confidence` on a FeatureBank holding each spec's cells, the kernel width and
+    the centring recomputed on the refined library), for the first ``tasks`` tasks: the check of the batched
+    approximation in :func:`refine_section`."""
+    from ..confidence import ranking_confidence
+    from ..ranker import FeatureBank, rank
+
+    m, n = image.shape[:2]
+    low, high = BUDGETS[default], BUDGETS[full]
+    base = torch.zeros(m, n, image.shape[2], dtype=torch.bool)
+    base[:, low.prompt_indices(n), : low.images_per_prompt] = True
+    top = torch.zeros_like(base)
+    top[:, high.prompt_indices(n), : high.images_per_prompt] = True
+    names = [f"c{i}" for i in range(m)]
+
+    def library(refined: list[int]) -> FeatureBank:
+        mask = base.clone()
+        mask[refined] = top[refined]
+        return FeatureBank(names, image * mask[..., None], prompt, mask.any(2), None, [None] * m, image_mask=mask)
+
+    default_bank, full_bank = library([]), library(list(range(m)))
+    positions = {"default": [], "refine_contenders": [], "full": []}
+    rendered, flagged = [], []
+    per_spec = high.images(n) - low.images(n)
+    for t in range(min(tasks, len(truth))):
+        query, text = q_img[t, :1], q_text[t]
+        before = rank(default_bank, "gmi", query, text, centre=centre)
+        confidence = ranking_confidence(default_bank, before, query, text, centre=centre)
+        contenders = confidence.contenders[:REFINE_MAX_CONTENDERS] if confidence.ambiguous else []
+        after = rank(library(contenders), "gmi", query, text, centre=centre) if contenders else before
+        for policy, ranking in (("default", before), ("refine_contenders", after)):
+            positions[policy].append(ranking.order.tolist().index(int(truth[t])) + 1)
+        positions["full"].append(
+            rank(full_bank, "gmi", query, text, centre=centre).order.tolist().index(int(truth[t])) + 1
+        )
+        rendered.append(len(contenders) * per_spec)
+        flagged.append(confidence.ambiguous)
+    images, ambiguous = torch.tensor(rendered), torch.tensor(flagged)
+    out = {}
+    for policy, found in positions.items():
+        spent = images if policy == "refine_contenders" else torch.zeros_like(images)
+        out[policy] = _metrics(
+            torch.tensor(found), spent if policy != "full" else torch.full_like(images, m * per_spec), ambiguous
+        )
+    return out
