@@ -271,3 +271,13 @@ def engine_check(
             torch.tensor(found), spent if policy != "full" else torch.full_like(images, m * per_spec), ambiguous
         )
     return out
+
+
+if __name__ == "__main__":  # python -m gmi_core.bench.refine_bench SYNTHETIC.json ROUNDTRIP.json: the docs tables
+    import json
+    import sys
+    from pathlib import Path
+
+    from .report import refine_doc_tables
+
+    print(refine_doc_tables(*(json.loads(Path(path).read_text(encoding="utf-8")) for path in sys.argv[1:3])))
