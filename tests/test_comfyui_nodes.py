@@ -327,7 +327,7 @@ def test_extension_lists_the_v3_nodes_as_object_info_shows_them(env):
     assert identify["output_name"] == ["model", "clip", "vae", "checkpoint_name", "ranking_json"]
     assert identify["input_order"] == {
         "required": ["encoder", "image", "method", "top_k", "pick_rank"],
-        "optional": ["prompt", "prompt_set", "max_prompts", "include_not_installed"],
+        "optional": ["prompt", "prompt_set", "max_prompts", "include_not_installed", "refine", "refine_max_images"],
         "hidden": ["prompt", "extra_pnginfo"],
     }
     assert node_info(env.nodes.GMILoadEncoder)["output"] == ["GMI_ENCODER"]
