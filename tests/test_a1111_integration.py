@@ -212,3 +212,24 @@ def test_gmi_tab_and_settings_are_in_the_ui(server):
     assert "GMI (checkpoint identification)" in text
     log = server.log_path.read_text(errors="replace")
     assert "Error loading script: gmi" not in log and "Error executing callback" not in log
+
+
+def test_refine_field_of_the_identify_api_in_real_webui(server):
+    """The API's "refine": true in the real WebUI: the job runs behind the queue lock; it renders only for an ambiguous ranking,
+    at most refine_max_images, and answers with the ranking before."""
+    server.post("/sdapi/v1/options", server.settings)
+    assert server.build_specs("missing")["state"] == "done"
+    _, specs = server.get("/gmi/v1/specs")
+    names = [c["name"] for c in specs["checkpoints"]]
+    titles = {c["name"]: c["title"] for c in specs["checkpoints"]}
+    image, _ = txt2img(server, "a lighthouse on a cliff at dusk", 313_131, titles[names[1]])
+    _, result = server.post("/gmi/v1/identify", {"image": image, "refine": True, "refine_max_images": 2})
+    refine = result["refine"]
+    print(
+        f"refine in the WebUI: ambiguous before {refine['before']['ambiguous']}, rendered {refine['images_rendered']}"
+    )
+    assert result["ranking"][0]["name"] == names[1] and refine["before"]["ranking"][0]["name"] == names[1]
+    assert refine["images_rendered"] <= 2 and not refine["cancelled"] and not refine["failed"]
+    if not refine["before"]["ambiguous"]:
+        assert refine["images_rendered"] == 0 and refine["checkpoints"] == []
+    assert isinstance(result["ambiguous"], bool) and result["contenders"][0] == names[1]
