@@ -233,3 +233,38 @@ def test_refine_field_of_the_identify_api_in_real_webui(server):
     if not refine["before"]["ambiguous"]:
         assert refine["images_rendered"] == 0 and refine["checkpoints"] == []
     assert isinstance(result["ambiguous"], bool) and result["contenders"][0] == names[1]
+
+
+def test_refine_renders_a_near_duplicate_pair_in_real_webui(server):
+    """A near-duplicate (a copy of a checkpoint with one byte of its last tensor changed): a query of the original
+    is ambiguous, and refine renders only the pair's missing spec images with the WebUI pipeline (capped at 4)."""
+    import shutil
+
+    models = server.data_dir / "models" / "Stable-diffusion"
+    twin = models / "tiny_sd1_0_twin.safetensors"
+    shutil.copyfile(models / "tiny_sd1_0.safetensors", twin)
+    shutil.copyfile(models / "tiny_sd1_0.yaml", twin.with_suffix(".yaml"))
+    with open(twin, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes([byte ^ 1]))
+    server.post("/sdapi/v1/refresh-checkpoints", {})
+    server.post("/sdapi/v1/options", server.settings)
+    assert server.build_specs("missing")["state"] == "done"
+    _, specs = server.get("/gmi/v1/specs")
+    titles = {c["name"]: c["title"] for c in specs["checkpoints"]}
+    assert twin.name in titles
+    image, _ = txt2img(server, "a lighthouse on a cliff at dusk", 313_132, titles["tiny_sd1_0.safetensors"])
+    _, result = server.post("/gmi/v1/identify", {"image": image, "refine": True, "refine_max_images": 4})
+    refine = result["refine"]
+    print(f"near-duplicate refine: before {refine['before']['contenders']}, rendered {refine['checkpoints']}")
+    assert refine["before"]["ambiguous"] is True
+    assert set(refine["before"]["contenders"]) == {"tiny_sd1_0.safetensors", twin.name}
+    assert {c["name"]: c["images_rendered"] for c in refine["checkpoints"]} == {
+        "tiny_sd1_0.safetensors": 2,
+        twin.name: 2,
+    }
+    _, specs = server.get("/gmi/v1/specs")
+    done = {c["name"]: c["images_done"] for c in specs["checkpoints"]}
+    assert done["tiny_sd1_0.safetensors"] == done[twin.name] == SPEC_PROMPTS * IMAGES_PER_PROMPT + 2
