@@ -6,7 +6,7 @@ the seed ``base + i * SEED_STRIDE + s``. A spec built to a small budget is ranke
 budget later only renders the images it lacks.
 
 The default (``standard``, 32 prompts x 2 images = 64 images) was chosen from the measured budget curve
-(``bench synthetic``, ``results_budget``; see README): of the budgets of at most 64 images it comes closest to
+(``bench synthetic``, ``results_budget``; see docs/results.md): of the budgets of at most 64 images it comes closest to
 the full budget on the difficulty family (e_subtle_x16 top-1 0.771 against 0.844 for 55 x 4; 55 x 1 gives
 0.708), and it matches the full budget on Example B.1 and every easier family. No budget of at most 64 images
 comes within 0.02 of the full one on e_subtle_x16, with the default estimator or with centring (0.844 against

@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument(
         "--centre",
         action="store_true",
-        help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see README)",
+        help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see docs/observed-specs.md)",
     )
     identify.set_defaults(func=cmd_identify)
 

@@ -1,6 +1,6 @@
 """Ranking checkpoints by (prompt-weighted) RKME distance, for all specs at once.
 
-Notation follows README "How it works". With unit vectors, k(a, b) = exp(-gamma * (2 - 2 a.b)), and
+Notation follows docs/how-it-works.md. With unit vectors, k(a, b) = exp(-gamma * (2 - 2 a.b)), and
 
     D_m = const - 2 sum_i W_mi c_mi + W_m^T Kbar_m W_m
 

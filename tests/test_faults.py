@@ -2,7 +2,7 @@
 bad numbers and malformed requests, through gmi_core, the CLI, the ComfyUI routes/nodes and the A1111 API/tab.
 
 Each test's name starts with its class (security, faults_os, faults_cache, faults_status, faults_alias, faults_lock,
-faults_numbers, faults_promptset, faults_messages, faults_progress, etiquette); the README's "Hardening" table
+faults_numbers, faults_promptset, faults_messages, faults_progress, etiquette); the "Hardening" table in docs/hardening.md
 counts the cases per class (`pytest --collect-only -q tests/test_faults.py`). Every case also checks that nothing
 is lost: specs that were ready stay ready unless the case itself breaks them.
 """
