@@ -29,7 +29,8 @@ from .observed import OBSERVED, spec_kind
 from .ranker import kernel, median_gamma
 from .spec import Spec
 
-NEAR_DUPLICATE_THRESHOLD = 0.11  # relative distance; set from bench synthetic's b_near_duplicates (docs/observed-specs.md)
+# Relative distance; set from bench synthetic's b_near_duplicates (docs/observed-specs.md).
+NEAR_DUPLICATE_THRESHOLD = 0.11
 SOFT_ALIGN_TAU = 0.05
 _ALIGNED_COS = 0.9999
 
