@@ -19,7 +19,7 @@ from gmi_core import service
 from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
 from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
 from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
-from gmi_core.engine import Gmi, IdentifyResult
+from gmi_core.engine import Gmi
 from gmi_core.errors import EncoderUnavailable, InvalidInput
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
 from gmi_core.limits import DEFAULT_TOP_K
@@ -27,6 +27,7 @@ from gmi_core.paths import resolve_inside
 from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
 from gmi_core.ranker import DEFAULT_METHOD
+from gmi_core.results import IdentifyResult
 
 from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 

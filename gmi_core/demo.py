@@ -10,10 +10,11 @@ from .budgets import Budget
 from .checkpoints import FolderCheckpointSource
 from .diffusers_generator import DiffusersGenerator
 from .encoders import load_encoder, save_encoder, tiny_encoder
-from .engine import Gmi, IdentifyResult
+from .engine import Gmi
 from .prompts import load_prompt_set
 from .protocols import GenerationSettings, ProgressCallback
 from .report import write_report
+from .results import IdentifyResult
 from .tiny import tiny_pipeline_config, write_tiny_checkpoint
 
 DEMO_SETTINGS = GenerationSettings(steps=4, cfg=5.0, width=64, height=64)
@@ -77,5 +78,5 @@ def run_demo(
     query_seed = QUERY_SEED_BASE + seed
     query = generator.generate(truth, query_prompt, [query_seed], DEMO_SETTINGS)
     result = gmi.identify(query, source=source)
-    report = write_report(workdir / "report.html", result, query, gmi.spec_thumbnail, true_checkpoint=truth.name)
+    report = write_report(workdir / "report.html", result, query, gmi.library.thumbnail, true_checkpoint=truth.name)
     return DemoResult(result, truth.name, query_prompt, query_seed, report)

@@ -108,10 +108,16 @@ def cmd_map(args) -> int:
     from .library_map import NEAR_DUPLICATE_THRESHOLD, build_map, draw_map
 
     gmi, source = _engine(args)
-    specs, excluded = gmi.load_specs(source, include_not_installed=True)
-    if not specs:
+    loaded = gmi.library.load(source, include_not_installed=True)
+    if not loaded.items:
         raise NoSpecsError("no specs to map; build or import specs first")
-    lib = build_map(specs, gmi.prompt_features, args.threshold or NEAR_DUPLICATE_THRESHOLD, excluded)
+    lib = build_map(
+        loaded.specs,
+        gmi.prompt_features,
+        args.threshold or NEAR_DUPLICATE_THRESHOLD,
+        loaded.excluded,
+        loaded.installed,
+    )
     data = lib.to_dict()
     if args.out:
         data["image"] = str(draw_map(lib, args.out))

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
 from .encoders import ClipEncoder
-from .engine import Gmi, IdentifyResult, RankedCheckpoint
+from .engine import Gmi
 from .errors import Busy, CheckpointError, EncoderUnavailable, GmiError, NoSpecsError, NotFound
 from .families import FAMILIES, FAMILY_DEFAULTS, LIMITS, FamilySettings
 from .limits import (
@@ -40,6 +40,7 @@ from .limits import (
 from .prompts import PromptSet
 from .protocols import CheckpointSource, GenerationSettings
 from .ranker import DEFAULT_METHOD, METHODS
+from .results import IdentifyResult, RankedCheckpoint
 
 log = logging.getLogger("gmi")
 ThumbnailRef = Callable[[str, str, int], "str | None"]  # (sha256, prompt_set_hash, spec row) -> URL or data URI
@@ -210,7 +211,7 @@ def data_uri_thumbnails(engine: Gmi, size: int | None = None) -> ThumbnailRef:
 
     def ref(sha256: str, prompt_set_hash: str, index: int) -> str | None:
         try:
-            return png_data_uri(engine.spec_thumbnail(sha256, index, prompt_set_hash), size)
+            return png_data_uri(engine.library.thumbnail(sha256, index, prompt_set_hash), size)
         except GmiError:
             return None
 
@@ -230,10 +231,12 @@ def map_payload(engine: Gmi, source: CheckpointSource) -> dict:
     matrix, large for big libraries: ``gmi map --json`` has it)."""
     from .library_map import build_map
 
-    specs, excluded = engine.load_specs(source, include_not_installed=True)
-    if not specs:
-        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
+    loaded = engine.library.load(source, include_not_installed=True)
+    if not loaded.items:
+        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in loaded.excluded]}
+    data = build_map(
+        loaded.specs, engine.prompt_features, excluded=loaded.excluded, installed=loaded.installed
+    ).to_dict()
     data.pop("relative_distance")
     return json_safe(data)
 

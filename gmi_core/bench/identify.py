@@ -114,15 +114,15 @@ def run_child(config: dict) -> dict:
     out["label_cache_on_disk"] = any((gmi.store.root / "cache").glob("labels--*.safetensors"))
     gmi.interrogator.label_embeddings()
     lap("label_embeddings_s")
-    specs, _ = gmi.load_specs()
+    loaded = gmi.library.load()
     lap("spec_load_s")
-    out["specs"] = len(specs)
+    out["specs"] = len(loaded.items)
     result = gmi.identify([query])
     lap("first_identify_s")
     out["fresh_process_s"] = round(time.time() - config["launched"], 3)
     features = encoder.encode_images([query])
     query_text = encoder.encode_texts([result.pseudo_prompt])[0]
-    bank = gmi._bank(specs)
+    bank = gmi.library.bank(loaded)
     best_of(
         {
             "image_encode_s": lambda: encoder.encode_images([query]),

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         listing = source.list_checkpoints()  # identification restricted to the benchmark's checkpoints
         listing.checkpoints = [c for c in listing.checkpoints if c.name in {k.name for k in checkpoints}]
         only = ListedCheckpoints(listing)
-        specs, _ = gmi.load_specs(only)
+        specs = gmi.library.load(only).specs
         budget_banks = budget_cut_banks(specs)
         t = time.perf_counter()
         positions, budget_positions, identify_s = _run_tasks(
