@@ -11,6 +11,7 @@ from .checkpoints import FolderCheckpointSource
 from .diffusers_generator import DiffusersGenerator
 from .encoders import load_encoder, save_encoder, tiny_encoder
 from .engine import Gmi
+from .hashing import HASH_CACHE_FILE
 from .prompts import load_prompt_set
 from .protocols import GenerationSettings, ProgressCallback
 from .report import write_report
@@ -61,12 +62,12 @@ def run_demo(
 ) -> DemoResult:
     workdir = Path(workdir)
     models, config, encoder_file = prepare_demo_models(workdir, checkpoints)
-    source = FolderCheckpointSource(models, hash_cache=workdir / "hashes.json")
+    source = FolderCheckpointSource(models, hash_cache=workdir / HASH_CACHE_FILE)
     generator = DiffusersGenerator(config=config, device="cpu")
     gmi = Gmi(
         workdir / "specs",
         load_encoder(str(encoder_file)),
-        load_prompt_set("platform"),
+        load_prompt_set(),
         budget=Budget(None, images_per_prompt),
         settings=DEMO_SETTINGS,
     )

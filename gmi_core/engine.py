@@ -58,7 +58,7 @@ class Gmi:
         """``settings``: per family (default: :mod:`gmi_core.families`), or one GenerationSettings for all."""
         self.store = SpecStore(spec_root)
         self.encoder = encoder
-        self.prompt_set = prompt_set or load_prompt_set("platform")
+        self.prompt_set = prompt_set or load_prompt_set()
         self.budget = parse_budget(budget)
         if isinstance(settings, GenerationSettings):
             settings = FamilySettings.uniform(settings)

@@ -22,14 +22,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from .budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
+from .budgets import BUDGETS, DEFAULT_BUDGET, Budget
 from .encoders import ClipEncoder
 from .engine import Gmi
 from .errors import Busy, CheckpointError, EncoderUnavailable, GmiError, NoSpecsError, NotFound
+from .factory import make_engine
 from .families import FAMILIES, FAMILY_DEFAULTS, LIMITS, FamilySettings
 from .limits import (
     DEFAULT_TOP_K,
-    MAX_PROMPTS,
+    MAX_PROMPT_SET_PROMPTS,
     MAX_SEED,
     MAX_TEXT_FIELD,
     MAX_TOP_K,
@@ -87,20 +88,18 @@ class EnginePool:
         encoder: ClipEncoder,
         spec_root: Path,
         prompt_set: PromptSet,
-        budget: Budget | str | None = None,
+        budget: Budget,
         settings: FamilySettings | None = None,
         base_seed: int = 0,
     ) -> Gmi:
-        """The engine for these settings over ``spec_root`` (built once, then reused)."""
-        budget = parse_budget(budget)
+        """The engine for these settings over ``spec_root`` (built once, then reused); ``budget`` parsed where the
+        request came in (:func:`gmi_core.budgets.parse_budget`)."""
         settings = settings or FamilySettings.defaults()
         key = (id(encoder), str(spec_root), prompt_set.hash, budget, settings, base_seed)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None or engine.encoder is not encoder:
-                engine = Gmi(
-                    Path(spec_root), encoder, prompt_set, budget=budget, settings=settings, base_seed=base_seed
-                )
+                engine = make_engine(spec_root, encoder, prompt_set, budget, settings, base_seed)
                 self._engines[key] = engine
             self._engines.move_to_end(key)
             self._trim()
@@ -292,7 +291,7 @@ def defaults_payload() -> dict:
             **{name: {"min": lo, "max": hi} for name, (lo, hi) in LIMITS.items()},
             "size_step": SIZE_STEP,
             "seed": {"min": 0, "max": MAX_SEED},
-            "max_prompts": {"min": 0, "max": MAX_PROMPTS},
+            "max_prompts": {"min": 0, "max": MAX_PROMPT_SET_PROMPTS},
             "top_k": {"min": 0, "max": MAX_TOP_K},
             "text": MAX_TEXT_FIELD,
         },

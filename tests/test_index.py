@@ -193,7 +193,7 @@ def test_scale_bench_exact_reference_and_chunks(tmp_path):
     """bench scale's chunk-by-chunk exact reference equals exact_scores over all specs held in RAM, and a chunk
     regenerates bit for bit (so the pass can fit on the first chunks and stream them again)."""
     from gmi_core.bench.scale import ScaleWorld, _generate, _make_queries
-    from gmi_core.bench.synthetic import SimConfig
+    from gmi_core.bench.simulation import SimConfig
     from gmi_core.index import exact_scores
 
     world = ScaleWorld(SimConfig(d=32), seed=2, chunk=100)
