@@ -16,17 +16,20 @@ import torch
 from modules import call_queue, paths, sd_models, shared
 
 from gmi_core import service
-from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
+from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
 from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
-from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
-from gmi_core.engine import Gmi, IdentifyResult
+from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement
+from gmi_core.engine import Gmi
 from gmi_core.errors import EncoderUnavailable, InvalidInput
+from gmi_core.factory import EncoderFolders, open_encoder
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
+from gmi_core.hashing import HASH_CACHE_FILE
 from gmi_core.limits import DEFAULT_TOP_K
 from gmi_core.paths import resolve_inside
-from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
+from gmi_core.prompts import BUILTIN_SETS, DEFAULT_PROMPT_SET, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
 from gmi_core.ranker import DEFAULT_METHOD
+from gmi_core.results import IdentifyResult
 
 from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 
@@ -61,9 +64,9 @@ OPTIONS: dict[str, tuple[object, str, str]] = {
     "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background", ""),
     "gmi_spec_dir": ("", "Spec folder", "empty: models/gmi in the WebUI's models folder"),
     "gmi_prompt_set": (
-        "platform",
+        DEFAULT_PROMPT_SET,
         "Prompt set",
-        "'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets",
+        f"'{DEFAULT_PROMPT_SET}' or a JSON list / text file of prompts in the spec folder's prompt_sets",
     ),
     "gmi_budget": (
         DEFAULT_BUDGET,
@@ -157,7 +160,7 @@ class Config:
     allow_download: bool
     spec_root: Path
     prompt_set: str
-    budget: str
+    budget: Budget
     settings: FamilySettings
 
     @classmethod
@@ -178,7 +181,7 @@ class Config:
             allow_download=bool(opt("gmi_allow_download")),
             spec_root=spec_dir(),
             prompt_set=str(overrides.get("prompt_set") or opt("gmi_prompt_set")),
-            budget=str(overrides.get("budget") or opt("gmi_budget")),
+            budget=parse_budget(str(overrides.get("budget") or opt("gmi_budget"))),  # parsed here, once
             settings=FamilySettings.defaults(base, per_family),
         )
 
@@ -244,12 +247,10 @@ POOL = service.EnginePool(loading_guard=webui_model_loading_excluded)  # bounded
 def get_encoder(config: Config) -> ClipEncoder:
     def load() -> ClipEncoder:
         try:
-            encoder = load_encoder(
+            encoder = open_encoder(
                 config.encoder,
-                search_dirs=encoder_search_dirs(),
-                own_dirs=encoder_own_dirs(),
-                allow_download=config.allow_download,
-                download_dir=encoder_download_dir(),
+                EncoderFolders(encoder_own_dirs(), encoder_search_dirs(), encoder_download_dir()),
+                config.allow_download,
                 placement=_encoder_placement(),
                 progress=_download_progress(),
                 pickle_files=interrogator_pickles(config.encoder),
@@ -281,12 +282,16 @@ def get_prompt_set(name: str, from_request: bool = False) -> PromptSet:
 
 def get_engine(**overrides) -> Gmi:
     """The engine for the settings plus ``overrides`` (from a request or the tab: checked like request input)."""
+    return _engine_and_config(overrides)[0]
+
+
+def _engine_and_config(overrides: dict) -> tuple[Gmi, Config]:
     if not isinstance(overrides.get("prompt_set") or "", str):
         raise InvalidInput("prompt_set must be a name")
     config = Config.from_opts(**overrides)
     prompt_set = get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
     encoder = get_encoder(config)  # may wait for the WebUI's model loading
-    return POOL.engine(encoder, config.spec_root, prompt_set, config.budget, config.settings)
+    return POOL.engine(encoder, config.spec_root, prompt_set, config.budget, config.settings), config
 
 
 def reset() -> None:
@@ -297,7 +302,7 @@ def reset() -> None:
 
 
 def source(on_hashing=None) -> WebuiCheckpointSource:
-    return WebuiCheckpointSource(hash_cache=spec_dir() / "cache" / "sha256.json", on_hashing=on_hashing)
+    return WebuiCheckpointSource(hash_cache=spec_dir() / HASH_CACHE_FILE, on_hashing=on_hashing)
 
 
 def generator() -> WebuiGenerator:
@@ -328,8 +333,7 @@ def identify(
 
 def status(on_hashing=None, **overrides) -> dict:
     """The shared status payload; ``config`` holds the Settings > GMI values it was computed for."""
-    engine = get_engine(**overrides)
-    config = Config.from_opts(**overrides)
+    engine, config = _engine_and_config(overrides)
     sampling = config.settings.rows[0][1]
     return service.status_payload(
         engine,
@@ -338,7 +342,7 @@ def status(on_hashing=None, **overrides) -> dict:
         config={
             "encoder": config.encoder,
             "prompt_set": config.prompt_set,
-            "budget": config.budget,
+            "budget": config.budget.name or config.budget.size_label(),
             "sampler": sampling.sampler,
             "scheduler": sampling.scheduler,
         },

@@ -18,6 +18,7 @@ from modules import call_queue, shared
 from gmi_core.errors import GmiError
 from gmi_core.images import load_image
 from gmi_core.paths import one_line
+from gmi_core.prompts import DEFAULT_PROMPT_SET
 from gmi_core.ranker import METHODS
 
 from . import build, library, runtime
@@ -256,7 +257,9 @@ def on_ui_tabs():
             )
             selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():
-                prompt_set = gr.Textbox(str(runtime.opt("gmi_prompt_set")), label="Prompt set ('platform' or a file)")
+                prompt_set = gr.Textbox(
+                    str(runtime.opt("gmi_prompt_set")), label=f"Prompt set ('{DEFAULT_PROMPT_SET}' or a file)"
+                )
                 budget = gr.Textbox(
                     str(runtime.opt("gmi_budget")), label="{1}: {2}".format(*runtime.OPTIONS["gmi_budget"])
                 )

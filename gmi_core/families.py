@@ -18,11 +18,10 @@ A1111 settings).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from .errors import InvalidInput
 from .limits import MAX_CFG, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_STEP
-from .protocols import GenerationSettings
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 FALLBACK_FAMILY = "sd1"
@@ -40,6 +39,29 @@ LIMITS: dict[str, tuple] = {  # the engine-wide limits of gmi_core.limits, per f
     "cfg": (0.0, MAX_CFG),
 }
 SIZE_MULTIPLE = SIZE_STEP
+_FALLBACK_DEFAULTS = FAMILY_DEFAULTS[FALLBACK_FAMILY]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How spec images are rendered. Stored in every spec so stale specs can be detected. The per-family fields
+    default to the fallback family's row above; sampler, scheduler and negative prompt are host-wide."""
+
+    steps: int = _FALLBACK_DEFAULTS["steps"]
+    cfg: float = _FALLBACK_DEFAULTS["cfg"]
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    width: int = _FALLBACK_DEFAULTS["width"]
+    height: int = _FALLBACK_DEFAULTS["height"]
+    negative_prompt: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationSettings:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def family_key(family: str | None) -> str:

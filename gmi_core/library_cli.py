@@ -6,17 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-
-def _engine(args):
-    from .cli import _engine as engine
-
-    return engine(args)
+from .cli_options import engine_from_options
+from .hashing import HASH_CACHE_FILE
+from .paths import DEFAULT_HOME
 
 
 def cmd_import_images(args) -> int:
     from .observed import import_images
 
-    gmi, source = _engine(args)
+    gmi, source = engine_from_options(args)
     report = import_images(
         gmi,
         source.list_checkpoints(),
@@ -54,7 +52,7 @@ def cmd_export(args) -> int:
     store = SpecStore(args.home / "specs")
     shas = None
     if args.models is not None:
-        listing = FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json").list_checkpoints()
+        listing = FolderCheckpointSource(args.models, hash_cache=args.home / HASH_CACHE_FILE).list_checkpoints()
         wanted = [c for c in listing.checkpoints if not args.checkpoint or c.name in args.checkpoint]
         shas = {c.sha256 for c in wanted}
     specs = exportable_specs(store, args.encoder_id, None, shas)
@@ -65,9 +63,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .encoders import load_encoder
     from .errors import EncoderUnavailable
     from .exchange import import_files, local_prompt_features
+    from .factory import EncoderFolders, open_encoder
     from .store import SpecStore
 
     store = SpecStore(args.home / "specs")
@@ -79,13 +77,8 @@ def cmd_import(args) -> int:
             return found
         if "encoder" not in state:  # loaded only when no local spec has the prompt features
             try:
-                clip_dir = args.home / "clip"
-                state["encoder"] = load_encoder(
-                    args.encoder,
-                    allow_download=args.allow_download,
-                    download_dir=clip_dir,
-                    own_dirs=[clip_dir],
-                    weights=args.clip_weights,
+                state["encoder"] = open_encoder(
+                    args.encoder, EncoderFolders.under_home(args.home), args.allow_download, weights=args.clip_weights
                 )
             except EncoderUnavailable as exc:
                 print(f"gmi: {exc}", file=sys.stderr)
@@ -107,11 +100,17 @@ def cmd_map(args) -> int:
     from .errors import NoSpecsError
     from .library_map import NEAR_DUPLICATE_THRESHOLD, build_map, draw_map
 
-    gmi, source = _engine(args)
-    specs, excluded = gmi.load_specs(source, include_not_installed=True)
-    if not specs:
+    gmi, source = engine_from_options(args)
+    loaded = gmi.library.load(source, include_not_installed=True)
+    if not loaded.items:
         raise NoSpecsError("no specs to map; build or import specs first")
-    lib = build_map(specs, gmi.prompt_features, args.threshold or NEAR_DUPLICATE_THRESHOLD, excluded)
+    lib = build_map(
+        loaded.specs,
+        gmi.prompt_features,
+        args.threshold or NEAR_DUPLICATE_THRESHOLD,
+        loaded.excluded,
+        loaded.installed,
+    )
     data = lib.to_dict()
     if args.out:
         data["image"] = str(draw_map(lib, args.out))
@@ -137,8 +136,6 @@ def cmd_map(args) -> int:
 
 
 def add_library_commands(commands, add_engine_options) -> None:
-    from .cli import DEFAULT_HOME
-
     p = commands.add_parser(
         "import-images", help="build observed specs from images already on disk (nothing generated)"
     )

@@ -209,14 +209,16 @@ def build_map(
     anchors: torch.Tensor,
     threshold: float = NEAR_DUPLICATE_THRESHOLD,
     excluded: list[tuple[str, str]] | None = None,
+    installed: list[bool] | None = None,
 ) -> LibraryMap:
+    """``installed``: per spec, False for imported specs of checkpoints not on this machine (default: all are)."""
     if not specs:
         raise ValueError("no specs to map")
     d2, rel, gamma = distances(specs, anchors)
     return LibraryMap(
         names=[s.checkpoint_name for s in specs],
         sha256=[s.sha256 for s in specs],
-        installed=[bool(s.extra.get("installed", True)) for s in specs],
+        installed=list(installed) if installed is not None else [True] * len(specs),
         kinds=[spec_kind(s) for s in specs],
         d2=d2,
         relative=rel,

@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import InvalidInput
-from .protocols import GenerationSettings
+
+if TYPE_CHECKING:  # annotations only: families (the settings' defaults) imports this module
+    from .families import GenerationSettings
 
 
 def _env_int(name: str, default: int) -> int:
@@ -27,7 +30,8 @@ MAX_UPLOAD_BYTES = _env_int("GMI_MAX_UPLOAD_BYTES", 32 * 1024 * 1024)  # one req
 MAX_IMAGES_PER_REQUEST = 16
 MAX_TEXT_FIELD = 2000  # characters of a prompt or other text field
 MAX_PROMPT_SET_BYTES = 8 * 1024 * 1024
-MAX_PROMPTS = 100_000
+MAX_PROMPT_SET_PROMPTS = 100_000  # prompts a prompt set may hold (and the max_prompts inputs that cut one)
+MAX_BUDGET_PROMPTS = 10_000  # prompts a spec budget may name (budgets.parse_budget)
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 8
 MAX_STEPS = 500
 MAX_CFG = 100.0

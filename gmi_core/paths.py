@@ -19,6 +19,8 @@ from urllib.parse import unquote
 
 from .errors import InvalidInput, NotFound
 
+DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))  # gmi's data folder outside a host
+
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,199}")
 _ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/~-])(?:[A-Za-z]:)?[\\/](?:[^\s'"\\/]+[\\/])*([^\s'"\\/,;)]*)""")
 

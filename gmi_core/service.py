@@ -22,14 +22,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from .budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
+from .budgets import BUDGETS, DEFAULT_BUDGET, Budget
 from .encoders import ClipEncoder
-from .engine import Gmi, IdentifyResult, RankedCheckpoint
+from .engine import Gmi
 from .errors import Busy, CheckpointError, EncoderUnavailable, GmiError, NoSpecsError, NotFound
+from .factory import make_engine
 from .families import FAMILIES, FAMILY_DEFAULTS, LIMITS, FamilySettings
 from .limits import (
     DEFAULT_TOP_K,
-    MAX_PROMPTS,
+    MAX_PROMPT_SET_PROMPTS,
     MAX_SEED,
     MAX_TEXT_FIELD,
     MAX_TOP_K,
@@ -40,6 +41,7 @@ from .limits import (
 from .prompts import PromptSet
 from .protocols import CheckpointSource, GenerationSettings
 from .ranker import DEFAULT_METHOD, METHODS
+from .results import IdentifyResult, RankedCheckpoint
 
 log = logging.getLogger("gmi")
 ThumbnailRef = Callable[[str, str, int], "str | None"]  # (sha256, prompt_set_hash, spec row) -> URL or data URI
@@ -86,20 +88,18 @@ class EnginePool:
         encoder: ClipEncoder,
         spec_root: Path,
         prompt_set: PromptSet,
-        budget: Budget | str | None = None,
+        budget: Budget,
         settings: FamilySettings | None = None,
         base_seed: int = 0,
     ) -> Gmi:
-        """The engine for these settings over ``spec_root`` (built once, then reused)."""
-        budget = parse_budget(budget)
+        """The engine for these settings over ``spec_root`` (built once, then reused); ``budget`` parsed where the
+        request came in (:func:`gmi_core.budgets.parse_budget`)."""
         settings = settings or FamilySettings.defaults()
         key = (id(encoder), str(spec_root), prompt_set.hash, budget, settings, base_seed)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None or engine.encoder is not encoder:
-                engine = Gmi(
-                    Path(spec_root), encoder, prompt_set, budget=budget, settings=settings, base_seed=base_seed
-                )
+                engine = make_engine(spec_root, encoder, prompt_set, budget, settings, base_seed)
                 self._engines[key] = engine
             self._engines.move_to_end(key)
             self._trim()
@@ -210,7 +210,7 @@ def data_uri_thumbnails(engine: Gmi, size: int | None = None) -> ThumbnailRef:
 
     def ref(sha256: str, prompt_set_hash: str, index: int) -> str | None:
         try:
-            return png_data_uri(engine.spec_thumbnail(sha256, index, prompt_set_hash), size)
+            return png_data_uri(engine.library.thumbnail(sha256, index, prompt_set_hash), size)
         except GmiError:
             return None
 
@@ -230,10 +230,12 @@ def map_payload(engine: Gmi, source: CheckpointSource) -> dict:
     matrix, large for big libraries: ``gmi map --json`` has it)."""
     from .library_map import build_map
 
-    specs, excluded = engine.load_specs(source, include_not_installed=True)
-    if not specs:
-        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
+    loaded = engine.library.load(source, include_not_installed=True)
+    if not loaded.items:
+        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in loaded.excluded]}
+    data = build_map(
+        loaded.specs, engine.prompt_features, excluded=loaded.excluded, installed=loaded.installed
+    ).to_dict()
     data.pop("relative_distance")
     return json_safe(data)
 
@@ -289,7 +291,7 @@ def defaults_payload() -> dict:
             **{name: {"min": lo, "max": hi} for name, (lo, hi) in LIMITS.items()},
             "size_step": SIZE_STEP,
             "seed": {"min": 0, "max": MAX_SEED},
-            "max_prompts": {"min": 0, "max": MAX_PROMPTS},
+            "max_prompts": {"min": 0, "max": MAX_PROMPT_SET_PROMPTS},
             "top_k": {"min": 0, "max": MAX_TOP_K},
             "text": MAX_TEXT_FIELD,
         },

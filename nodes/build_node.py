@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..gmi_core.budgets import BUDGETS
 from ..gmi_core.families import FAMILY_DEFAULTS
-from ..gmi_core.limits import MAX_PROMPTS, MAX_SEED, check_settings
+from ..gmi_core.limits import MAX_PROMPT_SET_PROMPTS, MAX_SEED, check_settings
 from ..gmi_core.paths import one_line
 from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
 from . import engines, events, settings
@@ -117,7 +117,7 @@ class GMIBuildSpecs(io.ComfyNode):
                     optional=True,
                     default=d["max_prompts"],
                     min=0,
-                    max=MAX_PROMPTS,
+                    max=MAX_PROMPT_SET_PROMPTS,
                     tooltip=(
                         "Use only the first N prompts of the set; 0 = every prompt. A cut set is another prompt set: "
                         "prefer a smaller budget."

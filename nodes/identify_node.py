@@ -8,7 +8,8 @@ from urllib.parse import urlencode
 from comfy_api.latest import io
 
 from ..gmi_core import service
-from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPTS, MAX_TOP_K
+from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPT_SET_PROMPTS, MAX_TOP_K
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from . import engines
 from .encoder_node import Encoder
@@ -79,7 +80,7 @@ class GMIIdentify(io.ComfyNode):
                     "prompt_set",
                     optional=True,
                     options=engines.prompt_set_choices(),
-                    default="platform",
+                    default=DEFAULT_PROMPT_SET,
                     tooltip="The prompt set the specs were built with.",
                 ),
                 io.Int.Input(
@@ -87,7 +88,7 @@ class GMIIdentify(io.ComfyNode):
                     optional=True,
                     default=0,
                     min=0,
-                    max=MAX_PROMPTS,
+                    max=MAX_PROMPT_SET_PROMPTS,
                     tooltip="The max_prompts the specs were built with (0 = the whole set).",
                 ),
                 io.Boolean.Input(
@@ -133,7 +134,7 @@ class GMIIdentify(io.ComfyNode):
         top_k,
         pick_rank,
         prompt="",
-        prompt_set="platform",
+        prompt_set=DEFAULT_PROMPT_SET,
         max_prompts=0,
         include_not_installed=False,
     ) -> io.NodeOutput:

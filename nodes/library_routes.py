@@ -57,7 +57,7 @@ def _max_prompts(fields: dict, default: int) -> int:
         return default
     if str(value).strip() == "0":  # 0 = the whole prompt set
         return 0
-    return limits.positive_int("max_prompts", value, limits.MAX_PROMPTS)
+    return limits.positive_int("max_prompts", value, limits.MAX_PROMPT_SET_PROMPTS)
 
 
 def _engine(fields: dict):

@@ -29,6 +29,7 @@ from ..gmi_core.errors import (
 from ..gmi_core.images import load_image, png_bytes
 from ..gmi_core.observed import OBSERVED
 from ..gmi_core.paths import one_line, redact
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from ..gmi_core.spec import SpecKey
 from . import engines, settings
@@ -114,7 +115,7 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
         raise InvalidInput(f"unknown method {method[:40]!r}; one of {', '.join(METHODS)}")
     images = [load_image(data, name=f"image {i + 1}") for i, (_, data) in enumerate(raw_images)]
     encoder = engines.get_encoder(fields.get("encoder") or settings.load()["encoder"])
-    prompts = engines.get_prompt_set(fields.get("prompt_set") or "platform", max_prompts)
+    prompts = engines.get_prompt_set(fields.get("prompt_set") or DEFAULT_PROMPT_SET, max_prompts)
     engine = engines.get_engine(encoder, prompts)
     result = service.identify(engine, images, engines.source(), fields.get("prompt"), method, include_not_installed)
     return service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k)

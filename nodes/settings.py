@@ -10,12 +10,13 @@ from ..gmi_core.budgets import DEFAULT_BUDGET
 from ..gmi_core.encoder_registry import DEFAULT_ENCODER
 from ..gmi_core.families import FamilySettings, parse_overrides
 from ..gmi_core.paths import write_json_atomic
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.protocols import GenerationSettings
 from . import host
 
 DEFAULTS = {  # every value from its one place in gmi_core
     "encoder": DEFAULT_ENCODER,
-    "prompt_set": "platform",
+    "prompt_set": DEFAULT_PROMPT_SET,
     "max_prompts": 0,
     "budget": DEFAULT_BUDGET,
     "family_settings": "",

@@ -208,7 +208,8 @@ def test_family_settings_come_from_the_checkpoint_header(tmp_path):
 def test_budget_curve_scores_what_the_ranker_ranks_for_a_spec_of_that_budget(centre):
     """bench synthetic's batched budget estimator equals ranker.rank on a bank of specs built to the budget (cells
     outside it zero and masked off, as a partial spec holds them), for the default and the centred estimator."""
-    from gmi_core.bench.synthetic import SimConfig, budget_scores, make_family
+    from gmi_core.bench.simulation import SimConfig, make_family
+    from gmi_core.bench.synthetic import budget_scores
 
     cfg = SimConfig(d=32, n_platform=10, n_eval=3, images_per_prompt=4)
     world, platform, evaluation = make_family("e_subtle_x16", cfg, 5, 6)

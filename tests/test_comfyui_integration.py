@@ -222,10 +222,17 @@ def test_node_help_and_templates_are_served(comfy):
         assert server.get(f"/api/workflow_templates/gmi/{stem}.jpg")[:3] == b"\xff\xd8\xff"  # the template's thumbnail
 
 
-def test_build_then_identify_each_checkpoint(comfy):
+@pytest.fixture(scope="module")
+def first_build(comfy) -> dict:
+    """The build report of the first build in the fresh ComfyUI (every checkpoint's spec), for each test that needs
+    the specs: whichever of them runs first (or alone) builds them."""
+    server, _ = comfy
+    return server.run_prompt(build_prompt(), timeout=600)["outputs"]["build"]["gmi_build"][0]
+
+
+def test_build_then_identify_each_checkpoint(comfy, first_build):
     server, names = comfy
-    entry = server.run_prompt(build_prompt(), timeout=600)
-    report = entry["outputs"]["build"]["gmi_build"][0]
+    report = first_build
     assert sorted(report["built"]) == sorted(names), report
     assert [s["name"] for s in report["skipped"]] == ["not-a-model.safetensors"], report
     assert report["failed"] == [] and not report["cancelled"]
@@ -328,7 +335,7 @@ def only(prompt: dict, class_type: str) -> str:
     return node_id
 
 
-def test_example_workflows_run(comfy):
+def test_example_workflows_run(comfy, first_build):
     """Every example workflow, converted from its saved UI form, runs in real ComfyUI. Widget values are changed only
     where this test's world differs from a user's: the tiny encoder file, and small sizes/steps/prompt counts."""
     server, names = comfy
@@ -384,7 +391,7 @@ def test_example_workflows_run(comfy):
 
 
 @pytest.mark.skipif(browser.missing() is not None, reason=browser.missing() or "")
-def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
+def test_front_end_shows_ranking_and_sidebar(comfy, first_build, tmp_path):
     """In real Chromium: the example workflows convert as the front end converts them; the Identify example, queued
     from the page, shows the ranking with thumbnails in the node (a thumbnail opens the popover); the GMI sidebar
     tab lists every checkpoint's spec and queues "Build missing specs"; the extension's settings are registered."""
@@ -394,7 +401,6 @@ def test_front_end_shows_ranking_and_sidebar(comfy, tmp_path):
     if not (server.base / "input" / "example.png").is_file():  # test_example_workflows_run made it; alone, make it
         from PIL import Image
 
-        server.run_prompt(build_prompt(), timeout=600)
         entry = server.run_prompt(query_and_identify_prompt(names[3], QUERY_PROMPTS[3], QUERY_SEED + 3, "example"))
         Image.fromarray(saved_image(server, entry, "save_query").astype(np.uint8)).save(
             server.base / "input" / "example.png"

@@ -268,7 +268,7 @@ function librarySection(panel) {
   groupsButton.onclick = async () => {
     text.textContent = "comparing specs…";
     try {
-      const q = new URLSearchParams({ encoder: config.encoder || "", prompt_set: config.prompt_set || "platform",
+      const q = new URLSearchParams({ encoder: config.encoder || "", prompt_set: config.prompt_set || "",
         max_prompts: config.max_prompts || 0 });
       const data = await getJson("/gmi/map?" + q);
       text.replaceChildren(el("div", { text: data.groups.length ?
