@@ -29,7 +29,8 @@ class CheckpointInfo:
     path: Path
     sha256: str
     popularity: float | None = None  # download count or similar, used only by the `download` baseline
-    family: str | None = None  # sd1, sd2, sd2-v, sdxl (from the file header); picks the generation settings
+    family: str | None = None  # a gmi_core.families name (from the file header); picks the generation settings
+    layout: str = "single"  # "single": one file with its text encoders and VAE; "split": a diffusion model only
 
     @property
     def short_hash(self) -> str:
@@ -48,6 +49,11 @@ class GenerationSettings:
     width: int = 512
     height: int = 512
     negative_prompt: str = ""
+    guidance: float | None = None  # distilled guidance (Flux dev), instead of CFG
+    shift: float | None = None  # flow-matching sampling shift; None: the model's own
+    latent_channels: int = 4
+    text_encoders: str = ""  # split files: the text-encoder files rendered with, "+"-joined host names
+    vae: str = ""  # split files: the VAE file rendered with
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +62,10 @@ class GenerationSettings:
     def from_dict(cls, data: dict) -> GenerationSettings:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Added with the family recipes: specs written before them lack these and read as their defaults.
+RECIPE_SETTINGS = ("guidance", "shift", "latent_channels", "text_encoders", "vae")
 
 
 @dataclass
