@@ -207,7 +207,7 @@ def test_diffusers_runner_names_what_it_cannot_render(tmp_path):
 
     path = write(tmp_path / "flux.safetensors", single(flux(), *FLUX_SINGLE))
     checkpoint = CheckpointInfo("flux.safetensors", path, "0" * 64, family="flux-dev")
-    with pytest.raises(CheckpointError, match="Flux.1 dev model: this host renders single-file SD1.x/SD2.x/SDXL"):
+    with pytest.raises(CheckpointError, match=r"Flux.1 dev model: this host renders single-file SD1.x/SD2.x/SDXL"):
         DiffusersGenerator(device="cpu").generate(checkpoint, "a cat", [0], GenerationSettings())
     assert renders_sd_single_files(inspect_model(path), path).reason
     assert all(r.latent_channels in (4, 16) for r in RECIPES.values())

@@ -81,9 +81,7 @@ def test_bad_checkpoints_are_skipped_with_a_reason(tiny_world, tmp_path):
     assert [c.name for c in listing.checkpoints] == ["good.safetensors"]
     reasons = {s.name: s.reason for s in listing.skipped}
     assert "truncated" in reasons["truncated.safetensors"]
-    assert (
-        "not a diffusion model" in reasons["a-lora.safetensors"] and "LoRA" in reasons["a-lora.safetensors"]
-    )
+    assert "not a diffusion model" in reasons["a-lora.safetensors"] and "LoRA" in reasons["a-lora.safetensors"]
     assert "not a diffusion model" in reasons["vae.safetensors"]
     assert "pickle" in reasons["old.ckpt"]
     assert good.exists() and (models / "truncated.safetensors").stat().st_size == good.stat().st_size // 3
