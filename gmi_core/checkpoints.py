@@ -25,6 +25,7 @@ UNET_KEY = "input_blocks.0.0.weight"
 MMDIT_KEY = "joint_blocks.0.context_block.attn.qkv.weight"
 FLUX_KEYS = ("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight")
 CONTEXT_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # UNet cross-attention width
+UNNAMED_MODEL = "a diffusion model of a family gmi does not know"  # hosts with their own detection look again
 V_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
@@ -66,7 +67,7 @@ def detect_family(keys, shape: Callable[[str], tuple] = lambda key: ()) -> Model
         return _complete("sd3", layout, has_te, has_vae)
     if all(k in bare for k in FLUX_KEYS):
         return _flux(bare, dim("img_in.weight", 1), layout, has_te, has_vae)
-    if UNET_KEY in bare:
+    if UNET_KEY in bare or (prefixed and _family_from_text_encoder(keys)):  # LDM/SGM text encoders: a UNet model
         return _unet(keys, bare, dim, layout, has_te, has_vae)
     if prefixed:
         return _complete("other", layout, has_te, has_vae)
@@ -143,7 +144,7 @@ def _not_a_model(keys) -> ModelFile:
     elif any(k.startswith(("text_model.", "encoder.block.", "transformer.resblocks.", "model.layers.")) for k in head):
         hint = "a text encoder"
     else:
-        hint = "a VAE, LoRA, embedding or a diffusion model of a family gmi does not know"
+        hint = "a VAE, LoRA, embedding or " + UNNAMED_MODEL
     return _skip(f"not a diffusion model gmi knows (no UNet/MMDiT/Flux weights; looks like {hint})")
 
 

@@ -174,7 +174,7 @@ class GMIBuildSpecs(io.ComfyNode):
         engine = engines.get_engine(encoder, prompts, budget, per_family, int(seed))
         plan = engine.plan(engines.source(), parse_which(which, checkpoints))
         bar = events.NodeProgress(plan.images)
-        generator = ComfyGenerator(on_image=bar.step)
+        generator = ComfyGenerator(on_image=bar.step, hash_cache=engines.hash_cache())
         settings.save(
             {
                 "encoder": getattr(encoder, "gmi_choice", settings.DEFAULTS["encoder"]),
