@@ -96,6 +96,8 @@ def missing_components(family: str, text_encoders: str, vae: str, kinds: dict[st
     parts = []
     if lacking:
         parts.append(f"text encoder {' + '.join(lacking)} in models/text_encoders")
+    elif not have & set(r.text_encoders + r.optional_encoders):
+        parts.append(f"a text encoder ({' / '.join(r.optional_encoders)}) in models/text_encoders")
     if not vae:
         parts.append(f"a {r.latent_channels}-channel VAE in models/vae")
     if not parts:

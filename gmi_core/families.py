@@ -52,7 +52,7 @@ class Recipe:
     negative: bool = True  # False: the family has no negative prompt (CFG 1)
     latent_channels: int = 4
     text_encoders: tuple[str, ...] = ()  # encoder kinds a split file needs, in loader order (gmi_core.components)
-    optional_encoders: tuple[str, ...] = ()  # kinds used when present (SD3's T5-XXL)
+    optional_encoders: tuple[str, ...] = ()  # kinds used when present (SD3: at least one of them)
     clip_type: str = "stable_diffusion"  # the host's text-encoder type name (ComfyUI CLIPType)
     hint: str = ""  # a word in file names of this family's VAE / encoders, preferred among equals
 
@@ -72,8 +72,7 @@ RECIPES: dict[str, Recipe] = {
         sampler="euler",
         scheduler="sgm_uniform",
         latent_channels=16,
-        text_encoders=("clip_l", "clip_g"),
-        optional_encoders=("t5xxl",),
+        optional_encoders=("clip_l", "clip_g", "t5xxl"),  # ComfyUI's SD3 text encoder takes any of them
         clip_type="sd3",
         hint="sd3",
     ),

@@ -111,7 +111,7 @@ def check_settings(
             raise InvalidInput(f"{name} must be empty or a number between 0 and {MAX_CFG:g}, not {str(value)[:40]}")
     if settings.latent_channels not in LATENT_CHANNELS:
         raise InvalidInput(f"latent channels must be one of {LATENT_CHANNELS}, not {settings.latent_channels!r}")
-    for name in ("text_encoders", "vae"):
+    for name in ("text_encoders", "vae", "workflow"):
         if not isinstance(getattr(settings, name), str) or len(getattr(settings, name)) > MAX_TEXT_FIELD:
             raise InvalidInput(f"{name} must be file names of at most {MAX_TEXT_FIELD} characters")
     return settings

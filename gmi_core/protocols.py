@@ -54,6 +54,7 @@ class GenerationSettings:
     latent_channels: int = 4
     text_encoders: str = ""  # split files: the text-encoder files rendered with, "+"-joined host names
     vae: str = ""  # split files: the VAE file rendered with
+    workflow: str = ""  # "template <digest>": rendered by the user's own workflow instead of the family recipe
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +66,7 @@ class GenerationSettings:
 
 
 # Added with the family recipes: specs written before them lack these and read as their defaults.
-RECIPE_SETTINGS = ("guidance", "shift", "latent_channels", "text_encoders", "vae")
+RECIPE_SETTINGS = ("guidance", "shift", "latent_channels", "text_encoders", "vae", "workflow")
 
 
 @dataclass

@@ -173,10 +173,11 @@ def test_split_models_record_their_components_single_files_do_not(tmp_path):
     assert rows.for_checkpoint(split).text_encoders == "clip_l.safetensors+t5xxl_fp16.safetensors"
     assert (rows.for_checkpoint(whole).vae, rows.for_checkpoint(whole).text_encoders) == ("", "")
     kinds = {name: kind for kind, names in held.items() for name in names}
-    with pytest.raises(
-        CheckpointError, match=r"SD3 / SD3.5 split model needs text encoder clip_g in models/text_encoders"
-    ):
-        components.require_components("sd3", defaults["sd3"]["text_encoders"], defaults["sd3"]["vae"], kinds)
+    assert defaults["sd3"]["text_encoders"] == "clip_l.safetensors+t5xxl_fp16.safetensors"  # SD3 takes any of its 3
+    with pytest.raises(CheckpointError, match=r"Flux.1 dev split model needs text encoder t5xxl in models/text_enc"):
+        components.require_components("flux-dev", "clip_l.safetensors", "ae.safetensors", kinds)
+    with pytest.raises(CheckpointError, match=r"SD3 / SD3.5 split model needs a text encoder \(clip_l / clip_g"):
+        components.require_components("sd3", "", "sd3_vae.safetensors", kinds)
     components.require_components("flux-dev", defaults["flux-dev"]["text_encoders"], "ae.safetensors", kinds)
 
 
