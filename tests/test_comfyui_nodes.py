@@ -214,7 +214,9 @@ def env(tmp_path, monkeypatch):
         loaded.append(Path(path).name)
         return (f"MODEL<{Path(path).name}>", f"CLIP<{Path(path).name}>", f"VAE<{Path(path).name}>")
 
-    monkeypatch.setattr(nodes.host, "load_checkpoint", fake_load)
+    monkeypatch.setattr(
+        nodes.identify_node, "load_winner", lambda engine, name, sha: fake_load(nodes.host.checkpoint_path(name))
+    )
     FakeGenerator.calls, FakeGenerator.interrupt_after, FakeGenerator.state, FakeGenerator.sizes = [], None, state, {}
 
     ckpts = tmp_path / "models" / "checkpoints"
