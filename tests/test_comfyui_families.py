@@ -229,6 +229,43 @@ def sd1_template(seed_title: str = "gmi:seed") -> dict:
     }
 
 
+def ui_template() -> dict:
+    """:func:`sd1_template` as a saved UI workflow (widgets_values, links, titles, a Note)."""
+
+    def node(node_id, kind, values, inputs=(), title=None):
+        slots = [{"name": name, "type": "*", "link": link} for name, link in inputs]
+        return {"id": node_id, "type": kind, "mode": 0, "widgets_values": values, "inputs": slots, "title": title}
+
+    links = [  # [id, origin, origin slot, target, target slot, type]
+        [1, 1, 1, 2, 0, "CLIP"],
+        [2, 1, 1, 3, 0, "CLIP"],
+        [3, 1, 0, 5, 0, "MODEL"],
+        [4, 2, 0, 5, 1, "CONDITIONING"],
+        [5, 3, 0, 5, 2, "CONDITIONING"],
+        [6, 4, 0, 5, 3, "LATENT"],
+        [7, 5, 0, 6, 0, "LATENT"],
+        [8, 1, 2, 6, 1, "VAE"],
+        [9, 6, 0, 7, 0, "IMAGE"],
+    ]
+    nodes = [
+        node(1, "CheckpointLoaderSimple", ["x"], title="gmi:model"),
+        node(2, "CLIPTextEncode", [""], [("clip", 1)], "gmi:prompt"),
+        node(3, "CLIPTextEncode", [""], [("clip", 2)]),
+        node(4, "EmptyLatentImage", [SIZE, SIZE, 1]),
+        node(
+            5,
+            "KSampler",
+            [0, "fixed", STEPS, 7.0, "euler", "normal", 1.0],
+            [("model", 3), ("positive", 4), ("negative", 5), ("latent_image", 6)],
+            "gmi:seed",
+        ),
+        node(6, "VAEDecode", [], [("samples", 7), ("vae", 8)]),
+        node(7, "PreviewImage", [], [("images", 9)]),
+        node(8, "Note", ["gmi swaps the titled nodes' values"]),
+    ]
+    return {"nodes": nodes, "links": links, "version": 0.4}
+
+
 def listed_build(template: dict | None = None) -> dict:
     """Build tiny-0's spec one image per prompt (the template renders one seed per run; a batch of seeds can differ
     from single runs in the last float bits), with the built-in recipe or ``template``."""
@@ -263,6 +300,9 @@ def test_a_workflow_template_builds_the_same_spec_as_the_builtin_recipe(comfy):
     diff = (templated.thumbnails.int() - builtin.thumbnails.int()).abs().max().item()
     assert diff == 0, f"template images differ from the recipe's by up to {diff} levels"
     assert torch.equal(templated.image_features, builtin.image_features)
+
+    saved_ui = fresh_spec(server, listed_build(ui_template()))  # the same workflow as the front end saves it
+    assert torch.equal(saved_ui.thumbnails, builtin.thumbnails)
 
     with pytest.raises(RuntimeError, match=r"workflow template: no node titled 'gmi:seed' \(the sampler"):
         server.run_prompt(listed_build(sd1_template(seed_title="KSampler")))

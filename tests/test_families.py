@@ -212,3 +212,43 @@ def test_diffusers_runner_names_what_it_cannot_render(tmp_path):
         DiffusersGenerator(device="cpu").generate(checkpoint, "a cat", [0], GenerationSettings())
     assert renders_sd_single_files(inspect_model(path), path).reason
     assert all(r.latent_channels in (4, 16) for r in RECIPES.values())
+
+
+def test_a_split_spec_rendered_with_other_text_encoders_is_other_settings_not_stale(tmp_path):
+    from PIL import Image
+
+    from gmi_core.encoders import tiny_encoder
+    from gmi_core.engine import Gmi
+    from gmi_core.prompts import PromptSet
+    from gmi_core.protocols import ListedCheckpoints
+
+    path = write(tmp_path / "flux.safetensors", flux())
+    files = [("diffusion_models/flux.safetensors", path)]
+    source = ListedCheckpoints(list_checkpoint_files(files, tmp_path / "h.json", renders=everything_renders))
+    encoder, prompts = tiny_encoder(seed=0), PromptSet("two", ["a red cube", "a blue sphere"])
+
+    class Renderer:
+        def generate(self, checkpoint, prompt, seeds, settings):
+            assert settings.text_encoders == "clip_l.safetensors+t5_a.safetensors" and settings.guidance == 3.5
+            return [Image.new("RGB", (64, 64), (200, 60, 60)) for _ in seeds]
+
+        def release(self):
+            pass
+
+    def engine(t5: str) -> Gmi:
+        items = [
+            "width=64",
+            "height=64",
+            f"flux-dev.text_encoders=clip_l.safetensors+{t5}",
+            "flux-dev.vae=ae.safetensors",
+        ]
+        return Gmi(
+            tmp_path / "store", encoder, prompts, "allx1", FamilySettings.defaults(overrides=parse_overrides(items))
+        )
+
+    assert engine("t5_a.safetensors").build(source, Renderer()).built == ["diffusion_models/flux.safetensors"]
+    (status,), _ = engine("t5_b.safetensors").status(source)
+    assert (status.state, status.current) == ("ready", False)
+    assert "built with other settings (text_encoders" in status.detail and "t5_b.safetensors" in status.detail
+    (same,), _ = engine("t5_a.safetensors").status(source)
+    assert (same.state, same.current, same.family) == ("ready", True, "flux-dev")
