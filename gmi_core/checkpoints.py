@@ -148,12 +148,6 @@ def _not_a_model(keys) -> ModelFile:
     return _skip(f"not a diffusion model gmi knows (no UNet/MMDiT/Flux weights; looks like {hint})")
 
 
-def checkpoint_family(keys) -> tuple[str | None, str | None]:
-    """(family, None) for a model file gmi renders, else (None, reason): from the tensor names alone."""
-    found = detect_family(keys)
-    return found.family, found.reason
-
-
 def inspect_model(path: Path, allow_pickle: bool = False) -> ModelFile:
     """A model file's family and layout, or why gmi skips it. Reads only the safetensors header (and SD2's one
     1,280-value probe tensor).
@@ -207,13 +201,6 @@ def inspect_model_cached(path: Path, cache: HashCache, allow_pickle: bool = Fals
     """:func:`inspect_model`, remembered per file version in the hash cache (a listing re-reads no header)."""
     fact = f"model_v{DETECTION_VERSION}" + ("_pickle_ok" if allow_pickle else "")
     return ModelFile(*cache.remember(path, fact, lambda: inspect_model(path, allow_pickle).to_list()))
-
-
-def inspect_checkpoint_cached(
-    path: Path, cache: HashCache, allow_pickle: bool = False
-) -> tuple[str | None, str | None]:
-    found = inspect_model_cached(path, cache, allow_pickle)
-    return found.family, found.reason
 
 
 Sha256Of = Callable[[str, Path, HashCache], "str | None"]

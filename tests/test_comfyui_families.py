@@ -306,3 +306,29 @@ def test_a_workflow_template_builds_the_same_spec_as_the_builtin_recipe(comfy):
 
     with pytest.raises(RuntimeError, match=r"workflow template: no node titled 'gmi:seed' \(the sampler"):
         server.run_prompt(listed_build(sd1_template(seed_title="KSampler")))
+
+
+def test_comfyui_detection_names_a_family_gmi_does_not(comfy):
+    """A diffusion model gmi has no rule for (AuraFlow's layout, header only) is listed as family 'other' because
+    ComfyUI's own model detection knows it; a LoRA in the same folder is skipped with the reason."""
+    from safetensors.torch import save_file
+
+    server, _ = comfy
+    folder = server.base / "models" / "diffusion_models"
+    aura = {
+        "double_layers.0.attn.w1q.weight": (1,),
+        "positional_encoding": (1, 16, 1),
+        "cond_seq_linear.weight": (1, 2048),
+    }
+    save_file({k: torch.zeros(s) for k, s in aura.items()}, str(folder / "aura.safetensors"))
+    save_file({"lora_unet_down.lora_down.weight": torch.zeros(2)}, str(folder / "a-lora.safetensors"))
+    try:
+        status = server.get(f"/gmi/status?encoder={ENCODER_FILE}&max_prompts={MAX_PROMPTS}&budget=allx{IMAGES}")
+    finally:
+        (folder / "aura.safetensors").unlink()
+        (folder / "a-lora.safetensors").unlink()
+    families = {row["name"]: row["family"] for row in status["checkpoints"]}
+    assert families["diffusion_models/aura.safetensors"] == "other"
+    assert families["diffusion_models/split-sd1.safetensors"] == "sd1" and families["tiny-0.safetensors"] == "sd1"
+    skipped = {row["name"]: row["reason"] for row in status["skipped"]}
+    assert "LoRA" in skipped["diffusion_models/a-lora.safetensors"]
