@@ -39,7 +39,7 @@ def comfy(tmp_path_factory):
     base = comfy_env.make_base(tmp_path_factory.mktemp("comfy-families"))
     single = cached_tiny_checkpoints(comfy_env.CACHE / "ckpts", 1)[0]
     (base / "models" / "checkpoints" / "tiny-0.safetensors").symlink_to(single)
-    names = split_library(base / "models")
+    names = split_library(base / "models", comfy_env.CACHE)
     sys.path.insert(0, str(comfy_env.REPO))
     from gmi_core.encoders import save_encoder, tiny_encoder
 

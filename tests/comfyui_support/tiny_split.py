@@ -88,14 +88,26 @@ def write_mmdit(path: Path, seed: int) -> Path:
     return _save(mmdit_state_dict(seed), path)
 
 
-def split_library(models: Path) -> dict[str, str]:
-    """A split SD1.x model and an SD3-style MMDiT with their text encoder and VAEs in a ComfyUI models folder;
-    the names the loaders list them by."""
-    write_sd1_unet(models / "diffusion_models" / "split-sd1.safetensors", 1101)
-    write_mmdit(models / "unet" / "tiny-sd3.safetensors", 1201)
-    write_clip_l(models / "text_encoders" / "clip_l.safetensors")
-    write_vae(models / "vae" / "taesd-sd15.safetensors", 2101, COLOURS[1])
-    write_vae(models / "vae" / "taesd-sd3.safetensors", 2201, COLOURS[2], latent_channels=16)
+SPLIT_WRITER_VERSION = 1  # bump when a layout or init changes (cache key)
+LIBRARY = {  # folder under models/ and file name: writer
+    ("diffusion_models", "split-sd1.safetensors"): lambda p: write_sd1_unet(p, 1101),
+    ("unet", "tiny-sd3.safetensors"): lambda p: write_mmdit(p, 1201),
+    ("text_encoders", "clip_l.safetensors"): write_clip_l,
+    ("vae", "taesd-sd15.safetensors"): lambda p: write_vae(p, 2101, COLOURS[1]),
+    ("vae", "taesd-sd3.safetensors"): lambda p: write_vae(p, 2201, COLOURS[2], latent_channels=16),
+}
+
+
+def split_library(models: Path, cache: Path) -> dict[str, str]:
+    """A split SD1.x model and an SD3-style MMDiT with their text encoder and VAEs, written once into ``cache`` and
+    linked into a ComfyUI models folder; the names the loaders list them by."""
+    for (folder, name), writer in LIBRARY.items():
+        cached = Path(cache) / f"split-v{SPLIT_WRITER_VERSION}" / folder / name
+        if not cached.is_file():
+            writer(cached)
+        link = Path(models) / folder / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(cached)
     return {
         "sd1": "split-sd1.safetensors",
         "sd3": "tiny-sd3.safetensors",
