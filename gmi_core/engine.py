@@ -80,7 +80,7 @@ class Gmi:
         return SpecKey(checkpoint.sha256, self.encoder.encoder_id, self.prompt_set.hash)
 
     def settings_for(self, checkpoint: CheckpointInfo) -> GenerationSettings:
-        return self.settings.for_family(checkpoint.family)
+        return self.settings.for_checkpoint(checkpoint)
 
     # -- status --------------------------------------------------------------------------------
     def status(self, source: CheckpointSource) -> tuple[list[SpecStatus], list[SkippedCheckpoint]]:

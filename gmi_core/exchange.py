@@ -22,11 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import Busy, GmiError, SpecError
+from .families import RECIPE_SETTINGS, GenerationSettings
 from .locks import spec_lock
 from .observed import OBSERVED, spec_counts, spec_kind
 from .paths import atomic_write
 from .prompts import BUILTIN_SETS, PromptSet, load_prompt_set
-from .protocols import GenerationSettings
 from .spec import THUMBNAIL_SIZE, Spec, SpecKey, _content_hash
 from .store import SpecStore
 
@@ -393,10 +393,17 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
 def _settings(data: dict) -> GenerationSettings:
     """Every field of GenerationSettings, each of its declared type (no silent defaults); later fields are ignored."""
     defaults = GenerationSettings().to_dict()
-    _need(set(defaults) <= set(data), f"settings lack {sorted(set(defaults) - set(data))}")
+    required = set(defaults) - set(RECIPE_SETTINGS)  # specs exported before the family recipes lack those
+    _need(required <= set(data), f"settings lack {sorted(required - set(data))}")
     for key, default in defaults.items():
-        ok = isinstance(data[key], (int, float)) if isinstance(default, float) else isinstance(data[key], type(default))
-        _need(ok and not isinstance(data[key], bool), f"setting {key} has the wrong type")
+        if key not in data:
+            continue
+        value = data[key]
+        if default is None:  # an optional number
+            ok = value is None or isinstance(value, (int, float))
+        else:
+            ok = isinstance(value, (int, float)) if isinstance(default, float) else isinstance(value, type(default))
+        _need(ok and not isinstance(value, bool), f"setting {key} has the wrong type")
     return GenerationSettings.from_dict(data)
 
 

@@ -35,6 +35,7 @@ MAX_BUDGET_PROMPTS = 10_000  # prompts a spec budget may name (budgets.parse_bud
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 8
 MAX_STEPS = 500
 MAX_CFG = 100.0
+LATENT_CHANNELS = (4, 16, 32, 64, 128)  # SD, SD3/Flux, and the wider latents of newer families
 MAX_IMAGES_PER_PROMPT = 64
 MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1  # base seed of spec images (ComfyUI's INT widgets and the WebUI's seeds fit it)
@@ -103,6 +104,20 @@ def check_settings(
             raise InvalidInput(f"unknown {name} {value!r}; the host knows {', '.join(list(known)[:30])}")
     if not isinstance(settings.negative_prompt, str) or len(settings.negative_prompt) > MAX_TEXT_FIELD:
         raise InvalidInput(f"negative prompt must be text of at most {MAX_TEXT_FIELD} characters")
+    for name in ("guidance", "shift"):
+        value = getattr(settings, name)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not 0 <= value <= MAX_CFG
+        ):
+            raise InvalidInput(f"{name} must be empty or a number between 0 and {MAX_CFG:g}, not {str(value)[:40]}")
+    if settings.latent_channels not in LATENT_CHANNELS:
+        raise InvalidInput(f"latent channels must be one of {LATENT_CHANNELS}, not {settings.latent_channels!r}")
+    for name in ("text_encoders", "vae", "workflow"):
+        if not isinstance(getattr(settings, name), str) or len(getattr(settings, name)) > MAX_TEXT_FIELD:
+            raise InvalidInput(f"{name} must be file names of at most {MAX_TEXT_FIELD} characters")
     return settings
 
 

@@ -31,7 +31,8 @@ class CheckpointInfo:
     path: Path
     sha256: str
     popularity: float | None = None  # download count or similar, used only by the `download` baseline
-    family: str | None = None  # sd1, sd2, sd2-v, sdxl (from the file header); picks the generation settings
+    family: str | None = None  # a gmi_core.families name (from the file header); picks the generation settings
+    layout: str = "single"  # "single": one file with its text encoders and VAE; "split": a diffusion model only
 
     @property
     def short_hash(self) -> str:

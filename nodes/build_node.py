@@ -11,7 +11,7 @@ from ..gmi_core.families import FAMILY_DEFAULTS
 from ..gmi_core.limits import MAX_PROMPT_SET_PROMPTS, MAX_SEED, check_settings
 from ..gmi_core.paths import one_line
 from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
-from . import engines, events, settings
+from . import engines, events, settings, workflow_template
 from .encoder_node import Encoder
 from .host import ComfyGenerator
 
@@ -131,6 +131,18 @@ class GMIBuildSpecs(io.ComfyNode):
                     tooltip="Checkpoint file names, one per line (used when which = listed).",
                 ),
                 io.String.Input(
+                    "workflow",
+                    optional=True,
+                    multiline=True,
+                    default="",
+                    tooltip=(
+                        "Optional: your own workflow renders the spec images instead of the family recipes. Paste it "
+                        "(API format or a saved workflow's JSON) or give the name of a saved workflow. Title the model "
+                        "loader 'gmi:model', the positive prompt's text encode 'gmi:prompt' and the sampler (or noise) "
+                        "node 'gmi:seed'; gmi swaps only those values."
+                    ),
+                ),
+                io.String.Input(
                     "negative_prompt",
                     optional=True,
                     multiline=True,
@@ -166,15 +178,21 @@ class GMIBuildSpecs(io.ComfyNode):
         max_prompts=0,
         checkpoints="",
         negative_prompt="",
+        workflow="",
     ) -> io.NodeOutput:
+        template = workflow_template.parse(workflow) if (workflow or "").strip() else None  # checked before any work
         per_family = settings.family_settings(family_settings, sampler_name, scheduler, negative_prompt)
+        per_family = workflow_template.with_template(per_family, template)
         for _, family_row in per_family.rows:
             check_settings(family_row, *sampler_choices())
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts, budget, per_family, int(seed))
         plan = engine.plan(engines.source(), parse_which(which, checkpoints))
         bar = events.NodeProgress(plan.images)
-        generator = ComfyGenerator(on_image=bar.step)
+        if template is None:
+            generator = ComfyGenerator(on_image=bar.step, hash_cache=engines.hash_cache())
+        else:
+            generator = workflow_template.TemplateGenerator(template, on_image=bar.step)
         settings.save(
             {
                 "encoder": getattr(encoder, "gmi_choice", settings.DEFAULTS["encoder"]),

@@ -19,7 +19,7 @@ from ..gmi_core.hashing import HASH_CACHE_FILE
 from ..gmi_core.paths import resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, DEFAULT_PROMPT_SET, PromptSet, load_prompt_set
 from ..gmi_core.store import SpecStore
-from . import host, settings
+from . import host, settings, split_models
 
 log = logging.getLogger("gmi")
 POOL = service.EnginePool()
@@ -124,4 +124,6 @@ def get_engine(
 ) -> Gmi:
     """The engine for these settings; ``budget=None`` (identify, status): the panel's last budget."""
     budget = parse_budget(budget if budget is not None else settings.load()["budget"])
+    if family_settings is None:  # identify, status: the family defaults with the split-model parts the folders hold
+        family_settings = FamilySettings.defaults(components=split_models.family_components(hash_cache()))
     return POOL.engine(encoder, spec_root(), prompt_set, budget, family_settings, base_seed)

@@ -13,7 +13,7 @@ from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from . import engines
 from .encoder_node import Encoder
-from .host import checkpoint_path, load_checkpoint, tensor_to_pils
+from .host import load_winner, tensor_to_pils
 
 
 def thumbnail_urls(encoder_id: str):
@@ -144,7 +144,7 @@ class GMIIdentify(io.ComfyNode):
             engine, tensor_to_pils(image), engines.source(), prompt, method, bool(include_not_installed)
         )
         chosen = service.pick_installed(result, pick_rank)  # only installed checkpoints can be switched to
-        model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
+        model, clip, vae = load_winner(engine, chosen.name, chosen.sha256)
         ranking = service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k, pick_rank=pick_rank)
         text = json.dumps(ranking, indent=1)
         return io.NodeOutput(model, clip, vae, chosen.name, text, ui={"gmi_ranking": [ranking], "text": [chosen.name]})

@@ -201,7 +201,7 @@ def test_family_settings_come_from_the_checkpoint_header(tmp_path):
     with pytest.raises(GmiError, match="between 64 and 4096"):
         FamilySettings.defaults(overrides=parse_overrides(["sdxl.width=8192"]))
     with pytest.raises(GmiError, match="unknown checkpoint family"):
-        FamilySettings.defaults(overrides=parse_overrides(["sd3.steps=4"]))
+        FamilySettings.defaults(overrides=parse_overrides(["sd4.steps=4"]))
 
 
 @pytest.mark.parametrize("centre", [False, True], ids=["gmi", "gmi_centred"])

@@ -366,7 +366,7 @@ def test_listing_reads_the_hash_cache_once_and_no_header_twice(tmp_path, monkeyp
     reads = []
     real_read = hashing._read_cache
     monkeypatch.setattr(hashing, "_read_cache", lambda path: reads.append(path) or real_read(path))
-    monkeypatch.setattr(checkpoints, "inspect_checkpoint", lambda *a: pytest.fail("header parsed again"))
+    monkeypatch.setattr(checkpoints, "inspect_model", lambda *a: pytest.fail("header parsed again"))
     monkeypatch.setattr(hashing, "_digest", lambda *a: pytest.fail("file hashed again"))
     again = source.list_checkpoints()
     assert reads == [tmp_path / "hashes.json"]

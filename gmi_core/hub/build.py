@@ -40,7 +40,7 @@ class ListedCheckpointSource:
         self.list_file, self.hash_cache = Path(list_file), hash_cache
 
     def list_checkpoints(self) -> CheckpointListing:
-        from ..checkpoints import inspect_checkpoint_cached
+        from ..checkpoints import inspect_model_cached, renders_sd_single_files
         from ..hashing import HashCache
 
         listing = CheckpointListing()
@@ -53,11 +53,11 @@ class ListedCheckpointSource:
             if not path.is_file():
                 listing.skipped.append(SkippedCheckpoint(path.name, path, "file not found"))
                 continue
-            family, reason = inspect_checkpoint_cached(path, cache)
-            if reason:
-                listing.skipped.append(SkippedCheckpoint(path.name, path, reason))
+            found = renders_sd_single_files(inspect_model_cached(path, cache), path)  # what diffusers renders
+            if found.reason:
+                listing.skipped.append(SkippedCheckpoint(path.name, path, found.reason))
                 continue
-            listing.checkpoints.append(CheckpointInfo(path.name, path, cache.sha256(path), family=family))
+            listing.checkpoints.append(CheckpointInfo(path.name, path, cache.sha256(path), family=found.family))
         cache.save()
         return listing
 
