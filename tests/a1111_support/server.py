@@ -103,11 +103,12 @@ class WebuiServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"WebUI exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                self.get("/gmi/v1/build", expect_error=True)
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1)
+            try:  # 404 until the API routes are added (Forge serves the UI a few seconds before them)
+                if self.get("/gmi/v1/defaults", expect_error=True)[0] != 404:
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            time.sleep(1)
         raise TimeoutError(f"WebUI did not start in {timeout}s:\n{self.tail()}")
 
     def stop(self) -> None:

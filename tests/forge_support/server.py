@@ -36,12 +36,15 @@ def forge_python(forge: Path) -> Path:
 
 
 def forge_server(forge: Path, data_dir: Path, extension_root: Path, api_auth: str | None = None) -> WebuiServer:
+    # Gradio 4 serves /file= only from allowed paths, which default to the data folder: with a private --data-dir,
+    # Forge's own script.js and javascript/*.js answer 403 unless its root is allowed too
+    flags = [*FORGE_FLAGS, "--gradio-allowed-path", str(forge)]
     return WebuiServer(
         forge,
         data_dir,
         extension_root,
         data_dir / "forge.log",
         api_auth=api_auth,
-        launch_flags=FORGE_FLAGS,
+        launch_flags=flags,
         python=forge_python(forge),
     )

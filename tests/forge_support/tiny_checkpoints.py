@@ -29,13 +29,13 @@ UNET_CONFIG = {  # the smallest UNet huggingface_guess still takes for SD1 (mode
     "in_channels": 4,
     "out_channels": 4,
     "model_channels": 320,
-    "num_res_blocks": [1, 1],
-    "channel_mult": [1, 2],
+    "num_res_blocks": [1],
+    "channel_mult": [1],
     "num_heads": 8,
     "num_head_channels": -1,
     "use_spatial_transformer": True,
-    "transformer_depth": [1, 1],
-    "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [1, 1],
     "transformer_depth_middle": 1,
     "context_dim": 768,
     "use_linear_in_transformer": False,
@@ -54,7 +54,7 @@ COLOURS = [  # RGB in [-1, 1], added to the VAE decoder's output bias, one per c
 
 def use_forge(forge: Path) -> None:
     """Forge's own modules on sys.path; its argument parsers see no arguments of this script."""
-    for path in (forge / "repositories" / "huggingface_guess", forge):
+    for path in (forge / "packages_3rdparty", forge / "repositories" / "huggingface_guess", forge):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
     sys.argv = [*sys.argv[:1], "--always-cpu"]
