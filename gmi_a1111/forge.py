@@ -81,11 +81,20 @@ def switch(title: str, modules: list[str] | None = None) -> str:
         if unknown:
             raise LookupError(f"{unknown[0]!r} is not in Forge's VAE / text encoder folders")
         main_entry.modules_change(list(modules), save=False, refresh=False)
-    main_entry.checkpoint_change(title, save=False, refresh=False)
+    main_entry.checkpoint_change(dropdown_value(title), save=False, refresh=False)
     with contextlib.suppress(AssertionError):  # --freeze-settings
         shared.opts.save(shared.config_filename)
     main_entry.refresh_model_loading_parameters()  # Forge loads it at the next generation
     return title
+
+
+def dropdown_value(title: str) -> str:
+    """How Forge's own checkpoint dropdown names a checkpoint (no hash; the short title if so set), so that the
+    dropdown shows the switched-to checkpoint as one of its choices."""
+    info = sd_models.get_closet_checkpoint_match(title)
+    if info is None:
+        return title
+    return info.short_title if getattr(shared.opts, "sd_checkpoint_dropdown_use_short", False) else info.name
 
 
 def loaded_title() -> str | None:

