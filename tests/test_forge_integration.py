@@ -215,3 +215,33 @@ def test_gmi_tab_and_settings_are_in_the_ui(server):
     assert "GMI (checkpoint identification)" in text
     log = server.log_path.read_text(errors="replace")
     assert "Error loading script: gmi" not in log and "Error executing callback" not in log
+
+
+def test_install_py_as_forge_runs_it(tmp_path):
+    """Forge runs ``python install.py`` with its root on PYTHONPATH: with everything present it says nothing; a
+    missing requirement goes through Forge's own ``launch.run_pip``, which --skip-install turns off."""
+    from tests.forge_support.server import forge_python
+
+    forge = Path(FORGE).resolve()
+    env = dict(os.environ, PYTHONPATH=str(forge), HF_HUB_OFFLINE="1")
+    quiet = subprocess.run(
+        [str(forge_python(forge)), str(REPO / "install.py")], cwd=forge, env=env, capture_output=True, text=True
+    )
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "", quiet.stdout + quiet.stderr
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("gmi-surely-not-installed==1.0\n")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import install, launch; "
+        "install.REQUIREMENTS = install.Path(sys.argv[2]); "
+        "assert install.webui_launch() is launch and hasattr(launch, 'run_pip'); install.install(['--skip-install'])"
+    )
+    skipped = subprocess.run(
+        [str(forge_python(forge)), "-c", script, str(REPO), str(requirements)],
+        cwd=forge,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "gmi: --skip-install, not installing: gmi-surely-not-installed==1.0" in skipped.stdout
