@@ -5,8 +5,8 @@ Needs GMI_FORGE_DIR (see test_forge_integration.py), the `playwright` Python pac
 specs built through /gmi/v1/build. A query image is rendered from one checkpoint with an unseen prompt and seed; then,
 in Chromium: open Forge, switch to the GMI tab (Gradio 4), upload the image, click Identify, check the rendered
 ranking (generating checkpoint first, thumbnails loaded), click "Use this checkpoint" and check that Forge's own
-checkpoint dropdown and /sdapi/v1/options follow. The page must raise no JavaScript error. Saves
-docs/forge-identify.png.
+checkpoint dropdown and /sdapi/v1/options follow; the Build specs tab shows every spec ready and its button answers
+through Forge's progress JavaScript. The GMI tab must add no JavaScript error. Saves docs/forge-identify.png.
 """
 
 from __future__ import annotations
@@ -102,6 +102,13 @@ def test_identify_and_switch_in_the_gmi_tab(server, tmp_path):
             tab.screenshot(path=str(SCREENSHOT))
             page.locator("#gmi_use").click()
             expect(dropdown).to_have_value(target, timeout=UI_TIMEOUT_MS)  # Forge names checkpoints without hash
+
+            # Build specs: the status table (a Gradio 4 generator) and the button behind Forge's progress JavaScript
+            tab.locator("button", has_text="Build specs").first.click()
+            expect(tab.locator("table", has_text="tiny_sd1_0.safetensors").first).to_be_visible()
+            expect(tab.locator("td", has_text="ready")).to_have_count(integration.CHECKPOINTS)
+            page.locator("#gmi_build").click()  # every spec is ready: nothing selected, nothing rendered
+            expect(page.locator("#gmi_build_result")).to_contain_text("Nothing selected")
             assert errors == before_gmi, errors[len(before_gmi) :]
             print(f"JavaScript errors of Forge's own page before the GMI tab was used: {before_gmi}")
         finally:
