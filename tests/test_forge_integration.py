@@ -163,7 +163,7 @@ def test_roundtrip_in_real_forge(server):
     print(f"switch: /sdapi/v1/options sd_model_checkpoint = {options['sd_model_checkpoint']!r}; renders reproduced")
 
     # auto-select: the option says tiny_sd1_0, the reference image comes from tiny_sd1_2
-    server.post("/sdapi/v1/options", {"sd_model_checkpoint": titles[names[0]]})
+    server.post("/sdapi/v1/options", {"sd_model_checkpoint": names[0]})
     reference, _ = txt2img(server, eval_prompts[-1], 424_242, titles[names[2]])
     _, info = txt2img(
         server,
@@ -175,7 +175,7 @@ def test_roundtrip_in_real_forge(server):
     assert info["sd_model_name"] == "tiny_sd1_2"
     assert f"GMI auto-select: {names[2]} [" in info["infotexts"][0]
     _, options = server.get("/sdapi/v1/options")
-    assert options["sd_model_checkpoint"] == titles[names[0]]  # a per-generation override, like Forge's own
+    assert options["sd_model_checkpoint"] == names[0]  # a per-generation override, like Forge's own
 
     assert server.post("/gmi/v1/identify", {"image": "not base64!"}, expect_error=True)[0] == 422
     assert server.post("/gmi/v1/switch", {"checkpoint": "/etc/passwd"}, expect_error=True)[0] == 404
