@@ -268,7 +268,10 @@ def on_ui_tabs():
         with gr.Tab("Build specs") as build_tab:
             note_html = gr.HTML("<p>Spec status loads when this tab opens (or press Refresh).</p>")
             table = gr.Dataframe(
-                [], headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"], interactive=False
+                [],
+                headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"],
+                interactive=False,
+                elem_id="gmi_spec_table",
             )
             selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():

@@ -105,10 +105,11 @@ def test_identify_and_switch_in_the_gmi_tab(server, tmp_path):
 
             # Build specs: the status table (a Gradio 4 generator) and the button behind Forge's progress JavaScript
             tab.locator("button", has_text="Build specs").first.click()
-            expect(tab.locator("table", has_text="tiny_sd1_0.safetensors").first).to_be_visible()
-            expect(tab.locator("td", has_text="ready")).to_have_count(integration.CHECKPOINTS)
+            spec_table = page.locator("#gmi_spec_table")
+            expect(spec_table).to_contain_text("tiny_sd1_0.safetensors", timeout=UI_TIMEOUT_MS)
+            expect(spec_table.locator("td", has_text="ready")).to_have_count(integration.CHECKPOINTS)
             page.locator("#gmi_build").click()  # every spec is ready: nothing selected, nothing rendered
-            expect(page.locator("#gmi_build_result")).to_contain_text("Nothing selected")
+            expect(page.locator("#gmi_build_result")).to_contain_text("Nothing selected", timeout=UI_TIMEOUT_MS)
             assert errors == before_gmi, errors[len(before_gmi) :]
             print(f"JavaScript errors of Forge's own page before the GMI tab was used: {before_gmi}")
         finally:
