@@ -35,16 +35,20 @@ function() {
     return args;
 }
 """
-# "Use this checkpoint": the same path as the quicksettings dropdown, so the dropdown follows; in Forge the chosen
-# VAE / text encoder files go first through its own selectVAE (empty: keep the current ones).
-SWITCH_JS = """
-function() {
-    var args = Array.from(arguments);
+
+
+def switch_js(inputs: int) -> str:
+    """For "Use this checkpoint": the same path as the host's checkpoint dropdown, so the dropdown follows; in Forge the
+    chosen VAE / text encoder files go first through its own selectVAE (empty: keep the current ones). Returns exactly
+    ``inputs`` values (Gradio 3 passes more arguments than inputs to a JavaScript-only listener)."""
+    return f"""
+function() {{
+    var args = Array.from(arguments).slice(0, {inputs});
     var modules = args[1];
-    if (modules && modules.length && typeof selectVAE === 'function') { selectVAE(modules); }
-    if (args[0]) { selectCheckpoint(args[0]); }
+    if (Array.isArray(modules) && modules.length && typeof selectVAE === 'function') {{ selectVAE(modules); }}
+    if (args[0]) {{ selectCheckpoint(args[0]); }}
     return args;
-}
+}}
 """
 
 
@@ -264,7 +268,7 @@ def on_ui_tabs():
             interrogate_btn.click(do_interrogate, [image, files], [prompt, result, interrogated])
             for source in (image, files):
                 source.change(on_new_image, [prompt, interrogated], [prompt, used_prompt, interrogated])
-            use_btn.click(None, switch_inputs, switch_inputs, **forge.gradio_js(SWITCH_JS))
+            use_btn.click(None, switch_inputs, switch_inputs, **forge.gradio_js(switch_js(len(switch_inputs))))
         with gr.Tab("Build specs") as build_tab:
             note_html = gr.HTML("<p>Spec status loads when this tab opens (or press Refresh).</p>")
             table = gr.Dataframe(
