@@ -5,7 +5,7 @@ POST /gmi/v1/build              start a build: {"checkpoints": "missing"|"all"|[
 GET  /gmi/v1/build[/{job_id}]   a build job's state and report
 POST /gmi/v1/identify           {"image": b64 | "images": [b64...], "prompt"?, "top_k"?, "method"?, "thumbnails"?}
 POST /gmi/v1/interrogate        {"image"|"images"} -> {"prompt"}
-POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256}
+POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256, "modules"?: [Forge VAE/TE files]}
 POST /gmi/v1/import-images      {"root": "outputs"|"models", "subfolder": ""} -> observed specs from images on disk
 GET  /gmi/v1/map                near-duplicate groups and 2-D coordinates of the checkpoints with specs
 GET  /gmi/v1/defaults           every generation default and limit (gmi_core.service.defaults_payload)
@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 
-from modules import sd_models
 from pydantic import BaseModel, Field
 
 from gmi_core import limits, service
@@ -32,7 +31,7 @@ from gmi_core.images import load_image
 from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
 
-from . import build, host, library, runtime
+from . import build, forge, host, library, runtime
 
 log = logging.getLogger("gmi")
 PREFIX = "/gmi/v1"
@@ -79,6 +78,9 @@ class InterrogateRequest(BaseModel):
 
 class SwitchRequest(BaseModel):
     checkpoint: str = Field(..., min_length=1, max_length=1000)
+    modules: list[str] | None = Field(
+        None, max_length=8, description="Forge: VAE / text encoder file names to load with it (default: keep)"
+    )
 
 
 def decode_images(single: str | None, many: list[str] | None) -> list:
@@ -211,14 +213,15 @@ def switch(req: SwitchRequest):
         raise HTTPException(409, f"busy: a gmi build is {running.state} ({running.id}); switch when it has finished")
     try:
         info = host.resolve_checkpoint(req.checkpoint)
-        title = host.switch_to_title(info.title)
-    except CheckpointError as exc:
-        raise HTTPException(404, str(exc)) from None
-    loaded = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        title = host.switch_to_title(info.title, req.modules)
+    except (CheckpointError, LookupError) as exc:
+        raise HTTPException(404, one_line(exc)) from None
     return {
         "title": title,
         "name": info.name,
-        "loaded": getattr(getattr(loaded, "sd_checkpoint_info", None), "title", None),
+        "loaded": forge.loaded_title(),  # Forge loads the new checkpoint at the next generation
+        "selected": forge.selected_title(),
+        "modules": forge.selected_modules(),
     }
 
 

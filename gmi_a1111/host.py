@@ -11,7 +11,6 @@ Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_w
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,8 @@ from gmi_core.checkpoints import list_checkpoint_files
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
 from gmi_core.hashing import HashCache
 from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
+
+from . import forge
 
 log = logging.getLogger("gmi")
 
@@ -90,7 +91,7 @@ class WebuiCheckpointSource:
 
         # the WebUI loads .ckpt itself, so gmi need not open pickles to accept them
         files = ((info.name, Path(info.filename)) for info in infos.values())
-        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True, sha256=sha256)
+        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True, sha256=sha256, renders=forge.renders)
 
     def title_for(self, checkpoint: CheckpointInfo) -> str:
         return self.webui_info(checkpoint).title
@@ -139,6 +140,7 @@ class WebuiGenerator:
             do_not_save_grid=True,
             override_settings={"sd_model_checkpoint": title},
             override_settings_restore_afterwards=True,
+            **forge.processing_parameters(settings),
         )
         try:
             processed = processing.process_images(p)
@@ -150,24 +152,16 @@ class WebuiGenerator:
             raise Cancelled("interrupted")
         images = list(processed.images)[:n]
         if len(images) != n:
-            raise GmiError(f"the WebUI returned {len(images)} images for {n} seeds")
+            raise GmiError(f"{forge.HOST_NAME} returned {len(images)} images for {n} seeds")
         loaded = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
         if loaded is not None and Path(loaded.filename) != Path(checkpoint.path):
-            raise GmiError(f"the WebUI rendered with {loaded.name}, not {checkpoint.name}")
+            raise GmiError(f"{forge.HOST_NAME} rendered with {loaded.name}, not {checkpoint.name}")
         return images
 
     def release(self) -> None:
         """The WebUI keeps and frees models itself (sd_checkpoints_limit); nothing to do between checkpoints."""
 
 
-def switch_to_title(title: str) -> str:
-    try:  # Forge: reload_model_weights does nothing; its own entry point switches
-        from modules_forge import main_entry  # type: ignore
-
-        main_entry.checkpoint_change(title)
-    except ImportError:
-        # the option's onchange reloads the weights under the queue lock, like the quicksettings dropdown
-        shared.opts.set("sd_model_checkpoint", title)
-    with contextlib.suppress(AssertionError):  # --freeze-settings
-        shared.opts.save(shared.config_filename)
-    return title
+def switch_to_title(title: str, modules: list[str] | None = None) -> str:
+    """The host's own checkpoint switch (see gmi_a1111.forge for what differs in Forge)."""
+    return forge.switch(title, modules)

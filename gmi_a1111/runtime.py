@@ -41,6 +41,7 @@ FIELD_LABELS = {
     "height": "height of spec images",
     "steps": "sampling steps",
     "cfg": "CFG scale",
+    "guidance": "distilled CFG (guidance)",
 }
 
 
@@ -77,7 +78,7 @@ OPTIONS: dict[str, tuple[object, str, str]] = {
     **{
         family_option(family, name): (
             FAMILY_DEFAULTS[family][name],
-            f"{family.upper()} checkpoints: {FIELD_LABELS[name]}",
+            f"{family.upper()} checkpoints: {FIELD_LABELS.get(name, name)}",
             "",
         )
         for family in FAMILIES

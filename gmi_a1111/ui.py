@@ -1,4 +1,5 @@
-"""The "Identify" tab (registered by scripts/gmi_tab.py through on_ui_tabs). Gradio 3.41 (A1111).
+"""The "Identify" tab (registered by scripts/gmi_tab.py through on_ui_tabs). Gradio 3.41 (A1111) and Gradio 4 (Forge):
+the differences are asked from gmi_a1111.forge.
 
 Building the tab does nothing heavy (on_ui_tabs runs during start-up, beside the WebUI's model load):
 no encoder is loaded and no checkpoint hashed until the user opens "Build specs" or presses Refresh,
@@ -21,7 +22,7 @@ from gmi_core.paths import one_line
 from gmi_core.prompts import DEFAULT_PROMPT_SET
 from gmi_core.ranker import METHODS
 
-from . import build, library, runtime
+from . import build, forge, library, runtime
 
 log = logging.getLogger("gmi")
 
@@ -35,12 +36,20 @@ function() {
     return args;
 }
 """
-# "Use this checkpoint": the same path as the quicksettings dropdown, so the dropdown follows.
-SWITCH_JS = """
-function(title) {
-    if (title) { selectCheckpoint(title); }
-    return [title];
-}
+
+
+def switch_js(inputs: int) -> str:
+    """For "Use this checkpoint": the same path as the host's checkpoint dropdown, so the dropdown follows; in Forge the
+    chosen VAE / text encoder files go first through its own selectVAE (empty: keep the current ones). Returns exactly
+    ``inputs`` values (Gradio 3 passes more arguments than inputs to a JavaScript-only listener)."""
+    return f"""
+function() {{
+    var args = Array.from(arguments).slice(0, {inputs});
+    var modules = args[1];
+    if (Array.isArray(modules) && modules.length && typeof selectVAE === 'function') {{ selectVAE(modules); }}
+    if (args[0]) {{ selectCheckpoint(args[0]); }}
+    return args;
+}}
 """
 
 
@@ -244,16 +253,30 @@ def on_ui_tabs():
                     with gr.Row():
                         choice = gr.Dropdown([], label="Checkpoint", elem_id="gmi_choice")
                         use_btn = gr.Button("Use this checkpoint", elem_id="gmi_use")
+                    switch_inputs = [choice]
+                    if forge.IS_FORGE:  # Flux-style checkpoints need their VAE / text encoder files
+                        switch_inputs.append(
+                            gr.Dropdown(
+                                forge.module_names(),
+                                value=[],
+                                multiselect=True,
+                                label="VAE / Text Encoder to load with it (empty: keep Forge's current selection)",
+                                elem_id="gmi_modules",
+                            )
+                        )
             interrogated = gr.State("")
             identify_btn.click(do_identify, [image, files, prompt, method, top_k], [result, used_prompt, choice])
             interrogate_btn.click(do_interrogate, [image, files], [prompt, result, interrogated])
             for source in (image, files):
                 source.change(on_new_image, [prompt, interrogated], [prompt, used_prompt, interrogated])
-            use_btn.click(None, [choice], [choice], _js=SWITCH_JS)
+            use_btn.click(None, switch_inputs, switch_inputs, **forge.gradio_js(switch_js(len(switch_inputs))))
         with gr.Tab("Build specs") as build_tab:
             note_html = gr.HTML("<p>Spec status loads when this tab opens (or press Refresh).</p>")
             table = gr.Dataframe(
-                [], headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"], interactive=False
+                [],
+                headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"],
+                interactive=False,
+                elem_id="gmi_spec_table",
             )
             selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():
@@ -279,7 +302,7 @@ def on_ui_tabs():
                 call_queue.wrap_gradio_gpu_call(do_build, extra_outputs=[""]),
                 [task_id, selected, prompt_set, budget, sampler],
                 [build_message, build_result],
-                _js=BUILD_JS,
+                **forge.gradio_js(BUILD_JS),
             ).then(refresh, [], [note_html, table, selected])
             interrupt_btn.click(lambda: shared.state.interrupt(), [], [])
             with gr.Accordion("Specs without generating", open=False):

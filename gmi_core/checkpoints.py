@@ -41,7 +41,8 @@ class ModelFile:
         return [self.family, self.layout, self.reason]
 
 
-def _skip(reason: str) -> ModelFile:
+def skipped_model(reason: str) -> ModelFile:
+    """A file gmi (or the host's render policy) does not use, with the reason shown to the user."""
     return ModelFile(None, "single", reason)
 
 
@@ -63,7 +64,7 @@ def detect_family(keys, shape: Callable[[str], tuple] = lambda key: ()) -> Model
     if MMDIT_KEY in bare:
         channels = dim("x_embedder.proj.weight", 1)
         if channels not in (None, 16):
-            return _skip(f"MMDiT with {channels} latent channels: not an SD3/SD3.5 model")
+            return skipped_model(f"MMDiT with {channels} latent channels: not an SD3/SD3.5 model")
         return _complete("sd3", layout, has_te, has_vae)
     if all(k in bare for k in FLUX_KEYS):
         return _flux(bare, dim("img_in.weight", 1), layout, has_te, has_vae)
@@ -88,35 +89,41 @@ def _flux(bare: set[str], in_channels: int | None, layout: str, has_te: bool, ha
             return _complete("other", layout, has_te, has_vae)  # Chroma Radiance: pixel space, host-detected
         return _complete("chroma", layout, has_te, has_vae)
     if in_channels == 384:
-        return _skip("Flux Fill (inpainting) model: img_in takes 384 channels, it renders only from an image and mask")
+        return skipped_model(
+            "Flux Fill (inpainting) model: img_in takes 384 channels, it renders only from an image and mask"
+        )
     if in_channels == 128:
-        return _skip(
+        return skipped_model(
             "Flux Depth/Canny (control) model: img_in takes 128 channels, it renders only from a control image"
         )
     if in_channels not in (None, 64):
-        return _skip(f"Flux-shaped model with {in_channels} input channels (text-to-image Flux takes 64)")
+        return skipped_model(f"Flux-shaped model with {in_channels} input channels (text-to-image Flux takes 64)")
     return _complete("flux-dev" if "guidance_in.in_layer.weight" in bare else "flux-schnell", layout, has_te, has_vae)
 
 
 def _unet(keys, bare, dim, layout: str, has_te: bool, has_vae: bool) -> ModelFile:
     in_channels = dim(UNET_KEY, 1)
     if in_channels == 9:
-        return _skip("inpainting model (9 input channels): it renders only from an image and a mask")
+        return skipped_model("inpainting model (9 input channels): it renders only from an image and a mask")
     if in_channels not in (None, 4):
-        return _skip(f"UNet with {in_channels} input channels (instruct/edit model): it renders only from an image")
+        return skipped_model(
+            f"UNet with {in_channels} input channels (instruct/edit model): it renders only from an image"
+        )
     attn = next((k for k in sorted(bare) if k.endswith("attn2.to_k.weight")), None)
     context = dim(attn, 1) if attn else None
     if context == 1280 or _refiner_encoder(keys):
-        return _skip("SDXL refiner: it only finishes an SDXL base model's image, it does not render one alone")
+        return skipped_model("SDXL refiner: it only finishes an SDXL base model's image, it does not render one alone")
     # The cross-attention width names the family; a single file's text encoder names it when the width is another
     # (small test models) or unread.
     family = CONTEXT_DIM_FAMILY.get(context) or _family_from_text_encoder(keys)
     if family is None:
         if layout == "single" and not has_te:
-            return _skip("checkpoint has no recognised text encoder (cond_stage_model.* / conditioner.*)")
-        return _skip(f"UNet with {context}-wide cross attention: not an SD1.x, SD2.x or SDXL model")
+            return skipped_model("checkpoint has no recognised text encoder (cond_stage_model.* / conditioner.*)")
+        return skipped_model(f"UNet with {context}-wide cross attention: not an SD1.x, SD2.x or SDXL model")
     if layout == "single" and not has_vae:
-        return _skip("checkpoint has no VAE (first_stage_model.*); put it in models/unet to render it as a split model")
+        return skipped_model(
+            "checkpoint has no VAE (first_stage_model.*); put it in models/unet to render it as a split model"
+        )
     return ModelFile(family, layout)
 
 
@@ -145,7 +152,7 @@ def _not_a_model(keys) -> ModelFile:
         hint = "a text encoder"
     else:
         hint = "a VAE, LoRA, embedding or " + UNNAMED_MODEL
-    return _skip(f"not a diffusion model gmi knows (no UNet/MMDiT/Flux weights; looks like {hint})")
+    return skipped_model(f"not a diffusion model gmi knows (no UNet/MMDiT/Flux weights; looks like {hint})")
 
 
 def inspect_model(path: Path, allow_pickle: bool = False) -> ModelFile:
@@ -159,9 +166,11 @@ def inspect_model(path: Path, allow_pickle: bool = False) -> ModelFile:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if allow_pickle:
             return ModelFile("unknown")
-        return _skip("pickle-based checkpoint (.ckpt) is not read by gmi for safety; convert it to .safetensors")
+        return skipped_model(
+            "pickle-based checkpoint (.ckpt) is not read by gmi for safety; convert it to .safetensors"
+        )
     if path.suffix.lower() not in (".safetensors", ".sft"):
-        return _skip(f"unsupported file type {path.suffix!r}")
+        return skipped_model(f"unsupported file type {path.suffix!r}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
@@ -171,7 +180,7 @@ def inspect_model(path: Path, allow_pickle: bool = False) -> ModelFile:
             if found.family == "sd2" and sd2_predicts_v(handle, keys):
                 found = ModelFile("sd2-v", found.layout)
     except Exception as exc:  # noqa: BLE001 - every parse failure means the same thing to the user
-        return _skip(f"unreadable or truncated safetensors file ({str(exc).splitlines()[0][:200]})")
+        return skipped_model(f"unreadable or truncated safetensors file ({str(exc).splitlines()[0][:200]})")
     return found
 
 
@@ -213,7 +222,7 @@ def renders_sd_single_files(found: ModelFile, path: Path) -> ModelFile:
         return found
     kind = RECIPES[found.family].label if found.family in FAMILIES else found.family
     what = "split diffusion-model file" if found.layout == "split" else "model"
-    return _skip(
+    return skipped_model(
         f"{kind} {what}: this host renders single-file SD1.x/SD2.x/SDXL checkpoints; build its spec in ComfyUI"
     )
 
