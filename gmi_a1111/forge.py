@@ -18,7 +18,7 @@ import os
 from modules import sd_models, shared
 
 from gmi_core.checkpoints import ModelFile, renders_sd_single_files, skipped_model
-from gmi_core.families import RECIPES
+from gmi_core.families import RECIPES, SD_FAMILIES
 
 IS_FORGE = importlib.util.find_spec("modules_forge") is not None
 HOST_NAME = "Forge" if IS_FORGE else "the WebUI"
@@ -30,6 +30,7 @@ FORGE_PROCESSING_FIELDS = {"guidance": "distilled_cfg_scale"}
 
 # The families Forge's backend runs from one checkpoint file (backend/diffusion_engine/*.py).
 FORGE_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma")
+HOST_FAMILIES = FORGE_FAMILIES if IS_FORGE else SD_FAMILIES  # the families this host renders (Settings > GMI rows)
 
 
 def renders(found: ModelFile, path) -> ModelFile:

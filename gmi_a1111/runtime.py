@@ -31,6 +31,7 @@ from gmi_core.protocols import GenerationSettings
 from gmi_core.ranker import DEFAULT_METHOD
 from gmi_core.results import IdentifyResult
 
+from . import forge
 from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 
 log = logging.getLogger("gmi")
@@ -81,7 +82,7 @@ OPTIONS: dict[str, tuple[object, str, str]] = {
             f"{family.upper()} checkpoints: {FIELD_LABELS.get(name, name)}",
             "",
         )
-        for family in FAMILIES
+        for family in forge.HOST_FAMILIES
         for name in PER_FAMILY_FIELDS
     },
     "gmi_sampler": ("Euler", "Sampler for spec images", "the WebUI's sampler name"),
@@ -173,8 +174,15 @@ class Config:
             scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")),
         )
         every = {name: overrides[name] for name in PER_FAMILY_FIELDS if overrides.get(name) is not None}
-        per_family = {
-            family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
+        per_family = {  # Settings > GMI has rows for the families this host renders; overrides apply to all
+            family: {
+                **{
+                    name: opt(family_option(family, name))
+                    for name in PER_FAMILY_FIELDS
+                    if family in forge.HOST_FAMILIES
+                },
+                **every,
+            }
             for family in FAMILIES
         }
         return cls(

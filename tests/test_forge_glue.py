@@ -133,3 +133,10 @@ def test_gradio_js_keyword_follows_the_gradio_major_version(webui, monkeypatch):
     assert forge.gradio_js("f") == {"js": "f"}
     gradio.__version__ = "3.41.2"  # A1111 1.10
     assert forge.gradio_js("f") == {"_js": "f"}
+
+
+def test_settings_have_rows_for_the_families_the_host_renders(webui):  # noqa: F811
+    """A1111 renders SD1/SD2/SDXL only, so Settings > GMI shows no Flux / SD3 rows (Forge: HOST_FAMILIES)."""
+    runtime, forge = gmi("runtime"), gmi("forge")
+    rows = {key.split("_")[1] for key in runtime.OPTIONS if key.endswith("_steps")}
+    assert rows == {family.replace("-", "") for family in forge.HOST_FAMILIES} == {"sd1", "sd2", "sd2v", "sdxl"}
