@@ -24,10 +24,10 @@ import json
 import logging
 
 from modules import sd_models
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictStr
 
 from gmi_core import limits, service
-from gmi_core.errors import CheckpointError, GmiError, ImageError
+from gmi_core.errors import GmiError, ImageError
 from gmi_core.images import load_image
 from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
@@ -49,7 +49,9 @@ class HTTPException(Exception):
 
 
 class BuildRequest(BaseModel):
-    checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
+    checkpoints: StrictStr | list[StrictStr] = Field(
+        "missing", description='"missing", "all" or a list of checkpoint names/titles/sha256'
+    )
     budget: str | None = Field(
         None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)"
     )
@@ -78,7 +80,7 @@ class InterrogateRequest(BaseModel):
 
 
 class SwitchRequest(BaseModel):
-    checkpoint: str = Field(..., min_length=1, max_length=1000)
+    checkpoint: StrictStr = Field(..., min_length=1, max_length=1000)
 
 
 def decode_images(single: str | None, many: list[str] | None) -> list:
@@ -110,8 +112,8 @@ def resolve_names(names: list[str]) -> list[str]:
     for name in names:
         try:
             out.append(host.resolve_checkpoint(name).name)
-        except CheckpointError as exc:
-            raise HTTPException(404, str(exc)) from None
+        except GmiError as exc:  # unknown: 404; ambiguous: 400 listing the candidates
+            raise _gmi_errors(exc) from None
     return out
 
 
@@ -148,7 +150,7 @@ def host_sampler_names() -> tuple[list[str] | None, list[str] | None]:
 
 def specs():
     try:
-        data = runtime.status()
+        data = runtime.status(wait=False)  # a poll never queues behind a build
     except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
     job = build.latest_job()
@@ -212,8 +214,8 @@ def switch(req: SwitchRequest):
     try:
         info = host.resolve_checkpoint(req.checkpoint)
         title = host.switch_to_title(info.title)
-    except CheckpointError as exc:
-        raise HTTPException(404, str(exc)) from None
+    except GmiError as exc:  # unknown: 404; ambiguous: 400 listing the candidates
+        raise _gmi_errors(exc) from None
     loaded = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
     return {
         "title": title,

@@ -20,7 +20,7 @@ from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
 from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
 from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
 from gmi_core.engine import Gmi, IdentifyResult
-from gmi_core.errors import EncoderUnavailable, InvalidInput
+from gmi_core.errors import EncoderLoading, EncoderUnavailable, InvalidInput
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
 from gmi_core.limits import DEFAULT_TOP_K
 from gmi_core.paths import resolve_inside
@@ -241,7 +241,7 @@ def webui_model_loading_excluded():
 POOL = service.EnginePool(loading_guard=webui_model_loading_excluded)  # bounded: 2 encoders, 8 engines
 
 
-def get_encoder(config: Config) -> ClipEncoder:
+def get_encoder(config: Config, wait: bool = True) -> ClipEncoder:
     def load() -> ClipEncoder:
         try:
             encoder = load_encoder(
@@ -259,7 +259,7 @@ def get_encoder(config: Config) -> ClipEncoder:
         log.info("gmi: CLIP encoder %s loaded from %s", encoder.encoder_id, encoder.source)
         return encoder
 
-    return POOL.encoder((config.encoder, config.allow_download), load)
+    return POOL.encoder((config.encoder, config.allow_download), load, wait=wait)
 
 
 def warm_in_background() -> threading.Thread | None:
@@ -279,13 +279,14 @@ def get_prompt_set(name: str, from_request: bool = False) -> PromptSet:
         return _prompt_sets[path]
 
 
-def get_engine(**overrides) -> Gmi:
-    """The engine for the settings plus ``overrides`` (from a request or the tab: checked like request input)."""
+def get_engine(wait: bool = True, **overrides) -> Gmi:
+    """The engine for the settings plus ``overrides`` (from a request or the tab: checked like request input).
+    ``wait=False``: raise EncoderLoading instead of waiting for the encoder (read routes)."""
     if not isinstance(overrides.get("prompt_set") or "", str):
         raise InvalidInput("prompt_set must be a name")
     config = Config.from_opts(**overrides)
     prompt_set = get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
-    encoder = get_encoder(config)  # may wait for the WebUI's model loading
+    encoder = get_encoder(config, wait)  # wait=True may wait for the WebUI's model loading
     return POOL.engine(encoder, config.spec_root, prompt_set, config.budget, config.settings)
 
 
@@ -326,21 +327,27 @@ def identify(
     return result, data
 
 
-def status(on_hashing=None, **overrides) -> dict:
-    """The shared status payload; ``config`` holds the Settings > GMI values it was computed for."""
-    engine = get_engine(**overrides)
+def status(on_hashing=None, wait: bool = True, **overrides) -> dict:
+    """The shared status payload; ``config`` holds the Settings > GMI values it was computed for. ``wait=False``
+    (the routes and the tab) never waits for the encoder, whose load a build holds off for its whole length
+    (the WebUI's queue lock): "loading" until it is there."""
     config = Config.from_opts(**overrides)
     sampling = config.settings.rows[0][1]
+    shown = {
+        "encoder": config.encoder,
+        "prompt_set": config.prompt_set,
+        "budget": config.budget,
+        "sampler": sampling.sampler,
+        "scheduler": sampling.scheduler,
+    }
+    try:
+        engine = get_engine(wait=wait, **overrides)
+    except EncoderLoading as exc:
+        return service.status_loading_payload(shown, exc)
     return service.status_payload(
         engine,
         source(on_hashing),
         titles=titles_by_sha(),
-        config={
-            "encoder": config.encoder,
-            "prompt_set": config.prompt_set,
-            "budget": config.budget,
-            "sampler": sampling.sampler,
-            "scheduler": sampling.scheduler,
-        },
+        config=shown,
         empty_note="the WebUI lists no checkpoints: put Stable Diffusion checkpoints in models/Stable-diffusion",
     )

@@ -21,6 +21,7 @@ import re
 
 from ..gmi_core import limits, service
 from ..gmi_core.errors import (
+    EncoderLoading,
     EncoderUnavailable,
     InvalidInput,
     NotFound,
@@ -91,7 +92,10 @@ def family_settings(config: dict):
 def status_payload(config: dict) -> dict:
     """Per-checkpoint spec state for the panel, for the given (or the last used) build settings."""
     per_family = family_settings(config)
-    encoder = engines.get_encoder(config["encoder"])
+    try:
+        encoder = engines.get_encoder(config["encoder"], wait=False)  # a poll never waits for a load
+    except EncoderLoading as exc:
+        return service.status_loading_payload(config, exc)
     prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
     engine = engines.get_engine(encoder, prompts, config["budget"], per_family, config["seed"])
     return service.status_payload(
