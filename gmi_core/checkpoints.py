@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .hashing import HashCache
-from .paths import one_line
+from .paths import one_line, without_path
 from .protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -56,7 +56,7 @@ def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[str | No
             if family == "sd2" and sd2_predicts_v(handle, keys):
                 family = "sd2-v"
     except Exception as exc:  # noqa: BLE001 - every parse failure means the same thing to the user
-        return None, f"unreadable or truncated safetensors file ({str(exc).splitlines()[0][:200]})"
+        return None, f"unreadable or truncated safetensors file ({without_path(str(exc).splitlines()[0], path)[:200]})"
     return family, reason
 
 

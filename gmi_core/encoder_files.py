@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .encoder_registry import Geometry, HubFile, KnownEncoder, geometry_from_config
 from .errors import EncoderUnavailable
+from .paths import shown
 from .safetensors_header import read_header as read_safetensors_header
 
 logger = logging.getLogger("gmi")
@@ -39,13 +40,15 @@ class WeightsFile:
 class SearchLog:
     """Every place and file looked at, and why it was not used; the text of the final error."""
 
-    tried: list[tuple[str, str]] = field(default_factory=list)
+    tried: list[tuple[str | Path, str]] = field(default_factory=list)
 
-    def note(self, where, why: str) -> None:
-        self.tried.append((str(where), why))
+    def note(self, where: str | Path, why: str) -> None:
+        self.tried.append((where, why))
 
     def lines(self) -> str:
-        return "; ".join(f"{where}: {why}" for where, why in self.tried) or "nothing"
+        """For the error a user sees: files and folders by their last components, never the server path (the
+        console log names them in full)."""
+        return "; ".join(f"{shown(w, 3) if isinstance(w, Path) else w}: {why}" for w, why in self.tried) or "nothing"
 
 
 def read_header(path: Path) -> dict:
@@ -327,5 +330,5 @@ def resolve_weights(
     download = "" if allow_download else "; or allow downloads (gmi then fetches it itself)"
     raise EncoderUnavailable(
         f"no usable weights for CLIP encoder {entry.name}. Tried: {log.lines()}. "
-        f"Fix: download {first.url} and save it as {hint / (entry.slug + '.safetensors')}{download}."
+        f"Fix: download {first.url} and save it as {shown(hint / (entry.slug + '.safetensors'), 4)}{download}."
     )

@@ -9,7 +9,7 @@ a name that fits several checkpoints, or is not a string, is refused with the ca
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Generic, TypeVar
@@ -19,6 +19,7 @@ from .limits import MAX_TEXT_FIELD, MIN_HASH_PREFIX
 
 T = TypeVar("T")
 HEX = re.compile(r"[0-9a-f]+")
+TITLE = re.compile(r"(.+?) \[[0-9a-fA-F]{8,64}\]")
 SHOWN = 8  # candidates named in an error
 
 
@@ -36,26 +37,25 @@ class Named(Generic[T]):
         return {n for n in (self.name, self.title, path.name, str(path.with_suffix("")), path.stem) if n}
 
 
-def resolve(
-    query: object, candidates: Iterable[Named[T]], sha256_of: Callable[[Named[T]], str | None] | None = None
-) -> T:
-    """The one candidate ``query`` names exactly (see the module docstring). ``sha256_of`` looks a hash up
-    lazily (hosts that hash on demand); it is asked only when the query looks like a hash and no name matched."""
+def resolve(query: object, candidates: Iterable[Named[T]]) -> T:
+    """The one candidate ``query`` names exactly (see the module docstring)."""
     if not isinstance(query, str):
         raise InvalidInput(f"a checkpoint name must be a string, not {type(query).__name__}")
     text = query.strip()
-    if not text or len(text) > MAX_TEXT_FIELD:
-        raise InvalidInput("name a checkpoint (a title, file name or sha256)")
+    if not text:
+        raise CheckpointError("no checkpoint named")
+    if len(text) > MAX_TEXT_FIELD:
+        raise InvalidInput("a checkpoint name is a title, file name or sha256, not a long text")
     candidates = list(candidates)
+    titled = TITLE.fullmatch(text)  # "name [short hash]" with a stale hash: the name part, exactly
+    if titled and not any(text in c.exact_names() for c in candidates):
+        text = titled.group(1)
     by_name = [c for c in candidates if text in c.exact_names()]
-    if not by_name and text.lower() != text and any(text.lower() in c.exact_names() for c in candidates):
-        by_name = [c for c in candidates if text.lower() in c.exact_names()]
     if by_name:
         return _one(text, by_name)
     digest = text.lower()
     if HEX.fullmatch(digest) and len(digest) >= MIN_HASH_PREFIX:
-        hashed = [(c, c.sha256 or (sha256_of(c) if sha256_of else None)) for c in candidates]
-        return _one(text, [c for c, sha in hashed if sha and sha.lower().startswith(digest)])
+        return _one(text, [c for c in candidates if c.sha256 and c.sha256.lower().startswith(digest)])
     hint = f" (a hash needs at least {MIN_HASH_PREFIX} hex digits)" if HEX.fullmatch(digest) else ""
     raise CheckpointError(f"no checkpoint named {text[:200]!r}{hint}; {_listing(candidates)}")
 

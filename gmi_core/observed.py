@@ -25,7 +25,7 @@ from .errors import Busy, GmiError, ImageError, SpecError
 from .image_metadata import ImageMetadata, read_metadata
 from .images import load_image
 from .locks import spec_lock
-from .paths import inside, one_line
+from .paths import inside, one_line, shown
 from .protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 from .spec import Spec, SpecKey, pixel_feature, thumbnail
 
@@ -274,7 +274,7 @@ def import_images(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise GmiError(f"image folder {folder} does not exist")
+        raise GmiError(f"image folder {shown(folder)} does not exist")
     report = ImportImagesReport()
     attributor = Attributor(listing)
     by_ckpt: dict[str, list[Candidate]] = defaultdict(list)

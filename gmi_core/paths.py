@@ -109,6 +109,19 @@ def inside(path: Path, root: Path) -> bool:
         return False
 
 
+def shown(path: str | os.PathLike, parts: int = 2) -> str:
+    """How a message names a file: its last ``parts`` components (``<sha256>/<name>.safetensors`` for a spec,
+    ``clip/<file>`` for weights), never the absolute server path. Messages are built with it in the first place."""
+    return "/".join(Path(os.fspath(path)).parts[-parts:])
+
+
+def without_path(text: str, path: str | os.PathLike) -> str:
+    """An exception's text with ``path`` (as given and resolved) replaced by :func:`shown` (a library's message)."""
+    for form in {os.fspath(path), str(Path(os.fspath(path)).resolve())}:
+        text = str(text).replace(form, shown(path))
+    return text
+
+
 def redact(message: str) -> str:
     """A message for an HTTP body: absolute server paths reduced to their last component."""
     return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(path)", str(message))

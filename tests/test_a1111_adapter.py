@@ -76,6 +76,18 @@ def b64png(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def ready_specs(client, **kwargs):
+    """GET /gmi/v1/specs until the encoder has loaded (the route answers "loading" rather than wait, issue 18)."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        r = client.get("/gmi/v1/specs", **kwargs)
+        if r.status_code != 200 or r.json()["encoder_state"] != "loading" or time.monotonic() > deadline:
+            return r
+        time.sleep(0.1)
+
+
 def load_entry_script(name: str):
     spec = importlib.util.spec_from_file_location(f"gmi_entry_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -426,7 +438,7 @@ def test_routes_use_the_webui_api_auth(world):
             assert r.status_code == 401, (method, path, auth, r.text)
             assert r.headers["www-authenticate"] == "Basic"
     assert not world.process_calls and world.shared.opts.sd_model_checkpoint == "model_0.safetensors"  # nothing ran
-    r = client.get("/gmi/v1/specs", auth=("alice", "s3cret"))
+    r = ready_specs(client, auth=("alice", "s3cret"))
     assert r.status_code == 200 and {c["name"] for c in r.json()["checkpoints"]} >= {"model_0.safetensors"}
     assert client.get("/gmi/v1/build", auth=("bob", "pw2")).status_code == 404  # authenticated; no job yet
     from gmi_core.service import defaults_payload

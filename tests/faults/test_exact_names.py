@@ -54,12 +54,24 @@ def test_exact_names_ambiguous_prefix_lists_the_candidates():
     assert "wuerstchen.safetensors [ab12cd34ef]" in str(info.value) and "d.safetensors [ab12cd34ef]" in str(info.value)
 
 
+@pytest.mark.parametrize("query", ["", "   "])
+def test_exact_names_blank_is_not_found(query):
+    with pytest.raises(CheckpointError):
+        resolve(query, CANDIDATES)
+
+
+def test_exact_names_a_title_with_a_stale_hash_is_its_name_exactly():
+    assert resolve("model_1.safetensors [0000000000]", CANDIDATES) == "B"
+    with pytest.raises(CheckpointError):
+        resolve("model [ab12cd34ee]", CANDIDATES)  # the name part must still be exact
+
+
 def test_exact_names_one_file_under_two_names_is_not_ambiguous():
     copy = Named("A2", "copy_of_wuerstchen.safetensors", "", SHA["a"])
     assert resolve(SHA["a"][:12], [*CANDIDATES, copy]) == "A"
 
 
-@pytest.mark.parametrize("query", [1, 1.5, None, ["model_1"], {"name": "model_1"}, "", " ", "x" * 20000])
+@pytest.mark.parametrize("query", [1, 1.5, None, ["model_1"], {"name": "model_1"}, "x" * 20000])
 def test_exact_names_non_strings_are_refused(query):
     with pytest.raises(InvalidInput):
         resolve(query, CANDIDATES)
