@@ -27,6 +27,7 @@ from modules import sd_models
 from pydantic import BaseModel, Field, StrictStr
 
 from gmi_core import limits, service
+from gmi_core.budgets import parse_budget
 from gmi_core.errors import GmiError, ImageError
 from gmi_core.images import load_image
 from gmi_core.paths import one_line
@@ -126,6 +127,7 @@ def _gmi_errors(exc: Exception) -> HTTPException:
 def check_overrides(overrides: dict) -> None:
     """The build numbers and names through gmi's one validation, with the samplers this WebUI knows."""
     config = runtime.Config.from_opts(**overrides)
+    parse_budget(config.budget)  # a malformed budget is the request's fault (4xx), not a failed job
     for _, row in config.settings.rows:
         limits.check_settings(row, *host_sampler_names())
     runtime.get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import InvalidInput
-from .limits import MAX_CFG, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_STEP
+from .limits import MAX_CFG, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_STEP, check_number
 from .protocols import GenerationSettings
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
@@ -48,17 +48,9 @@ def family_key(family: str | None) -> str:
 
 
 def check_value(name: str, value):
-    """``value`` as the field's type, or InvalidInput naming the limit."""
-    lo, hi = LIMITS[name]
-    try:
-        value = type(lo)(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"{name} must be a number, got {value!r}") from exc
-    if not lo <= value <= hi:
-        raise InvalidInput(f"{name} must be between {lo} and {hi}, got {value}")
-    if name in ("width", "height") and value % SIZE_MULTIPLE:
-        raise InvalidInput(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}")
-    return value
+    """``value`` as the field's type, or InvalidInput naming its range (:data:`gmi_core.limits.NUMBERS`)."""
+    number = check_number(name, value)
+    return float(number) if isinstance(LIMITS[name][0], float) else number
 
 
 @dataclass(frozen=True)

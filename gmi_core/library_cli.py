@@ -106,12 +106,16 @@ def cmd_import(args) -> int:
 def cmd_map(args) -> int:
     from .errors import NoSpecsError
     from .library_map import NEAR_DUPLICATE_THRESHOLD, build_map, draw_map
+    from .limits import check_number
 
+    threshold = NEAR_DUPLICATE_THRESHOLD
+    if args.threshold is not None:  # checked before anything is loaded
+        threshold = float(check_number("--threshold", args.threshold, "threshold"))
     gmi, source = _engine(args)
     specs, excluded = gmi.load_specs(source, include_not_installed=True)
     if not specs:
         raise NoSpecsError("no specs to map; build or import specs first")
-    lib = build_map(specs, gmi.prompt_features, args.threshold or NEAR_DUPLICATE_THRESHOLD, excluded)
+    lib = build_map(specs, gmi.prompt_features, threshold, excluded)
     data = lib.to_dict()
     if args.out:
         data["image"] = str(draw_map(lib, args.out))

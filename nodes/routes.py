@@ -48,7 +48,7 @@ def _count(name: str, value, default: int, allow_zero: bool = True) -> int:
         return default
     if allow_zero and str(value).strip() == "0":
         return 0
-    return limits.positive_int(name, value, limits.MAX_TOP_K)
+    return limits.check_number(name, value)  # each number its own range (the validation table)
 
 
 def _flag(name: str, value) -> bool:
@@ -71,10 +71,7 @@ def status_config(query) -> dict:
         if isinstance(default, int):
             config[key] = _count(key, value, default)
         elif isinstance(default, float):
-            try:
-                config[key] = float(value)
-            except ValueError:
-                raise InvalidInput(f"{key} must be a number") from None
+            config[key] = float(limits.check_number(key, value))
         else:
             config[key] = str(value)[: limits.MAX_TEXT_FIELD]
     return config
