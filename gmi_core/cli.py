@@ -247,6 +247,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def without_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Turns argparse's prefix matching off in a parser and all its subcommands: ``--encoder X`` must not be taken
+    as ``--encoder-id X`` (nor any other option a typo happens to prefix)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                without_abbreviations(sub)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .ranker import DEFAULT_METHOD, METHODS
 
@@ -308,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", add_help=False, help="benchmarks: identification quality and cost (JSON + PNG); gmi bench --help"
     )
     bench.add_argument("words", nargs=argparse.REMAINDER)
-    return parser
+    return without_abbreviations(parser)
 
 
 def main(argv=None) -> int:

@@ -149,6 +149,15 @@ def write_exchange(specs: Sequence[Spec], out: Path, thumbnails: bool = False, l
     return out
 
 
+def is_exchange_file(path: Path) -> bool:
+    """A spec exchange file (``gmi export`` wrote it): its header names the format."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return HEADER_KEY in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def exportable_specs(
     store: SpecStore, encoder_id: str | None = None, prompt_set_hash: str | None = None, shas: set[str] | None = None
 ) -> list[Spec]:

@@ -48,9 +48,11 @@ def cmd_import_images(args) -> int:
 
 def cmd_export(args) -> int:
     from .checkpoints import FolderCheckpointSource
-    from .exchange import exportable_specs, write_exchange
+    from .exchange import exportable_specs, is_exchange_file, write_exchange
+    from .paths import user_output
     from .store import SpecStore
 
+    user_output(args.out, args.force, is_exchange_file)  # before any work
     store = SpecStore(args.home / "specs")
     shas = None
     if args.models is not None:
@@ -105,9 +107,12 @@ def cmd_import(args) -> int:
 
 def cmd_map(args) -> int:
     from .errors import NoSpecsError
-    from .library_map import NEAR_DUPLICATE_THRESHOLD, build_map, draw_map
+    from .library_map import NEAR_DUPLICATE_THRESHOLD, build_map, draw_map, is_map_image
     from .limits import check_number
+    from .paths import user_output
 
+    if args.out:
+        user_output(args.out, args.force, is_map_image)
     threshold = NEAR_DUPLICATE_THRESHOLD
     if args.threshold is not None:  # checked before anything is loaded
         threshold = float(check_number("--threshold", args.threshold, "threshold"))
@@ -158,6 +163,7 @@ def add_library_commands(commands, add_engine_options) -> None:
     p.add_argument("--checkpoint", nargs="+", help="only these checkpoint names (with --models)")
     p.add_argument("--encoder-id", help="only specs of this encoder id")
     p.add_argument("--out", type=Path, default=Path("gmi-specs.safetensors"))
+    p.add_argument("--force", action="store_true", help="replace an existing --out file that gmi did not write")
     p.add_argument("--thumbnails", action="store_true", help="include the 64x64 thumbnails (off by default)")
     p.add_argument("--lossless", action="store_true", help="fp16 features as stored (larger; default: int8 compact)")
     p.set_defaults(func=cmd_export)
@@ -172,5 +178,6 @@ def add_library_commands(commands, add_engine_options) -> None:
     add_engine_options(p, models_required=False)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", type=Path, help="PNG map image")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file that gmi did not write")
     p.add_argument("--threshold", type=float, help="near-duplicate threshold (relative distance)")
     p.set_defaults(func=cmd_map)

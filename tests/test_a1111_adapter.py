@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,6 @@ def b64png(image) -> str:
 
 def ready_specs(client, **kwargs):
     """GET /gmi/v1/specs until the encoder has loaded (the route answers "loading" rather than wait, issue 18)."""
-    import time
-
     deadline = time.monotonic() + 120
     while True:
         r = client.get("/gmi/v1/specs", **kwargs)
@@ -376,9 +375,12 @@ def test_missing_encoder_gives_a_clear_message(webui, monkeypatch):
     with pytest.raises(EncoderUnavailable) as err:
         runtime.get_engine()
     message = str(err.value)
-    assert "ViT-L-14" in message and "Settings > GMI" in message and str(webui.models_path / "gmi" / "clip") in message
+    assert "ViT-L-14" in message and "Settings > GMI" in message and "models/gmi/clip" in message
+    assert str(webui.root) not in message  # the folder relative to the models folder, no server path (issue 18)
     with pytest.raises(api.HTTPException) as http:
-        api.specs()
+        for _ in range(600):  # the status route answers "loading" until the background load has failed
+            api.specs()
+            time.sleep(0.1)
     assert http.value.status_code == 503
 
 
