@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, StrictStr
 
 from gmi_core import limits, service
 from gmi_core.budgets import parse_budget
-from gmi_core.errors import GmiError, ImageError
+from gmi_core.errors import GmiError, ImageError, InvalidInput
 from gmi_core.images import load_image
 from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
@@ -287,6 +287,10 @@ def limited_body_route():
                             {"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
                             status_code=413,
                         )
+                    try:
+                        limits.check_json_depth(request._body)  # before FastAPI's parser recurses into it
+                    except InvalidInput as exc:
+                        return JSONResponse({"detail": str(exc)}, status_code=422)
                     if not_a_json_number(request._body):
                         return JSONResponse({"detail": "NaN and Infinity are not JSON numbers"}, status_code=422)
                 return await handler(request)

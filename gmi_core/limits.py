@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ MAX_IMAGE_PIXELS = _env_int("GMI_MAX_IMAGE_PIXELS", 40_000_000)  # checked from 
 MAX_UPLOAD_BYTES = _env_int("GMI_MAX_UPLOAD_BYTES", 32 * 1024 * 1024)  # one request, counted while reading
 MAX_IMAGES_PER_REQUEST = 16
 MAX_TEXT_FIELD = 2000  # characters of a prompt or other text field
+MAX_FORM_FIELDS = 1000  # parts of one multipart body (ComfyUI's own upload refuses more than 1,000 fields too)
+MAX_JSON_DEPTH = 32  # nesting of a JSON body, checked before it is parsed (a deep one is a RecursionError)
 MAX_PROMPT_SET_BYTES = 8 * 1024 * 1024
 MAX_PROMPTS = 100_000
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 8
@@ -181,6 +184,45 @@ class ByteCounter:
         if self.count > self.limit:
             raise UploadTooLarge(f"upload larger than {self.limit // (1024 * 1024)} MiB (GMI_MAX_UPLOAD_BYTES)")
         return chunk
+
+
+def check_json_depth(body: bytes | str) -> None:
+    """Refuses a JSON body nested deeper than :data:`MAX_JSON_DEPTH` before any parser recurses into it: one scan
+    over the brackets, quotes and escapes only (brackets inside strings do not count)."""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    depth, in_string, escaped_at = 0, False, -2
+    for match in _JSON_STRUCTURE.finditer(text):
+        char, at = match.group(), match.start()
+        if in_string:
+            if char == "\\" and escaped_at != at - 1:
+                escaped_at = at
+            elif char == '"' and escaped_at != at - 1:
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidInput(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
+
+
+_JSON_STRUCTURE = re.compile(r'[\[\]{}"\\]')
+
+
+class FieldCounter:
+    """Counts the parts of a multipart body as they arrive; refuses the one over :data:`MAX_FORM_FIELDS`."""
+
+    def __init__(self, limit: int = MAX_FORM_FIELDS):
+        self.limit, self.count = limit, 0
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count > self.limit:
+            raise InvalidInput(f"more than {self.limit} fields in one multipart body")
 
 
 class UploadTooLarge(InvalidInput):

@@ -153,13 +153,14 @@ async def read_upload(request) -> tuple[list[tuple[str, bytes]], dict]:
         raise InvalidInput("send multipart/form-data with the image(s) as file fields")
     if request.content_length is not None and request.content_length > limits.MAX_UPLOAD_BYTES:
         raise limits.UploadTooLarge(f"upload larger than {limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
-    counter = limits.ByteCounter()
+    counter, parts = limits.ByteCounter(), limits.FieldCounter()
     files, fields = [], {}
     try:
         reader = await request.multipart()
         async for part in reader:
             if part is None:
                 break
+            parts.add()  # bounded before the part is read: 20,000 empty fields never stall the server
             chunks = []
             while True:
                 chunk = await part.read_chunk(64 * 1024)
