@@ -20,10 +20,10 @@ from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
 from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
 from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
 from gmi_core.engine import Gmi, IdentifyResult
-from gmi_core.errors import EncoderLoading, EncoderUnavailable, InvalidInput
+from gmi_core.errors import EncoderLoading, EncoderUnavailable, InvalidInput, NotFound
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
 from gmi_core.limits import DEFAULT_TOP_K
-from gmi_core.paths import resolve_inside
+from gmi_core.paths import inside, resolve_inside
 from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
 from gmi_core.ranker import DEFAULT_METHOD
@@ -110,9 +110,38 @@ def models_dir() -> Path:
     return Path(paths.models_path)
 
 
+def setting_roots() -> list[Path]:
+    """Where a setting may name files and folders: the WebUI's models and data folders (settings can be set
+    through /sdapi/v1/options, so they are confined like a request's parameters)."""
+    return [models_dir(), Path(getattr(paths, "data_path", models_dir()))]
+
+
+def setting_path(key: str, value: str, folder: bool) -> Path:
+    """A file or folder a setting names, confined to :func:`setting_roots` (a relative value is relative to the
+    models folder); InvalidInput naming the setting, without the server path, otherwise."""
+    label = f"Settings > GMI > {OPTIONS[key][1]}"
+    path = Path(value)
+    real = (path if path.is_absolute() else models_dir() / path).resolve()
+    given = "(an absolute path)" if path.is_absolute() else repr(value[:200])
+    if not any(inside(real, root) for root in setting_roots()):
+        raise InvalidInput(f"{label} {given} is outside the WebUI's models and data folders; choose one inside them")
+    if not folder and not real.is_file():
+        raise NotFound(f"{label} {given} is not a file; put the encoder file in models/gmi/clip")
+    return real
+
+
 def spec_dir() -> Path:
     configured = str(opt("gmi_spec_dir") or "").strip()
-    return Path(configured) if configured else models_dir() / "gmi"
+    return setting_path("gmi_spec_dir", configured, folder=True) if configured else models_dir() / "gmi"
+
+
+def encoder_setting() -> str:
+    """The encoder: GMI_A1111_ENCODER (the server's environment), else the setting: a known name, or a file
+    confined like a request parameter (:func:`setting_path`)."""
+    if os.environ.get(ENV_ENCODER):
+        return os.environ[ENV_ENCODER]
+    name = str(opt("gmi_encoder"))
+    return name if parse_encoder_name(name) is not None else str(setting_path("gmi_encoder", name, folder=False))
 
 
 def prompt_set_roots() -> list[Path]:
@@ -174,7 +203,7 @@ class Config:
             for family in FAMILIES
         }
         return cls(
-            encoder=os.environ.get(ENV_ENCODER) or str(opt("gmi_encoder")),
+            encoder=encoder_setting(),
             allow_download=bool(opt("gmi_allow_download")),
             spec_root=spec_dir(),
             prompt_set=str(overrides.get("prompt_set") or opt("gmi_prompt_set")),

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import io
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,10 @@ def world(webui, encoder_file, tmp_path):
     prompts.parent.mkdir(parents=True)
     prompts.write_text(json.dumps(["a red car", "a portrait of a woman", "a bowl of fruit"]))
     opts = webui.shared.opts
-    opts.set("gmi_encoder", str(encoder_file))
+    clip = webui.models_path / "gmi" / "clip"  # a setting may name files inside the WebUI's folders only
+    clip.mkdir(parents=True, exist_ok=True)
+    shutil.copy(encoder_file, clip / encoder_file.name)
+    opts.set("gmi_encoder", str(clip / encoder_file.name))
     opts.set("gmi_prompt_set", prompts.name)
     opts.set("gmi_budget", "allx2")
     opts.set("gmi_sd1_steps", 3)
