@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -57,8 +58,31 @@ def _download_bar():
     return update
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def folder_arg(text: str) -> Path:
+    """A path argument that names a folder: a file there is refused at once, in one line."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
+def file_arg(text: str) -> Path:
+    """A path argument that names a local file: a URL or a folder is refused at once, in one line."""
+    if _URL.match(text):
+        raise argparse.ArgumentTypeError(f"{text[:200]}: gmi reads local files; download it first and give its path")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    return path
+
+
 def _add_engine_options(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
-    parser.add_argument("--models", type=Path, required=models_required, help="folder of .safetensors checkpoints")
+    parser.add_argument(
+        "--models", type=folder_arg, required=models_required, help="folder of .safetensors checkpoints"
+    )
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
     parser.add_argument(
         "--encoder",
@@ -279,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     specs.set_defaults(func=cmd_specs)
 
     identify = commands.add_parser("identify", help="rank checkpoints for reference image(s)")
-    identify.add_argument("images", nargs="+", type=Path)
+    identify.add_argument("images", nargs="+", type=file_arg)
     _add_engine_options(identify)
     identify.add_argument("--prompt", help="the prompt, if known (else the interrogator guesses one)")
     identify.add_argument("--top-k", type=int)

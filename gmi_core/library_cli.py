@@ -146,12 +146,12 @@ def cmd_map(args) -> int:
 
 
 def add_library_commands(commands, add_engine_options) -> None:
-    from .cli import DEFAULT_HOME
+    from .cli import DEFAULT_HOME, file_arg, folder_arg
 
     p = commands.add_parser(
         "import-images", help="build observed specs from images already on disk (nothing generated)"
     )
-    p.add_argument("folder", type=Path, help="folder of images (scanned recursively)")
+    p.add_argument("folder", type=folder_arg, help="folder of images (scanned recursively)")
     add_engine_options(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--show-skipped", type=int, default=20, help="skipped files listed (all with --json)")
@@ -159,7 +159,7 @@ def add_library_commands(commands, add_engine_options) -> None:
 
     p = commands.add_parser("export", help="write specs to a shareable file (docs/spec-format.md)")
     p.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
-    p.add_argument("--models", type=Path, help="only specs of checkpoints in this folder")
+    p.add_argument("--models", type=folder_arg, help="only specs of checkpoints in this folder")
     p.add_argument("--checkpoint", nargs="+", help="only these checkpoint names (with --models)")
     p.add_argument("--encoder-id", help="only specs of this encoder id")
     p.add_argument("--out", type=Path, default=Path("gmi-specs.safetensors"))
@@ -169,7 +169,7 @@ def add_library_commands(commands, add_engine_options) -> None:
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("import", help="add specs from shared spec files (validated; never replaces a bigger spec)")
-    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("files", nargs="+", type=file_arg)
     add_engine_options(p, models_required=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
