@@ -230,6 +230,10 @@ def download_weights(
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         log.note("download", "HF_HUB_OFFLINE is set")
         return None
+    unreachable = _unreachable(_endpoint())
+    if unreachable:  # one short probe instead of the hub client's retries per file (minutes before it gives up)
+        log.note(f"download from {_endpoint()}", f"not reachable ({unreachable})")
+        return None
     expected = entry.geometry()
     for item in entry.hub:
         local_dir = Path(target) / entry.slug if target is not None else None
@@ -254,6 +258,24 @@ def download_weights(
             return found
         log.note(path, f"downloaded, but {why}")
     return None
+
+
+def _unreachable(url: str) -> str:
+    """Why ``url`` cannot be reached within ``limits.DOWNLOAD_PROBE_TIMEOUT_S`` ("" when it answered at all:
+    any HTTP status means the server is there and the client reports the rest quickly)."""
+    import urllib.error
+    import urllib.request
+
+    from .limits import DOWNLOAD_PROBE_TIMEOUT_S
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return ""
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{type(reason).__name__}: {str(reason)[:120]}" if str(reason) else type(reason).__name__
+    return ""
 
 
 def _endpoint() -> str:

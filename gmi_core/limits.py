@@ -40,6 +40,7 @@ MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1  # base seed of spec images (ComfyUI's INT widgets and the WebUI's seeds fit it)
 DEFAULT_TOP_K = 5  # ranking rows shown by the node, the tab and the API
 MIN_HASH_PREFIX = 10  # hex digits of a sha256 prefix that may name a checkpoint (the WebUI's short hash)
+DOWNLOAD_PROBE_TIMEOUT_S = 5.0  # an unreachable hub fails a download within this, not after the client's retries
 READ_ROUTE_WAIT_S = 0.5  # a status poll waits at most this for an encoder load, then answers "loading"
 # From this many complete specs (one encoder and prompt set) identify prefilters with the two-tier index
 # (gmi_core.index) and re-ranks its candidates exactly, instead of reading every spec.
