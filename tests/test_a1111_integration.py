@@ -256,16 +256,17 @@ def test_issue18_hardening_in_real_webui(server):
         for path in ("/gmi/v1/specs", f"/gmi/v1/build/{job['id']}", "/gmi/v1/defaults"):
             started = time.monotonic()
             code, answer = server.get(path)
-            timings.append(time.monotonic() - started)
+            timings.append((time.monotonic() - started, path))
             assert code == 200, (path, answer)
         _, job = server.get(f"/gmi/v1/build/{job['id']}")
         if job["state"] not in ("queued", "running"):
             break
         during += 1
+        time.sleep(0.1)  # a UI polls; it does not hammer the server
     assert job["state"] == "done", job
     timings.sort()
     print(
-        f"\nread routes during a build: {len(timings)} answers, median {timings[len(timings) // 2]:.3f} s, "
-        f"slowest {timings[-1]:.3f} s; {during} rounds while it ran"
+        f"\nread routes during a build: {len(timings)} answers, median {timings[len(timings) // 2][0]:.3f} s, "
+        f"slowest {timings[-3:]}; {during} rounds while it ran"
     )
-    assert during >= 3 and timings[len(timings) // 2] < 1.0 and timings[-1] < 5.0
+    assert during >= 3 and timings[len(timings) // 2][0] < 1.0 and timings[-1][0] < 5.0

@@ -597,6 +597,7 @@ def test_issue18_hardening_in_real_comfyui(comfy):
     shutil.copy(gmi_dir / ENCODER_FILE, gmi_dir / copy)
     prompt = build_prompt("all")
     prompt["enc"]["inputs"]["encoder"] = copy
+    server.get(f"/gmi/status?encoder={ENCODER_FILE}", timeout=600)  # checkpoints hashed once, before the build
     pid = server.post_json("/prompt", {"prompt": prompt, "client_id": "gmi-test"})["prompt_id"]
     status_query = f"/gmi/status?encoder={copy}&max_prompts={MAX_PROMPTS}&budget=allx{IMAGES_PER_PROMPT}"
     timings, during, states = [], 0, set()
@@ -605,18 +606,19 @@ def test_issue18_hardening_in_real_comfyui(comfy):
         for path in (status_query, "/gmi/options", "/gmi/defaults"):
             started = time.monotonic()
             answer = server.get(path, timeout=60)
-            timings.append(time.monotonic() - started)
+            timings.append((time.monotonic() - started, path))
             if path == status_query:
                 states.add(answer["encoder_state"])
         if pid in server.get(f"/history/{pid}"):
             break
         during += 1
+        time.sleep(0.1)  # a panel polls; it does not hammer the server
     timings.sort()
     print(
-        f"\nread routes during a build: {len(timings)} answers, median {timings[len(timings) // 2]:.3f} s, "
-        f"slowest {timings[-1]:.3f} s; {during} rounds while it ran; encoder states seen {sorted(states)}"
+        f"\nread routes during a build: {len(timings)} answers, median {timings[len(timings) // 2][0]:.3f} s, "
+        f"slowest {timings[-3:]}; {during} rounds while it ran; encoder states seen {sorted(states)}"
     )
-    assert during >= 3 and timings[len(timings) // 2] < 1.0 and timings[-1] < 5.0
+    assert during >= 3 and timings[len(timings) // 2][0] < 1.0 and timings[-1][0] < 5.0
 
     boundary = "gmiboundary"
     many = f'--{boundary}\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'.encode() * 20_000
