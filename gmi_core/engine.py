@@ -540,6 +540,16 @@ class Gmi:
             listed = False
         return self.store.load(entry.key, verify=not listed, thumbnails=False)
 
+    def _no_specs_message(self, listed: list[ManifestEntry], excluded: list) -> str:
+        """Why identify has nothing to rank: specs of other prompt sets (another ``max_prompts``) said as such."""
+        here = f"prompt set {self.prompt_set.name} ({len(self.prompt_set)} prompts, {self.prompt_set.hash[:8]})"
+        other = sorted({(e.prompt_set_name, e.prompts_total) for e in listed if e.prompt_set_hash != OBSERVED})
+        if other and not any(e.prompt_set_hash == self.prompt_set.hash for e in listed):
+            built = ", ".join(f"{name} ({n} prompts)" for name, n in other[:5])
+            return f"no specs for {here}; specs exist for {built}: choose that prompt set and size (max_prompts) or build specs first"
+        detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
+        return f"no specs for encoder {self.encoder.encoder_id} and {here}{detail}; build specs first"
+
     def _why_unusable(self, checkpoint: CheckpointInfo) -> str:
         try:
             return "no spec yet" if self.store.load(self.key(checkpoint)) is None else "spec not listed"
@@ -566,10 +576,7 @@ class Gmi:
         if indexed is None:
             specs, excluded = self.load_specs(source, include_not_installed, listed=listed)
             if not specs:
-                detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
-                raise NoSpecsError(
-                    f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first"
-                )
+                raise NoSpecsError(self._no_specs_message(listed, excluded))
         images = [to_rgb(i) for i in images]
         query_images = self.encoder.encode_images(images)
         if prompt and prompt.strip():

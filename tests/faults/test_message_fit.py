@@ -54,3 +54,18 @@ def test_message_fit_no_parser_accepts_abbreviations():
     from gmi_core.bench import build_parser as bench_parser
 
     assert all(p.allow_abbrev is False for p in walk(bench_parser()))
+
+
+def test_message_fit_identify_with_a_max_prompts_no_spec_has_says_so(core):
+    """Specs exist (3 prompts); identify asks for 2 (another max_prompts): say which specs exist, not only
+    "build specs first" while the panel shows them ready."""
+    from gmi_core.errors import NoSpecsError
+    from tests.faults.harness import query
+
+    engine = core.gmi()
+    engine.prompt_set = core.prompts.head(2)
+    with pytest.raises(NoSpecsError) as info:
+        engine.identify([query()], prompt="x", source=core.source())
+    message = str(info.value)
+    assert "(2 prompts" in message and "specs exist for platform[:3] (3 prompts)" in message, message
+    assert "max_prompts" in message
