@@ -23,7 +23,7 @@ from gmi_core.engine import Gmi, IdentifyResult
 from gmi_core.errors import EncoderLoading, EncoderUnavailable, InvalidInput, NotFound
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
 from gmi_core.limits import DEFAULT_TOP_K
-from gmi_core.paths import inside, resolve_inside
+from gmi_core.paths import inside, resolve_inside, shown
 from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
 from gmi_core.ranker import DEFAULT_METHOD
@@ -128,6 +128,16 @@ def setting_path(key: str, value: str, folder: bool) -> Path:
     if not folder and not real.is_file():
         raise NotFound(f"{label} {given} is not a file; put the encoder file in models/gmi/clip")
     return real
+
+
+def setting_shown(value: str) -> str:
+    """A setting's file as answers show it: relative to the models folder, never the server path."""
+    for root in (models_dir(), models_dir().resolve()):
+        try:
+            return str(Path(value).relative_to(root))
+        except ValueError:
+            continue
+    return shown(value) if Path(value).is_absolute() else value
 
 
 def spec_dir() -> Path:
@@ -363,7 +373,7 @@ def status(on_hashing=None, wait: bool = True, **overrides) -> dict:
     config = Config.from_opts(**overrides)
     sampling = config.settings.rows[0][1]
     shown = {
-        "encoder": config.encoder,
+        "encoder": setting_shown(config.encoder),
         "prompt_set": config.prompt_set,
         "budget": config.budget,
         "sampler": sampling.sampler,

@@ -125,7 +125,7 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
     )
     note = (
         f"Encoder <code>{html.escape(data['encoder_id'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
-        f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(str(runtime.spec_dir()))}</code>.<br>"
+        f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(runtime.setting_shown(str(runtime.spec_dir())))}</code>.<br>"
         f"Budget <b>{html.escape(budget['name'])}</b>: {budget['prompts']} prompts x {budget['images_per_prompt']} "
         f"image(s) = {budget['images']} per checkpoint; <b>{data['images_missing']} image(s) to render</b> for the "
         f"checkpoints without a ready spec.<br>Per family (Settings &gt; GMI): {html.escape(sizes)}"

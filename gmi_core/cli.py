@@ -75,7 +75,7 @@ def file_arg(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text[:200]}: gmi reads local files; download it first and give its path")
     path = Path(text)
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a regular file")
     return path
 
 
@@ -273,8 +273,9 @@ def cmd_demo(args) -> int:
 
 def without_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Turns argparse's prefix matching off in a parser and all its subcommands: ``--encoder X`` must not be taken
-    as ``--encoder-id X`` (nor any other option a typo happens to prefix)."""
+    as ``--encoder-id X`` (nor any other option a typo happens to prefix); a wrong argument is one line."""
     parser.allow_abbrev = False
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (--help lists the options)\n")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):
