@@ -23,10 +23,11 @@ import functools
 import json
 import logging
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictStr
 
 from gmi_core import limits, service
-from gmi_core.errors import CheckpointError, GmiError, ImageError
+from gmi_core.budgets import parse_budget
+from gmi_core.errors import GmiError, ImageError, InvalidInput
 from gmi_core.images import load_image
 from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
@@ -48,7 +49,9 @@ class HTTPException(Exception):
 
 
 class BuildRequest(BaseModel):
-    checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
+    checkpoints: StrictStr | list[StrictStr] = Field(
+        "missing", description='"missing", "all" or a list of checkpoint names/titles/sha256'
+    )
     budget: str | None = Field(
         None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)"
     )
@@ -77,8 +80,8 @@ class InterrogateRequest(BaseModel):
 
 
 class SwitchRequest(BaseModel):
-    checkpoint: str = Field(..., min_length=1, max_length=1000)
-    modules: list[str] | None = Field(
+    checkpoint: StrictStr = Field(..., min_length=1, max_length=1000)
+    modules: list[StrictStr] | None = Field(
         None, max_length=8, description="Forge: VAE / text encoder file names to load with it (default: keep)"
     )
 
@@ -112,8 +115,8 @@ def resolve_names(names: list[str]) -> list[str]:
     for name in names:
         try:
             out.append(host.resolve_checkpoint(name).name)
-        except CheckpointError as exc:
-            raise HTTPException(404, str(exc)) from None
+        except GmiError as exc:  # unknown: 404; ambiguous: 400 listing the candidates
+            raise _gmi_errors(exc) from None
     return out
 
 
@@ -126,6 +129,7 @@ def _gmi_errors(exc: Exception) -> HTTPException:
 def check_overrides(overrides: dict) -> None:
     """The build numbers and names through gmi's one validation, with the samplers this WebUI knows."""
     config = runtime.Config.from_opts(**overrides)
+    parse_budget(config.budget)  # a malformed budget is the request's fault (4xx), not a failed job
     for _, row in config.settings.rows:
         limits.check_settings(row, *host_sampler_names())
     runtime.get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
@@ -150,7 +154,7 @@ def host_sampler_names() -> tuple[list[str] | None, list[str] | None]:
 
 def specs():
     try:
-        data = runtime.status()
+        data = runtime.status(wait=False)  # a poll never queues behind a build
     except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
     job = build.latest_job()
@@ -214,8 +218,10 @@ def switch(req: SwitchRequest):
     try:
         info = host.resolve_checkpoint(req.checkpoint)
         title = host.switch_to_title(info.title, req.modules)
-    except (CheckpointError, LookupError) as exc:
+    except LookupError as exc:  # Forge: a module file it does not have
         raise HTTPException(404, one_line(exc)) from None
+    except GmiError as exc:  # unknown: 404; ambiguous: 400 listing the candidates
+        raise _gmi_errors(exc) from None
     return {
         "title": title,
         "name": info.name,
@@ -286,6 +292,10 @@ def limited_body_route():
                             {"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
                             status_code=413,
                         )
+                    try:
+                        limits.check_json_depth(request._body)  # before FastAPI's parser recurses into it
+                    except InvalidInput as exc:
+                        return JSONResponse({"detail": str(exc)}, status_code=422)
                     if not_a_json_number(request._body):
                         return JSONResponse({"detail": "NaN and Infinity are not JSON numbers"}, status_code=422)
                 return await handler(request)

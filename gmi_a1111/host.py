@@ -3,7 +3,7 @@
 Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_webui.py):
 
 - ``sd_models.checkpoints_list`` / ``checkpoint_aliases`` (CheckpointInfo: filename, name, title, sha256,
-  ``calculate_shorthash()``), ``sd_models.list_models()``, ``sd_models.get_closet_checkpoint_match``
+  ``calculate_shorthash()``), ``sd_models.list_models()``
 - ``hashes.sha256(filename, title)`` / ``hashes.sha256_from_cache`` (the WebUI's own hash cache)
 - ``processing.StableDiffusionProcessingTxt2Img`` + ``processing.process_images``
 - ``shared.state`` (interrupted, textinfo), ``shared.opts`` (set/save/sd_model_checkpoint), ``shared.config_filename``
@@ -20,6 +20,7 @@ from modules import hashes, processing, sd_models, shared
 from gmi_core.checkpoints import list_checkpoint_files
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
 from gmi_core.hashing import HashCache
+from gmi_core.names import Named, resolve
 from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 
 from . import forge
@@ -58,18 +59,14 @@ def _cached_sha(info) -> str | None:
     return from_cache(info.filename, f"checkpoint/{info.name}") if from_cache else None
 
 
-def resolve_checkpoint(name: str):
-    """A WebUI CheckpointInfo, matched the way the WebUI matches ``sd_model_checkpoint`` overrides
-    (``get_closet_checkpoint_match``: an alias, else the shortest title containing the name); never a file path."""
-    if not isinstance(name, str) or not name.strip():
-        raise CheckpointError("no checkpoint named")
-    name = name.strip()
-    info = sd_models.get_closet_checkpoint_match(name)
-    if info is None:
-        raise CheckpointError(
-            f"checkpoint {name[:200]!r} is not in the WebUI's checkpoint list (refresh the list if it is new)"
-        )
-    return info
+def resolve_checkpoint(name: object):
+    """A WebUI CheckpointInfo named exactly (title, file name, sha256 or a unique prefix of >= 10 hex digits:
+    :func:`gmi_core.names.resolve`); never a substring, never a file path."""
+    candidates = [
+        Named(info, info.name, info.title, getattr(info, "sha256", None) or _cached_sha(info))
+        for info in webui_checkpoints()
+    ]
+    return resolve(name, candidates)
 
 
 class WebuiCheckpointSource:

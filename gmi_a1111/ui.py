@@ -12,6 +12,7 @@ import html
 import logging
 import queue
 import threading
+import time
 
 import gradio as gr
 from modules import call_queue, shared
@@ -107,9 +108,11 @@ def _marks(row: dict) -> str:
 def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]:
     """(table rows, all names, names without a ready spec, note) for the Build panel."""
     try:
-        data = runtime.status(on_hashing=on_hashing)
+        data = runtime.status(on_hashing=on_hashing, wait=False)
     except (GmiError, OSError) as exc:
         return [], [], [], _error_html(one_line(exc))
+    if data.get("encoder_state") == "loading":
+        return [], [], [], f"<p class='{LOADING_CLASS}'>gmi: {html.escape(data['note'])} (press Refresh)</p>"
     rows = [
         [
             c["name"],
@@ -132,7 +135,7 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
     )
     note = (
         f"Encoder <code>{html.escape(data['encoder_id'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
-        f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(str(runtime.spec_dir()))}</code>.<br>"
+        f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(runtime.setting_shown(str(runtime.spec_dir())))}</code>.<br>"
         f"Budget <b>{html.escape(budget['name'])}</b>: {budget['prompts']} prompts x {budget['images_per_prompt']} "
         f"image(s) = {budget['images']} per checkpoint; <b>{data['images_missing']} image(s) to render</b> for the "
         f"checkpoints without a ready spec.<br>Per family (Settings &gt; GMI): {html.escape(sizes)}"
@@ -142,21 +145,33 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
     return rows, names, todo, note
 
 
+LOADING_CLASS = "gmi-encoder-loading"  # marks the status note shown while the encoder loads
+LOADING_POLLS = 60  # the tab asks again once a second while the encoder loads (a build may hold the loader)
+
+
 def refresh_status():
-    """Status on demand, as a generator: while checkpoints are hashed for the first time, says which one."""
+    """Status on demand, as a generator: while checkpoints are hashed for the first time, says which one; while
+    the encoder loads (never waited for: a build may hold the WebUI's loader), says so and asks again."""
     names: queue.Queue = queue.Queue()
     result = {}
 
     def work():
         try:
-            result["rows"] = status_rows(on_hashing=names.put)
+            for _ in range(LOADING_POLLS):
+                result["rows"] = status_rows(on_hashing=names.put)
+                if LOADING_CLASS not in result["rows"][3]:
+                    break
+                names.put(LOADING_CLASS)
+                time.sleep(1)
         finally:
             names.put(None)
 
     threading.Thread(target=work, name="gmi-status", daemon=True).start()
     while (name := names.get()) is not None:
         yield (
-            f"<p>gmi: hashing {html.escape(name)} (first time only; the WebUI caches it)…</p>",
+            "<p>gmi: loading the CLIP encoder (after the WebUI's current job)…</p>"
+            if name == LOADING_CLASS
+            else f"<p>gmi: hashing {html.escape(name)} (first time only; the WebUI caches it)…</p>",
             gr.update(),
             gr.update(),
         )

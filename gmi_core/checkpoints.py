@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from .families import FAMILIES, RECIPES, SD_FAMILIES
 from .hashing import HashCache
-from .paths import one_line
+from .paths import one_line, without_path
 from .protocols import CheckpointInfo, CheckpointListing, SkippedCheckpoint
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -180,7 +180,9 @@ def inspect_model(path: Path, allow_pickle: bool = False) -> ModelFile:
             if found.family == "sd2" and sd2_predicts_v(handle, keys):
                 found = ModelFile("sd2-v", found.layout)
     except Exception as exc:  # noqa: BLE001 - every parse failure means the same thing to the user
-        return skipped_model(f"unreadable or truncated safetensors file ({str(exc).splitlines()[0][:200]})")
+        return skipped_model(
+            f"unreadable or truncated safetensors file ({without_path(str(exc).splitlines()[0], path)[:200]})"
+        )
     return found
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_options import add_engine_options, engine_from_options
+from .cli_options import add_engine_options, engine_from_options, file_arg, without_abbreviations
 from .errors import GmiError
 from .limits import json_safe
 from .paths import DEFAULT_HOME
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     specs.set_defaults(func=cmd_specs)
 
     identify = commands.add_parser("identify", help="rank checkpoints for reference image(s)")
-    identify.add_argument("images", nargs="+", type=Path)
+    identify.add_argument("images", nargs="+", type=file_arg)
     add_engine_options(identify)
     identify.add_argument("--prompt", help="the prompt, if known (else the interrogator guesses one)")
     identify.add_argument("--top-k", type=int)
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", add_help=False, help="benchmarks: identification quality and cost (JSON + PNG); gmi bench --help"
     )
     bench.add_argument("words", nargs=argparse.REMAINDER)
-    return parser
+    return without_abbreviations(parser)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ engine they describe, through the core's factory (:mod:`gmi_core.factory`)."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,8 +39,43 @@ def download_bar():
     return update
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def folder_arg(text: str) -> Path:
+    """A path argument that names a folder: a file there is refused at once, in one line."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
+def file_arg(text: str) -> Path:
+    """A path argument that names a local file: a URL or a folder is refused at once, in one line."""
+    if _URL.match(text):
+        raise argparse.ArgumentTypeError(f"{text[:200]}: gmi reads local files; download it first and give its path")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a regular file")
+    return path
+
+
+def without_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Turns argparse's prefix matching off in a parser and all its subcommands: ``--encoder X`` must not be taken
+    as ``--encoder-id X`` (nor any other option a typo happens to prefix); a wrong argument is one line."""
+    parser.allow_abbrev = False
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (--help lists the options)\n")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                without_abbreviations(sub)
+    return parser
+
+
 def add_engine_options(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
-    parser.add_argument("--models", type=Path, required=models_required, help="folder of .safetensors checkpoints")
+    parser.add_argument(
+        "--models", type=folder_arg, required=models_required, help="folder of .safetensors checkpoints"
+    )
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
     parser.add_argument(
         "--encoder",

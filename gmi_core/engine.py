@@ -277,6 +277,16 @@ class Gmi:
     def interrogate(self, images: Sequence[Image.Image]) -> str:
         return self.interrogator.interrogate([to_rgb(i) for i in images])
 
+    def _no_specs_message(self, listed: list[ManifestEntry], excluded: list) -> str:
+        """Why identify has nothing to rank: specs of other prompt sets (another ``max_prompts``) said as such."""
+        here = f"prompt set {self.prompt_set.name} ({len(self.prompt_set)} prompts, {self.prompt_set.hash[:8]})"
+        other = sorted({(e.prompt_set_name, e.prompts_total) for e in listed if e.prompt_set_hash != OBSERVED})
+        if other and not any(e.prompt_set_hash == self.prompt_set.hash for e in listed):
+            built = ", ".join(f"{name} ({n} prompts)" for name, n in other[:5])
+            return f"no specs for {here}; specs exist for {built}: choose that prompt set and size (max_prompts) or build specs first"
+        detail = f" ({len(excluded)} checkpoint(s) without a usable spec)" if excluded else ""
+        return f"no specs for encoder {self.encoder.encoder_id} and {here}{detail}; build specs first"
+
     def identify(
         self,
         images: Sequence[Image.Image],
@@ -298,10 +308,7 @@ class Gmi:
         if indexed is None:
             loaded = self.library.load(source, include_not_installed, listed=listed)
             if not loaded.items:
-                detail = f" ({len(loaded.excluded)} checkpoint(s) without a usable spec)" if loaded.excluded else ""
-                raise NoSpecsError(
-                    f"no specs for encoder {self.encoder.encoder_id} and prompt set {self.prompt_set.name}{detail}; build specs first"
-                )
+                raise NoSpecsError(self._no_specs_message(listed, loaded.excluded))
         query = encode_query(self.encoder, self.interrogator, images, prompt)
         if indexed is None:
             candidates = Candidates(loaded, self.library.bank(loaded), gamma)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from .errors import InvalidInput
-from .limits import MAX_CFG, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_STEP
+from .limits import MAX_CFG, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_STEP, check_number
 
 if TYPE_CHECKING:
     from .protocols import CheckpointInfo
@@ -187,8 +187,9 @@ def recipe(family: str | None) -> Recipe:
 
 
 def check_value(name: str, value):
-    """``value`` as the field's type, or InvalidInput naming the limit. Text fields (sampler, file names) are
-    checked for length here and against the host's names by the host."""
+    """``value`` as the field's type, or InvalidInput naming its range (:data:`gmi_core.limits.NUMBERS`). Text
+    fields (sampler, file names) are checked for length here and against the host's names by the host; guidance
+    and shift also take "none" (the family has none / the model's own)."""
     if name not in LIMITS:
         text = str(value).strip()
         if len(text) > 500:
@@ -196,16 +197,8 @@ def check_value(name: str, value):
         return text
     if name in ("guidance", "shift") and str(value).strip().lower() in ("", "none", "off"):
         return None
-    lo, hi = LIMITS[name]
-    try:
-        value = type(lo)(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"{name} must be a number, got {value!r}") from exc
-    if not lo <= value <= hi:
-        raise InvalidInput(f"{name} must be between {lo} and {hi}, got {value}")
-    if name in ("width", "height") and value % SIZE_MULTIPLE:
-        raise InvalidInput(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}")
-    return value
+    number = check_number(name, value)
+    return float(number) if isinstance(LIMITS[name][0], float) else number
 
 
 def recipe_settings(family: str, base: GenerationSettings) -> GenerationSettings:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .observed import OBSERVED, spec_kind
+from .paths import atomic_write
 from .ranker import kernel, median_gamma
 from .spec import Spec
 
@@ -232,7 +233,7 @@ def build_map(
 
 def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) -> Path:
     """The 2-D map as a PNG: groups in colour, near-duplicate links drawn, not-installed checkpoints hollow."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, PngImagePlugin
 
     from .charts import COLOURS, load_font
 
@@ -281,6 +282,22 @@ def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) ->
         font=small,
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MAP_MARK, "1")  # how `gmi map --out` knows it may replace this file without --force
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+MAP_MARK = "gmi_map"
+
+
+def is_map_image(path: Path) -> bool:
+    """A PNG that :func:`draw_map` wrote."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and MAP_MARK in image.info
+    except (OSError, ValueError):
+        return False

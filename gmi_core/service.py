@@ -25,7 +25,7 @@ from PIL import Image
 from .budgets import BUDGETS, DEFAULT_BUDGET, Budget
 from .encoders import ClipEncoder
 from .engine import Gmi
-from .errors import Busy, CheckpointError, EncoderUnavailable, GmiError, NoSpecsError, NotFound
+from .errors import Busy, CheckpointError, EncoderLoading, EncoderUnavailable, GmiError, NoSpecsError, NotFound
 from .factory import make_engine
 from .families import FAMILIES, FAMILY_DEFAULTS, LIMITS, FamilySettings
 from .limits import (
@@ -34,6 +34,7 @@ from .limits import (
     MAX_SEED,
     MAX_TEXT_FIELD,
     MAX_TOP_K,
+    READ_ROUTE_WAIT_S,
     SIZE_STEP,
     UploadTooLarge,
     json_safe,
@@ -65,13 +66,33 @@ class EnginePool:
         self._loading = threading.Lock()
         self._encoders: OrderedDict[object, ClipEncoder] = OrderedDict()
         self._engines: OrderedDict[tuple, Gmi] = OrderedDict()
+        self._background: dict[object, threading.Thread] = {}
+        self._failed: dict[object, GmiError] = {}
 
-    def encoder(self, key, load: Callable[[], ClipEncoder]) -> ClipEncoder:
-        """The encoder cached under ``key``, else ``load()`` (one load at a time, outside the pool's lock)."""
+    def encoder(self, key, load: Callable[[], ClipEncoder], wait: bool = True) -> ClipEncoder:
+        """The encoder cached under ``key``, else ``load()`` (one load at a time, outside the pool's lock).
+
+        ``wait=False`` (read routes: status, options, anything a UI polls) never waits on the host's model-loading
+        exclusion, which a running build may hold for its whole length: the load runs in the background, and if it
+        has not finished within ``limits.READ_ROUTE_WAIT_S`` :class:`EncoderLoading` is raised; a failed background
+        load is raised on the next ask."""
         with self._lock:
             if key in self._encoders:
                 self._encoders.move_to_end(key)
                 return self._encoders[key]
+            if not wait:
+                failed = self._failed.pop(key, None)
+                if failed is not None:
+                    raise failed
+                loader = self._load_in_background(key, load)
+        if not wait:
+            loader.join(READ_ROUTE_WAIT_S)
+            with self._lock:
+                if key in self._encoders:
+                    return self._encoders[key]
+                if key in self._failed:
+                    raise self._failed.pop(key)
+            raise EncoderLoading("the CLIP encoder is loading (a build may be holding the model loader); ask again")
         with self.loading_guard(), self._loading:
             with self._lock:
                 if key in self._encoders:
@@ -82,6 +103,30 @@ class EnginePool:
                 self._trim()
         gc.collect()  # the dropped encoders' weights go now, not at some later collection
         return encoder
+
+    def _load_in_background(self, key, load: Callable[[], ClipEncoder]) -> threading.Thread:
+        """One daemon load per key (called under the pool's lock); its error is kept for the next ask."""
+        running = self._background.get(key)
+        if running is not None and running.is_alive():
+            return running
+
+        def run() -> None:
+            try:
+                self.encoder(key, load)
+            except GmiError as exc:
+                with self._lock:
+                    self._failed[key] = exc
+            except Exception as exc:  # kept as a one-line error for the next ask, never lost
+                log.exception("gmi: background encoder load failed")
+                with self._lock:
+                    self._failed[key] = EncoderUnavailable(
+                        f"the CLIP encoder could not be loaded ({type(exc).__name__})"
+                    )
+
+        thread = threading.Thread(target=run, name="gmi-encoder-load", daemon=True)
+        self._background[key] = thread
+        thread.start()
+        return thread
 
     def engine(
         self,
@@ -119,6 +164,7 @@ class EnginePool:
         with self._lock:
             self._encoders.clear()
             self._engines.clear()
+            self._failed.clear()
         gc.collect()
 
 
@@ -136,6 +182,7 @@ def status_payload(
         {
             "config": config,
             "encoder_id": engine.encoder.encoder_id,
+            "encoder_state": "ready",
             "prompt_set": {
                 "name": engine.prompt_set.name,
                 "hash": engine.prompt_set.hash,
@@ -149,6 +196,22 @@ def status_payload(
             "note": "" if statuses or skipped else empty_note,
         }
     )
+
+
+def status_loading_payload(config: dict, exc: EncoderLoading) -> dict:
+    """The status answer while the encoder loads: the same keys, no rows yet, ``encoder_state`` "loading"."""
+    return {
+        "config": config,
+        "encoder_id": None,
+        "encoder_state": "loading",
+        "prompt_set": None,
+        "budget": None,
+        "images_missing": 0,
+        "family_settings": {},
+        "checkpoints": [],
+        "skipped": [],
+        "note": str(exc),
+    }
 
 
 # -- identify ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .protocols import CheckpointInfo, CheckpointSource, ListedCheckpoints
 from .query import IdentifyRequest, Query
 from .ranker import FeatureBank, prompt_weights
 from .spec import Spec, SpecKey
-from .store import ManifestEntry, SpecStore, safe_name
+from .store import ManifestEntry, SpecStore, file_stamp, safe_name
 
 log = logging.getLogger(__name__)
 INDEXED_METHODS = ("gmi", "rkme_clip")  # the methods the two-tier index prefilters for
@@ -84,7 +84,7 @@ class SpecLibrary:
         self._bank_cache: tuple[tuple, FeatureBank] | None = None
         self._spec_cache: dict[str, tuple[float, Spec | None]] = {}
         self._merged_cache: dict[str, tuple] = {}
-        self._loaded_versions: tuple = ()  # (file, mtime) of the specs the last load listed
+        self._loaded_versions: tuple = ()  # (file, stamp) of the specs the last load listed
         self._index: StoreIndex | None = None
 
     def key(self, sha256: str, prompt_set_hash: str | None = None) -> SpecKey:
@@ -113,7 +113,7 @@ class SpecLibrary:
         if listed is None:
             listed = self.listed()
         entries = [e for e in listed if e.prompt_set_hash in (self.prompt_set_hash, OBSERVED)]
-        self._loaded_versions = tuple((e.file, e.mtime) for e in entries)  # the bank's key: no second store listing
+        self._loaded_versions = tuple((e.file, e.stamp) for e in entries)  # the bank's key: no second store listing
         found = {e.sha256 for e in entries}
         if wanted is not None:
             excluded += [(c.name, self._why_unusable(c)) for sha, c in wanted.items() if sha not in found]
@@ -187,16 +187,16 @@ class SpecLibrary:
         """A spec's features, read once per process and file version. The store lists only file versions it has
         verified (:meth:`SpecStore.scan`), so the file is checked again only if it changed since it was listed."""
         cached = self._spec_cache.get(entry.file)
-        if cached is not None and cached[0] == entry.mtime:
+        if cached is not None and cached[0] == entry.stamp:
             return cached[1]
         spec = self._load_listed(entry)
-        self._spec_cache[entry.file] = (entry.mtime, spec)
+        self._spec_cache[entry.file] = (entry.stamp, spec)
         return spec
 
     def _load_listed(self, entry: ManifestEntry) -> Spec | None:
         try:
             st = (self.store.root / entry.file).stat()
-            listed = (st.st_mtime, st.st_size) == (entry.mtime, entry.size)
+            listed = file_stamp(st) == entry.stamp
         except OSError:
             listed = False
         return self.store.load(entry.key, verify=not listed, thumbnails=False)

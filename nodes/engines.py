@@ -35,15 +35,16 @@ def downloads_allowed(requested: bool = True) -> bool:
     return bool(requested) and os.environ.get(ENV_ALLOW_DOWNLOAD, "1").strip().lower() not in ("0", "false", "no")
 
 
-def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
-    """An encoder by the name shown in the loader: a known encoder, or a gmi encoder file in models/gmi."""
+def get_encoder(name: str, allow_download: bool = True, wait: bool = True) -> ClipEncoder:
+    """An encoder by the name shown in the loader: a known encoder, or a gmi encoder file in models/gmi.
+    ``wait=False`` (read routes): raise EncoderLoading instead of waiting for a load."""
     if not isinstance(name, str) or not name:
         raise InvalidInput("name an encoder")
+    if parse_encoder_name(name) is None and name not in encoder_choices():  # files listed in models/gmi, by name
+        raise NotFound(f"no encoder {name[:200]!r}: name a known encoder or a gmi encoder file in models/gmi")
 
     def load() -> ClipEncoder:
         if parse_encoder_name(name) is None:
-            if name not in encoder_choices():  # only files ComfyUI lists in models/gmi, by their listed name
-                raise NotFound(f"no encoder {name[:200]!r}: name a known encoder or a gmi encoder file in models/gmi")
             path = resolve_inside(name, host.encoder_own_dirs(), "encoder file")
             encoder = open_encoder(str(path), placement=host.ComfyPlacement())
         else:
@@ -57,7 +58,7 @@ def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
         encoder.gmi_choice = name  # remembered for the side panel's "Build missing specs"
         return encoder
 
-    return POOL.encoder(name, load)
+    return POOL.encoder(name, load, wait=wait)
 
 
 ENV_WARM = "GMI_WARM_ON_START"  # "1": load the panel's encoder and label embeddings after start

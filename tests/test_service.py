@@ -63,6 +63,7 @@ def test_both_hosts_answer_status_and_identify_from_the_same_code(env, webui, tm
     webui.refresh()
     gmi("options").on_ui_settings()
     opts = webui.shared.opts
+    webui.modules["modules.paths"].data_path = str(env.base)  # settings may name files in the WebUI's data folder
     opts.set("gmi_encoder", str(env.base / "models" / "gmi" / "tiny.safetensors"))
     opts.set("gmi_spec_dir", str(env.base / "user" / "gmi"))  # ComfyUI's store
     opts.set("gmi_budget", "4x1")

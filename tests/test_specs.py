@@ -179,6 +179,7 @@ def test_manifest_is_rebuilt_when_broken(tiny_world, tmp_path):
 def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, monkeypatch):
     shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
     gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
+    gmi.store.entries()  # copies are new file versions (their ctime differs): verified once, here
     source = tiny_world.source()
     checkpoint = source.list_checkpoints().checkpoints[0]
     query = tiny_world.generator().generate(checkpoint, "a fox in an autumn forest", [11], tiny_world.settings)

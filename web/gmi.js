@@ -298,6 +298,11 @@ class GmiPanel {
   async refresh() {
     try {
       const status = await getJson("/gmi/status");
+      if (status.encoder_state === "loading") {  // the server never waits for the encoder: ask again shortly
+        this.error.textContent = "gmi: " + status.note;
+        setTimeout(() => this.refresh(), 2000);
+        return;
+      }
       this.error.textContent = "";
       for (const s of this.sections) s.update?.(status);
     } catch (err) {

@@ -41,9 +41,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli_options import without_abbreviations
+
     parser = argparse.ArgumentParser(prog="gmi")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return without_abbreviations(parser)
 
 
 def run_bench(argv=None) -> int:

@@ -138,7 +138,7 @@ class WebuiServer:
         credentials: str | None = None,
     ):
         """``credentials``: "user:password" to send instead of the server's own, "" to send none."""
-        data = json.dumps(body).encode() if body is not None else None
+        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"}
         credentials = self.api_auth if credentials is None else credentials
         if credentials:
@@ -160,6 +160,15 @@ class WebuiServer:
             time.sleep(1)
             _, job = self.get(f"/gmi/v1/build/{job['id']}")
         return job
+
+    def specs(self, timeout: float = 300) -> dict:
+        """GET /gmi/v1/specs once the encoder is loaded (the route answers "loading" rather than wait)."""
+        deadline = time.time() + timeout
+        while True:
+            _, specs = self.get("/gmi/v1/specs")
+            if specs.get("encoder_state") != "loading" or time.time() > deadline:
+                return specs
+            time.sleep(0.5)
 
     def get(self, path: str, **kw):
         return self.request("GET", path, **kw)
