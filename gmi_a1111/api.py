@@ -130,26 +130,10 @@ def check_overrides(overrides: dict) -> None:
     """The build numbers and names through gmi's one validation, with the samplers this WebUI knows."""
     config = runtime.Config.from_opts(**overrides)
     parse_budget(config.budget)  # a malformed budget is the request's fault (4xx), not a failed job
+    names = host.sampler_names()
     for _, row in config.settings.rows:
-        limits.check_settings(row, *host_sampler_names())
+        limits.check_settings(host.webui_sampling(row, names), *names)
     runtime.get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
-
-
-def host_sampler_names() -> tuple[list[str] | None, list[str] | None]:
-    """The sampler and schedule names (and aliases) the WebUI accepts; None where it cannot tell."""
-    try:
-        from modules import sd_samplers
-
-        samplers = [n for s in sd_samplers.all_samplers for n in [s.name, *(s.aliases or [])]]
-    except (ImportError, AttributeError):
-        samplers = None
-    try:
-        from modules import sd_schedulers
-
-        schedulers = [n for s in sd_schedulers.schedulers for n in (s.name, s.label)] + ["Automatic"]
-    except (ImportError, AttributeError):
-        schedulers = None
-    return samplers, schedulers
 
 
 def specs():

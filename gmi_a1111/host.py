@@ -11,6 +11,7 @@ Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,44 @@ class WebuiCheckpointSource:
         raise CheckpointError(f"checkpoint {checkpoint.name} is no longer in the WebUI's list")
 
 
+def sampler_names() -> tuple[list[str] | None, list[str] | None]:
+    """The sampler and schedule names (and aliases) the WebUI accepts; None where it cannot tell."""
+    try:
+        from modules import sd_samplers
+
+        samplers = [n for s in sd_samplers.all_samplers for n in [s.name, *(s.aliases or [])]]
+    except (ImportError, AttributeError):
+        samplers = None
+    try:
+        from modules import sd_schedulers
+
+        schedulers = [n for s in sd_schedulers.schedulers for n in (s.name, s.label)] + ["Automatic"]
+    except (ImportError, AttributeError):
+        schedulers = None
+    return samplers, schedulers
+
+
+def _webui_name(name: str, known: Sequence[str] | None) -> str:
+    """The WebUI's spelling of a family recipe's sampler / schedule name (the table uses ComfyUI's: "euler",
+    "sgm_uniform"), matched ignoring case, spaces and underscores; a name the WebUI lacks stays as it is."""
+    if not known or name in known:
+        return name
+    def fold(text: str) -> str:
+        return text.lower().replace(" ", "").replace("_", "")
+
+    return next((n for n in known if fold(n) == fold(name)), name)  # the first spelling the WebUI lists
+
+
+def webui_sampling(settings: GenerationSettings, names=None) -> GenerationSettings:
+    """``settings`` with sampler and schedule type as this WebUI names them (``names``: :func:`sampler_names`)."""
+    samplers, schedulers = names or sampler_names()
+    return dataclasses.replace(
+        settings,
+        sampler=_webui_name(settings.sampler, samplers),
+        scheduler=_webui_name(settings.scheduler, schedulers),
+    )
+
+
 class WebuiGenerator:
     """Generator through the WebUI pipeline: txt2img with ``override_settings['sd_model_checkpoint']``.
 
@@ -116,6 +155,7 @@ class WebuiGenerator:
         if state.interrupted:
             raise Cancelled("interrupted")
         title = self.source.title_for(checkpoint)
+        settings = webui_sampling(settings)
         n = len(seeds)
         state.textinfo = f"gmi: {checkpoint.name}: {prompt[:60]}"
         p = processing.StableDiffusionProcessingTxt2Img(

@@ -140,3 +140,16 @@ def test_settings_have_rows_for_the_families_the_host_renders(webui):  # noqa: F
     runtime, forge = gmi("runtime"), gmi("forge")
     rows = {key.split("_")[1] for key in runtime.OPTIONS if key.endswith("_steps")}
     assert rows == {family.replace("-", "") for family in forge.HOST_FAMILIES} == {"sd1", "sd2", "sd2v", "sdxl"}
+
+
+def test_recipe_sampler_names_take_the_webui_spelling(webui):  # noqa: F811
+    """The family table names samplers as ComfyUI does ("euler"); the WebUI knows "Euler" / "k_euler"."""
+    host = gmi("host")
+    names = (["Euler a", "Euler", "k_euler", "DPM++ 2M"], ["Automatic", "sgm_uniform", "SGM Uniform", "Karras"])
+    sd3 = FamilySettings.defaults().for_family("sd3")
+    assert (sd3.sampler, sd3.scheduler) == ("euler", "sgm_uniform")
+    out = host.webui_sampling(sd3, names)
+    assert (out.sampler, out.scheduler) == ("Euler", "sgm_uniform")
+    odd = dataclasses.replace(sd3, sampler="no_such", scheduler="SGM_UNIFORM")
+    assert host.webui_sampling(odd, names).sampler == "no_such"  # left for the validation to refuse with the list
+    assert host.webui_sampling(odd, (None, names[1])).scheduler == "sgm_uniform"

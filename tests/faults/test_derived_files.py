@@ -58,8 +58,8 @@ def _indexed(core, monkeypatch):
     monkeypatch.setattr(limits, "INDEX_MIN_SPECS", 2)
     gmi = core.gmi()
     expected = gmi.identify([query(2)], prompt="x", source=core.source()).ranking[0].name
-    assert gmi.index_path().exists()
-    return gmi.index_path(), expected
+    assert gmi.library.index_path().exists()
+    return gmi.library.index_path(), expected
 
 
 INDEX_FAULTS = {
