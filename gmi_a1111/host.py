@@ -123,6 +123,7 @@ def _webui_name(name: str, known: Sequence[str] | None) -> str:
     "sgm_uniform"), matched ignoring case, spaces and underscores; a name the WebUI lacks stays as it is."""
     if not known or name in known:
         return name
+
     def fold(text: str) -> str:
         return text.lower().replace(" ", "").replace("_", "")
 
