@@ -19,12 +19,13 @@ from PIL import Image
 
 from .budgets import Budget, parse_budget
 from .builder import build_spec, missing_images
-from .engine import Gmi, IdentifyResult
+from .engine import Gmi
 from .errors import Busy, Cancelled, GmiError
 from .limits import REFINE_MAX_CONTENDERS
 from .locks import spec_lock
 from .paths import one_line
 from .protocols import BuildProgress, CheckpointSource, Generator, ProgressCallback
+from .results import IdentifyResult
 
 log = logging.getLogger(__name__)
 REFINE_BUDGET = "full"  # what refine tops the contenders' specs up to unless told otherwise

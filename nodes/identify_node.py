@@ -8,13 +8,14 @@ from urllib.parse import urlencode
 from comfy_api.latest import io
 
 from ..gmi_core import service
-from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPTS, MAX_TOP_K
+from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPT_SET_PROMPTS, MAX_TOP_K
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from ..gmi_core.refine import REFINE_MODES
 from . import engines, events
 from .build_node import progress_payload
 from .encoder_node import Encoder
-from .host import ComfyGenerator, checkpoint_path, load_checkpoint, tensor_to_pils
+from .host import ComfyGenerator, load_winner, tensor_to_pils
 
 
 def thumbnail_urls(encoder_id: str):
@@ -81,7 +82,7 @@ class GMIIdentify(io.ComfyNode):
                     "prompt_set",
                     optional=True,
                     options=engines.prompt_set_choices(),
-                    default="platform",
+                    default=DEFAULT_PROMPT_SET,
                     tooltip="The prompt set the specs were built with.",
                 ),
                 io.Int.Input(
@@ -89,7 +90,7 @@ class GMIIdentify(io.ComfyNode):
                     optional=True,
                     default=0,
                     min=0,
-                    max=MAX_PROMPTS,
+                    max=MAX_PROMPT_SET_PROMPTS,
                     tooltip="The max_prompts the specs were built with (0 = the whole set).",
                 ),
                 io.Boolean.Input(
@@ -154,7 +155,7 @@ class GMIIdentify(io.ComfyNode):
         top_k,
         pick_rank,
         prompt="",
-        prompt_set="platform",
+        prompt_set=DEFAULT_PROMPT_SET,
         max_prompts=0,
         include_not_installed=False,
         refine="off",
@@ -175,7 +176,7 @@ class GMIIdentify(io.ComfyNode):
             )
             ranking = service.identify_payload(result, thumbnails, top_k=top_k, pick_rank=pick_rank)
         chosen = service.pick_installed(result, pick_rank)  # only installed checkpoints can be switched to
-        model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
+        model, clip, vae = load_winner(engine, chosen.name, chosen.sha256)
         text = json.dumps(ranking, indent=1)
         return io.NodeOutput(model, clip, vae, chosen.name, text, ui={"gmi_ranking": [ranking], "text": [chosen.name]})
 
@@ -192,7 +193,7 @@ def _refine(engine, images, prompt, method, include_not_installed, max_images):
         box["done"] = p.images_rendered
         events.send(events.BUILD_PROGRESS, progress_payload(p))
 
-    generator = ComfyGenerator()
+    generator = ComfyGenerator(hash_cache=engines.hash_cache())
     return service.refine(
         engine,
         images,
