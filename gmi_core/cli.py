@@ -13,6 +13,7 @@ from .encoder_registry import DEFAULT_ENCODER, encoder_names
 from .errors import GmiError
 from .families import FAMILY_DEFAULTS
 from .limits import json_safe
+from .lora_cli import add_lora_options, with_loras
 from .protocols import BuildProgress, GenerationSettings, format_eta
 
 DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))
@@ -96,6 +97,7 @@ def _add_engine_options(parser: argparse.ArgumentParser, models_required: bool =
     parser.add_argument("--height", type=int, help="height for every family")
     parser.add_argument("--sampler", default=GenerationSettings.sampler, help="sampler name of the diffusers runner")
     parser.add_argument("--seed", type=int, default=0, help="base seed of spec images")
+    add_lora_options(parser)
 
 
 def _engine(args):
@@ -130,7 +132,8 @@ def _engine(args):
 
     if args.models is None:
         return gmi, None
-    return gmi, FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json", on_hashing=announce)
+    checkpoints = FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json", on_hashing=announce)
+    return gmi, with_loras(args, checkpoints, args.home / "hashes.json", announce)
 
 
 def cmd_build(args) -> int:
@@ -202,6 +205,7 @@ def _print_ranking(result) -> None:
     for r in result.ranking:
         prompts = "; ".join(m.prompt for m in r.top_prompts[:2])
         marks = ("" if r.installed else " [not installed]") + ("" if r.kind == "generated" else f" [{r.kind}]")
+        marks += " [lora]" if r.model_kind == "lora" else ""
         marks += f" [partial spec: {r.prompts_done} prompts, {r.images_done} images]" if r.partial else ""
         print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}{marks}  ({prompts})")
     for name, reason in result.excluded:

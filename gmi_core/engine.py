@@ -25,6 +25,7 @@ from .index import INDEX_CANDIDATES, MAX_RERANKED, StoreIndex, prefetch, updated
 from .interrogator import Interrogator
 from .limits import check_identify, check_settings, json_safe
 from .locks import spec_lock
+from .loras import model_metadata, model_of
 from .observed import OBSERVED, merge, row_source, spec_counts, spec_kind
 from .paths import one_line
 from .prompts import PromptSet, load_prompt_set
@@ -80,6 +81,8 @@ class SpecStatus:
     current: bool = True
 
     observed_images: int = 0  # images in the checkpoint's observed spec (import-images)
+    model_kind: str = "checkpoint"  # or "lora": a LoRA on a base checkpoint (gmi_core.loras)
+    lora: dict | None = None  # a LoRA row's parts: lora_name, lora_sha256, strength, base_name, base_sha256
 
 
 @dataclass
@@ -145,6 +148,11 @@ class RankedCheckpoint:
     prompts_done: int = 0  # prompts with images in the spec
     images_done: int = 0
     partial: bool = False  # the spec holds less than the engine's budget
+    model: dict = field(default_factory=lambda: {"kind": "checkpoint"})  # gmi_core.loras.model_of: kind and parts
+
+    @property
+    def model_kind(self) -> str:
+        return self.model["kind"]
 
     @property
     def short_hash(self) -> str:
@@ -186,6 +194,8 @@ class IdentifyResult:
                         "prompts_done": r.prompts_done,
                         "images_done": r.images_done,
                         "partial": r.partial,
+                        "model_kind": r.model_kind,
+                        "lora": r.model if r.model_kind == "lora" else None,
                     }
                     for r in self.ranking
                 ],
@@ -260,6 +270,8 @@ class Gmi:
                 images_budget=self.budget.images(n),
                 images_missing=self.budget.images(n),
                 prompts_missing=len(budget_prompts),
+                model_kind=ckpt.kind,
+                lora=model_metadata(ckpt) if ckpt.lora else None,
             )
             entry = by_key.get(self.key(ckpt))
             if entry is None:
@@ -419,7 +431,9 @@ class Gmi:
                     (name, one_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {one_line(exc)}")
                 )
             finally:
-                generator.release()
+                following = listing[names[index + 1]] if index + 1 < len(names) else None
+                if following is None or report.cancelled or following.base_sha256 != ckpt.base_sha256:
+                    generator.release()  # LoRAs on one base render without reloading it
         return report
 
     # -- identify ------------------------------------------------------------------------------
@@ -608,6 +622,7 @@ class Gmi:
                     prompts_done=sum(c > 0 for c in counts),
                     images_done=sum(counts),
                     partial=missing_images(counts, self.budget) > 0,
+                    model=model_of(spec.extra),
                 )
             )
         return IdentifyResult(method, pseudo, prompt_source, ranking.gamma, ranked, excluded)

@@ -35,6 +35,8 @@ MAX_IMAGES_PER_PROMPT = 64
 MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1  # base seed of spec images (ComfyUI's INT widgets and the WebUI's seeds fit it)
 DEFAULT_TOP_K = 5  # ranking rows shown by the node, the tab and the API
+MAX_LORA_STRENGTH = 4.0  # |strength| of a LoRA spec (gmi_core.loras); hosts accept more, no LoRA is used so
+DEFAULT_LORA_STRENGTH = 1.0
 # From this many complete specs (one encoder and prompt set) identify prefilters with the two-tier index
 # (gmi_core.index) and re-ranks its candidates exactly, instead of reading every spec.
 INDEX_MIN_SPECS = _env_int("GMI_INDEX_MIN_SPECS", 5000)
