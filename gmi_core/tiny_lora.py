@@ -74,3 +74,39 @@ def write_tiny_lora(
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", **(metadata or {})}
     save_file(tiny_lora_state(seed, near=near, **kwargs), str(path), metadata=meta)
     return path
+
+
+def lora_for_checkpoint_state(checkpoint: Path, seed: int, rank: int = 4, scale: float = 0.1, style: float = STYLE):
+    """A kohya LoRA for any single-file SD1 checkpoint, its modules named after the checkpoint's own (LDM) keys as
+    kohya names them (``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``, ``lora_te_text_model_...``):
+    the attention projections, and the colour-cast module on the UNet's output conv (``out.2``)."""
+    from safetensors import safe_open
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}  # noqa: SIM118 - safe_open is no dict
+    prefixes = (("model.diffusion_model.", "lora_unet_"), ("cond_stage_model.transformer.", "lora_te_"))
+    for key, shape in shapes.items():
+        for source, target in prefixes:
+            module = key[len(source) : -len(".weight")]
+            attention = module.endswith(UNET_TARGETS + TEXT_TARGETS) and "attn" in module
+            if key.startswith(source) and key.endswith(".weight") and len(shape) == 2 and attention:
+                name = target + module.replace(".", "_")
+                state[f"{name}.lora_down.weight"] = torch.randn(rank, shape[1], generator=generator) * scale
+                state[f"{name}.lora_up.weight"] = torch.randn(shape[0], rank, generator=generator) * scale
+                state[f"{name}.alpha"] = torch.tensor(float(rank))
+    out_channels, in_channels = shapes["model.diffusion_model.out.2.weight"][:2]
+    state["lora_unet_out_2.lora_down.weight"] = torch.full((rank, in_channels, 3, 3), 1.0 / (in_channels * 9))
+    state["lora_unet_out_2.lora_up.weight"] = torch.randn(out_channels, rank, 1, 1, generator=generator) * style
+    state["lora_unet_out_2.alpha"] = torch.tensor(float(rank))
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def write_lora_for_checkpoint(path: Path, checkpoint: Path, seed: int, **kwargs) -> Path:
+    """:func:`lora_for_checkpoint_state` saved as a kohya LoRA file (SD1 metadata)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}
+    save_file(lora_for_checkpoint_state(checkpoint, seed, **kwargs), str(path), metadata=meta)
+    return path

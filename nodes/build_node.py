@@ -9,9 +9,10 @@ from comfy_api.latest import io
 from ..gmi_core.budgets import BUDGETS
 from ..gmi_core.families import FAMILY_DEFAULTS
 from ..gmi_core.limits import MAX_PROMPTS, MAX_SEED, check_settings
+from ..gmi_core.loras import MODEL_KINDS
 from ..gmi_core.paths import one_line
 from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
-from . import engines, events, settings
+from . import engines, events, loras, settings
 from .encoder_node import Encoder
 from .host import ComfyGenerator
 
@@ -130,6 +131,36 @@ class GMIBuildSpecs(io.ComfyNode):
                     default="",
                     tooltip="Checkpoint file names, one per line (used when which = listed).",
                 ),
+                io.Combo.Input(
+                    "models",
+                    optional=True,
+                    options=list(MODEL_KINDS),
+                    default="checkpoints",
+                    tooltip=(
+                        "checkpoints: the files in models/checkpoints; loras: each LoRA in models/loras on its base "
+                        "checkpoint at each strength (one spec per combination); both."
+                    ),
+                ),
+                io.String.Input(
+                    "lora_strengths",
+                    optional=True,
+                    multiline=True,
+                    default=d["lora_strengths"],
+                    tooltip=(
+                        "LoRA strength(s) for every LoRA (1, or 0.5,1 for one spec each), and per LoRA one line "
+                        "name=0.8 (file name or stem)."
+                    ),
+                ),
+                io.String.Input(
+                    "lora_bases",
+                    optional=True,
+                    multiline=True,
+                    default=d["lora_bases"],
+                    tooltip=(
+                        "Base checkpoint per LoRA family (sd1=my_model.safetensors) or per LoRA (name=checkpoint), one "
+                        "per line. Default: the base the LoRA's metadata names if installed, else the family's first."
+                    ),
+                ),
                 io.String.Input(
                     "negative_prompt",
                     optional=True,
@@ -166,13 +197,18 @@ class GMIBuildSpecs(io.ComfyNode):
         max_prompts=0,
         checkpoints="",
         negative_prompt="",
+        models="checkpoints",
+        lora_strengths="1",
+        lora_bases="",
     ) -> io.NodeOutput:
         per_family = settings.family_settings(family_settings, sampler_name, scheduler, negative_prompt)
         for _, family_row in per_family.rows:
             check_settings(family_row, *sampler_choices())
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts, budget, per_family, int(seed))
-        plan = engine.plan(engines.source(), parse_which(which, checkpoints))
+        lora_choices = loras.choices(lora_strengths, lora_bases)
+        source = loras.model_source(engines.source(), engines.hash_cache(), lora_choices, models)
+        plan = engine.plan(source, parse_which(which, checkpoints))
         bar = events.NodeProgress(plan.images)
         generator = ComfyGenerator(on_image=bar.step)
         settings.save(
@@ -185,6 +221,8 @@ class GMIBuildSpecs(io.ComfyNode):
                 "sampler_name": sampler_name,
                 "scheduler": scheduler,
                 "seed": int(seed),
+                "lora_strengths": lora_strengths,
+                "lora_bases": lora_bases,
             }
         )
         events.send(events.BUILD_PLAN, plan.to_dict())

@@ -21,6 +21,7 @@ from ..gmi_core.encoder_files import inspect_weights
 from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
 from ..gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
+from .loras import apply_lora
 
 log = logging.getLogger("gmi")
 
@@ -221,7 +222,8 @@ class ComfyGenerator:
     def __init__(self, on_image=None):
         self.on_image = on_image  # called with the number of images finished (progress bar)
         self._loaded: tuple[Path, tuple] | None = None
-        self._negative: tuple[str, object] | None = None  # the loaded checkpoint's encoding of the negative prompt
+        self._negative: tuple[tuple, object] | None = None  # the loaded model's encoding of the negative prompt
+        self._lora: tuple[str, tuple] | None = None  # (combination key, patched MODEL and CLIP)
 
     def _models(self, checkpoint: CheckpointInfo):
         if self._loaded is None or self._loaded[0] != Path(checkpoint.path):
@@ -239,10 +241,12 @@ class ComfyGenerator:
         import comfy.model_management as mm
         import comfy.sample
 
-        model, clip, vae = self._models(checkpoint)
+        model, clip, vae = self._models(checkpoint)  # a LoRA's base (same path): loaded once for all its LoRAs
+        if checkpoint.lora is not None:
+            model, clip = self._with_lora(checkpoint, model, clip)
         positive = _encode(clip, prompt)
-        if self._negative is None or self._negative[0] != settings.negative_prompt:
-            self._negative = (settings.negative_prompt, _encode(clip, settings.negative_prompt))  # once per checkpoint
+        if self._negative is None or self._negative[0] != (checkpoint.sha256, settings.negative_prompt):
+            self._negative = ((checkpoint.sha256, settings.negative_prompt), _encode(clip, settings.negative_prompt))
         negative = self._negative[1]
         groups = [list(seeds)] if batches_exactly(settings.sampler) else [[seed] for seed in seeds]
         images = []
@@ -272,7 +276,14 @@ class ComfyGenerator:
                 self.on_image(len(group))
         return images
 
+    def _with_lora(self, checkpoint: CheckpointInfo, model, clip):
+        """The base's MODEL/CLIP with the LoRA patched in (ComfyUI's LoRA loader), kept for the LoRA's prompts."""
+        if self._lora is None or self._lora[0] != checkpoint.sha256:
+            self._lora = (checkpoint.sha256, apply_lora(model, clip, checkpoint))
+        return self._lora[1]
+
     def release(self) -> None:
+        self._lora = None
         if self._loaded is None:
             return
         self._loaded = None

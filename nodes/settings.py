@@ -22,6 +22,8 @@ DEFAULTS = {  # every value from its one place in gmi_core
     "sampler_name": GenerationSettings.sampler,
     "scheduler": GenerationSettings.scheduler,
     "seed": 0,
+    "lora_strengths": "1",  # LoRA specs (gmi_core.loras): strengths, and bases per family or LoRA
+    "lora_bases": "",
 }
 
 
