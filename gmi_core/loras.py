@@ -15,6 +15,7 @@ with that reason, as is a file the host cannot load. Only the safetensors header
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -378,3 +379,30 @@ class LoraSource:
         listing.checkpoints += found
         listing.skipped += skipped + unmatched
         return listing
+
+
+# -- A1111 prompt tags -------------------------------------------------------------------------
+LORA_TAG = re.compile(r"\s*<lora:([^:>]+)(?::[^>]*)?>")
+
+
+def prompt_tag(lora_name: str, strength: float) -> str:
+    """``<lora:name:w>`` as A1111's built-in Lora network reads it (the network name is the file's stem)."""
+    return f"<lora:{PurePath(lora_name.replace(chr(92), '/')).stem}:{format_strength(strength)}>"
+
+
+def with_lora_tag(prompt: str, tag: str, replace: str | None = None) -> str:
+    """``prompt`` with ``tag`` at its end. Taken out first: ``replace`` (the tag gmi put there before) and any tag of
+    the same LoRA (a second tag would apply it twice)."""
+    name = LORA_TAG.match(tag).group(1)
+    if replace:
+        prompt = prompt.replace(replace, "")
+    prompt = LORA_TAG.sub(lambda m: "" if m.group(1) == name else m.group(0), prompt)
+    prompt = prompt.rstrip(" ,")
+    return f"{prompt} {tag}" if prompt else tag
+
+
+def prompt_for(checkpoint: CheckpointInfo, prompt: str) -> str:
+    """The prompt a host whose LoRAs are prompt tags (A1111) renders ``checkpoint`` with."""
+    if checkpoint.lora is None:
+        return prompt
+    return with_lora_tag(prompt, prompt_tag(checkpoint.lora.name, checkpoint.lora.strength))

@@ -250,3 +250,15 @@ def test_cli_lists_builds_and_identifies_lora_rows(lora_world, tiny_world, tmp_p
     assert load_image(tmp_path / "query.png").size == (s.width, s.height)
     assert main(["specs", *common[:-2], "--kind", "loras"]) == 2
     assert "--kind loras and --on-checkpoint need --loras FOLDER" in capsys.readouterr().err
+
+
+def test_a1111_prompt_tags_replace_the_earlier_gmi_tag_and_the_same_lora():
+    from gmi_core.loras import prompt_tag, with_lora_tag
+
+    tag = prompt_tag("styles/ink.safetensors", 0.8)
+    assert tag == "<lora:ink:0.8>"
+    assert with_lora_tag("a cat", tag) == "a cat <lora:ink:0.8>"
+    assert with_lora_tag("a cat, <lora:ink:1>", tag) == "a cat <lora:ink:0.8>"  # not applied twice
+    kept = "a cat <lora:detail:0.3> <lora:old:1>"
+    assert with_lora_tag(kept, tag, replace="<lora:old:1>") == "a cat <lora:detail:0.3> <lora:ink:0.8>"
+    assert with_lora_tag("", tag) == tag
