@@ -406,3 +406,78 @@ def prompt_for(checkpoint: CheckpointInfo, prompt: str) -> str:
     if checkpoint.lora is None:
         return prompt
     return with_lora_tag(prompt, prompt_tag(checkpoint.lora.name, checkpoint.lora.strength))
+
+
+# -- LoRAs an image records (observed LoRA specs) ----------------------------------------------
+def infotext_loras(prompt: str | None, lora_hashes: str | None) -> list[dict]:
+    """[{"name", "strength", "hash"}] from an A1111 infotext: the prompt's ``<lora:name:w>`` tags (A1111 applies a
+    tag without a weight at 1) and ``Lora hashes: "name: 0123456789ab, ..."`` (the addnet hash of each file)."""
+    hashes = {}
+    for item in (lora_hashes or "").split(","):
+        name, sep, value = item.rpartition(":")
+        if sep and name.strip():
+            hashes[name.strip()] = value.strip().lower()
+    found = {}
+    for match in re.finditer(r"<lora:([^:>]+)(?::([^:>]*))?[^>]*>", prompt or ""):
+        name = match.group(1).strip()
+        try:
+            strength = parse_strength(match.group(2) if match.group(2) not in (None, "") else 1.0)
+        except InvalidInput:
+            continue
+        found[name] = {"name": name, "strength": strength, "hash": hashes.get(name)}
+    return list(found.values())
+
+
+def comfy_graph_loras(graph: dict) -> list[dict]:
+    """[{"name", "strength", "hash": None}] of the LoRA loader nodes of a ComfyUI API graph (``lora_name`` with
+    ``strength_model``; model-only loaders too)."""
+    found = []
+    for node in graph.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict) or not isinstance(inputs.get("lora_name"), str):
+            continue
+        strength = inputs.get("strength_model", inputs.get("strength", 1.0))
+        if isinstance(strength, (int, float)) and strength != 0:
+            found.append({"name": inputs["lora_name"], "strength": parse_strength(strength), "hash": None})
+    return found
+
+
+def addnet_hash(path: Path) -> str:
+    """The hash A1111 records for a LoRA (``Lora hashes``): sha256 of the safetensors data after the header."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + size)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def observed_model(
+    base: CheckpointInfo, recorded: list[dict], installed: list[LoraPart], hash_of: Callable[[Path], str]
+) -> tuple[CheckpointInfo | None, str]:
+    """The model an image was made with: ``base``, or ``base`` with the one LoRA it records at its strength, the
+    LoRA found among the ``installed`` ones by its A1111 hash, else its name; (None, why) when that is not possible."""
+    if not recorded:
+        return base, ""
+    if len(recorded) > 1:
+        names = ", ".join(r["name"] for r in recorded)
+        return None, f"{len(recorded)} LoRAs ({names}): ambiguous, a LoRA spec is one LoRA on a base"
+    wanted = recorded[0]
+    stem = PurePath(wanted["name"].replace("\\", "/")).stem
+    found = None
+    for part in installed:
+        if wanted["hash"]:
+            try:
+                if hash_of(part.path).startswith(wanted["hash"]):
+                    found = part
+                    break
+            except OSError:
+                continue
+        elif stem in (part.name, PurePath(part.name.replace("\\", "/")).stem):
+            found = part
+            break
+    if found is None:
+        return None, f"LoRA {wanted['name']!r} is not installed"
+    lora = LoraInfo(found.name, found.path, found.sha256, base.family or "", "")
+    return combination(base, lora, wanted["strength"]), ""

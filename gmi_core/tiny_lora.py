@@ -16,7 +16,7 @@ from .tiny import tiny_modules
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-STYLE = 10.0  # conv_out colour-cast strength: large enough for the tiny CLIP encoder to see it
+STYLE = 20.0  # conv_out colour-cast strength: large enough for the tiny CLIP encoder to see it
 STYLE_CHANNELS = 32  # the tiny UNet's last feature width (conv_out's input)
 
 

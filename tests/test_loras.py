@@ -262,3 +262,45 @@ def test_a1111_prompt_tags_replace_the_earlier_gmi_tag_and_the_same_lora():
     kept = "a cat <lora:detail:0.3> <lora:old:1>"
     assert with_lora_tag(kept, tag, replace="<lora:old:1>") == "a cat <lora:detail:0.3> <lora:ink:0.8>"
     assert with_lora_tag("", tag) == tag
+
+
+def test_images_recording_a_lora_grow_the_combinations_observed_spec(lora_world, tiny_world, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    from gmi_core.loras import addnet_hash
+    from gmi_core.observed import import_images
+
+    gmi, source, generator, _, folder = lora_world
+    listing = source.list_checkpoints()
+    models = {c.name: c for c in listing.checkpoints}
+    model = models["lora-1.safetensors @ 1 on tiny-sd-1.safetensors"]
+    base = models["tiny-sd-1.safetensors"]
+    images = tmp_path / "images"
+    images.mkdir()
+    lora_hash = addnet_hash(folder / "lora-1.safetensors")[:12]
+    cases = {
+        "hashed.png": f'a red barn <lora:lora-1:1>\nSteps: 4, Seed: 5, Model hash: {base.sha256[:10]}, Lora hashes: "lora-1: {lora_hash}"',
+        "named.png": f"a blue boat <lora:lora-1>\nSteps: 4, Seed: 6, Model hash: {base.sha256[:10]}",
+        "two.png": f"a cat <lora:lora-1:1> <lora:lora-0:1>\nSteps: 4, Seed: 7, Model hash: {base.sha256[:10]}",
+        "missing.png": f"a dog <lora:nowhere:1>\nSteps: 4, Seed: 8, Model hash: {base.sha256[:10]}",
+    }
+    for index, (name, text) in enumerate(cases.items()):
+        info = PngInfo()
+        info.add_text("parameters", text)
+        image = generator.generate(model, text.split("<")[0], [900 + index], tiny_world.settings)[0]
+        image.save(images / name, pnginfo=info)
+    report = import_images(gmi, listing, images).to_dict()
+    assert report["added"] == {model.name: 2}
+    reasons = {item["file"]: item["reason"] for item in report["skipped"]}
+    assert "2 LoRAs (lora-1, lora-0): ambiguous" in reasons["two.png"]
+    assert reasons["missing.png"] == "LoRA 'nowhere' is not installed"
+    observed = gmi.store.load(observed_key_of(model.sha256, gmi))
+    assert observed.extra["model"]["kind"] == "lora" and observed.extra["model"]["lora_name"] == "lora-1.safetensors"
+    ranking = gmi.identify([image], prompt="a blue boat", source=source).ranking
+    assert next(r for r in ranking if r.sha256 == model.sha256).kind == "mixed"  # generated + observed, one row
+
+
+def observed_key_of(sha256, gmi):
+    from gmi_core.observed import observed_key
+
+    return observed_key(sha256, gmi.encoder.encoder_id)

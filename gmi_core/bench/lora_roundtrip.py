@@ -103,3 +103,29 @@ def run_loras(
         },
         "tasks_s": round(tasks_s, 1),
     }
+
+
+def lora_tables(block: dict) -> str:
+    """Markdown of a ``results_lora`` block (docs/loras.md is made from it)."""
+    lines = [
+        f"{block['n_loras']} LoRAs, {block['n_lora_specs']} LoRA specs on {block['base']}; one query image per task, "
+        f"prompt: {block['prompt_source']}",
+        "",
+        "| rows ranked | tasks | top-1 | top-2 | top-4 | mean rank |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, label in (("lora_rows", "LoRA rows"), ("mixed_rows", "LoRA + checkpoint rows")):
+        r = block["results"][key]
+        lines.append(
+            f"| {label} | {r['n_tasks']} | {r['top1']:.3f} | {r['top2']:.3f} | {r['top4']:.3f} | {r['mean_rank']:.2f} |"
+        )
+    cost = block["cost"]
+    lines += [
+        "",
+        f"Near pairs ({', '.join(' ~ '.join(pair) for pair in block['near_pairs'])}): the true row within the top 2 in "
+        f"{block['near_pairs_top2']:.0%} of their tasks.",
+        f"Cost at the same budget: {cost['seconds_per_lora_spec']:.2f} s per LoRA spec against "
+        f"{cost['seconds_per_checkpoint_spec']:.2f} s per checkpoint spec (ratio {cost['ratio']}); the base was loaded "
+        f"{cost['base_loads_for_all_lora_specs']} time(s) for all LoRA specs.",
+    ]
+    return "\n".join(lines)

@@ -264,7 +264,12 @@ def format_tables(data: dict) -> str:
         f"{s['platform_prompts']} platform prompts x {s['images_per_prompt']} images, {s['evaluation_prompts']} evaluation prompts, "
         f"pseudo-prompt from {s['prompt_source']}"
     )
-    return head + "\n" + quality_tables(data)
+    tables = head + "\n" + quality_tables(data)
+    if "results_lora" in data:
+        from .lora_roundtrip import lora_tables
+
+        tables += "\n\nLoRA specs: " + lora_tables(data["results_lora"])
+    return tables
 
 
 def add_arguments(commands) -> None:
