@@ -12,6 +12,7 @@ import base64
 import io
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,9 @@ def server(tmp_path_factory):
     srv = WebuiServer(webui, data, REPO, data / "webui.log", api_auth=API_AUTH)
     try:
         srv.start()
+        deadline = time.time() + 300
+        while srv.get("/gmi/v1/specs", expect_error=True)[0] == 404 and time.time() < deadline:
+            time.sleep(1)  # start() returns on the first answer; gmi's routes come with app_started, a bit later
         srv.post(
             "/sdapi/v1/options",
             {
@@ -64,7 +68,7 @@ def server(tmp_path_factory):
                 "gmi_sd1_height": 64,
                 "gmi_sampler": "Euler",
                 "gmi_models": "both",
-                "gmi_lora_strengths": "1; tiny-lora-1=0.5",
+                "gmi_lora_strengths": "1; tiny-lora-1=0.5,1",
             },
         )
         yield srv, checkpoint.name
@@ -82,17 +86,18 @@ def test_lora_specs_build_and_a_tagged_render_is_identified(server):
     srv, base = server
     _, specs = srv.get("/gmi/v1/specs")
     kinds = {c["name"]: c["model_kind"] for c in specs["checkpoints"]}
-    lora_rows = [f"tiny-lora-0.safetensors @ 1 on {base}", f"tiny-lora-1.safetensors @ 0.5 on {base}"]
-    assert kinds == {base: "checkpoint", **dict.fromkeys(lora_rows, "lora")}, specs
+    lora_rows = [f"tiny-lora-{i} @ 1 on {base}" for i in range(2)]  # the WebUI names LoRAs by their stem
+    half = f"tiny-lora-1 @ 0.5 on {base}"
+    assert kinds == {base: "checkpoint", **dict.fromkeys([*lora_rows, half], "lora")}, specs
     job = srv.build_specs("missing")
-    assert job["state"] == "done" and sorted(job["report"]["built"]) == sorted([base, *lora_rows]), job
+    assert job["state"] == "done" and sorted(job["report"]["built"]) == sorted([base, *lora_rows, half]), job
     _, specs = srv.get("/gmi/v1/specs")
     assert all(c["state"] == "ready" for c in specs["checkpoints"])
     title = next(c["title"] for c in specs["checkpoints"] if c["name"] == base)
 
     prompt = load_prompt_set("platform").prompts[1]
     seed = cell_seed(0, 1, 1)  # a spec cell: on tiny random models only the same cell ties a render to its row
-    for row, tag in zip(lora_rows, ("<lora:tiny-lora-0:1>", "<lora:tiny-lora-1:0.5>"), strict=True):
+    for row, tag in zip(lora_rows, ("<lora:tiny-lora-0:1>", "<lora:tiny-lora-1:1>"), strict=True):
         image, info = txt2img(srv, f"{prompt} {tag}", seed, title)
         assert "Lora hashes" in info["infotexts"][0]  # the WebUI applied the LoRA
         _, result = srv.post("/gmi/v1/identify", {"image": image, "prompt": prompt, "top_k": 3})
