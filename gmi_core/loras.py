@@ -478,6 +478,6 @@ def observed_model(
             found = part
             break
     if found is None:
-        return None, f"LoRA {wanted['name']!r} is not installed"
+        return None, f"LoRA {wanted['name']!r} is not installed (or not listed as a LoRA spec)"
     lora = LoraInfo(found.name, found.path, found.sha256, base.family or "", "")
     return combination(base, lora, wanted["strength"]), ""

@@ -52,3 +52,12 @@ def apply_lora(model, clip, checkpoint: CheckpointInfo):
         return model, clip
     lora = comfy.utils.load_torch_file(str(part.path), safe_load=True)
     return comfy.sd.load_lora_for_models(model, clip, lora, part.strength, part.strength)
+
+
+def saved_source(kinds: str = "both") -> CheckpointSource:
+    """ComfyUI's models with the LoRA strengths and bases the Build node last saved (imports, routes)."""
+    from . import engines, settings
+
+    saved = settings.load()
+    lora_choices = choices(saved["lora_strengths"], saved["lora_bases"])
+    return model_source(engines.source(), engines.hash_cache(), lora_choices, kinds)

@@ -293,7 +293,7 @@ def test_images_recording_a_lora_grow_the_combinations_observed_spec(lora_world,
     assert report["added"] == {model.name: 2}
     reasons = {item["file"]: item["reason"] for item in report["skipped"]}
     assert "2 LoRAs (lora-1, lora-0): ambiguous" in reasons["two.png"]
-    assert reasons["missing.png"] == "LoRA 'nowhere' is not installed"
+    assert reasons["missing.png"] == "LoRA 'nowhere' is not installed (or not listed as a LoRA spec)"
     observed = gmi.store.load(observed_key_of(model.sha256, gmi))
     assert observed.extra["model"]["kind"] == "lora" and observed.extra["model"]["lora_name"] == "lora-1.safetensors"
     ranking = gmi.identify([image], prompt="a blue boat", source=source).ranking
