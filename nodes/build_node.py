@@ -131,6 +131,13 @@ class GMIBuildSpecs(io.ComfyNode):
                     default="",
                     tooltip="Checkpoint file names, one per line (used when which = listed).",
                 ),
+                io.String.Input(
+                    "negative_prompt",
+                    optional=True,
+                    multiline=True,
+                    default=GenerationSettings.negative_prompt,
+                    tooltip="Negative prompt for every spec image.",
+                ),
                 io.Combo.Input(
                     "models",
                     optional=True,
@@ -160,13 +167,6 @@ class GMIBuildSpecs(io.ComfyNode):
                         "Base checkpoint per LoRA family (sd1=my_model.safetensors) or per LoRA (name=checkpoint), one "
                         "per line. Default: the base the LoRA's metadata names if installed, else the family's first."
                     ),
-                ),
-                io.String.Input(
-                    "negative_prompt",
-                    optional=True,
-                    multiline=True,
-                    default=GenerationSettings.negative_prompt,
-                    tooltip="Negative prompt for every spec image.",
                 ),
             ],
             outputs=[
