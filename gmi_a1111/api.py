@@ -5,7 +5,7 @@ POST /gmi/v1/build              start a build: {"checkpoints": "missing"|"all"|[
 GET  /gmi/v1/build[/{job_id}]   a build job's state and report
 POST /gmi/v1/identify           {"image": b64 | "images": [b64...], "prompt"?, "top_k"?, "method"?, "thumbnails"?}
 POST /gmi/v1/interrogate        {"image"|"images"} -> {"prompt"}
-POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256}
+POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256, "modules"?: [Forge VAE/TE files]}
 POST /gmi/v1/import-images      {"root": "outputs"|"models", "subfolder": ""} -> observed specs from images on disk
 GET  /gmi/v1/map                near-duplicate groups and 2-D coordinates of the checkpoints with specs
 GET  /gmi/v1/defaults           every generation default and limit (gmi_core.service.defaults_payload)
@@ -23,16 +23,16 @@ import functools
 import json
 import logging
 
-from modules import sd_models
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictStr
 
 from gmi_core import limits, service
-from gmi_core.errors import CheckpointError, GmiError, ImageError
+from gmi_core.budgets import parse_budget
+from gmi_core.errors import GmiError, ImageError, InvalidInput
 from gmi_core.images import load_image
 from gmi_core.paths import one_line
 from gmi_core.ranker import METHODS
 
-from . import build, host, library, runtime
+from . import build, forge, host, library, runtime
 
 log = logging.getLogger("gmi")
 PREFIX = "/gmi/v1"
@@ -49,7 +49,9 @@ class HTTPException(Exception):
 
 
 class BuildRequest(BaseModel):
-    checkpoints: str | list[str] = Field("missing", description='"missing", "all" or a list of checkpoint names/titles')
+    checkpoints: StrictStr | list[StrictStr] = Field(
+        "missing", description='"missing", "all" or a list of checkpoint names/titles/sha256'
+    )
     budget: str | None = Field(
         None, max_length=40, description="quick, standard, full or PROMPTSxIMAGES (default: the setting)"
     )
@@ -78,7 +80,10 @@ class InterrogateRequest(BaseModel):
 
 
 class SwitchRequest(BaseModel):
-    checkpoint: str = Field(..., min_length=1, max_length=1000)
+    checkpoint: StrictStr = Field(..., min_length=1, max_length=1000)
+    modules: list[StrictStr] | None = Field(
+        None, max_length=8, description="Forge: VAE / text encoder file names to load with it (default: keep)"
+    )
 
 
 def decode_images(single: str | None, many: list[str] | None) -> list:
@@ -110,8 +115,8 @@ def resolve_names(names: list[str]) -> list[str]:
     for name in names:
         try:
             out.append(host.resolve_checkpoint(name).name)
-        except CheckpointError as exc:
-            raise HTTPException(404, str(exc)) from None
+        except GmiError as exc:  # unknown: 404; ambiguous: 400 listing the candidates
+            raise _gmi_errors(exc) from None
     return out
 
 
@@ -124,31 +129,16 @@ def _gmi_errors(exc: Exception) -> HTTPException:
 def check_overrides(overrides: dict) -> None:
     """The build numbers and names through gmi's one validation, with the samplers this WebUI knows."""
     config = runtime.Config.from_opts(**overrides)
+    parse_budget(config.budget)  # a malformed budget is the request's fault (4xx), not a failed job
+    names = host.sampler_names()
     for _, row in config.settings.rows:
-        limits.check_settings(row, *host_sampler_names())
+        limits.check_settings(host.webui_sampling(row, names), *names)
     runtime.get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
-
-
-def host_sampler_names() -> tuple[list[str] | None, list[str] | None]:
-    """The sampler and schedule names (and aliases) the WebUI accepts; None where it cannot tell."""
-    try:
-        from modules import sd_samplers
-
-        samplers = [n for s in sd_samplers.all_samplers for n in [s.name, *(s.aliases or [])]]
-    except (ImportError, AttributeError):
-        samplers = None
-    try:
-        from modules import sd_schedulers
-
-        schedulers = [n for s in sd_schedulers.schedulers for n in (s.name, s.label)] + ["Automatic"]
-    except (ImportError, AttributeError):
-        schedulers = None
-    return samplers, schedulers
 
 
 def specs():
     try:
-        data = runtime.status()
+        data = runtime.status(wait=False)  # a poll never queues behind a build
     except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
     job = build.latest_job()
@@ -211,14 +201,17 @@ def switch(req: SwitchRequest):
         raise HTTPException(409, f"busy: a gmi build is {running.state} ({running.id}); switch when it has finished")
     try:
         info = host.resolve_checkpoint(req.checkpoint)
-        title = host.switch_to_title(info.title)
-    except CheckpointError as exc:
-        raise HTTPException(404, str(exc)) from None
-    loaded = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        title = host.switch_to_title(info.title, req.modules)
+    except LookupError as exc:  # Forge: a module file it does not have
+        raise HTTPException(404, one_line(exc)) from None
+    except GmiError as exc:  # unknown: 404; ambiguous: 400 listing the candidates
+        raise _gmi_errors(exc) from None
     return {
         "title": title,
         "name": info.name,
-        "loaded": getattr(getattr(loaded, "sd_checkpoint_info", None), "title", None),
+        "loaded": forge.loaded_title(),  # Forge loads the new checkpoint at the next generation
+        "selected": forge.selected_title(),
+        "modules": forge.selected_modules(),
     }
 
 
@@ -283,6 +276,10 @@ def limited_body_route():
                             {"detail": f"request body larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MiB"},
                             status_code=413,
                         )
+                    try:
+                        limits.check_json_depth(request._body)  # before FastAPI's parser recurses into it
+                    except InvalidInput as exc:
+                        return JSONResponse({"detail": str(exc)}, status_code=422)
                     if not_a_json_number(request._body):
                         return JSONResponse({"detail": "NaN and Infinity are not JSON numbers"}, status_code=422)
                 return await handler(request)

@@ -3,7 +3,7 @@
 Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_webui.py):
 
 - ``sd_models.checkpoints_list`` / ``checkpoint_aliases`` (CheckpointInfo: filename, name, title, sha256,
-  ``calculate_shorthash()``), ``sd_models.list_models()``, ``sd_models.get_closet_checkpoint_match``
+  ``calculate_shorthash()``), ``sd_models.list_models()``
 - ``hashes.sha256(filename, title)`` / ``hashes.sha256_from_cache`` (the WebUI's own hash cache)
 - ``processing.StableDiffusionProcessingTxt2Img`` + ``processing.process_images``
 - ``shared.state`` (interrupted, textinfo), ``shared.opts`` (set/save/sd_model_checkpoint), ``shared.config_filename``
@@ -11,7 +11,7 @@ Only these ``modules.*`` names are used (and faked in tests/a1111_support/fake_w
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +22,10 @@ from gmi_core.checkpoints import list_checkpoint_files
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
 from gmi_core.hashing import HashCache
 from gmi_core.loras import prompt_for
+from gmi_core.names import Named, resolve
 from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
+
+from . import forge
 
 log = logging.getLogger("gmi")
 
@@ -58,18 +61,14 @@ def _cached_sha(info) -> str | None:
     return from_cache(info.filename, f"checkpoint/{info.name}") if from_cache else None
 
 
-def resolve_checkpoint(name: str):
-    """A WebUI CheckpointInfo, matched the way the WebUI matches ``sd_model_checkpoint`` overrides
-    (``get_closet_checkpoint_match``: an alias, else the shortest title containing the name); never a file path."""
-    if not isinstance(name, str) or not name.strip():
-        raise CheckpointError("no checkpoint named")
-    name = name.strip()
-    info = sd_models.get_closet_checkpoint_match(name)
-    if info is None:
-        raise CheckpointError(
-            f"checkpoint {name[:200]!r} is not in the WebUI's checkpoint list (refresh the list if it is new)"
-        )
-    return info
+def resolve_checkpoint(name: object):
+    """A WebUI CheckpointInfo named exactly (title, file name, sha256 or a unique prefix of >= 10 hex digits:
+    :func:`gmi_core.names.resolve`); never a substring, never a file path."""
+    candidates = [
+        Named(info, info.name, info.title, getattr(info, "sha256", None) or _cached_sha(info))
+        for info in webui_checkpoints()
+    ]
+    return resolve(name, candidates)
 
 
 class WebuiCheckpointSource:
@@ -91,7 +90,7 @@ class WebuiCheckpointSource:
 
         # the WebUI loads .ckpt itself, so gmi need not open pickles to accept them
         files = ((info.name, Path(info.filename)) for info in infos.values())
-        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True, sha256=sha256)
+        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True, sha256=sha256, renders=forge.renders)
 
     def title_for(self, checkpoint: CheckpointInfo) -> str:
         return self.webui_info(checkpoint).title
@@ -101,6 +100,45 @@ class WebuiCheckpointSource:
             if Path(info.filename) == Path(checkpoint.path) or info.name == checkpoint.name:
                 return info
         raise CheckpointError(f"checkpoint {checkpoint.name} is no longer in the WebUI's list")
+
+
+def sampler_names() -> tuple[list[str] | None, list[str] | None]:
+    """The sampler and schedule names (and aliases) the WebUI accepts; None where it cannot tell."""
+    try:
+        from modules import sd_samplers
+
+        samplers = [n for s in sd_samplers.all_samplers for n in [s.name, *(s.aliases or [])]]
+    except (ImportError, AttributeError):
+        samplers = None
+    try:
+        from modules import sd_schedulers
+
+        schedulers = [n for s in sd_schedulers.schedulers for n in (s.name, s.label)] + ["Automatic"]
+    except (ImportError, AttributeError):
+        schedulers = None
+    return samplers, schedulers
+
+
+def _webui_name(name: str, known: Sequence[str] | None) -> str:
+    """The WebUI's spelling of a family recipe's sampler / schedule name (the table uses ComfyUI's: "euler",
+    "sgm_uniform"), matched ignoring case, spaces and underscores; a name the WebUI lacks stays as it is."""
+    if not known or name in known:
+        return name
+
+    def fold(text: str) -> str:
+        return text.lower().replace(" ", "").replace("_", "")
+
+    return next((n for n in known if fold(n) == fold(name)), name)  # the first spelling the WebUI lists
+
+
+def webui_sampling(settings: GenerationSettings, names=None) -> GenerationSettings:
+    """``settings`` with sampler and schedule type as this WebUI names them (``names``: :func:`sampler_names`)."""
+    samplers, schedulers = names or sampler_names()
+    return dataclasses.replace(
+        settings,
+        sampler=_webui_name(settings.sampler, samplers),
+        scheduler=_webui_name(settings.scheduler, schedulers),
+    )
 
 
 class WebuiGenerator:
@@ -119,6 +157,7 @@ class WebuiGenerator:
         if state.interrupted:
             raise Cancelled("interrupted")
         title = self.source.title_for(checkpoint)
+        settings = webui_sampling(settings)
         n = len(seeds)
         state.textinfo = f"gmi: {checkpoint.name}: {prompt[:60]}"
         p = processing.StableDiffusionProcessingTxt2Img(
@@ -140,6 +179,7 @@ class WebuiGenerator:
             do_not_save_grid=True,
             override_settings={"sd_model_checkpoint": title},
             override_settings_restore_afterwards=True,
+            **forge.processing_parameters(settings),
         )
         try:
             processed = processing.process_images(p)
@@ -153,24 +193,16 @@ class WebuiGenerator:
             raise CheckpointError(f"the WebUI did not apply the LoRA {checkpoint.lora.name} (see its console)")
         images = list(processed.images)[:n]
         if len(images) != n:
-            raise GmiError(f"the WebUI returned {len(images)} images for {n} seeds")
+            raise GmiError(f"{forge.HOST_NAME} returned {len(images)} images for {n} seeds")
         loaded = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
         if loaded is not None and Path(loaded.filename) != Path(checkpoint.path):
-            raise GmiError(f"the WebUI rendered with {loaded.name}, not {checkpoint.name}")
+            raise GmiError(f"{forge.HOST_NAME} rendered with {loaded.name}, not {checkpoint.name}")
         return images
 
     def release(self) -> None:
         """The WebUI keeps and frees models itself (sd_checkpoints_limit); nothing to do between checkpoints."""
 
 
-def switch_to_title(title: str) -> str:
-    try:  # Forge: reload_model_weights does nothing; its own entry point switches
-        from modules_forge import main_entry  # type: ignore
-
-        main_entry.checkpoint_change(title)
-    except ImportError:
-        # the option's onchange reloads the weights under the queue lock, like the quicksettings dropdown
-        shared.opts.set("sd_model_checkpoint", title)
-    with contextlib.suppress(AssertionError):  # --freeze-settings
-        shared.opts.save(shared.config_filename)
-    return title
+def switch_to_title(title: str, modules: list[str] | None = None) -> str:
+    """The host's own checkpoint switch (see gmi_a1111.forge for what differs in Forge)."""
+    return forge.switch(title, modules)

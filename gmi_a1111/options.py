@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from modules import shared
 
-from gmi_core.families import FAMILIES, LIMITS, SIZE_MULTIPLE
+from gmi_core.families import LIMITS, SIZE_MULTIPLE
 from gmi_core.ranker import METHODS
 
-from . import runtime
+from . import forge, runtime
 
 SECTION = ("gmi", "GMI (checkpoint identification)")
-PER_FAMILY_PREFIXES = tuple(f"gmi_{family.replace('-', '')}_" for family in FAMILIES)
+PER_FAMILY_PREFIXES = tuple(f"gmi_{family.replace('-', '')}_" for family in forge.HOST_FAMILIES)
 
 
 def _component_args(key: str):

@@ -16,19 +16,22 @@ import torch
 from modules import call_queue, paths, sd_models, shared
 
 from gmi_core import service
-from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET
+from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
 from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
-from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement, load_encoder
-from gmi_core.engine import Gmi, IdentifyResult
-from gmi_core.errors import EncoderUnavailable, InvalidInput
+from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement
+from gmi_core.engine import Gmi
+from gmi_core.errors import EncoderLoading, EncoderUnavailable, InvalidInput, NotFound
+from gmi_core.factory import EncoderFolders, open_encoder
 from gmi_core.families import FAMILIES, FAMILY_DEFAULTS, PER_FAMILY_FIELDS, FamilySettings
+from gmi_core.hashing import HASH_CACHE_FILE
 from gmi_core.limits import DEFAULT_TOP_K
-from gmi_core.paths import resolve_inside
-from gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
+from gmi_core.paths import inside, resolve_inside, shown
+from gmi_core.prompts import BUILTIN_SETS, DEFAULT_PROMPT_SET, PromptSet, load_prompt_set
 from gmi_core.protocols import GenerationSettings
 from gmi_core.ranker import DEFAULT_METHOD
+from gmi_core.results import IdentifyResult
 
-from . import loras
+from . import forge, loras
 from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 
 log = logging.getLogger("gmi")
@@ -39,6 +42,7 @@ FIELD_LABELS = {
     "height": "height of spec images",
     "steps": "sampling steps",
     "cfg": "CFG scale",
+    "guidance": "distilled CFG (guidance)",
 }
 
 
@@ -62,9 +66,9 @@ OPTIONS: dict[str, tuple[object, str, str]] = {
     "gmi_warm_start": (False, "After start, load the CLIP encoder and label embeddings in the background", ""),
     "gmi_spec_dir": ("", "Spec folder", "empty: models/gmi in the WebUI's models folder"),
     "gmi_prompt_set": (
-        "platform",
+        DEFAULT_PROMPT_SET,
         "Prompt set",
-        "'platform' or a JSON list / text file of prompts in the spec folder's prompt_sets",
+        f"'{DEFAULT_PROMPT_SET}' or a JSON list / text file of prompts in the spec folder's prompt_sets",
     ),
     "gmi_budget": (
         DEFAULT_BUDGET,
@@ -75,10 +79,10 @@ OPTIONS: dict[str, tuple[object, str, str]] = {
     **{
         family_option(family, name): (
             FAMILY_DEFAULTS[family][name],
-            f"{family.upper()} checkpoints: {FIELD_LABELS[name]}",
+            f"{family.upper()} checkpoints: {FIELD_LABELS.get(name, name)}",
             "",
         )
-        for family in FAMILIES
+        for family in forge.HOST_FAMILIES
         for name in PER_FAMILY_FIELDS
     },
     "gmi_sampler": ("Euler", "Sampler for spec images", "the WebUI's sampler name"),
@@ -112,9 +116,48 @@ def models_dir() -> Path:
     return Path(paths.models_path)
 
 
+def setting_roots() -> list[Path]:
+    """Where a setting may name files and folders: the WebUI's models and data folders (settings can be set
+    through /sdapi/v1/options, so they are confined like a request's parameters)."""
+    return [models_dir(), Path(getattr(paths, "data_path", models_dir()))]
+
+
+def setting_path(key: str, value: str, folder: bool) -> Path:
+    """A file or folder a setting names, confined to :func:`setting_roots` (a relative value is relative to the
+    models folder); InvalidInput naming the setting, without the server path, otherwise."""
+    label = f"Settings > GMI > {OPTIONS[key][1]}"
+    path = Path(value)
+    real = (path if path.is_absolute() else models_dir() / path).resolve()
+    given = "(an absolute path)" if path.is_absolute() else repr(value[:200])
+    if not any(inside(real, root) for root in setting_roots()):
+        raise InvalidInput(f"{label} {given} is outside the WebUI's models and data folders; choose one inside them")
+    if not folder and not real.is_file():
+        raise NotFound(f"{label} {given} is not a file; put the encoder file in models/gmi/clip")
+    return real
+
+
+def setting_shown(value: str) -> str:
+    """A setting's file as answers show it: relative to the models folder, never the server path."""
+    for root in (models_dir(), models_dir().resolve()):
+        try:
+            return str(Path(value).relative_to(root))
+        except ValueError:
+            continue
+    return shown(value) if Path(value).is_absolute() else value
+
+
 def spec_dir() -> Path:
     configured = str(opt("gmi_spec_dir") or "").strip()
-    return Path(configured) if configured else models_dir() / "gmi"
+    return setting_path("gmi_spec_dir", configured, folder=True) if configured else models_dir() / "gmi"
+
+
+def encoder_setting() -> str:
+    """The encoder: GMI_A1111_ENCODER (the server's environment), else the setting: a known name, or a file
+    confined like a request parameter (:func:`setting_path`)."""
+    if os.environ.get(ENV_ENCODER):
+        return os.environ[ENV_ENCODER]
+    name = str(opt("gmi_encoder"))
+    return name if parse_encoder_name(name) is not None else str(setting_path("gmi_encoder", name, folder=False))
 
 
 def prompt_set_roots() -> list[Path]:
@@ -159,28 +202,37 @@ class Config:
     allow_download: bool
     spec_root: Path
     prompt_set: str
-    budget: str
+    budget: Budget
     settings: FamilySettings
 
     @classmethod
     def from_opts(cls, **overrides) -> Config:
         """Settings > GMI, with per-request ``overrides`` (budget, sampler, scheduler, prompt_set; steps, cfg, width
         and height apply to every family)."""
+        if not isinstance(overrides.get("prompt_set") or "", str):
+            raise InvalidInput("prompt_set must be a name")
         base = GenerationSettings(
             sampler=str(overrides.get("sampler") or opt("gmi_sampler")),
             scheduler=str(overrides.get("scheduler") or opt("gmi_scheduler")),
         )
         every = {name: overrides[name] for name in PER_FAMILY_FIELDS if overrides.get(name) is not None}
-        per_family = {
-            family: {**{name: opt(family_option(family, name)) for name in PER_FAMILY_FIELDS}, **every}
+        per_family = {  # Settings > GMI has rows for the families this host renders; overrides apply to all
+            family: {
+                **{
+                    name: opt(family_option(family, name))
+                    for name in PER_FAMILY_FIELDS
+                    if family in forge.HOST_FAMILIES
+                },
+                **every,
+            }
             for family in FAMILIES
         }
         return cls(
-            encoder=os.environ.get(ENV_ENCODER) or str(opt("gmi_encoder")),
+            encoder=encoder_setting(),
             allow_download=bool(opt("gmi_allow_download")),
             spec_root=spec_dir(),
             prompt_set=str(overrides.get("prompt_set") or opt("gmi_prompt_set")),
-            budget=str(overrides.get("budget") or opt("gmi_budget")),
+            budget=parse_budget(str(overrides.get("budget") or opt("gmi_budget"))),  # parsed here, once
             settings=FamilySettings.defaults(base, per_family),
         )
 
@@ -243,15 +295,13 @@ def webui_model_loading_excluded():
 POOL = service.EnginePool(loading_guard=webui_model_loading_excluded)  # bounded: 2 encoders, 8 engines
 
 
-def get_encoder(config: Config) -> ClipEncoder:
+def get_encoder(config: Config, wait: bool = True) -> ClipEncoder:
     def load() -> ClipEncoder:
         try:
-            encoder = load_encoder(
+            encoder = open_encoder(
                 config.encoder,
-                search_dirs=encoder_search_dirs(),
-                own_dirs=encoder_own_dirs(),
-                allow_download=config.allow_download,
-                download_dir=encoder_download_dir(),
+                EncoderFolders(encoder_own_dirs(), encoder_search_dirs(), encoder_download_dir()),
+                config.allow_download,
                 placement=_encoder_placement(),
                 progress=_download_progress(),
                 pickle_files=interrogator_pickles(config.encoder),
@@ -261,7 +311,7 @@ def get_encoder(config: Config) -> ClipEncoder:
         log.info("gmi: CLIP encoder %s loaded from %s", encoder.encoder_id, encoder.source)
         return encoder
 
-    return POOL.encoder((config.encoder, config.allow_download), load)
+    return POOL.encoder((config.encoder, config.allow_download), load, wait=wait)
 
 
 def warm_in_background() -> threading.Thread | None:
@@ -281,13 +331,15 @@ def get_prompt_set(name: str, from_request: bool = False) -> PromptSet:
         return _prompt_sets[path]
 
 
-def get_engine(**overrides) -> Gmi:
-    """The engine for the settings plus ``overrides`` (from a request or the tab: checked like request input)."""
-    if not isinstance(overrides.get("prompt_set") or "", str):
-        raise InvalidInput("prompt_set must be a name")
-    config = Config.from_opts(**overrides)
+def get_engine(wait: bool = True, **overrides) -> Gmi:
+    """The engine for the settings plus ``overrides`` (from a request or the tab: checked like request input).
+    ``wait=False``: raise EncoderLoading instead of waiting for the encoder (read routes)."""
+    return _engine_for(Config.from_opts(**overrides), overrides, wait)
+
+
+def _engine_for(config: Config, overrides: dict, wait: bool) -> Gmi:
     prompt_set = get_prompt_set(config.prompt_set, from_request=bool(overrides.get("prompt_set")))
-    encoder = get_encoder(config)  # may wait for the WebUI's model loading
+    encoder = get_encoder(config, wait)  # wait=True may wait for the WebUI's model loading
     return POOL.engine(encoder, config.spec_root, prompt_set, config.budget, config.settings)
 
 
@@ -300,12 +352,12 @@ def reset() -> None:
 
 def source(on_hashing=None):
     """The WebUI's checkpoints, and its LoRA combinations as Settings > GMI asks (gmi_a1111.loras)."""
-    cache = spec_dir() / "cache" / "sha256.json"
+    cache = spec_dir() / HASH_CACHE_FILE
     return loras.model_source(WebuiCheckpointSource(hash_cache=cache, on_hashing=on_hashing), cache, opt)
 
 
 def generator() -> WebuiGenerator:
-    return WebuiGenerator(WebuiCheckpointSource(hash_cache=spec_dir() / "cache" / "sha256.json"))
+    return WebuiGenerator(WebuiCheckpointSource(hash_cache=spec_dir() / HASH_CACHE_FILE))
 
 
 def titles_by_sha() -> dict[str, str]:
@@ -330,21 +382,27 @@ def identify(
     return result, data
 
 
-def status(on_hashing=None, **overrides) -> dict:
-    """The shared status payload; ``config`` holds the Settings > GMI values it was computed for."""
-    engine = get_engine(**overrides)
-    config = Config.from_opts(**overrides)
+def status(on_hashing=None, wait: bool = True, **overrides) -> dict:
+    """The shared status payload; ``config`` holds the Settings > GMI values it was computed for. ``wait=False``
+    (the routes and the tab) never waits for the encoder, whose load a build holds off for its whole length
+    (the WebUI's queue lock): "loading" until it is there."""
+    config = Config.from_opts(**overrides)  # once per request
     sampling = config.settings.rows[0][1]
+    shown = {
+        "encoder": setting_shown(config.encoder),
+        "prompt_set": config.prompt_set,
+        "budget": config.budget.name or config.budget.size_label(),
+        "sampler": sampling.sampler,
+        "scheduler": sampling.scheduler,
+    }
+    try:
+        engine = _engine_for(config, overrides, wait)
+    except EncoderLoading as exc:
+        return service.status_loading_payload(shown, exc)
     return service.status_payload(
         engine,
         source(on_hashing),
         titles=titles_by_sha(),
-        config={
-            "encoder": config.encoder,
-            "prompt_set": config.prompt_set,
-            "budget": config.budget,
-            "sampler": sampling.sampler,
-            "scheduler": sampling.scheduler,
-        },
+        config=shown,
         empty_note="the WebUI lists no checkpoints: put Stable Diffusion checkpoints in models/Stable-diffusion",
     )

@@ -1,4 +1,5 @@
-"""The "Identify" tab (registered by scripts/gmi_tab.py through on_ui_tabs). Gradio 3.41 (A1111).
+"""The "Identify" tab (registered by scripts/gmi_tab.py through on_ui_tabs). Gradio 3.41 (A1111) and Gradio 4 (Forge):
+the differences are asked from gmi_a1111.forge.
 
 Building the tab does nothing heavy (on_ui_tabs runs during start-up, beside the WebUI's model load):
 no encoder is loaded and no checkpoint hashed until the user opens "Build specs" or presses Refresh,
@@ -11,6 +12,7 @@ import html
 import logging
 import queue
 import threading
+import time
 
 import gradio as gr
 from modules import call_queue, shared
@@ -18,9 +20,10 @@ from modules import call_queue, shared
 from gmi_core.errors import GmiError
 from gmi_core.images import load_image
 from gmi_core.paths import one_line
+from gmi_core.prompts import DEFAULT_PROMPT_SET
 from gmi_core.ranker import METHODS
 
-from . import build, library, loras, runtime
+from . import build, forge, library, loras, runtime
 
 log = logging.getLogger("gmi")
 
@@ -34,30 +37,38 @@ function() {
     return args;
 }
 """
-# "Use this checkpoint": the same path as the quicksettings dropdown, so the dropdown follows.
-# A LoRA row's choice is "<base title> <lora:name:w>": the checkpoint is selected and the tag put at the end of the
-# txt2img prompt, replacing the tag gmi put there before and any tag of the same LoRA (gmi_core.loras.with_lora_tag).
-SWITCH_JS = """
-function(choice) {
-    if (!choice) { return [choice]; }
+
+
+def switch_js(inputs: int) -> str:
+    """For "Use this checkpoint": the same path as the host's checkpoint dropdown, so the dropdown follows; in Forge the
+    chosen VAE / text encoder files go first through its own selectVAE (empty: keep the current ones). A LoRA row's
+    choice is "<base title> <lora:name:w>": the checkpoint is selected and the tag put at the end of the txt2img
+    prompt, replacing the tag gmi put there before and any tag of the same LoRA (gmi_core.loras.with_lora_tag).
+    Returns exactly ``inputs`` values (Gradio 3 passes more arguments than inputs to a JavaScript-only listener)."""
+    return f"""
+function() {{
+    var args = Array.from(arguments).slice(0, {inputs});
+    var choice = args[0], modules = args[1];
+    if (Array.isArray(modules) && modules.length && typeof selectVAE === 'function') {{ selectVAE(modules); }}
+    if (!choice) {{ return args; }}
     var at = choice.indexOf(' <lora:');
     var title = at < 0 ? choice : choice.slice(0, at), tag = at < 0 ? '' : choice.slice(at + 1);
     selectCheckpoint(title);
     var box = gradioApp().querySelector('#txt2img_prompt textarea');
-    if (box && (tag || window.gmiLoraTag)) {
+    if (box && (tag || window.gmiLoraTag)) {{
         var text = box.value;
-        if (window.gmiLoraTag) { text = text.split(window.gmiLoraTag).join(''); }
-        if (tag) {
+        if (window.gmiLoraTag) {{ text = text.split(window.gmiLoraTag).join(''); }}
+        if (tag) {{
             var name = tag.slice(6, tag.lastIndexOf(':'));
-            text = text.replace(/\\s*<lora:([^:>]+)(?::[^>]*)?>/g, function(m, n) { return n === name ? '' : m; });
-        }
+            text = text.replace(/\\s*<lora:([^:>]+)(?::[^>]*)?>/g, function(m, n) {{ return n === name ? '' : m; }});
+        }}
         text = text.replace(/[ ,]+$/, '');
         box.value = tag ? (text ? text + ' ' + tag : tag) : text;
         updateInput(box);
         window.gmiLoraTag = tag;
-    }
-    return [choice];
-}
+    }}
+    return args;
+}}
 """
 
 
@@ -115,9 +126,11 @@ def _marks(row: dict) -> str:
 def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]:
     """(table rows, all names, names without a ready spec, note) for the Build panel."""
     try:
-        data = runtime.status(on_hashing=on_hashing)
+        data = runtime.status(on_hashing=on_hashing, wait=False)
     except (GmiError, OSError) as exc:
         return [], [], [], _error_html(one_line(exc))
+    if data.get("encoder_state") == "loading":
+        return [], [], [], f"<p class='{LOADING_CLASS}'>gmi: {html.escape(data['note'])} (press Refresh)</p>"
     rows = [
         [
             c["name"],
@@ -140,7 +153,7 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
     )
     note = (
         f"Encoder <code>{html.escape(data['encoder_id'])}</code>, prompt set {html.escape(data['prompt_set']['name'])} "
-        f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(str(runtime.spec_dir()))}</code>.<br>"
+        f"({data['prompt_set']['size']} prompts), specs in <code>{html.escape(runtime.setting_shown(str(runtime.spec_dir())))}</code>.<br>"
         f"Budget <b>{html.escape(budget['name'])}</b>: {budget['prompts']} prompts x {budget['images_per_prompt']} "
         f"image(s) = {budget['images']} per checkpoint; <b>{data['images_missing']} image(s) to render</b> for the "
         f"checkpoints without a ready spec.<br>Per family (Settings &gt; GMI): {html.escape(sizes)}"
@@ -150,21 +163,33 @@ def status_rows(on_hashing=None) -> tuple[list[list], list[str], list[str], str]
     return rows, names, todo, note
 
 
+LOADING_CLASS = "gmi-encoder-loading"  # marks the status note shown while the encoder loads
+LOADING_POLLS = 60  # the tab asks again once a second while the encoder loads (a build may hold the loader)
+
+
 def refresh_status():
-    """Status on demand, as a generator: while checkpoints are hashed for the first time, says which one."""
+    """Status on demand, as a generator: while checkpoints are hashed for the first time, says which one; while
+    the encoder loads (never waited for: a build may hold the WebUI's loader), says so and asks again."""
     names: queue.Queue = queue.Queue()
     result = {}
 
     def work():
         try:
-            result["rows"] = status_rows(on_hashing=names.put)
+            for _ in range(LOADING_POLLS):
+                result["rows"] = status_rows(on_hashing=names.put)
+                if LOADING_CLASS not in result["rows"][3]:
+                    break
+                names.put(LOADING_CLASS)
+                time.sleep(1)
         finally:
             names.put(None)
 
     threading.Thread(target=work, name="gmi-status", daemon=True).start()
     while (name := names.get()) is not None:
         yield (
-            f"<p>gmi: hashing {html.escape(name)} (first time only; the WebUI caches it)…</p>",
+            "<p>gmi: loading the CLIP encoder (after the WebUI's current job)…</p>"
+            if name == LOADING_CLASS
+            else f"<p>gmi: hashing {html.escape(name)} (first time only; the WebUI caches it)…</p>",
             gr.update(),
             gr.update(),
         )
@@ -262,20 +287,36 @@ def on_ui_tabs():
                     with gr.Row():
                         choice = gr.Dropdown([], label="Checkpoint", elem_id="gmi_choice")
                         use_btn = gr.Button("Use this checkpoint", elem_id="gmi_use")
+                    switch_inputs = [choice]
+                    if forge.IS_FORGE:  # Flux-style checkpoints need their VAE / text encoder files
+                        switch_inputs.append(
+                            gr.Dropdown(
+                                forge.module_names(),
+                                value=[],
+                                multiselect=True,
+                                label="VAE / Text Encoder to load with it (empty: keep Forge's current selection)",
+                                elem_id="gmi_modules",
+                            )
+                        )
             interrogated = gr.State("")
             identify_btn.click(do_identify, [image, files, prompt, method, top_k], [result, used_prompt, choice])
             interrogate_btn.click(do_interrogate, [image, files], [prompt, result, interrogated])
             for source in (image, files):
                 source.change(on_new_image, [prompt, interrogated], [prompt, used_prompt, interrogated])
-            use_btn.click(None, [choice], [choice], _js=SWITCH_JS)
+            use_btn.click(None, switch_inputs, switch_inputs, **forge.gradio_js(switch_js(len(switch_inputs))))
         with gr.Tab("Build specs") as build_tab:
             note_html = gr.HTML("<p>Spec status loads when this tab opens (or press Refresh).</p>")
             table = gr.Dataframe(
-                [], headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"], interactive=False
+                [],
+                headers=["checkpoint", "hash", "family", "spec", "images / budget", "detail"],
+                interactive=False,
+                elem_id="gmi_spec_table",
             )
             selected = gr.CheckboxGroup([], value=[], label="Checkpoints (default: all without a current spec)")
             with gr.Row():
-                prompt_set = gr.Textbox(str(runtime.opt("gmi_prompt_set")), label="Prompt set ('platform' or a file)")
+                prompt_set = gr.Textbox(
+                    str(runtime.opt("gmi_prompt_set")), label=f"Prompt set ('{DEFAULT_PROMPT_SET}' or a file)"
+                )
                 budget = gr.Textbox(
                     str(runtime.opt("gmi_budget")), label="{1}: {2}".format(*runtime.OPTIONS["gmi_budget"])
                 )
@@ -295,7 +336,7 @@ def on_ui_tabs():
                 call_queue.wrap_gradio_gpu_call(do_build, extra_outputs=[""]),
                 [task_id, selected, prompt_set, budget, sampler],
                 [build_message, build_result],
-                _js=BUILD_JS,
+                **forge.gradio_js(BUILD_JS),
             ).then(refresh, [], [note_html, table, selected])
             interrupt_btn.click(lambda: shared.state.interrupt(), [], [])
             with gr.Accordion("Specs without generating", open=False):

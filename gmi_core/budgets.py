@@ -6,7 +6,7 @@ the seed ``base + i * SEED_STRIDE + s``. A spec built to a small budget is ranke
 budget later only renders the images it lacks.
 
 The default (``standard``, 32 prompts x 2 images = 64 images) was chosen from the measured budget curve
-(``bench synthetic``, ``results_budget``; see README): of the budgets of at most 64 images it comes closest to
+(``bench synthetic``, ``results_budget``; see docs/results.md): of the budgets of at most 64 images it comes closest to
 the full budget on the difficulty family (e_subtle_x16 top-1 0.771 against 0.844 for 55 x 4; 55 x 1 gives
 0.708), and it matches the full budget on Example B.1 and every easier family. No budget of at most 64 images
 comes within 0.02 of the full one on e_subtle_x16, with the default estimator or with centring (0.844 against
@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import InvalidInput
-from .limits import MAX_IMAGES_PER_PROMPT
+from .limits import MAX_BUDGET_PROMPTS, MAX_IMAGES_PER_PROMPT
 
 SEED_STRIDE = 1000  # seeds of one prompt: base + i * SEED_STRIDE + s, s < MAX_IMAGES_PER_PROMPT
-MAX_PROMPTS = 10_000
 _GOLDEN = 0.6180339887498949
 
 
@@ -84,8 +83,8 @@ def parse_budget(value: str | Budget | None) -> Budget:
         raise InvalidInput(f"budget {value!r}: choose {', '.join(BUDGETS)} or PROMPTSxIMAGES such as 32x2")
     prompts = None if match[1] == "all" else int(match[1])
     images = int(match[2])
-    if prompts is not None and not 1 <= prompts <= MAX_PROMPTS:
-        raise InvalidInput(f"budget {value!r}: prompts must be between 1 and {MAX_PROMPTS}")
+    if prompts is not None and not 1 <= prompts <= MAX_BUDGET_PROMPTS:
+        raise InvalidInput(f"budget {value!r}: prompts must be between 1 and {MAX_BUDGET_PROMPTS}")
     if not 1 <= images <= MAX_IMAGES_PER_PROMPT:
         raise InvalidInput(f"budget {value!r}: images per prompt must be between 1 and {MAX_IMAGES_PER_PROMPT}")
     return Budget(prompts, images)

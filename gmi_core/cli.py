@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from .budgets import BUDGETS, DEFAULT_BUDGET
-from .encoder_registry import DEFAULT_ENCODER, encoder_names
+from .cli_options import add_engine_options, engine_from_options, file_arg, without_abbreviations
 from .errors import GmiError
-from .families import FAMILY_DEFAULTS
 from .limits import json_safe
-from .lora_cli import add_lora_options, with_loras
-from .protocols import BuildProgress, GenerationSettings, format_eta
-
-DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))
+from .paths import DEFAULT_HOME
+from .protocols import BuildProgress, format_eta
 
 
 def _progress_bar():
@@ -41,105 +36,10 @@ def _progress_bar():
     return update
 
 
-def _download_bar():
-    """A tqdm bar in bytes for a CLIP weights download (ProgressFn callbacks)."""
-    from tqdm import tqdm
-
-    state = {"bar": None}
-
-    def update(done: int, total: int) -> None:
-        if state["bar"] is None:
-            state["bar"] = tqdm(total=total, desc="CLIP weights", unit="B", unit_scale=True, file=sys.stderr)
-        bar = state["bar"]
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
-
-
-def _add_engine_options(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
-    parser.add_argument("--models", type=Path, required=models_required, help="folder of .safetensors checkpoints")
-    parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
-    parser.add_argument(
-        "--encoder",
-        default=DEFAULT_ENCODER,
-        help=f"CLIP encoder: one of {', '.join(encoder_names())}, or a gmi encoder .safetensors file",
-    )
-    parser.add_argument(
-        "--clip-weights", type=Path, help="explicit weights file for --encoder (open_clip or transformers .safetensors)"
-    )
-    parser.add_argument(
-        "--allow-download",
-        action="store_true",
-        help="download missing CLIP weights into HOME/clip (huggingface_hub: HF_ENDPOINT, HF_HUB_OFFLINE apply)",
-    )
-    parser.add_argument("--prompt-set", default="platform", help="built-in set name or a .json/.txt file")
-    parser.add_argument(
-        "--budget",
-        default=DEFAULT_BUDGET,
-        help=f"spec budget: {', '.join(f'{k} ({v.label()})' for k, v in BUDGETS.items())} or PROMPTSxIMAGES",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FAMILY.FIELD=VALUE",
-        help="per-family generation setting, e.g. sdxl.steps=30 or sd1.width=640 (no family: all families); "
-        "defaults: "
-        + "; ".join(
-            f"{f} {v['width']}x{v['height']} {v['steps']} steps cfg {v['cfg']}" for f, v in FAMILY_DEFAULTS.items()
-        ),
-    )
-    parser.add_argument("--steps", type=int, help="steps for every family (same as --set steps=N)")
-    parser.add_argument("--cfg", type=float, help="CFG for every family")
-    parser.add_argument("--width", type=int, help="width for every family")
-    parser.add_argument("--height", type=int, help="height for every family")
-    parser.add_argument("--sampler", default=GenerationSettings.sampler, help="sampler name of the diffusers runner")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of spec images")
-    add_lora_options(parser)
-
-
-def _engine(args):
-    from .checkpoints import FolderCheckpointSource
-    from .encoders import load_encoder
-    from .engine import Gmi
-    from .families import FamilySettings, parse_overrides
-    from .prompts import load_prompt_set
-
-    if args.models is not None and not args.models.is_dir():
-        raise GmiError(f"models folder {args.models} does not exist")
-    overrides = parse_overrides(args.set)
-    for name in ("steps", "cfg", "width", "height"):
-        if getattr(args, name) is not None:
-            overrides.setdefault("*", {})[name] = getattr(args, name)
-    settings = FamilySettings.defaults(GenerationSettings(sampler=args.sampler), overrides)
-    clip_dir = args.home / "clip"
-    encoder = load_encoder(
-        args.encoder,
-        search_dirs=[args.models] if args.models else [],
-        allow_download=args.allow_download,
-        download_dir=clip_dir,
-        own_dirs=[clip_dir],
-        weights=args.clip_weights,
-        progress=_download_bar(),
-    )
-    spec_root = getattr(args, "store", None) or args.home / "specs"  # hub build: --store, a folder the workers share
-    gmi = Gmi(spec_root, encoder, load_prompt_set(args.prompt_set), args.budget, settings, args.seed)
-
-    def announce(path: Path) -> None:
-        print(f"gmi: hashing {path.name} ({path.stat().st_size / 2**30:.1f} GiB, once; cached after)", file=sys.stderr)
-
-    if args.models is None:
-        return gmi, None
-    checkpoints = FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json", on_hashing=announce)
-    return gmi, with_loras(args, checkpoints, args.home / "hashes.json", announce)
-
-
 def cmd_build(args) -> int:
     from .diffusers_generator import DiffusersGenerator
 
-    gmi, source = _engine(args)
+    gmi, source = engine_from_options(args)
     which = args.which if args.which in ("missing", "all") else args.which.split(",")
     plan = gmi.plan(source, which)  # lists and hashes once; build() renders exactly this plan
     skipped = plan.listing.skipped
@@ -171,7 +71,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_specs(args) -> int:
-    gmi, source = _engine(args)
+    gmi, source = engine_from_options(args)
     statuses, skipped = gmi.status(source)
     if args.json:
         rows = [vars(s) for s in statuses] + [{"name": s.name, "state": "skipped", "detail": s.reason} for s in skipped]
@@ -216,7 +116,7 @@ def cmd_identify(args) -> int:
     from .images import load_image
 
     images = [load_image(path) for path in args.images]
-    gmi, source = _engine(args)
+    gmi, source = engine_from_options(args)
     result = gmi.identify(
         images,
         args.prompt,
@@ -260,20 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="build specs for a folder of checkpoints (standalone, via diffusers)")
-    _add_engine_options(build)
+    add_engine_options(build)
     build.add_argument("--which", default="missing", help="missing | all | comma-separated checkpoint names")
     build.add_argument("--config", type=Path, help="local diffusers config folder (needed offline)")
     build.add_argument("--json", action="store_true")
     build.set_defaults(func=cmd_build)
 
     specs = commands.add_parser("specs", help="list checkpoints and the state of their specs")
-    _add_engine_options(specs)
+    add_engine_options(specs)
     specs.add_argument("--json", action="store_true")
     specs.set_defaults(func=cmd_specs)
 
     identify = commands.add_parser("identify", help="rank checkpoints for reference image(s)")
-    identify.add_argument("images", nargs="+", type=Path)
-    _add_engine_options(identify)
+    identify.add_argument("images", nargs="+", type=file_arg)
+    add_engine_options(identify)
     identify.add_argument("--prompt", help="the prompt, if known (else the interrogator guesses one)")
     identify.add_argument("--top-k", type=int)
     identify.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
@@ -288,16 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument(
         "--centre",
         action="store_true",
-        help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see README)",
+        help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see docs/observed-specs.md)",
     )
     identify.set_defaults(func=cmd_identify)
 
     from .library_cli import add_library_commands
 
-    add_library_commands(commands, _add_engine_options)
+    add_library_commands(commands, add_engine_options)
     from .hub.build import add_hub_commands
 
-    add_hub_commands(commands, _add_engine_options)
+    add_hub_commands(commands, add_engine_options)
 
     demo = commands.add_parser("demo", help="end-to-end run on tiny random checkpoints (no downloads)")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_HOME / "demo")
@@ -312,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", add_help=False, help="benchmarks: identification quality and cost (JSON + PNG); gmi bench --help"
     )
     bench.add_argument("words", nargs=argparse.REMAINDER)
-    return parser
+    return without_abbreviations(parser)
 
 
 def main(argv=None) -> int:

@@ -10,10 +10,12 @@ from .budgets import Budget
 from .checkpoints import FolderCheckpointSource
 from .diffusers_generator import DiffusersGenerator
 from .encoders import load_encoder, save_encoder, tiny_encoder
-from .engine import Gmi, IdentifyResult
+from .engine import Gmi
+from .hashing import HASH_CACHE_FILE
 from .prompts import load_prompt_set
 from .protocols import GenerationSettings, ProgressCallback
 from .report import write_report
+from .results import IdentifyResult
 from .tiny import tiny_pipeline_config, write_tiny_checkpoint
 
 DEMO_SETTINGS = GenerationSettings(steps=4, cfg=5.0, width=64, height=64)
@@ -60,12 +62,12 @@ def run_demo(
 ) -> DemoResult:
     workdir = Path(workdir)
     models, config, encoder_file = prepare_demo_models(workdir, checkpoints)
-    source = FolderCheckpointSource(models, hash_cache=workdir / "hashes.json")
+    source = FolderCheckpointSource(models, hash_cache=workdir / HASH_CACHE_FILE)
     generator = DiffusersGenerator(config=config, device="cpu")
     gmi = Gmi(
         workdir / "specs",
         load_encoder(str(encoder_file)),
-        load_prompt_set("platform"),
+        load_prompt_set(),
         budget=Budget(None, images_per_prompt),
         settings=DEMO_SETTINGS,
     )
@@ -77,5 +79,5 @@ def run_demo(
     query_seed = QUERY_SEED_BASE + seed
     query = generator.generate(truth, query_prompt, [query_seed], DEMO_SETTINGS)
     result = gmi.identify(query, source=source)
-    report = write_report(workdir / "report.html", result, query, gmi.spec_thumbnail, true_checkpoint=truth.name)
+    report = write_report(workdir / "report.html", result, query, gmi.library.thumbnail, true_checkpoint=truth.name)
     return DemoResult(result, truth.name, query_prompt, query_seed, report)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .checkpoints import inspect_checkpoint
+from .checkpoints import inspect_model, renders_sd_single_files
 from .errors import CheckpointError, GmiError
 from .protocols import CheckpointInfo, GenerationSettings
 
@@ -63,9 +63,10 @@ class DiffusersGenerator:
         self.release()
         import diffusers
 
-        family, reason = inspect_checkpoint(checkpoint.path)
-        if reason:
-            raise CheckpointError(f"{checkpoint.name}: {reason}")
+        found = renders_sd_single_files(inspect_model(checkpoint.path), checkpoint.path)  # the truth for Flux, SD3
+        if found.reason:
+            raise CheckpointError(f"{checkpoint.name}: {found.reason}")
+        family = found.family
         cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
         kwargs = {"local_files_only": self.local_files_only, "torch_dtype": self.dtype}
         if self.config:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .encoder_registry import Geometry, HubFile, KnownEncoder, geometry_from_config
 from .errors import EncoderUnavailable
+from .paths import shown
 from .safetensors_header import read_header as read_safetensors_header
 
 logger = logging.getLogger("gmi")
@@ -39,13 +40,15 @@ class WeightsFile:
 class SearchLog:
     """Every place and file looked at, and why it was not used; the text of the final error."""
 
-    tried: list[tuple[str, str]] = field(default_factory=list)
+    tried: list[tuple[str | Path, str]] = field(default_factory=list)
 
-    def note(self, where, why: str) -> None:
-        self.tried.append((str(where), why))
+    def note(self, where: str | Path, why: str) -> None:
+        self.tried.append((where, why))
 
     def lines(self) -> str:
-        return "; ".join(f"{where}: {why}" for where, why in self.tried) or "nothing"
+        """For the error a user sees: files and folders by their last components, never the server path (the
+        console log names them in full)."""
+        return "; ".join(f"{shown(w, 3) if isinstance(w, Path) else w}: {why}" for w, why in self.tried) or "nothing"
 
 
 def read_header(path: Path) -> dict:
@@ -227,6 +230,10 @@ def download_weights(
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         log.note("download", "HF_HUB_OFFLINE is set")
         return None
+    unreachable = _unreachable(_endpoint())
+    if unreachable:  # one short probe instead of the hub client's retries per file (minutes before it gives up)
+        log.note(f"download from {_endpoint()}", f"not reachable ({unreachable})")
+        return None
     expected = entry.geometry()
     for item in entry.hub:
         local_dir = Path(target) / entry.slug if target is not None else None
@@ -251,6 +258,24 @@ def download_weights(
             return found
         log.note(path, f"downloaded, but {why}")
     return None
+
+
+def _unreachable(url: str) -> str:
+    """Why ``url`` cannot be reached within ``limits.DOWNLOAD_PROBE_TIMEOUT_S`` ("" when it answered at all:
+    any HTTP status means the server is there and the client reports the rest quickly)."""
+    import urllib.error
+    import urllib.request
+
+    from .limits import DOWNLOAD_PROBE_TIMEOUT_S
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return ""
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{type(reason).__name__}: {str(reason)[:120]}" if str(reason) else type(reason).__name__
+    return ""
 
 
 def _endpoint() -> str:
@@ -327,5 +352,5 @@ def resolve_weights(
     download = "" if allow_download else "; or allow downloads (gmi then fetches it itself)"
     raise EncoderUnavailable(
         f"no usable weights for CLIP encoder {entry.name}. Tried: {log.lines()}. "
-        f"Fix: download {first.url} and save it as {hint / (entry.slug + '.safetensors')}{download}."
+        f"Fix: download {first.url} and save it as {shown(hint / (entry.slug + '.safetensors'), 4)}{download}."
     )

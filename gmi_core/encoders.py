@@ -31,7 +31,7 @@ from .encoder_registry import (
     parse_encoder_name,
 )
 from .errors import EncoderUnavailable, NotFound
-from .paths import resolve_inside
+from .paths import resolve_inside, shown, without_path
 
 TINY_CONFIG = {
     "embed_dim": 64,
@@ -236,7 +236,7 @@ def _assign_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> N
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     missing = sorted(k for k in expected - set(state) if k.rsplit(".", 1)[-1] not in REBUILT_BUFFERS)
     if missing:
-        raise EncoderUnavailable(f"{path} lacks {len(missing)} weights of its model, e.g. {missing[:3]}")
+        raise EncoderUnavailable(f"{shown(path)} lacks {len(missing)} weights of its model, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_buffers(model, dtype)
 
@@ -326,7 +326,7 @@ def load_weights_file(
             return _wrap(towers, weights.gmi_config["encoder_id"], "gmi", str(weights.path), placement, None, None)
         if entry is None:
             raise EncoderUnavailable(
-                f"{weights.path} carries no gmi encoder config; choose a known encoder ({DEFAULT_ENCODER})"
+                f"{shown(weights.path)} carries no gmi encoder config; choose a known encoder ({DEFAULT_ENCODER})"
             )
         if weights.layout == "open_clip":
             import open_clip
@@ -336,7 +336,7 @@ def load_weights_file(
             towers = _transformers_model(weights, dtype)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise EncoderUnavailable(
-            f"CLIP weights {weights.path} could not be loaded: {type(exc).__name__}: {exc}"
+            f"CLIP weights {shown(weights.path)} could not be loaded: {type(exc).__name__}: {without_path(exc, weights.path)}"
         ) from exc
     return _wrap(towers, entry.name, weights.layout, str(weights.path), placement, entry.mean, entry.std)
 
@@ -374,7 +374,7 @@ def load_encoder(
         found, why = inspect_weights(path)
         if found is None or found.layout != "gmi":
             raise EncoderUnavailable(
-                f"{path} is not a gmi encoder file ({why or found.layout + ' layout'}); "
+                f"{shown(path)} is not a gmi encoder file ({why or found.layout + ' layout'}); "
                 f"put CLIP weights in a model folder and choose {DEFAULT_ENCODER}"
             )
         return load_weights_file(found, None, placement)

@@ -39,3 +39,7 @@ class NotFound(GmiError):
 
 class Busy(GmiError):
     """Another job holds what this one needs (a spec being built, a build while switching)."""
+
+
+class EncoderLoading(Busy):
+    """A read route asked for an encoder that is still loading: answered now ("encoder loading"), never waited on."""

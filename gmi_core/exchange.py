@@ -22,11 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import Busy, GmiError, SpecError
+from .families import RECIPE_SETTINGS, GenerationSettings
 from .locks import spec_lock
 from .observed import OBSERVED, spec_counts, spec_kind
-from .paths import atomic_write
+from .paths import atomic_write, shown
 from .prompts import BUILTIN_SETS, PromptSet, load_prompt_set
-from .protocols import GenerationSettings
 from .spec import THUMBNAIL_SIZE, Spec, SpecKey, _content_hash
 from .store import SpecStore
 
@@ -149,6 +149,15 @@ def write_exchange(specs: Sequence[Spec], out: Path, thumbnails: bool = False, l
     return out
 
 
+def is_exchange_file(path: Path) -> bool:
+    """A spec exchange file (``gmi export`` wrote it): its header names the format."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return HEADER_KEY in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def exportable_specs(
     store: SpecStore, encoder_id: str | None = None, prompt_set_hash: str | None = None, shas: set[str] | None = None
 ) -> list[Spec]:
@@ -204,13 +213,13 @@ def read_exchange(path: Path, prompt_features: PromptFeatures) -> list[tuple[str
         or not 0 < len(entries) <= MAX_SPECS_PER_FILE
         or not all(isinstance(e, dict) for e in entries)
     ):
-        raise GmiError(f"{path}: no spec list")
+        raise GmiError(f"{shown(path, 1)}: no spec list")
     prefixes = [e.get("prefix") for e in entries]
     if not all(isinstance(p, str) and p for p in prefixes) or len(set(prefixes)) != len(prefixes):
-        raise GmiError(f"{path}: spec prefixes missing or repeated")
+        raise GmiError(f"{shown(path, 1)}: spec prefixes missing or repeated")
     claimed = {name for name in tensors if any(name.startswith(p) for p in prefixes)}
     if claimed != set(tensors):
-        raise GmiError(f"{path}: tensors and spec list do not match")
+        raise GmiError(f"{shown(path, 1)}: tensors and spec list do not match")
     out = []
     for entry in entries:
         label = str(entry["checkpoint"].get("name", "?"))[:200] if isinstance(entry.get("checkpoint"), dict) else "?"
@@ -226,31 +235,31 @@ def _read_checked(path: Path) -> tuple[dict, dict]:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise GmiError(f"{path}: cannot read ({exc})") from exc
+        raise GmiError(f"{shown(path, 1)}: cannot read ({exc})") from exc
     if size > MAX_FILE_BYTES:
-        raise GmiError(f"{path}: {size} bytes is more than a spec file may hold ({MAX_FILE_BYTES})")
+        raise GmiError(f"{shown(path, 1)}: {size} bytes is more than a spec file may hold ({MAX_FILE_BYTES})")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise GmiError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from exc
+        raise GmiError(f"{shown(path, 1)}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from exc
     try:
         meta = json.loads(header[HEADER_KEY])
     except (KeyError, ValueError) as exc:
-        raise GmiError(f"{path}: not a gmi spec file (no {HEADER_KEY} metadata)") from exc
+        raise GmiError(f"{shown(path, 1)}: not a gmi spec file (no {HEADER_KEY} metadata)") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GmiError(
-            f"{path}: not a gmi spec file (format {meta.get('format') if isinstance(meta, dict) else None!r})"
+            f"{shown(path, 1)}: not a gmi spec file (format {meta.get('format') if isinstance(meta, dict) else None!r})"
         )
     if meta.get("version") != VERSION:
-        raise GmiError(f"{path}: spec file version {meta.get('version')!r}; this gmi reads version {VERSION}")
+        raise GmiError(f"{shown(path, 1)}: spec file version {meta.get('version')!r}; this gmi reads version {VERSION}")
     try:
         intact = _content_hash(tensors, meta) == meta.get("content_sha256")
     except (TypeError, ValueError):  # metadata JSON cannot hold (NaN, odd types): not a file this gmi wrote
         intact = False
     if not intact:
-        raise GmiError(f"{path}: content checksum mismatch (file damaged or edited)")
+        raise GmiError(f"{shown(path, 1)}: content checksum mismatch (file damaged or edited)")
     return meta, tensors
 
 
@@ -393,10 +402,17 @@ def decode_spec(entry: dict, tensors: dict, prompt_features: PromptFeatures) -> 
 def _settings(data: dict) -> GenerationSettings:
     """Every field of GenerationSettings, each of its declared type (no silent defaults); later fields are ignored."""
     defaults = GenerationSettings().to_dict()
-    _need(set(defaults) <= set(data), f"settings lack {sorted(set(defaults) - set(data))}")
+    required = set(defaults) - set(RECIPE_SETTINGS)  # specs exported before the family recipes lack those
+    _need(required <= set(data), f"settings lack {sorted(required - set(data))}")
     for key, default in defaults.items():
-        ok = isinstance(data[key], (int, float)) if isinstance(default, float) else isinstance(data[key], type(default))
-        _need(ok and not isinstance(data[key], bool), f"setting {key} has the wrong type")
+        if key not in data:
+            continue
+        value = data[key]
+        if default is None:  # an optional number
+            ok = value is None or isinstance(value, (int, float))
+        else:
+            ok = isinstance(value, (int, float)) if isinstance(default, float) else isinstance(value, type(default))
+        _need(ok and not isinstance(value, bool), f"setting {key} has the wrong type")
     return GenerationSettings.from_dict(data)
 
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 CHUNK = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
+HASH_CACHE_FILE = "hashes.json"  # in gmi's data folder (CLI home, ComfyUI user/gmi, A1111 spec folder)
 
 
 def short_hash(sha256: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ INDEX_CANDIDATES = 64  # specs re-ranked exactly after the prefilter
 MAX_RERANKED = 1000  # a larger top_k re-ranks at most this many (their features are read per query)
 PROJECTION_SAMPLE = 2000  # specs the projection is fitted on
 REFIT_FRACTION = 0.1  # more changed rows than this share of the index: fit projection and gamma again
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: rows carry the spec file's ctime
 _GAMMA_SAMPLE = 1024  # rows of ranker.median_gamma's sample
 
 
@@ -141,7 +142,7 @@ class CompactIndex:
 
 
 # -- the index of one store ------------------------------------------------------------------
-Row = tuple[str, float, int, str]  # (file relative to the store, mtime, size, sha256): the listing it was built from
+Row = tuple[str, float, int, int, str]  # (file relative to the store, mtime, size, ctime_ns, sha256): its listing
 
 
 @dataclass
@@ -152,7 +153,7 @@ class StoreIndex:
 
     @property
     def shas(self) -> list[str]:
-        return [r[3] for r in self.rows]
+        return [r[-1] for r in self.rows]
 
     def shortlist(
         self, query_images: torch.Tensor, weights: torch.Tensor, k: int, allowed: torch.Tensor | None = None
@@ -163,7 +164,7 @@ class StoreIndex:
             scores = scores.masked_fill(~allowed, float("inf"))
             k = min(k, int(allowed.sum()))
         best = torch.topk(scores, min(k, len(scores)), largest=False).indices.tolist()
-        return [self.rows[i][3] for i in best]
+        return [self.rows[i][-1] for i in best]
 
     # -- persistence: safetensors with the listing in its metadata -------------------------
     def save(self, path: Path) -> None:
@@ -181,22 +182,40 @@ class StoreIndex:
 
     @classmethod
     def load(cls, path: Path) -> StoreIndex | None:
-        """The saved index, or None when there is none or it is unreadable (it is rebuilt then)."""
+        """The saved index, or None when there is none or it is unreadable or inconsistent (a derived file: rebuilt
+        then, never trusted): a flipped byte, a truncated or emptied file, shapes that do not fit, non-finite values."""
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads(handle.metadata()["gmi_index"])
             if meta.get("format") != INDEX_FORMAT:
                 return None
             t = load_file(str(path))
-            rows = [(str(f), float(m), int(s), str(h)) for f, m, s, h in meta["rows"]]
+            rows = [(str(f), float(m), int(s), int(c), str(h)) for f, m, s, c, h in meta["rows"]]
             compact = CompactIndex(t["proj"], t["prompt_mean"], t["codes"], t["kbar"], float(meta["gamma"]))
-            if compact.size != len(rows) or compact.codes.shape[1] != compact.size * compact.rank:
-                return None
-            return cls(compact, t["prompt"], rows)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            if path.exists():
-                log.warning("gmi: spec index %s unreadable (%s); rebuilding it", path.name, exc)
+            index = cls(compact, t["prompt"], rows)
+            problem = index.inconsistency()
+            if problem:
+                raise ValueError(problem)
+            return index
+        except FileNotFoundError:
             return None
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type: any fault means "rebuild"
+            log.warning("gmi: spec index %s unreadable (%s); rebuilding it", path.name, type(exc).__name__)
+            return None
+
+    def inconsistency(self) -> str:
+        """Why these tensors cannot be this listing's index ("" when they can)."""
+        c, m = self.compact, len(self.rows)
+        if self.prompt.dim() != 2 or c.proj.dim() != 2 or c.kbar.dim() != 3:
+            return "tensor ranks"
+        n, d = self.prompt.shape
+        if c.proj.shape[0] != d or tuple(c.prompt_mean.shape) != (n, d) or tuple(c.kbar.shape) != (m, n, n):
+            return "tensor shapes"
+        if tuple(c.codes.shape) != (n, m * c.rank) or not math.isfinite(c.gamma) or c.gamma <= 0:
+            return "codes or gamma"
+        if not all(bool(torch.isfinite(t).all()) for t in (c.proj, c.prompt_mean, c.codes, c.kbar, self.prompt)):
+            return "non-finite values"
+        return ""
 
 
 def prefetch(path: Path, ranges: list[tuple[int, int]] | None = None) -> None:
@@ -216,7 +235,7 @@ def prefetch(path: Path, ranges: list[tuple[int, int]] | None = None) -> None:
 
 
 def entry_row(entry) -> Row:
-    return (entry.file, entry.mtime, entry.size, entry.sha256)
+    return (entry.file, *entry.stamp, entry.sha256)
 
 
 def _features(store, entry) -> torch.Tensor:

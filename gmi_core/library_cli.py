@@ -6,17 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-
-def _engine(args):
-    from .cli import _engine as engine
-
-    return engine(args)
+from .cli_options import engine_from_options, file_arg, folder_arg
+from .hashing import HASH_CACHE_FILE
+from .paths import DEFAULT_HOME
 
 
 def cmd_import_images(args) -> int:
     from .observed import import_images
 
-    gmi, source = _engine(args)
+    gmi, source = engine_from_options(args)
     report = import_images(
         gmi,
         source.list_checkpoints(),
@@ -48,13 +46,16 @@ def cmd_import_images(args) -> int:
 
 def cmd_export(args) -> int:
     from .checkpoints import FolderCheckpointSource
-    from .exchange import exportable_specs, write_exchange
+    from .exchange import exportable_specs, is_exchange_file, write_exchange
+    from .paths import user_output
     from .store import SpecStore
+
+    user_output(args.out, args.force, is_exchange_file)  # before any work
 
     store = SpecStore(args.home / "specs")
     shas = None
     if args.models is not None:
-        listing = FolderCheckpointSource(args.models, hash_cache=args.home / "hashes.json").list_checkpoints()
+        listing = FolderCheckpointSource(args.models, hash_cache=args.home / HASH_CACHE_FILE).list_checkpoints()
         wanted = [c for c in listing.checkpoints if not args.checkpoint or c.name in args.checkpoint]
         shas = {c.sha256 for c in wanted}
     specs = exportable_specs(store, args.encoder_id, None, shas)
@@ -65,9 +66,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .encoders import load_encoder
     from .errors import EncoderUnavailable
     from .exchange import import_files, local_prompt_features
+    from .factory import EncoderFolders, open_encoder
     from .store import SpecStore
 
     store = SpecStore(args.home / "specs")
@@ -79,13 +80,8 @@ def cmd_import(args) -> int:
             return found
         if "encoder" not in state:  # loaded only when no local spec has the prompt features
             try:
-                clip_dir = args.home / "clip"
-                state["encoder"] = load_encoder(
-                    args.encoder,
-                    allow_download=args.allow_download,
-                    download_dir=clip_dir,
-                    own_dirs=[clip_dir],
-                    weights=args.clip_weights,
+                state["encoder"] = open_encoder(
+                    args.encoder, EncoderFolders.under_home(args.home), args.allow_download, weights=args.clip_weights
                 )
             except EncoderUnavailable as exc:
                 print(f"gmi: {exc}", file=sys.stderr)
@@ -105,13 +101,26 @@ def cmd_import(args) -> int:
 
 def cmd_map(args) -> int:
     from .errors import NoSpecsError
-    from .library_map import NEAR_DUPLICATE_THRESHOLD, build_map, draw_map
+    from .library_map import NEAR_DUPLICATE_THRESHOLD, build_map, draw_map, is_map_image
+    from .limits import check_number
+    from .paths import user_output
 
-    gmi, source = _engine(args)
-    specs, excluded = gmi.load_specs(source, include_not_installed=True)
-    if not specs:
+    if args.out:
+        user_output(args.out, args.force, is_map_image)
+    threshold = NEAR_DUPLICATE_THRESHOLD
+    if args.threshold is not None:  # checked before anything is loaded
+        threshold = float(check_number("--threshold", args.threshold, "threshold"))
+    gmi, source = engine_from_options(args)
+    loaded = gmi.library.load(source, include_not_installed=True)
+    if not loaded.items:
         raise NoSpecsError("no specs to map; build or import specs first")
-    lib = build_map(specs, gmi.prompt_features, args.threshold or NEAR_DUPLICATE_THRESHOLD, excluded)
+    lib = build_map(
+        loaded.specs,
+        gmi.prompt_features,
+        threshold,
+        loaded.excluded,
+        loaded.installed,
+    )
     data = lib.to_dict()
     if args.out:
         data["image"] = str(draw_map(lib, args.out))
@@ -137,12 +146,10 @@ def cmd_map(args) -> int:
 
 
 def add_library_commands(commands, add_engine_options) -> None:
-    from .cli import DEFAULT_HOME
-
     p = commands.add_parser(
         "import-images", help="build observed specs from images already on disk (nothing generated)"
     )
-    p.add_argument("folder", type=Path, help="folder of images (scanned recursively)")
+    p.add_argument("folder", type=folder_arg, help="folder of images (scanned recursively)")
     add_engine_options(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--show-skipped", type=int, default=20, help="skipped files listed (all with --json)")
@@ -150,16 +157,17 @@ def add_library_commands(commands, add_engine_options) -> None:
 
     p = commands.add_parser("export", help="write specs to a shareable file (docs/spec-format.md)")
     p.add_argument("--home", type=Path, default=DEFAULT_HOME, help="gmi's data folder (specs, caches)")
-    p.add_argument("--models", type=Path, help="only specs of checkpoints in this folder")
+    p.add_argument("--models", type=folder_arg, help="only specs of checkpoints in this folder")
     p.add_argument("--checkpoint", nargs="+", help="only these checkpoint names (with --models)")
     p.add_argument("--encoder-id", help="only specs of this encoder id")
     p.add_argument("--out", type=Path, default=Path("gmi-specs.safetensors"))
+    p.add_argument("--force", action="store_true", help="replace an existing --out file that gmi did not write")
     p.add_argument("--thumbnails", action="store_true", help="include the 64x64 thumbnails (off by default)")
     p.add_argument("--lossless", action="store_true", help="fp16 features as stored (larger; default: int8 compact)")
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("import", help="add specs from shared spec files (validated; never replaces a bigger spec)")
-    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("files", nargs="+", type=file_arg)
     add_engine_options(p, models_required=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
@@ -168,5 +176,6 @@ def add_library_commands(commands, add_engine_options) -> None:
     add_engine_options(p, models_required=False)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", type=Path, help="PNG map image")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file that gmi did not write")
     p.add_argument("--threshold", type=float, help="near-duplicate threshold (relative distance)")
     p.set_defaults(func=cmd_map)

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from .observed import OBSERVED, spec_kind
+from .paths import atomic_write
 from .ranker import kernel, median_gamma
 from .spec import Spec
 
-NEAR_DUPLICATE_THRESHOLD = 0.11  # relative distance; set from bench synthetic's b_near_duplicates (see README)
+# Relative distance; set from bench synthetic's b_near_duplicates (docs/observed-specs.md).
+NEAR_DUPLICATE_THRESHOLD = 0.11
 SOFT_ALIGN_TAU = 0.05
 _ALIGNED_COS = 0.9999
 
@@ -208,14 +210,16 @@ def build_map(
     anchors: torch.Tensor,
     threshold: float = NEAR_DUPLICATE_THRESHOLD,
     excluded: list[tuple[str, str]] | None = None,
+    installed: list[bool] | None = None,
 ) -> LibraryMap:
+    """``installed``: per spec, False for imported specs of checkpoints not on this machine (default: all are)."""
     if not specs:
         raise ValueError("no specs to map")
     d2, rel, gamma = distances(specs, anchors)
     return LibraryMap(
         names=[s.checkpoint_name for s in specs],
         sha256=[s.sha256 for s in specs],
-        installed=[bool(s.extra.get("installed", True)) for s in specs],
+        installed=list(installed) if installed is not None else [True] * len(specs),
         kinds=[spec_kind(s) for s in specs],
         d2=d2,
         relative=rel,
@@ -229,7 +233,7 @@ def build_map(
 
 def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) -> Path:
     """The 2-D map as a PNG: groups in colour, near-duplicate links drawn, not-installed checkpoints hollow."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, PngImagePlugin
 
     from .charts import COLOURS, load_font
 
@@ -278,6 +282,22 @@ def draw_map(lib: LibraryMap, path: Path, size: tuple[int, int] = (900, 700)) ->
         font=small,
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MAP_MARK, "1")  # how `gmi map --out` knows it may replace this file without --force
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+MAP_MARK = "gmi_map"
+
+
+def is_map_image(path: Path) -> bool:
+    """A PNG that :func:`draw_map` wrote."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and MAP_MARK in image.info
+    except (OSError, ValueError):
+        return False

@@ -26,7 +26,7 @@ from .image_metadata import ImageMetadata, read_metadata
 from .images import load_image
 from .locks import spec_lock
 from .loras import addnet_hash, model_metadata, observed_model
-from .paths import inside, one_line
+from .paths import inside, one_line, shown
 from .protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 from .spec import Spec, SpecKey, pixel_feature, thumbnail
 
@@ -224,6 +224,14 @@ def _reason_class(reason: str) -> str:
     return "other"
 
 
+def is_grid(relative: Path) -> bool:
+    """An A1111 grid: saved in an ``*-grids`` folder (outputs/txt2img-grids, img2img-grids) or named ``grid-*``
+    (where "save grids" points elsewhere). A collage of the batch's images: never an observed image."""
+    return relative.name.lower().startswith("grid-") or any(
+        part.lower().endswith("-grids") for part in relative.parts[:-1]
+    )
+
+
 def scan(
     folder: Path, attributor: Attributor, report: ImportImagesReport, progress: Callable[[str], None] | None = None
 ) -> list[Candidate]:
@@ -235,6 +243,9 @@ def scan(
         label = str(path.relative_to(folder))
         if not inside(path, folder):  # a link out of the folder: its target is not the user's to import here
             report.skipped.append((label, "unreadable: a link that leaves the folder"))
+            continue
+        if is_grid(path.relative_to(folder)):
+            report.skipped.append((label, "a grid (a collage of a batch), not one image of the checkpoint"))
             continue
         if progress and index % 50 == 0:
             progress(f"reading metadata {index + 1}/{len(paths)}")
@@ -288,7 +299,7 @@ def import_images(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise GmiError(f"image folder {folder} does not exist")
+        raise GmiError(f"image folder {shown(folder)} does not exist")
     report = ImportImagesReport()
     attributor = Attributor(listing)
     by_ckpt: dict[str, list[Candidate]] = defaultdict(list)

@@ -7,6 +7,7 @@ allowed roots (symlinks resolved), and errors never echo an absolute path.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.parse import unquote
 
 from .errors import InvalidInput, NotFound
+
+DEFAULT_HOME = Path(os.environ.get("GMI_HOME", Path.home() / ".cache" / "gmi"))  # gmi's data folder outside a host
 
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,199}")
 _ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/~-])(?:[A-Za-z]:)?[\\/](?:[^\s'"\\/]+[\\/])*([^\s'"\\/,;)]*)""")
@@ -109,6 +112,19 @@ def inside(path: Path, root: Path) -> bool:
         return False
 
 
+def shown(path: str | os.PathLike, parts: int = 2) -> str:
+    """How a message names a file: its last ``parts`` components (``<sha256>/<name>.safetensors`` for a spec,
+    ``clip/<file>`` for weights), never the absolute server path. Messages are built with it in the first place."""
+    return "/".join(Path(os.fspath(path)).parts[-parts:])
+
+
+def without_path(text: str, path: str | os.PathLike) -> str:
+    """An exception's text with ``path`` (as given and resolved) replaced by :func:`shown` (a library's message)."""
+    for form in {os.fspath(path), str(Path(os.fspath(path)).resolve())}:
+        text = str(text).replace(form, shown(path))
+    return text
+
+
 def redact(message: str) -> str:
     """A message for an HTTP body: absolute server paths reduced to their last component."""
     return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(path)", str(message))
@@ -151,6 +167,8 @@ def atomic_write(path) -> Iterator[str]:
     without error the temp file gets the default mode and is renamed over ``path``, else it is removed. Readers
     see the old file or the new one, never a part; temp names match ``<name>.*.tmp`` (cleaned up by the store)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", shown(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -158,9 +176,40 @@ def atomic_write(path) -> Iterator[str]:
         yield tmp
         set_default_mode(tmp)
         os.replace(tmp, path)
+    except OSError:
+        raise
+    except Exception as exc:
+        os_error = os_error_of(exc)
+        if os_error is None:
+            raise
+        raise os_error from exc  # a writer library's wrapped OS error (safetensors: "Os { code: 28, .. }")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_WRAPPED_OS_ERROR = re.compile(r"Os \{ code: (\d+)")
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The OS error a library reports as its own exception (safetensors' SafetensorError wraps Rust's io::Error),
+    so every write path reports disk full or read-only the same way; None when it is none."""
+    found = _WRAPPED_OS_ERROR.search(str(exc))
+    if not found:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def user_output(path, force: bool, written_by_gmi) -> Path:
+    """A command's ``--out`` file, checked before any work: not a folder, and an existing file that gmi did not
+    write (``written_by_gmi(path)`` is False) is replaced only with ``--force``."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInput(f"--out {path} is a folder; give a file name")
+    if path.exists() and not force and not written_by_gmi(path):
+        raise InvalidInput(f"--out {path} exists and was not written by gmi; add --force to replace it")
+    return path
 
 
 def write_json_atomic(path, data, **dump_options) -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from .data import read_text
 from .errors import GmiError
-from .limits import MAX_PROMPT_SET_BYTES, MAX_PROMPTS, MAX_TEXT_FIELD
+from .limits import MAX_PROMPT_SET_BYTES, MAX_PROMPT_SET_PROMPTS, MAX_TEXT_FIELD
 
-BUILTIN_SETS = ("platform", "evaluation")
+DEFAULT_PROMPT_SET = "platform"  # the set specs are built from
+BUILTIN_SETS = (DEFAULT_PROMPT_SET, "evaluation")
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,15 @@ def parse_prompts(text: str, as_json: bool, label: str) -> tuple[str, ...]:
     prompts = tuple(p for p in prompts if p)
     if not prompts:
         raise GmiError(f"prompt set {label} holds no prompts")
-    if len(prompts) > MAX_PROMPTS:
-        raise GmiError(f"prompt set {label} has {len(prompts)} prompts; at most {MAX_PROMPTS}")
+    if len(prompts) > MAX_PROMPT_SET_PROMPTS:
+        raise GmiError(f"prompt set {label} has {len(prompts)} prompts; at most {MAX_PROMPT_SET_PROMPTS}")
     long = next((i for i, p in enumerate(prompts) if len(p) > MAX_TEXT_FIELD), None)
     if long is not None:
         raise GmiError(f"prompt set {label}: prompt {long + 1} is longer than {MAX_TEXT_FIELD} characters")
     return prompts
 
 
-def load_prompt_set(name_or_path: str = "platform") -> PromptSet:
+def load_prompt_set(name_or_path: str = DEFAULT_PROMPT_SET) -> PromptSet:
     """A built-in set by name, or a JSON list of strings / a text file with one prompt per line.
 
     Any path is read: callers that take names from requests confine them first (gmi_core.paths).

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from .families import GenerationSettings  # part of the host contract; its defaults are SD1's row there
+
 
 @dataclass(frozen=True)
 class LoraPart:
@@ -46,8 +48,9 @@ class CheckpointInfo:
     path: Path
     sha256: str
     popularity: float | None = None  # download count or similar, used only by the `download` baseline
-    family: str | None = None  # sd1, sd2, sd2-v, sdxl (from the file header); picks the generation settings
-    lora: LoraPart | None = None
+    family: str | None = None  # a gmi_core.families name (from the file header); picks the generation settings
+    layout: str = "single"  # "single": one file with its text encoders and VAE; "split": a diffusion model only
+    lora: LoraPart | None = None  # a LoRA spec: the LoRA on this base at a strength (gmi_core.loras)
 
     @property
     def short_hash(self) -> str:
@@ -62,27 +65,6 @@ class CheckpointInfo:
     def base_sha256(self) -> str:
         """The checkpoint file a Generator loads: LoRAs on one base share it (no reload between them)."""
         return self.lora.base.sha256 if self.lora else self.sha256
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How spec images are rendered. Stored in every spec so stale specs can be detected."""
-
-    steps: int = 20
-    cfg: float = 7.0
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    width: int = 512
-    height: int = 512
-    negative_prompt: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GenerationSettings:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Ranking checkpoints by (prompt-weighted) RKME distance, for all specs at once.
 
-Notation follows README "How it works". With unit vectors, k(a, b) = exp(-gamma * (2 - 2 a.b)), and
+Notation follows docs/how-it-works.md. With unit vectors, k(a, b) = exp(-gamma * (2 - 2 a.b)), and
 
     D_m = const - 2 sum_i W_mi c_mi + W_m^T Kbar_m W_m
 
@@ -24,6 +24,12 @@ import torch
 METHODS = ("gmi", "rkme_clip", "rkme_concat", "rkme_basic", "download")
 DEFAULT_METHOD = "gmi"
 _CHUNK_ELEMENTS = 1 << 24  # feature values converted to float32 at a time
+PLAIN_VIEW = (False, False, False)  # (pixels, concatenated with prompts, centred): CLIP image features as built
+
+
+def _kbar_key(view: tuple, gamma: float) -> tuple:
+    """The bank's cache key of Kbar for one feature view and kernel width."""
+    return (*view, round(gamma, 9))
 
 
 @dataclass
@@ -54,10 +60,16 @@ class FeatureBank:
             return self.image_mask
         return self.done[:, :, None].expand(self.image.shape[:3])
 
+    def use_kbar(self, gamma: float, kbar_matrix: torch.Tensor) -> None:
+        """Rank the plain CLIP image view (gmi, rkme_clip, not centred) at ``gamma`` with a Kbar computed elsewhere
+        (the two-tier index keeps each complete spec's): :func:`rank` then skips computing it."""
+        self._kbar_cache[_kbar_key(PLAIN_VIEW, gamma)] = kbar_matrix
+
     @classmethod
-    def from_specs(cls, specs) -> FeatureBank:
+    def from_specs(cls, specs, popularity: list[float | None] | None = None) -> FeatureBank:
         """Specs padded to the most prompts and images per prompt (padded entries are masked off); each spec is
-        then re-pointed at its row of the bank, so its features exist once."""
+        then re-pointed at its row of the bank, so its features exist once. ``popularity``: per spec (the
+        ``download`` baseline's order; default: what each spec file stored)."""
         if not specs:
             raise ValueError("no specs to rank")
         keys = {(s.encoder_id, s.prompt_set_hash) for s in specs}
@@ -86,7 +98,7 @@ class FeatureBank:
             prompt=specs[0].prompt_features if shared else torch.stack([padded_rows(s.prompt_features) for s in specs]),
             done=mask.any(dim=2),
             pixel=_stack_shared(specs, "pixel_features", n_max, s_max),
-            popularity=[s.extra.get("popularity") for s in specs],
+            popularity=list(popularity) if popularity is not None else [s.extra.get("popularity") for s in specs],
             image_mask=mask,
         )
 
@@ -259,7 +271,7 @@ def rank(
         if view not in bank._kbar_cache:
             bank._kbar_cache[view] = median_gamma(image)
         gamma = bank._kbar_cache[view]
-    cache_key = (*view, round(gamma, 9))
+    cache_key = _kbar_key(view, gamma)
     if cache_key not in bank._kbar_cache:
         bank._kbar_cache[cache_key] = kbar(image, gamma, bank.mask, per_prompt_fill=bank.prompt.ndim == 2)
     scores, contributions = _weighted_scores(image, query, gamma, weights, bank.mask, bank._kbar_cache[cache_key])

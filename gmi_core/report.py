@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .engine import IdentifyResult
 from .images import png_data_uri
+from .results import IdentifyResult
 
 
 def write_report(
@@ -19,7 +19,7 @@ def write_report(
     thumbnail: Callable[[str, int], Image.Image],
     true_checkpoint: str | None = None,
 ) -> Path:
-    """``thumbnail(sha256, prompt_index)`` gives a spec image (Gmi.spec_thumbnail)."""
+    """``thumbnail(sha256, prompt_index)`` gives a spec image (SpecLibrary.thumbnail)."""
     rows = []
     for entry in result.ranking:
         thumbs = "".join(

@@ -22,17 +22,19 @@ from pathlib import Path
 
 from PIL import Image
 
-from .budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
+from .budgets import BUDGETS, DEFAULT_BUDGET, Budget
 from .encoders import ClipEncoder
-from .engine import Gmi, IdentifyResult, RankedCheckpoint
-from .errors import Busy, CheckpointError, EncoderUnavailable, GmiError, NoSpecsError, NotFound
+from .engine import Gmi
+from .errors import Busy, CheckpointError, EncoderLoading, EncoderUnavailable, GmiError, NoSpecsError, NotFound
+from .factory import make_engine
 from .families import FAMILIES, FAMILY_DEFAULTS, LIMITS, FamilySettings
 from .limits import (
     DEFAULT_TOP_K,
-    MAX_PROMPTS,
+    MAX_PROMPT_SET_PROMPTS,
     MAX_SEED,
     MAX_TEXT_FIELD,
     MAX_TOP_K,
+    READ_ROUTE_WAIT_S,
     SIZE_STEP,
     UploadTooLarge,
     json_safe,
@@ -40,6 +42,7 @@ from .limits import (
 from .prompts import PromptSet
 from .protocols import CheckpointSource, GenerationSettings
 from .ranker import DEFAULT_METHOD, METHODS
+from .results import IdentifyResult, RankedCheckpoint
 
 log = logging.getLogger("gmi")
 ThumbnailRef = Callable[[str, str, int], "str | None"]  # (sha256, prompt_set_hash, spec row) -> URL or data URI
@@ -63,13 +66,33 @@ class EnginePool:
         self._loading = threading.Lock()
         self._encoders: OrderedDict[object, ClipEncoder] = OrderedDict()
         self._engines: OrderedDict[tuple, Gmi] = OrderedDict()
+        self._background: dict[object, threading.Thread] = {}
+        self._failed: dict[object, GmiError] = {}
 
-    def encoder(self, key, load: Callable[[], ClipEncoder]) -> ClipEncoder:
-        """The encoder cached under ``key``, else ``load()`` (one load at a time, outside the pool's lock)."""
+    def encoder(self, key, load: Callable[[], ClipEncoder], wait: bool = True) -> ClipEncoder:
+        """The encoder cached under ``key``, else ``load()`` (one load at a time, outside the pool's lock).
+
+        ``wait=False`` (read routes: status, options, anything a UI polls) never waits on the host's model-loading
+        exclusion, which a running build may hold for its whole length: the load runs in the background, and if it
+        has not finished within ``limits.READ_ROUTE_WAIT_S`` :class:`EncoderLoading` is raised; a failed background
+        load is raised on the next ask."""
         with self._lock:
             if key in self._encoders:
                 self._encoders.move_to_end(key)
                 return self._encoders[key]
+            if not wait:
+                failed = self._failed.pop(key, None)
+                if failed is not None:
+                    raise failed
+                loader = self._load_in_background(key, load)
+        if not wait:
+            loader.join(READ_ROUTE_WAIT_S)
+            with self._lock:
+                if key in self._encoders:
+                    return self._encoders[key]
+                if key in self._failed:
+                    raise self._failed.pop(key)
+            raise EncoderLoading("the CLIP encoder is loading (a build may be holding the model loader); ask again")
         with self.loading_guard(), self._loading:
             with self._lock:
                 if key in self._encoders:
@@ -81,25 +104,47 @@ class EnginePool:
         gc.collect()  # the dropped encoders' weights go now, not at some later collection
         return encoder
 
+    def _load_in_background(self, key, load: Callable[[], ClipEncoder]) -> threading.Thread:
+        """One daemon load per key (called under the pool's lock); its error is kept for the next ask."""
+        running = self._background.get(key)
+        if running is not None and running.is_alive():
+            return running
+
+        def run() -> None:
+            try:
+                self.encoder(key, load)
+            except GmiError as exc:
+                with self._lock:
+                    self._failed[key] = exc
+            except Exception as exc:  # kept as a one-line error for the next ask, never lost
+                log.exception("gmi: background encoder load failed")
+                with self._lock:
+                    self._failed[key] = EncoderUnavailable(
+                        f"the CLIP encoder could not be loaded ({type(exc).__name__})"
+                    )
+
+        thread = threading.Thread(target=run, name="gmi-encoder-load", daemon=True)
+        self._background[key] = thread
+        thread.start()
+        return thread
+
     def engine(
         self,
         encoder: ClipEncoder,
         spec_root: Path,
         prompt_set: PromptSet,
-        budget: Budget | str | None = None,
+        budget: Budget,
         settings: FamilySettings | None = None,
         base_seed: int = 0,
     ) -> Gmi:
-        """The engine for these settings over ``spec_root`` (built once, then reused)."""
-        budget = parse_budget(budget)
+        """The engine for these settings over ``spec_root`` (built once, then reused); ``budget`` parsed where the
+        request came in (:func:`gmi_core.budgets.parse_budget`)."""
         settings = settings or FamilySettings.defaults()
         key = (id(encoder), str(spec_root), prompt_set.hash, budget, settings, base_seed)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None or engine.encoder is not encoder:
-                engine = Gmi(
-                    Path(spec_root), encoder, prompt_set, budget=budget, settings=settings, base_seed=base_seed
-                )
+                engine = make_engine(spec_root, encoder, prompt_set, budget, settings, base_seed)
                 self._engines[key] = engine
             self._engines.move_to_end(key)
             self._trim()
@@ -119,6 +164,7 @@ class EnginePool:
         with self._lock:
             self._encoders.clear()
             self._engines.clear()
+            self._failed.clear()
         gc.collect()
 
 
@@ -136,6 +182,7 @@ def status_payload(
         {
             "config": config,
             "encoder_id": engine.encoder.encoder_id,
+            "encoder_state": "ready",
             "prompt_set": {
                 "name": engine.prompt_set.name,
                 "hash": engine.prompt_set.hash,
@@ -149,6 +196,22 @@ def status_payload(
             "note": "" if statuses or skipped else empty_note,
         }
     )
+
+
+def status_loading_payload(config: dict, exc: EncoderLoading) -> dict:
+    """The status answer while the encoder loads: the same keys, no rows yet, ``encoder_state`` "loading"."""
+    return {
+        "config": config,
+        "encoder_id": None,
+        "encoder_state": "loading",
+        "prompt_set": None,
+        "budget": None,
+        "images_missing": 0,
+        "family_settings": {},
+        "checkpoints": [],
+        "skipped": [],
+        "note": str(exc),
+    }
 
 
 # -- identify ----------------------------------------------------------------------------------
@@ -210,7 +273,7 @@ def data_uri_thumbnails(engine: Gmi, size: int | None = None) -> ThumbnailRef:
 
     def ref(sha256: str, prompt_set_hash: str, index: int) -> str | None:
         try:
-            return png_data_uri(engine.spec_thumbnail(sha256, index, prompt_set_hash), size)
+            return png_data_uri(engine.library.thumbnail(sha256, index, prompt_set_hash), size)
         except GmiError:
             return None
 
@@ -230,10 +293,12 @@ def map_payload(engine: Gmi, source: CheckpointSource) -> dict:
     matrix, large for big libraries: ``gmi map --json`` has it)."""
     from .library_map import build_map
 
-    specs, excluded = engine.load_specs(source, include_not_installed=True)
-    if not specs:
-        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in excluded]}
-    data = build_map(specs, engine.prompt_features, excluded=excluded).to_dict()
+    loaded = engine.library.load(source, include_not_installed=True)
+    if not loaded.items:
+        return {"checkpoints": [], "groups": [], "excluded": [{"name": n, "reason": r} for n, r in loaded.excluded]}
+    data = build_map(
+        loaded.specs, engine.prompt_features, excluded=loaded.excluded, installed=loaded.installed
+    ).to_dict()
     data.pop("relative_distance")
     return json_safe(data)
 
@@ -289,7 +354,7 @@ def defaults_payload() -> dict:
             **{name: {"min": lo, "max": hi} for name, (lo, hi) in LIMITS.items()},
             "size_step": SIZE_STEP,
             "seed": {"min": 0, "max": MAX_SEED},
-            "max_prompts": {"min": 0, "max": MAX_PROMPTS},
+            "max_prompts": {"min": 0, "max": MAX_PROMPT_SET_PROMPTS},
             "top_k": {"min": 0, "max": MAX_TOP_K},
             "text": MAX_TEXT_FIELD,
         },

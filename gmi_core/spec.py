@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .budgets import cell_seed
 from .errors import GmiError, SpecError
 from .limits import check_settings
-from .paths import atomic_write
+from .paths import atomic_write, shown, without_path
 from .protocols import GenerationSettings
 from .safetensors_header import read_header as read_safetensors_header
 
@@ -189,24 +189,24 @@ class Spec:
         try:
             header, names, tensors = _read_safetensors(path, wanted)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
+            raise SpecError(f"spec file {shown(path)} is unreadable or truncated: {without_path(exc, path)}") from exc
         try:
             meta = json.loads(header["gmi"], parse_constant=_refuse_constant)
             if not isinstance(meta, dict):
                 raise ValueError("metadata is not an object")
         except (KeyError, ValueError) as exc:
-            raise SpecError(f"spec file {path} has no valid gmi metadata") from exc
+            raise SpecError(f"spec file {shown(path)} has no valid gmi metadata") from exc
         if meta.get("format_version") not in READABLE_VERSIONS:
             raise SpecError(
-                f"spec file {path} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}"
+                f"spec file {shown(path)} has format version {meta.get('format_version')}, expected {SPEC_FORMAT_VERSION}"
             )
         done_name = "image_done" if meta["format_version"] >= 2 else "done"  # version 1: whole prompts
         missing = [name for name in _TENSORS if (done_name if name == "image_done" else name) not in names]
         if missing:
-            raise SpecError(f"spec file {path} lacks tensors {missing}")
+            raise SpecError(f"spec file {shown(path)} lacks tensors {missing}")
         covered = meta if meta["format_version"] >= 2 else None  # version 1 checksummed the tensors only
         if verify and _content_hash(tensors, covered) != meta.get("content_sha256"):
-            raise SpecError(f"spec file {path} was modified after it was written (content checksum mismatch)")
+            raise SpecError(f"spec file {shown(path)} was modified after it was written (content checksum mismatch)")
         if done_name == "done":
             tensors["image_done"] = (
                 tensors.pop("done").bool()[:, None].expand(tensors["image_features"].shape[:2]).clone()
@@ -230,8 +230,8 @@ class Spec:
                 family=str(meta.get("family", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SpecError(f"spec file {path} has incomplete metadata: {exc}") from exc
-        spec.validate(str(path), values=verify)
+            raise SpecError(f"spec file {shown(path)} has incomplete metadata: {exc}") from exc
+        spec.validate(shown(path), values=verify)
         return spec
 
     def validate(self, origin: str = "spec", values: bool = True) -> None:
@@ -346,7 +346,7 @@ def read_thumbnail(path: Path, prompt_index: int) -> np.ndarray | None:
                 return None
             return handle.get_slice("thumbnails")[prompt_index : prompt_index + 1][0].numpy()
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise SpecError(f"spec file {path} is unreadable or truncated: {exc}") from exc
+        raise SpecError(f"spec file {shown(path)} is unreadable or truncated: {without_path(exc, path)}") from exc
 
 
 def pixel_feature(image) -> np.ndarray:

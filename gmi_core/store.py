@@ -29,6 +29,11 @@ MANIFEST = "manifest.json"
 SETTLED_NS = 2 * 10**9  # a folder or manifest changed this recently may change again within its mtime tick: not cached
 
 
+def file_stamp(st: os.stat_result) -> tuple[float, int, int]:
+    """The version of a file a verification holds for: mtime, size and ctime (which ``utime`` cannot set back)."""
+    return (st.st_mtime, st.st_size, st.st_ctime_ns)
+
+
 @dataclass
 class ManifestEntry:
     file: str  # relative to the store root
@@ -46,6 +51,11 @@ class ManifestEntry:
     image_counts: list[int]  # rendered images per prompt (set order)
     size: int = -1
     family: str = ""
+    ctime_ns: int = -1  # what os.utime cannot restore: an in-place change with its mtime put back is verified again
+
+    @property
+    def stamp(self) -> tuple[float, int, int]:
+        return (self.mtime, self.size, self.ctime_ns)
 
     @property
     def images_done(self) -> int:
@@ -144,12 +154,12 @@ class SpecStore:
                 st = os.stat(os.path.join(self.root, rel))
             except OSError:
                 continue
-            stamp = (st.st_mtime, st.st_size)
+            stamp = file_stamp(st)
             entry, problem = manifest.get(rel), known_problems.get(rel)
-            if entry is not None and (entry.mtime, entry.size) == stamp:
+            if entry is not None and entry.stamp == stamp:
                 entries[rel] = entry
                 continue
-            if problem is not None and (problem["mtime"], problem["size"]) == stamp:
+            if problem is not None and (problem["mtime"], problem["size"], problem["ctime_ns"]) == stamp:
                 problems[rel] = problem
                 continue
             dirty = True
@@ -157,7 +167,7 @@ class SpecStore:
             if entry is not None:
                 entries[rel] = entry
             else:
-                problems[rel] = {"mtime": stamp[0], "size": stamp[1], "reason": reason}
+                problems[rel] = {"mtime": stamp[0], "size": stamp[1], "ctime_ns": stamp[2], "reason": reason}
         if dirty:
             self._write_manifest(entries, problems)
         ordered = sorted(entries.values(), key=lambda e: (e.checkpoint_name.lower(), e.file))
@@ -203,14 +213,14 @@ class SpecStore:
         rel = str(path.relative_to(self.root))
         entries, problems = self._read_manifest()
         entries.pop(rel, None)
-        problems[rel] = {"mtime": st.st_mtime, "size": st.st_size, "reason": redact(reason)}
+        problems[rel] = {"mtime": st.st_mtime, "size": st.st_size, "ctime_ns": st.st_ctime_ns, "reason": redact(reason)}
         self._write_manifest(entries, problems)
 
     def fingerprint(self) -> str:
         """Changes whenever a spec file is written, replaced or removed."""
         return ";".join(f"{e.file}@{e.mtime}" for e in self.entries())
 
-    def _verify(self, path: Path, stamp: tuple[float, int]) -> tuple[ManifestEntry | None, str]:
+    def _verify(self, path: Path, stamp: tuple[float, int, int]) -> tuple[ManifestEntry | None, str]:
         """(entry, "") when identification would accept the file at this path, else (None, reason)."""
         try:
             spec = Spec.load(path)
@@ -227,7 +237,7 @@ class SpecStore:
             return None, f"unreadable ({exc.strerror or exc})"
         return self._entry_from_spec(path, spec, stamp), ""
 
-    def _entry_from_spec(self, path: Path, spec: Spec, stamp: tuple[float, int]) -> ManifestEntry:
+    def _entry_from_spec(self, path: Path, spec: Spec, stamp: tuple[float, int, int]) -> ManifestEntry:
         return ManifestEntry(
             file=str(path.relative_to(self.root)),
             checkpoint_name=spec.checkpoint_name,
@@ -244,6 +254,7 @@ class SpecStore:
             image_counts=[int(c) for c in spec.image_counts],
             size=stamp[1],
             family=spec.family,
+            ctime_ns=stamp[2],
         )
 
     def _valid_entry(self, rel: str, fields) -> ManifestEntry | None:
@@ -259,7 +270,7 @@ class SpecStore:
                 and isinstance(entry.settings, dict)
                 and all(
                     type(getattr(entry, f)) is int and getattr(entry, f) >= 0
-                    for f in ("prompts_done", "prompts_total", "images_per_prompt", "size")
+                    for f in ("prompts_done", "prompts_total", "images_per_prompt", "size", "ctime_ns")
                 )
                 and isinstance(entry.mtime, (int, float))
                 and isinstance(entry.complete, bool)
@@ -305,8 +316,9 @@ class SpecStore:
                 and isinstance(item.get("reason"), str)
                 and isinstance(item.get("mtime"), (int, float))
                 and type(item.get("size")) is int
+                and type(item.get("ctime_ns")) is int
             ):
-                problems[rel] = {"mtime": item["mtime"], "size": item["size"], "reason": item["reason"][:500]}
+                problems[rel] = {k: item[k] for k in ("mtime", "size", "ctime_ns")} | {"reason": item["reason"][:500]}
         return entries, problems
 
     def _write_manifest(self, entries: dict[str, ManifestEntry], problems: dict[str, dict] | None = None) -> None:
@@ -320,7 +332,7 @@ class SpecStore:
     def _update_manifest(self, path: Path, spec: Spec) -> None:
         entries, problems = self._read_manifest()
         st = path.stat()
-        entry = self._entry_from_spec(path, spec, (st.st_mtime, st.st_size))
+        entry = self._entry_from_spec(path, spec, file_stamp(st))
         entries[entry.file] = entry
         problems.pop(entry.file, None)
         self._write_manifest(entries, problems)

@@ -8,11 +8,11 @@ from comfy_api.latest import io
 
 from ..gmi_core.budgets import BUDGETS
 from ..gmi_core.families import FAMILY_DEFAULTS
-from ..gmi_core.limits import MAX_PROMPTS, MAX_SEED, check_settings
+from ..gmi_core.limits import MAX_PROMPT_SET_PROMPTS, MAX_SEED, check_settings
 from ..gmi_core.loras import MODEL_KINDS
 from ..gmi_core.paths import one_line
 from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
-from . import engines, events, loras, settings
+from . import engines, events, loras, settings, workflow_template
 from .encoder_node import Encoder
 from .host import ComfyGenerator
 
@@ -118,7 +118,7 @@ class GMIBuildSpecs(io.ComfyNode):
                     optional=True,
                     default=d["max_prompts"],
                     min=0,
-                    max=MAX_PROMPTS,
+                    max=MAX_PROMPT_SET_PROMPTS,
                     tooltip=(
                         "Use only the first N prompts of the set; 0 = every prompt. A cut set is another prompt set: "
                         "prefer a smaller budget."
@@ -130,6 +130,18 @@ class GMIBuildSpecs(io.ComfyNode):
                     multiline=True,
                     default="",
                     tooltip="Checkpoint file names, one per line (used when which = listed).",
+                ),
+                io.String.Input(
+                    "workflow",
+                    optional=True,
+                    multiline=True,
+                    default="",
+                    tooltip=(
+                        "Optional: your own workflow renders the spec images instead of the family recipes. Paste it "
+                        "(API format or a saved workflow's JSON) or give the name of a saved workflow. Title the model "
+                        "loader 'gmi:model', the positive prompt's text encode 'gmi:prompt' and the sampler (or noise) "
+                        "node 'gmi:seed'; gmi swaps only those values."
+                    ),
                 ),
                 io.String.Input(
                     "negative_prompt",
@@ -197,11 +209,14 @@ class GMIBuildSpecs(io.ComfyNode):
         max_prompts=0,
         checkpoints="",
         negative_prompt="",
+        workflow="",
         models="checkpoints",
         lora_strengths="1",
         lora_bases="",
     ) -> io.NodeOutput:
+        template = workflow_template.parse(workflow) if (workflow or "").strip() else None  # checked before any work
         per_family = settings.family_settings(family_settings, sampler_name, scheduler, negative_prompt)
+        per_family = workflow_template.with_template(per_family, template)
         for _, family_row in per_family.rows:
             check_settings(family_row, *sampler_choices())
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
@@ -210,7 +225,10 @@ class GMIBuildSpecs(io.ComfyNode):
         source = loras.model_source(engines.source(), engines.hash_cache(), lora_choices, models)
         plan = engine.plan(source, parse_which(which, checkpoints))
         bar = events.NodeProgress(plan.images)
-        generator = ComfyGenerator(on_image=bar.step)
+        if template is None:
+            generator = ComfyGenerator(on_image=bar.step, hash_cache=engines.hash_cache())
+        else:
+            generator = workflow_template.TemplateGenerator(template, on_image=bar.step)
         settings.save(
             {
                 "encoder": getattr(encoder, "gmi_choice", settings.DEFAULTS["encoder"]),

@@ -10,14 +10,16 @@ from pathlib import Path
 from ..gmi_core import service
 from ..gmi_core.budgets import Budget, parse_budget
 from ..gmi_core.encoder_registry import encoder_names, parse_encoder_name
-from ..gmi_core.encoders import ClipEncoder, load_encoder
+from ..gmi_core.encoders import ClipEncoder
 from ..gmi_core.engine import Gmi
 from ..gmi_core.errors import InvalidInput, NotFound
+from ..gmi_core.factory import EncoderFolders, open_encoder
 from ..gmi_core.families import FamilySettings
+from ..gmi_core.hashing import HASH_CACHE_FILE
 from ..gmi_core.paths import resolve_inside
-from ..gmi_core.prompts import BUILTIN_SETS, PromptSet, load_prompt_set
+from ..gmi_core.prompts import BUILTIN_SETS, DEFAULT_PROMPT_SET, PromptSet, load_prompt_set
 from ..gmi_core.store import SpecStore
-from . import host, settings
+from . import host, settings, split_models
 
 log = logging.getLogger("gmi")
 POOL = service.EnginePool()
@@ -33,31 +35,30 @@ def downloads_allowed(requested: bool = True) -> bool:
     return bool(requested) and os.environ.get(ENV_ALLOW_DOWNLOAD, "1").strip().lower() not in ("0", "false", "no")
 
 
-def get_encoder(name: str, allow_download: bool = True) -> ClipEncoder:
-    """An encoder by the name shown in the loader: a known encoder, or a gmi encoder file in models/gmi."""
+def get_encoder(name: str, allow_download: bool = True, wait: bool = True) -> ClipEncoder:
+    """An encoder by the name shown in the loader: a known encoder, or a gmi encoder file in models/gmi.
+    ``wait=False`` (read routes): raise EncoderLoading instead of waiting for a load."""
     if not isinstance(name, str) or not name:
         raise InvalidInput("name an encoder")
+    if parse_encoder_name(name) is None and name not in encoder_choices():  # files listed in models/gmi, by name
+        raise NotFound(f"no encoder {name[:200]!r}: name a known encoder or a gmi encoder file in models/gmi")
 
     def load() -> ClipEncoder:
         if parse_encoder_name(name) is None:
-            if name not in encoder_choices():  # only files ComfyUI lists in models/gmi, by their listed name
-                raise NotFound(f"no encoder {name[:200]!r}: name a known encoder or a gmi encoder file in models/gmi")
             path = resolve_inside(name, host.encoder_own_dirs(), "encoder file")
-            encoder = load_encoder(str(path), placement=host.ComfyPlacement())
+            encoder = open_encoder(str(path), placement=host.ComfyPlacement())
         else:
-            encoder = load_encoder(
+            encoder = open_encoder(
                 name,
-                search_dirs=host.encoder_search_dirs(),
-                own_dirs=host.encoder_own_dirs(),
-                allow_download=downloads_allowed(allow_download),
-                download_dir=host.encoder_download_dir(),
+                EncoderFolders(host.encoder_own_dirs(), host.encoder_search_dirs(), host.encoder_download_dir()),
+                downloads_allowed(allow_download),
                 placement=host.ComfyPlacement(),
                 progress=host.download_progress(),
             )
         encoder.gmi_choice = name  # remembered for the side panel's "Build missing specs"
         return encoder
 
-    return POOL.encoder(name, load)
+    return POOL.encoder(name, load, wait=wait)
 
 
 ENV_WARM = "GMI_WARM_ON_START"  # "1": load the panel's encoder and label embeddings after start
@@ -68,7 +69,9 @@ def warm_in_background() -> threading.Thread | None:
     if os.environ.get(ENV_WARM, "").strip() not in ("1", "true", "yes"):
         return None
     return service.warm_in_background(
-        lambda: get_engine(get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set("platform"))
+        lambda: get_engine(
+            get_encoder(settings.load()["encoder"], allow_download=False), get_prompt_set(DEFAULT_PROMPT_SET)
+        )
     )
 
 
@@ -106,7 +109,7 @@ def store() -> SpecStore:
 
 
 def hash_cache() -> Path:
-    return host.gmi_user_dir() / "hash_cache.json"
+    return host.gmi_user_dir() / HASH_CACHE_FILE
 
 
 def source() -> host.ComfyCheckpointSource:
@@ -122,4 +125,6 @@ def get_engine(
 ) -> Gmi:
     """The engine for these settings; ``budget=None`` (identify, status): the panel's last budget."""
     budget = parse_budget(budget if budget is not None else settings.load()["budget"])
+    if family_settings is None:  # identify, status: the family defaults with the split-model parts the folders hold
+        family_settings = FamilySettings.defaults(components=split_models.family_components(hash_cache()))
     return POOL.engine(encoder, spec_root(), prompt_set, budget, family_settings, base_seed)

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..gmi_core.checkpoints import list_checkpoint_files
+from ..gmi_core.checkpoints import inspect_model, list_checkpoint_files
 from ..gmi_core.encoder_files import inspect_weights
 from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
 from ..gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
+from . import recipes, split_models
 from .loras import apply_lora
 
 log = logging.getLogger("gmi")
@@ -152,6 +153,9 @@ def checkpoint_path(name: str) -> Path:
     """The file behind a checkpoint name, only ever through ``folder_paths``."""
     import folder_paths
 
+    split = split_models.split_path(name)
+    if split:
+        return split
     path = folder_paths.get_full_path("checkpoints", name)
     if not path:
         raise CheckpointError(f"no checkpoint named {name!r} in the checkpoints folders")
@@ -176,8 +180,8 @@ class ComfyCheckpointSource:
 
     def list_checkpoints(self) -> CheckpointListing:
         # ComfyUI loads .ckpt files itself with weights_only=True, so they need not be refused here.
-        files = ((name, checkpoint_path(name)) for name in checkpoint_names())
-        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True)
+        files = [(name, checkpoint_path(name)) for name in checkpoint_names()] + split_models.split_files()
+        return list_checkpoint_files(files, self.hash_cache, allow_pickle=True, renders=split_models.comfy_renders)
 
 
 def load_checkpoint(path: Path):
@@ -192,6 +196,19 @@ def load_checkpoint(path: Path):
     if model is None or clip is None or vae is None:
         raise CheckpointError(f"{Path(path).name}: ComfyUI could not load a model, CLIP and VAE from it")
     return model, clip, vae
+
+
+def load_winner(engine, name: str, sha256: str):
+    """(MODEL, CLIP, VAE) of an identified checkpoint: a split model with the text encoders and VAE its spec was
+    rendered with (else the family's current choice), through the same loaders the build used."""
+    path = checkpoint_path(name)
+    if not name.startswith(split_models.SPLIT_PREFIX):
+        return load_checkpoint(path)
+    family = split_models.comfy_renders(inspect_model(path), path).family
+    settings = split_models.recorded_settings(engine, sha256) or engine.settings_for(
+        CheckpointInfo(name, path, sha256, family=family, layout="split")
+    )
+    return split_models.load_split(path, family, settings)
 
 
 # Samplers that draw fresh noise while sampling: ComfyUI seeds that noise once per batch, so an image in a batch
@@ -219,18 +236,35 @@ class ComfyGenerator:
     the batch.
     """
 
-    def __init__(self, on_image=None):
+    def __init__(self, on_image=None, hash_cache: Path | None = None):
         self.on_image = on_image  # called with the number of images finished (progress bar)
-        self._loaded: tuple[Path, tuple] | None = None
+        self.parts = split_models.SplitParts(hash_cache)  # a split model's encoders and VAE, shared across the build
+        self._loaded: tuple[tuple, tuple] | None = None
         self._negative: tuple[tuple, object] | None = None  # the loaded model's encoding of the negative prompt
         self._lora: tuple[str, tuple] | None = None  # (combination key, patched MODEL and CLIP)
 
-    def _models(self, checkpoint: CheckpointInfo):
-        if self._loaded is None or self._loaded[0] != Path(checkpoint.path):
-            self.release()
+    def _models(self, checkpoint: CheckpointInfo, settings: GenerationSettings):
+        key = (
+            Path(checkpoint.path),
+            settings.text_encoders,
+            settings.vae,
+            settings.shift,
+            settings.width,
+            settings.height,
+        )
+        if self._loaded is None or self._loaded[0] != key:
+            self.release()  # never two diffusion models at once
             self._negative = None
             try:
-                self._loaded = (Path(checkpoint.path), load_checkpoint(checkpoint.path))
+                if checkpoint.layout == "split":
+                    models = split_models.load_split(checkpoint.path, checkpoint.family, settings, self.parts)
+                else:
+                    models = load_checkpoint(checkpoint.path)
+                model, clip, vae = models
+                model = recipes.patch_model_sampling(
+                    model, checkpoint.family, settings.shift, settings.width, settings.height
+                )
+                self._loaded = (key, (model, clip, vae))
             except CheckpointError:
                 raise
             except Exception as exc:
@@ -241,10 +275,10 @@ class ComfyGenerator:
         import comfy.model_management as mm
         import comfy.sample
 
-        model, clip, vae = self._models(checkpoint)  # a LoRA's base (same path): loaded once for all its LoRAs
+        model, clip, vae = self._models(checkpoint, settings)  # a LoRA's base (same path): loaded once for its LoRAs
         if checkpoint.lora is not None:
             model, clip = self._with_lora(checkpoint, model, clip)
-        positive = _encode(clip, prompt)
+        positive = recipes.with_guidance(_encode(clip, prompt), settings.guidance)
         if self._negative is None or self._negative[0] != (checkpoint.sha256, settings.negative_prompt):
             self._negative = ((checkpoint.sha256, settings.negative_prompt), _encode(clip, settings.negative_prompt))
         negative = self._negative[1]
@@ -252,7 +286,7 @@ class ComfyGenerator:
         images = []
         for group in groups:
             mm.throw_exception_if_processing_interrupted()
-            latent = torch.zeros([len(group), 4, settings.height // 8, settings.width // 8])
+            latent = recipes.empty_latent(len(group), settings.latent_channels, settings.width, settings.height)
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
             samples = comfy.sample.sample(
                 model,

@@ -8,13 +8,14 @@ from urllib.parse import urlencode
 from comfy_api.latest import io
 
 from ..gmi_core import service
-from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPTS, MAX_TOP_K
+from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPT_SET_PROMPTS, MAX_TOP_K
 from ..gmi_core.loras import MODEL_KINDS
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.protocols import ListedCheckpoints
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from . import engines, loras, settings
 from .encoder_node import Encoder
-from .host import checkpoint_path, load_checkpoint, tensor_to_pils
+from .host import load_winner, tensor_to_pils
 
 
 def thumbnail_urls(encoder_id: str):
@@ -81,7 +82,7 @@ class GMIIdentify(io.ComfyNode):
                     "prompt_set",
                     optional=True,
                     options=engines.prompt_set_choices(),
-                    default="platform",
+                    default=DEFAULT_PROMPT_SET,
                     tooltip="The prompt set the specs were built with.",
                 ),
                 io.Int.Input(
@@ -89,7 +90,7 @@ class GMIIdentify(io.ComfyNode):
                     optional=True,
                     default=0,
                     min=0,
-                    max=MAX_PROMPTS,
+                    max=MAX_PROMPT_SET_PROMPTS,
                     tooltip="The max_prompts the specs were built with (0 = the whole set).",
                 ),
                 io.Boolean.Input(
@@ -160,7 +161,7 @@ class GMIIdentify(io.ComfyNode):
         top_k,
         pick_rank,
         prompt="",
-        prompt_set="platform",
+        prompt_set=DEFAULT_PROMPT_SET,
         max_prompts=0,
         include_not_installed=False,
         models="both",
@@ -177,11 +178,12 @@ class GMIIdentify(io.ComfyNode):
         listed = next((c for c in source.listing.checkpoints if c.sha256 == chosen.sha256), None)
         lora_name, lora_strength, checkpoint_name = "", 0.0, chosen.name
         if listed is not None and listed.lora is not None:
-            model, clip, vae = load_checkpoint(listed.lora.base.path)
+            base = listed.lora.base
+            model, clip, vae = load_winner(engine, base.name, base.sha256)
             model, clip = loras.apply_lora(model, clip, listed)
-            lora_name, lora_strength, checkpoint_name = listed.lora.name, listed.lora.strength, listed.lora.base.name
+            lora_name, lora_strength, checkpoint_name = listed.lora.name, listed.lora.strength, base.name
         else:
-            model, clip, vae = load_checkpoint(checkpoint_path(chosen.name))
+            model, clip, vae = load_winner(engine, chosen.name, chosen.sha256)
         ranking = service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k, pick_rank=pick_rank)
         text = json.dumps(ranking, indent=1)
         return io.NodeOutput(

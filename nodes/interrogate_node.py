@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from . import engines
 from .encoder_node import Encoder
 from .host import tensor_to_pils
@@ -34,6 +35,6 @@ class GMIInterrogate(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder, image) -> io.NodeOutput:
-        engine = engines.get_engine(encoder, engines.get_prompt_set("platform"))
+        engine = engines.get_engine(encoder, engines.get_prompt_set(DEFAULT_PROMPT_SET))
         text = engine.interrogate(tensor_to_pils(image))
         return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -57,7 +57,7 @@ def _max_prompts(fields: dict, default: int) -> int:
         return default
     if str(value).strip() == "0":  # 0 = the whole prompt set
         return 0
-    return limits.positive_int("max_prompts", value, limits.MAX_PROMPTS)
+    return limits.positive_int("max_prompts", value, limits.MAX_PROMPT_SET_PROMPTS)
 
 
 def _engine(fields: dict):
@@ -90,8 +90,10 @@ async def read_json_body(request) -> dict:
         raise limits.UploadTooLarge(f"upload larger than {limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
     counter = limits.ByteCounter(limits.MAX_UPLOAD_BYTES)
     chunks = [counter.add(chunk) async for chunk in request.content.iter_chunked(64 * 1024)]
+    body = b"".join(chunks)
+    limits.check_json_depth(body)  # bounded before the parser recurses
     try:
-        fields = json.loads(b"".join(chunks).decode("utf-8"))
+        fields = json.loads(body.decode("utf-8"))
     except (UnicodeError, ValueError):
         raise InvalidInput("the body is not valid JSON") from None
     if not isinstance(fields, dict):

@@ -21,6 +21,7 @@ import re
 
 from ..gmi_core import limits, service
 from ..gmi_core.errors import (
+    EncoderLoading,
     EncoderUnavailable,
     InvalidInput,
     NotFound,
@@ -29,6 +30,7 @@ from ..gmi_core.errors import (
 from ..gmi_core.images import load_image, png_bytes
 from ..gmi_core.observed import OBSERVED
 from ..gmi_core.paths import one_line, redact
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
 from ..gmi_core.spec import SpecKey
 from . import engines, settings
@@ -47,7 +49,7 @@ def _count(name: str, value, default: int, allow_zero: bool = True) -> int:
         return default
     if allow_zero and str(value).strip() == "0":
         return 0
-    return limits.positive_int(name, value, limits.MAX_TOP_K)
+    return limits.check_number(name, value)  # each number its own range (the validation table)
 
 
 def _flag(name: str, value) -> bool:
@@ -70,10 +72,7 @@ def status_config(query) -> dict:
         if isinstance(default, int):
             config[key] = _count(key, value, default)
         elif isinstance(default, float):
-            try:
-                config[key] = float(value)
-            except ValueError:
-                raise InvalidInput(f"{key} must be a number") from None
+            config[key] = float(limits.check_number(key, value))
         else:
             config[key] = str(value)[: limits.MAX_TEXT_FIELD]
     return config
@@ -91,7 +90,10 @@ def family_settings(config: dict):
 def status_payload(config: dict) -> dict:
     """Per-checkpoint spec state for the panel, for the given (or the last used) build settings."""
     per_family = family_settings(config)
-    encoder = engines.get_encoder(config["encoder"])
+    try:
+        encoder = engines.get_encoder(config["encoder"], wait=False)  # a poll never waits for a load
+    except EncoderLoading as exc:
+        return service.status_loading_payload(config, exc)
     prompts = engines.get_prompt_set(config["prompt_set"], config["max_prompts"])
     engine = engines.get_engine(encoder, prompts, config["budget"], per_family, config["seed"])
     return service.status_payload(
@@ -114,7 +116,7 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
         raise InvalidInput(f"unknown method {method[:40]!r}; one of {', '.join(METHODS)}")
     images = [load_image(data, name=f"image {i + 1}") for i, (_, data) in enumerate(raw_images)]
     encoder = engines.get_encoder(fields.get("encoder") or settings.load()["encoder"])
-    prompts = engines.get_prompt_set(fields.get("prompt_set") or "platform", max_prompts)
+    prompts = engines.get_prompt_set(fields.get("prompt_set") or DEFAULT_PROMPT_SET, max_prompts)
     engine = engines.get_engine(encoder, prompts)
     result = service.identify(engine, images, engines.source(), fields.get("prompt"), method, include_not_installed)
     return service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k)
@@ -152,13 +154,14 @@ async def read_upload(request) -> tuple[list[tuple[str, bytes]], dict]:
         raise InvalidInput("send multipart/form-data with the image(s) as file fields")
     if request.content_length is not None and request.content_length > limits.MAX_UPLOAD_BYTES:
         raise limits.UploadTooLarge(f"upload larger than {limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
-    counter = limits.ByteCounter()
+    counter, parts = limits.ByteCounter(), limits.FieldCounter()
     files, fields = [], {}
     try:
         reader = await request.multipart()
         async for part in reader:
             if part is None:
                 break
+            parts.add()  # bounded before the part is read: 20,000 empty fields never stall the server
             chunks = []
             while True:
                 chunk = await part.read_chunk(64 * 1024)

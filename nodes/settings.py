@@ -9,13 +9,15 @@ import re
 from ..gmi_core.budgets import DEFAULT_BUDGET
 from ..gmi_core.encoder_registry import DEFAULT_ENCODER
 from ..gmi_core.families import FamilySettings, parse_overrides
+from ..gmi_core.hashing import HASH_CACHE_FILE
 from ..gmi_core.paths import write_json_atomic
+from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.protocols import GenerationSettings
-from . import host
+from . import host, split_models
 
 DEFAULTS = {  # every value from its one place in gmi_core
     "encoder": DEFAULT_ENCODER,
-    "prompt_set": "platform",
+    "prompt_set": DEFAULT_PROMPT_SET,
     "max_prompts": 0,
     "budget": DEFAULT_BUDGET,
     "family_settings": "",
@@ -55,7 +57,9 @@ def save(values: dict) -> None:
 
 
 def family_settings(text: str, sampler: str, scheduler: str, negative_prompt: str = "") -> FamilySettings:
-    """Per-family settings from the Build node's text (``sdxl.steps=30, sd1.width=640``; empty: the defaults)."""
+    """Per-family settings from the Build node's text (``sdxl.steps=30, sd1.width=640``; empty: the defaults), with
+    the text encoders and VAE the folders hold per family for split models (``flux-dev.vae=ae.safetensors``)."""
     items = [item for item in re.split(r"[\s,;]+", text or "") if item]
     base = GenerationSettings(sampler=sampler, scheduler=scheduler, negative_prompt=negative_prompt or "")
-    return FamilySettings.defaults(base, parse_overrides(items))
+    components = split_models.family_components(host.gmi_user_dir() / HASH_CACHE_FILE)
+    return FamilySettings.defaults(base, parse_overrides(items), components)

@@ -11,7 +11,9 @@ import importlib
 import importlib.util
 import io
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,10 @@ def world(webui, encoder_file, tmp_path):
     prompts.parent.mkdir(parents=True)
     prompts.write_text(json.dumps(["a red car", "a portrait of a woman", "a bowl of fruit"]))
     opts = webui.shared.opts
-    opts.set("gmi_encoder", str(encoder_file))
+    clip = webui.models_path / "gmi" / "clip"  # a setting may name files inside the WebUI's folders only
+    clip.mkdir(parents=True, exist_ok=True)
+    shutil.copy(encoder_file, clip / encoder_file.name)
+    opts.set("gmi_encoder", str(clip / encoder_file.name))
     opts.set("gmi_prompt_set", prompts.name)
     opts.set("gmi_budget", "allx2")
     opts.set("gmi_sd1_steps", 3)
@@ -74,6 +79,16 @@ def b64png(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def ready_specs(client, **kwargs):
+    """GET /gmi/v1/specs until the encoder has loaded (the route answers "loading" rather than wait, issue 18)."""
+    deadline = time.monotonic() + 120
+    while True:
+        r = client.get("/gmi/v1/specs", **kwargs)
+        if r.status_code != 200 or r.json()["encoder_state"] != "loading" or time.monotonic() > deadline:
+            return r
+        time.sleep(0.1)
 
 
 def load_entry_script(name: str):
@@ -224,7 +239,8 @@ def test_build_job_holds_queue_lock_reports_progress_and_identifies(world, monke
     monkeypatch.setitem(sys.modules, "gradio", type(sys)("gradio"))  # ui.py imports it; status_rows uses none of it
     _, names, todo, note = gmi("ui").status_rows()  # the Build tab renders the same payload
     assert names == [c["name"] for c in status["checkpoints"]] and not todo
-    assert str(world.models_path / "gmi") in note and "gmi-tiny-clip-s0" in note and "sd1 64x64, 3 steps" in note
+    assert "specs in <code>gmi</code>" in note and str(world.root) not in note  # relative to models/, issue 18
+    assert "gmi-tiny-clip-s0" in note and "sd1 64x64, 3 steps" in note
     # an unseen prompt and seed from each checkpoint ranks it first
     fake = world
     for info in sorted(
@@ -364,9 +380,12 @@ def test_missing_encoder_gives_a_clear_message(webui, monkeypatch):
     with pytest.raises(EncoderUnavailable) as err:
         runtime.get_engine()
     message = str(err.value)
-    assert "ViT-L-14" in message and "Settings > GMI" in message and str(webui.models_path / "gmi" / "clip") in message
+    assert "ViT-L-14" in message and "Settings > GMI" in message and "models/gmi/clip" in message
+    assert str(webui.root) not in message  # the folder relative to the models folder, no server path (issue 18)
     with pytest.raises(api.HTTPException) as http:
-        api.specs()
+        for _ in range(600):  # the status route answers "loading" until the background load has failed
+            api.specs()
+            time.sleep(0.1)
     assert http.value.status_code == 503
 
 
@@ -426,7 +445,7 @@ def test_routes_use_the_webui_api_auth(world):
             assert r.status_code == 401, (method, path, auth, r.text)
             assert r.headers["www-authenticate"] == "Basic"
     assert not world.process_calls and world.shared.opts.sd_model_checkpoint == "model_0.safetensors"  # nothing ran
-    r = client.get("/gmi/v1/specs", auth=("alice", "s3cret"))
+    r = ready_specs(client, auth=("alice", "s3cret"))
     assert r.status_code == 200 and {c["name"] for c in r.json()["checkpoints"]} >= {"model_0.safetensors"}
     assert client.get("/gmi/v1/build", auth=("bob", "pw2")).status_code == 404  # authenticated; no job yet
     from gmi_core.service import defaults_payload

@@ -11,7 +11,8 @@ import torch
 
 from gmi_core import ranker
 from gmi_core.bench import run_bench
-from gmi_core.bench.synthetic import SimConfig, evaluate_family, make_family
+from gmi_core.bench.simulation import SimConfig, make_family
+from gmi_core.bench.synthetic import evaluate_family
 from gmi_core.fastrank import (
     concat_kbar,
     concat_means,

@@ -201,14 +201,15 @@ def test_family_settings_come_from_the_checkpoint_header(tmp_path):
     with pytest.raises(GmiError, match="between 64 and 4096"):
         FamilySettings.defaults(overrides=parse_overrides(["sdxl.width=8192"]))
     with pytest.raises(GmiError, match="unknown checkpoint family"):
-        FamilySettings.defaults(overrides=parse_overrides(["sd3.steps=4"]))
+        FamilySettings.defaults(overrides=parse_overrides(["sd4.steps=4"]))
 
 
 @pytest.mark.parametrize("centre", [False, True], ids=["gmi", "gmi_centred"])
 def test_budget_curve_scores_what_the_ranker_ranks_for_a_spec_of_that_budget(centre):
     """bench synthetic's batched budget estimator equals ranker.rank on a bank of specs built to the budget (cells
     outside it zero and masked off, as a partial spec holds them), for the default and the centred estimator."""
-    from gmi_core.bench.synthetic import SimConfig, budget_scores, make_family
+    from gmi_core.bench.simulation import SimConfig, make_family
+    from gmi_core.bench.synthetic import budget_scores
 
     cfg = SimConfig(d=32, n_platform=10, n_eval=3, images_per_prompt=4)
     world, platform, evaluation = make_family("e_subtle_x16", cfg, 5, 6)

@@ -91,7 +91,8 @@ def _fake_comfy(state: dict):
     utils.ProgressBar = ProgressBar
     samplers = types.ModuleType("comfy.samplers")
     samplers.KSampler = types.SimpleNamespace(
-        SAMPLERS=["euler", "euler_ancestral", "dpmpp_2m", "ddim"], SCHEDULERS=["normal", "karras", "simple"]
+        SAMPLERS=["euler", "euler_ancestral", "dpmpp_2m", "ddim"],
+        SCHEDULERS=["normal", "karras", "simple", "sgm_uniform", "beta"],
     )
     return {"model_management": mm, "utils": utils, "model_patcher": patcher, "samplers": samplers}
 
@@ -163,7 +164,7 @@ class FakeGenerator:
     interrupt_after: int | None = None
     state: ClassVar[dict] = {}
 
-    def __init__(self, on_image=None):
+    def __init__(self, on_image=None, hash_cache=None):
         self.on_image = on_image
 
     def generate(self, checkpoint, prompt, seeds, settings):
@@ -214,7 +215,9 @@ def env(tmp_path, monkeypatch):
         loaded.append(Path(path).name)
         return (f"MODEL<{Path(path).name}>", f"CLIP<{Path(path).name}>", f"VAE<{Path(path).name}>")
 
-    monkeypatch.setattr(nodes.identify_node, "load_checkpoint", fake_load)
+    monkeypatch.setattr(
+        nodes.identify_node, "load_winner", lambda engine, name, sha: fake_load(nodes.host.checkpoint_path(name))
+    )
     FakeGenerator.calls, FakeGenerator.interrupt_after, FakeGenerator.state, FakeGenerator.sizes = [], None, state, {}
 
     ckpts = tmp_path / "models" / "checkpoints"
@@ -373,7 +376,8 @@ def test_missing_clip_weights_give_a_clear_message(env):
     with pytest.raises(errors.EncoderUnavailable) as err:
         load_encoder(env, "ViT-L-14/openai", allow_download=False)
     text = str(err.value)
-    assert "ViT-L-14" in text and str(env.base / "models" / "gmi") in text and "clip_vision" in text
+    assert "ViT-L-14" in text and "models/gmi/" in text and "clip_vision" in text
+    assert str(env.base) not in text  # folders by their last components, no server path (issue 18)
 
 
 def test_build_reports_skips_and_progress(env):

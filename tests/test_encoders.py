@@ -23,6 +23,7 @@ from gmi_core.encoders import load_encoder, save_encoder, tiny_encoder
 from gmi_core.errors import EncoderUnavailable
 from gmi_core.hashing import sha256_file, short_hash
 from gmi_core.interrogator import Interrogator, load_vocabulary
+from gmi_core.paths import shown
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -220,16 +221,17 @@ def test_offline_error_names_every_place_tried_and_the_fix(tmp_path, monkeypatch
         )
     message = str(info.value)
     assert "\n" not in message
+    assert str(tmp_path) not in message  # no server path (issue 18): files named by their last components
     for path in misfits.values():
-        assert f"{path}: " in message
+        assert f"{shown(path, 3)}: " in message
     assert "vision-only" in message and "LoRA" in message and "wrong architecture" in message
-    assert f"{tmp_path / 'models' / 'clip'}: folder does not exist" in message
+    assert f"{shown(tmp_path / 'models' / 'clip', 3)}: folder does not exist" in message
     assert (
         "Hugging Face cache timm/vit_base_patch32_clip_224.openai/open_clip_model.safetensors: not downloaded"
         in message
     )
-    assert "HF_HUB_OFFLINE is set" in message and f"{jit}: pickle-based" in message
-    assert f"save it as {tmp_path / 'gmi' / 'ViT-B-32-openai.safetensors'}" in message
+    assert "HF_HUB_OFFLINE is set" in message and f"{shown(jit, 3)}: pickle-based" in message
+    assert f"save it as {shown(tmp_path / 'gmi' / 'ViT-B-32-openai.safetensors', 4)}" in message
     assert (
         "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors"
         in message
@@ -366,7 +368,7 @@ def test_listing_reads_the_hash_cache_once_and_no_header_twice(tmp_path, monkeyp
     reads = []
     real_read = hashing._read_cache
     monkeypatch.setattr(hashing, "_read_cache", lambda path: reads.append(path) or real_read(path))
-    monkeypatch.setattr(checkpoints, "inspect_checkpoint", lambda *a: pytest.fail("header parsed again"))
+    monkeypatch.setattr(checkpoints, "inspect_model", lambda *a: pytest.fail("header parsed again"))
     monkeypatch.setattr(hashing, "_digest", lambda *a: pytest.fail("file hashed again"))
     again = source.list_checkpoints()
     assert reads == [tmp_path / "hashes.json"]

@@ -291,3 +291,30 @@ def test_mangled_metadata_is_rejected_per_spec_never_raised(tmp_path):
     ]
     assert not [a.detail for a in report.actions if "checksum" in a.detail]  # caught by the field checks, not the seal
     assert store.entries() == []
+
+
+def test_specs_exported_before_the_family_recipes_import(tmp_path):
+    """An export whose settings lack the recipe fields (guidance, shift, latent channels, split-model parts,
+    workflow) imports with their defaults; a recipe field of the wrong type is still rejected."""
+    from safetensors import safe_open
+
+    from gmi_core.families import RECIPE_SETTINGS
+
+    spec = default_size_spec(2)
+    good = write_exchange([spec], tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as handle:
+        meta = json.loads(handle.metadata()[HEADER_KEY])
+    tensors = load_file(str(good))
+    old, wrong = json.loads(json.dumps(meta)), json.loads(json.dumps(meta))
+    for name in RECIPE_SETTINGS:
+        del old["specs"][0]["settings"][name]
+    wrong["specs"][0]["settings"]["guidance"] = "strong"
+    paths = [tmp_path / "old.safetensors", tmp_path / "wrong.safetensors"]
+    for path, data in zip(paths, (old, wrong), strict=True):
+        save_file(tensors, str(path), metadata=resealed(tensors, data))
+    store = SpecStore(tmp_path / "store")
+    report = import_files(store, paths, lambda *_: spec.prompt_features)
+    assert [a.action for a in report.actions] == ["added", "rejected"], [(a.action, a.detail) for a in report.actions]
+    assert "guidance" in report.actions[1].detail
+    (entry,) = store.entries()
+    assert GenerationSettings.from_dict(entry.settings) == spec.settings  # the defaults the old spec was built with

@@ -16,8 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmi_core import engine as engine_module
-from gmi_core import limits
+from gmi_core import limits, spec_library
 from gmi_core.budgets import cell_seed
 from gmi_core.encoders import tiny_encoder
 from gmi_core.engine import Gmi
@@ -84,11 +83,11 @@ def test_index_above_threshold_same_top1_as_exact(store, monkeypatch):
     exact = _engine(root)
     monkeypatch.setattr(limits, "INDEX_MIN_SPECS", SPECS + 1)  # one above the store: exact
     exact_results = [exact.identify(_query(m), prompt="a photo", top_k=5) for m in range(0, SPECS, 6)]
-    assert exact._index is None and not exact.index_path().exists()
+    assert exact.library._index is None and not exact.library.index_path().exists()
     assert all(len(r.ranking) == SPECS for r in [exact.identify(_query(0), prompt="a photo")])
 
     monkeypatch.setattr(limits, "INDEX_MIN_SPECS", 10)
-    monkeypatch.setattr(engine_module, "INDEX_CANDIDATES", 8)  # a shortlist much smaller than the store
+    monkeypatch.setattr(spec_library, "INDEX_CANDIDATES", 8)  # a shortlist much smaller than the store
     indexed = _engine(root)
     agree = 0
     for m, reference in zip(range(0, SPECS, 6), exact_results):
@@ -104,17 +103,21 @@ def test_index_above_threshold_same_top1_as_exact(store, monkeypatch):
         assert got.best.score == pytest.approx(reference.best.score, rel=1e-4, abs=1e-6)
         agree += got.best.sha256 == shas[m]
     assert agree >= 7, f"the generating checkpoint should usually rank first ({agree}/10)"
-    assert indexed.index_path().exists() and indexed._index is not None and len(indexed._index.rows) == SPECS
+    assert (
+        indexed.library.index_path().exists()
+        and indexed.library._index is not None
+        and len(indexed.library._index.rows) == SPECS
+    )
 
 
 def test_index_follows_the_store_listing(store, monkeypatch, tmp_path):
     root, shas = store
     monkeypatch.setattr(limits, "INDEX_MIN_SPECS", 10)
-    monkeypatch.setattr(engine_module, "INDEX_CANDIDATES", 8)
+    monkeypatch.setattr(spec_library, "INDEX_CANDIDATES", 8)
     gmi = _engine(root)
     gmi.identify(_query(1), prompt="a photo")
-    saved = StoreIndex.load(gmi.index_path())
-    assert saved is not None and saved.rows == gmi._index.rows, "the index is saved next to the store"
+    saved = StoreIndex.load(gmi.library.index_path())
+    assert saved is not None and saved.rows == gmi.library._index.rows, "the index is saved next to the store"
 
     # a process started later reads the saved index instead of reading every spec again
     later = _engine(root)
@@ -127,18 +130,18 @@ def test_index_follows_the_store_listing(store, monkeypatch, tmp_path):
     # a new checkpoint's spec: encoded into the index (few changes), and found
     new_sha = _save_spec(gmi, SPECS)
     result = gmi.identify(_query(SPECS), prompt="a photo")
-    assert len(gmi._index.rows) == SPECS + 1 and new_sha in gmi._index.shas
+    assert len(gmi.library._index.rows) == SPECS + 1 and new_sha in gmi.library._index.shas
     assert result.best.sha256 == new_sha
     # a rewritten spec (other images): its row is encoded again
-    before = dict(zip(gmi._index.shas, gmi._index.compact.kbar))
+    before = dict(zip(gmi.library._index.shas, gmi.library._index.compact.kbar))
     _save_spec(gmi, 3, seed_offset=5)
     gmi.identify(_query(3), prompt="a photo")
-    after = dict(zip(gmi._index.shas, gmi._index.compact.kbar))
+    after = dict(zip(gmi.library._index.shas, gmi.library._index.compact.kbar))
     assert not torch.equal(before[shas[3]], after[shas[3]]) and torch.equal(before[shas[4]], after[shas[4]])
     # a removed spec leaves the index
     gmi.store.path_for(SpecKey(new_sha, gmi.encoder.encoder_id, gmi.prompt_set.hash)).unlink()
     gmi.identify(_query(1), prompt="a photo")
-    assert new_sha not in gmi._index.shas and len(gmi._index.rows) == SPECS
+    assert new_sha not in gmi.library._index.shas and len(gmi.library._index.rows) == SPECS
 
 
 def test_methods_the_index_does_not_serve_rank_exactly(store, monkeypatch):
@@ -190,7 +193,7 @@ def test_scale_bench_exact_reference_and_chunks(tmp_path):
     """bench scale's chunk-by-chunk exact reference equals exact_scores over all specs held in RAM, and a chunk
     regenerates bit for bit (so the pass can fit on the first chunks and stream them again)."""
     from gmi_core.bench.scale import ScaleWorld, _generate, _make_queries
-    from gmi_core.bench.synthetic import SimConfig
+    from gmi_core.bench.simulation import SimConfig
     from gmi_core.index import exact_scores
 
     world = ScaleWorld(SimConfig(d=32), seed=2, chunk=100)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from gmi_core.bench.synthetic import SimConfig, make_family
+from gmi_core.bench.simulation import SimConfig, make_family
 from gmi_core.cli import main
 from gmi_core.library_map import NEAR_DUPLICATE_THRESHOLD, build_map, classical_mds
 from gmi_core.protocols import GenerationSettings

@@ -156,7 +156,7 @@ def test_import_images_builds_observed_specs_that_identify(tiny_world, user_fold
         assert centred.ranking[0].name == ckpt.name, centred.to_dict()
         assert result.ranking[0].kind == OBSERVED and result.ranking[0].counts["generated_images"] == 0
         match = result.ranking[0].top_prompts[0]
-        assert match.prompt_set_hash == OBSERVED and gmi.spec_thumbnail(ckpt.sha256, match.spec_index, OBSERVED)
+        assert match.prompt_set_hash == OBSERVED and gmi.library.thumbnail(ckpt.sha256, match.spec_index, OBSERVED)
 
     # importing the same folder again adds nothing and touches no spec
     mtimes = {e.file: e.mtime for e in gmi.store.entries()}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gmi_core import service
+from gmi_core.budgets import parse_budget
 from gmi_core.encoders import tiny_encoder
 from gmi_core.prompts import PromptSet
 from tests.test_a1111_adapter import encoder_file, gmi, webui  # noqa: F401 - fixtures
@@ -34,8 +35,8 @@ def test_pool_is_bounded_and_an_evicted_encoder_is_released(tmp_path):
 
     first = pool.encoder("a", loader(0))
     assert pool.encoder("a", loader(0)) is first and loads == [0]
-    engine = pool.engine(first, tmp_path, prompts, "allx1")
-    assert pool.engine(first, tmp_path, prompts, "allx1") is engine
+    engine = pool.engine(first, tmp_path, prompts, parse_budget("allx1"))
+    assert pool.engine(first, tmp_path, prompts, parse_budget("allx1")) is engine
     gone = weakref.ref(first)
     del first, engine
     pool.encoder("b", loader(1))
@@ -46,9 +47,11 @@ def test_pool_is_bounded_and_an_evicted_encoder_is_released(tmp_path):
     assert loads == [0, 1, 2], "b and c are kept"
     encoder = pool.encoder("c", loader(2))
     assert loads == [0, 1, 2]
-    engines = [pool.engine(encoder, tmp_path, prompts, f"allx{k}") for k in (1, 2, 3, 4)]
-    assert pool.engine(encoder, tmp_path, prompts, "allx4") is engines[-1]
-    assert pool.engine(encoder, tmp_path, prompts, "allx1") is not engines[0], "over max_engines: the oldest went"
+    engines = [pool.engine(encoder, tmp_path, prompts, parse_budget(f"allx{k}")) for k in (1, 2, 3, 4)]
+    assert pool.engine(encoder, tmp_path, prompts, parse_budget("allx4")) is engines[-1]
+    assert pool.engine(encoder, tmp_path, prompts, parse_budget("allx1")) is not engines[0], (
+        "over max_engines: the oldest went"
+    )
 
 
 def test_both_hosts_answer_status_and_identify_from_the_same_code(env, webui, tmp_path):  # noqa: F811
@@ -60,6 +63,7 @@ def test_both_hosts_answer_status_and_identify_from_the_same_code(env, webui, tm
     webui.refresh()
     gmi("options").on_ui_settings()
     opts = webui.shared.opts
+    webui.modules["modules.paths"].data_path = str(env.base)  # settings may name files in the WebUI's data folder
     opts.set("gmi_encoder", str(env.base / "models" / "gmi" / "tiny.safetensors"))
     opts.set("gmi_spec_dir", str(env.base / "user" / "gmi"))  # ComfyUI's store
     opts.set("gmi_budget", "4x1")

@@ -179,6 +179,7 @@ def test_manifest_is_rebuilt_when_broken(tiny_world, tmp_path):
 def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, monkeypatch):
     shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")
     gmi = tiny_world.gmi(spec_root=tmp_path / "specs")
+    gmi.store.entries()  # copies are new file versions (their ctime differs): verified once, here
     source = tiny_world.source()
     checkpoint = source.list_checkpoints().checkpoints[0]
     query = tiny_world.generator().generate(checkpoint, "a fox in an autumn forest", [11], tiny_world.settings)
@@ -192,7 +193,7 @@ def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, mo
     monkeypatch.setattr(Spec, "load", classmethod(counting))
     first = gmi.identify(query, source=source)
     assert loads == [(False, False)] * 4, "the store listed verified versions: features only, not checked again"
-    bank, specs = gmi._bank_cache[1], [spec for _, spec in gmi._spec_cache.values()]
+    bank, specs = gmi.library._bank_cache[1], [spec for _, spec in gmi.library._spec_cache.values()]
     storage = bank.image.untyped_storage().data_ptr()
     assert all(s.thumbnails is None and s.image_features.untyped_storage().data_ptr() == storage for s in specs), (
         "the bank holds the only copy of the features, and no thumbnails"
@@ -213,7 +214,7 @@ def test_identify_reads_each_spec_file_once_per_version(tiny_world, tmp_path, mo
     assert loads == [(True, True), (False, False)], "a changed file is verified once, when the store lists it"
     sha = source.list_checkpoints().checkpoints[0].sha256
     before = len(loads)
-    thumb = gmi.spec_thumbnail(sha, 0)
+    thumb = gmi.library.thumbnail(sha, 0)
     assert thumb.size == (64, 64) and len(loads) == before, "a thumbnail is a slice read, not a spec load"
     full = gmi.store.load(SpecKey(sha, gmi.encoder.encoder_id, gmi.prompt_set.hash))
     assert np.array_equal(np.asarray(thumb), full.thumbnails[0].numpy())

@@ -268,7 +268,7 @@ function librarySection(panel) {
   groupsButton.onclick = async () => {
     text.textContent = "comparing specs…";
     try {
-      const q = new URLSearchParams({ encoder: config.encoder || "", prompt_set: config.prompt_set || "platform",
+      const q = new URLSearchParams({ encoder: config.encoder || "", prompt_set: config.prompt_set || "",
         max_prompts: config.max_prompts || 0 });
       const data = await getJson("/gmi/map?" + q);
       text.replaceChildren(el("div", { text: data.groups.length ?
@@ -298,6 +298,11 @@ class GmiPanel {
   async refresh() {
     try {
       const status = await getJson("/gmi/status");
+      if (status.encoder_state === "loading") {  // the server never waits for the encoder: ask again shortly
+        this.error.textContent = "gmi: " + status.note;
+        setTimeout(() => this.refresh(), 2000);
+        return;
+      }
       this.error.textContent = "";
       for (const s of this.sections) s.update?.(status);
     } catch (err) {

@@ -7,10 +7,7 @@ The CLI wires :func:`add_bench_parser` into its subcommands and calls :func:`run
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,32 +15,6 @@ from pathlib import Path
 from ..paths import write_json_atomic
 
 COMMANDS = ("synthetic", "roundtrip", "scale", "identify")
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": mem,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -70,9 +41,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli_options import without_abbreviations
+
     parser = argparse.ArgumentParser(prog="gmi")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return without_abbreviations(parser)
 
 
 def run_bench(argv=None) -> int:

@@ -63,8 +63,8 @@ def run_child(config: dict) -> dict:
         torch.set_num_threads(int(config["threads"]))
     import open_clip  # noqa: F401 - the libraries every encoder load needs count as imports, not as loading
 
-    from ..encoders import load_encoder
     from ..engine import Gmi
+    from ..factory import EncoderFolders, open_encoder
     from ..prompts import load_prompt_set
     from ..ranker import rank
 
@@ -96,7 +96,7 @@ def run_child(config: dict) -> dict:
         for name, values in times.items():
             out[name], out[name.replace("_s", "_all_s")] = min(values), values
 
-    encoder = load_encoder(config["encoder"], search_dirs=[Path(config["models"])])
+    encoder = open_encoder(config["encoder"], EncoderFolders(search=[Path(config["models"])]))
     lap("encoder_load_s")
     out["layout"], out["weights_bytes"] = (
         encoder.layout,
@@ -110,19 +110,19 @@ def run_child(config: dict) -> dict:
         out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         return out
     # What a user's process does (load, label embeddings, specs, identify), then the warm measurements.
-    gmi = Gmi(Path(config["spec_root"]), encoder, load_prompt_set("platform"), budget=f"allx{IMAGES_PER_PROMPT}")
+    gmi = Gmi(Path(config["spec_root"]), encoder, load_prompt_set(), budget=f"allx{IMAGES_PER_PROMPT}")
     out["label_cache_on_disk"] = any((gmi.store.root / "cache").glob("labels--*.safetensors"))
     gmi.interrogator.label_embeddings()
     lap("label_embeddings_s")
-    specs, _ = gmi.load_specs()
+    loaded = gmi.library.load()
     lap("spec_load_s")
-    out["specs"] = len(specs)
+    out["specs"] = len(loaded.items)
     result = gmi.identify([query])
     lap("first_identify_s")
     out["fresh_process_s"] = round(time.time() - config["launched"], 3)
     features = encoder.encode_images([query])
     query_text = encoder.encode_texts([result.pseudo_prompt])[0]
-    bank = gmi._bank(specs)
+    bank = gmi.library.bank(loaded)
     best_of(
         {
             "image_encode_s": lambda: encoder.encode_images([query]),
@@ -175,7 +175,7 @@ def _write_specs(entry, root: Path, count: int, seed: int = 0) -> list[Path]:
     from ..spec import PIXEL_FEATURE_SIZE, THUMBNAIL_SIZE, Spec
     from ..store import SpecStore
 
-    prompts = load_prompt_set("platform")
+    prompts = load_prompt_set()
     store = SpecStore(root)
     d = entry.geometry().embed_dim
     g = torch.Generator().manual_seed(seed)
@@ -251,7 +251,7 @@ def _targets(results: dict, sizes: list[int]) -> list[dict]:
 
 def run(args) -> dict:
     from ..encoder_registry import parse_encoder_name
-    from . import machine_info
+    from .machine import machine_info
 
     entry = parse_encoder_name(args.encoder or ("ViT-B-32/openai" if args.quick else "ViT-L-14/openai"))
     if args.layouts and "open_clip_flat" not in args.layouts:

@@ -20,6 +20,7 @@ from ..centring import centre_library, centre_query
 from ..exchange import dequantise, quantise
 from ..fastrank import query_means_many, rank_positions
 from ..library_map import NEAR_DUPLICATE_THRESHOLD, distances
+from ..prompts import DEFAULT_PROMPT_SET
 from ..protocols import GenerationSettings
 from ..ranker import kbar, median_gamma, prompt_weights
 from ..spec import Spec
@@ -81,7 +82,7 @@ def _library(world, platform, kinds: list[int], seed: int):
 def observed_vs_generated(
     cfg, seed: int, families=("a_easy", "e_subtle_x16", "e_subtle_x64"), tasks_per_ckpt: int = 12
 ) -> dict:
-    from .synthetic import make_family
+    from .simulation import make_family
 
     out = {}
     for fam_index, family in enumerate(families):
@@ -123,7 +124,7 @@ def observed_vs_generated(
 def exchange_quantisation(
     cfg, seed: int, families=("a_easy", "e_subtle_x16", "e_subtle_x64"), tasks: int = 192
 ) -> dict:
-    from .synthetic import make_family
+    from .simulation import make_family
 
     out = {}
     for fam_index, family in enumerate(families):
@@ -154,7 +155,7 @@ def exchange_quantisation(
 
 
 def library_map_threshold(cfg, seed: int) -> dict:
-    from .synthetic import make_family
+    from .simulation import make_family
 
     world, platform, _ = make_family("b_near_duplicates", cfg, seed, 16)
     m = len(world.styles)
@@ -166,7 +167,7 @@ def library_map_threshold(cfg, seed: int) -> dict:
             f"c{i}",
             f"{i:064x}",
             "sim",
-            "platform",
+            DEFAULT_PROMPT_SET,
             "sim",
             [str(k) for k in range(n)],
             [[0] * cfg.images_per_prompt] * n,

@@ -71,11 +71,13 @@ def run(args: argparse.Namespace) -> dict:
     from ..charts import bar_chart
     from ..checkpoints import FolderCheckpointSource
     from ..diffusers_generator import DiffusersGenerator
-    from ..encoders import load_encoder, tiny_encoder
+    from ..encoders import tiny_encoder
     from ..engine import Gmi
+    from ..factory import open_encoder
+    from ..hashing import HASH_CACHE_FILE
     from ..prompts import load_prompt_set
     from ..protocols import GenerationSettings, ListedCheckpoints
-    from . import machine_info
+    from .machine import machine_info
     from .synthetic import BUDGET_ESTIMATORS, PAPER, _metrics, budget_plot
 
     if args.threads:
@@ -95,16 +97,16 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="gmi-bench-roundtrip-", dir=args.workdir))
     try:
         folder, config = _checkpoint_folder(args, work, n_ckpt)
-        source = FolderCheckpointSource(folder, hash_cache=work / "hashes.json")
+        source = FolderCheckpointSource(folder, hash_cache=work / HASH_CACHE_FILE)
         checkpoints = source.list_checkpoints().checkpoints[:n_ckpt]
         if len(checkpoints) < 2:
             raise SystemExit(f"bench roundtrip needs at least 2 checkpoints in {folder}")
         encoder = (
             tiny_encoder(0)
             if args.encoder == "tiny"
-            else load_encoder(args.encoder, allow_download=args.allow_download)
+            else open_encoder(args.encoder, allow_download=args.allow_download)
         )
-        platform = load_prompt_set("platform").head(n_platform)
+        platform = load_prompt_set().head(n_platform)
         evaluation = load_prompt_set("evaluation").head(n_eval)
         assert not set(platform.prompts) & set(evaluation.prompts), "evaluation prompts must not be platform prompts"
         generator = DiffusersGenerator(config=config, device=args.device)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         listing = source.list_checkpoints()  # identification restricted to the benchmark's checkpoints
         listing.checkpoints = [c for c in listing.checkpoints if c.name in {k.name for k in checkpoints}]
         only = ListedCheckpoints(listing)
-        specs, _ = gmi.load_specs(only)
+        specs = gmi.library.load(only).specs
         budget_banks = budget_cut_banks(specs)
         t = time.perf_counter()
         positions, budget_positions, identify_s = _run_tasks(

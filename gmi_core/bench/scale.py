@@ -45,7 +45,7 @@ import torch
 
 from ..index import INDEX_CANDIDATES, INDEX_RANK, PROJECTION_SAMPLE, CompactIndex, exact_scores, prefetch
 from ..ranker import FeatureBank, kbar, kernel, median_gamma, prompt_weights, rank, similarities
-from .synthetic import SimConfig, make_family
+from .simulation import SimConfig, make_family
 
 PAPER_SHAPE = "55 prompts x 4 images x 768 dims, fp16"
 
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _report(args, cfg: SimConfig, gen: Generated, results: dict, ratio: dict | None, disk: int) -> dict:
-    from . import machine_info
+    from .machine import machine_info
 
     n, s, d = gen.shape[1:]
     data = {
@@ -433,7 +433,7 @@ def build_overhead(args: argparse.Namespace) -> dict:
         config = tiny_pipeline_config(root / "config")
         source = FolderCheckpointSource(root / "ckpt")
         ckpt = source.list_checkpoints().checkpoints[0]
-        prompts = load_prompt_set("platform").head(args.build_prompts)
+        prompts = load_prompt_set().head(args.build_prompts)
         settings = GenerationSettings(steps=args.build_steps, width=64, height=64)
         gen = DiffusersGenerator(config=config, device="cpu")
         gmi = Gmi(root / "specs", tiny_encoder(0, device="cpu"), prompts, budget=Budget(None, 2), settings=settings)

@@ -102,7 +102,9 @@ def measure(workdir: Path, workers: list[int], checkpoints: int, steps: int, ima
 def main(argv=None) -> int:
     from ..bench import machine_info
 
-    parser = argparse.ArgumentParser(prog="python -m gmi_core.hub.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m gmi_core.hub.bench", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-hub.json"))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--checkpoints", type=int, default=4)

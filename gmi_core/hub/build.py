@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GmiError
+from ..hashing import HASH_CACHE_FILE
 from ..protocols import CheckpointInfo, CheckpointListing, ListedCheckpoints, SkippedCheckpoint, format_eta
 
 TASK_RETRIES = 3  # a checkpoint whose build kills its worker this often is reported as failed
@@ -39,7 +40,7 @@ class ListedCheckpointSource:
         self.list_file, self.hash_cache = Path(list_file), hash_cache
 
     def list_checkpoints(self) -> CheckpointListing:
-        from ..checkpoints import inspect_checkpoint_cached
+        from ..checkpoints import inspect_model_cached, renders_sd_single_files
         from ..hashing import HashCache
 
         listing = CheckpointListing()
@@ -52,11 +53,11 @@ class ListedCheckpointSource:
             if not path.is_file():
                 listing.skipped.append(SkippedCheckpoint(path.name, path, "file not found"))
                 continue
-            family, reason = inspect_checkpoint_cached(path, cache)
-            if reason:
-                listing.skipped.append(SkippedCheckpoint(path.name, path, reason))
+            found = renders_sd_single_files(inspect_model_cached(path, cache), path)  # what diffusers renders
+            if found.reason:
+                listing.skipped.append(SkippedCheckpoint(path.name, path, found.reason))
                 continue
-            listing.checkpoints.append(CheckpointInfo(path.name, path, cache.sha256(path), family=family))
+            listing.checkpoints.append(CheckpointInfo(path.name, path, cache.sha256(path), family=found.family))
         cache.save()
         return listing
 
@@ -108,13 +109,13 @@ class BuildWorker:
     def __init__(self, options: dict):
         import torch
 
-        from ..cli import _engine
+        from ..cli_options import engine_from_options
         from ..diffusers_generator import DiffusersGenerator
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))  # Ray's CPU share
         args = argparse.Namespace(**options, models=None)
-        self.gmi, _ = _engine(args)
+        self.gmi, _ = engine_from_options(args)
         self.generator = DiffusersGenerator(
             config=options.get("config"), local_files_only=not options.get("allow_download")
         )
@@ -243,11 +244,11 @@ class HubBuild:
 
 def plan_build(args: argparse.Namespace):
     """(engine, [(checkpoint, images to render)], skipped) for the checkpoints whose specs are not ready."""
-    from ..cli import _engine
+    from ..cli_options import engine_from_options
 
     driver_args = argparse.Namespace(**{**vars(args), "models": None})
-    gmi, _ = _engine(driver_args)
-    source = checkpoint_source(args.models, args.home / "hashes.json")
+    gmi, _ = engine_from_options(driver_args)
+    source = checkpoint_source(args.models, args.home / HASH_CACHE_FILE)
     listing = source.list_checkpoints()
     by_name = {c.name: c for c in listing.checkpoints}
     plan = gmi.plan(ListedCheckpoints(listing), "missing")

@@ -57,10 +57,15 @@ class WebuiServer:
         log_path: Path,
         extra_env: dict | None = None,
         api_auth: str | None = None,
+        launch_flags: list[str] | None = None,
+        python: Path | None = None,
     ):
-        """``api_auth`` ("user:password") starts the WebUI with --api-auth; requests then send those credentials."""
+        """``api_auth`` ("user:password") starts the WebUI with --api-auth; requests then send those credentials.
+        ``launch_flags`` and ``python`` default to the A1111 WebUI's (Forge passes its own)."""
         self.webui, self.data_dir, self.log_path = Path(webui), Path(data_dir), Path(log_path)
         self.api_auth = api_auth
+        self.launch_flags = list(LAUNCH_FLAGS if launch_flags is None else launch_flags)
+        self.python = Path(python) if python else webui_python(self.webui)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ext = self.data_dir / "extensions" / "gmi"
@@ -80,9 +85,9 @@ class WebuiServer:
 
     def start(self, timeout: float = 600) -> None:
         cmd = [
-            str(webui_python(self.webui)),
+            str(self.python),
             "launch.py",
-            *LAUNCH_FLAGS,
+            *self.launch_flags,
             "--port",
             str(self.port),
             "--data-dir",
@@ -98,11 +103,12 @@ class WebuiServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"WebUI exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                self.get("/gmi/v1/build", expect_error=True)
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1)
+            try:  # 404 until the API routes are added (Forge serves the UI a few seconds before them)
+                if self.get("/gmi/v1/defaults", expect_error=True)[0] != 404:
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            time.sleep(1)
         raise TimeoutError(f"WebUI did not start in {timeout}s:\n{self.tail()}")
 
     def stop(self) -> None:
@@ -132,7 +138,7 @@ class WebuiServer:
         credentials: str | None = None,
     ):
         """``credentials``: "user:password" to send instead of the server's own, "" to send none."""
-        data = json.dumps(body).encode() if body is not None else None
+        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"}
         credentials = self.api_auth if credentials is None else credentials
         if credentials:
@@ -154,6 +160,15 @@ class WebuiServer:
             time.sleep(1)
             _, job = self.get(f"/gmi/v1/build/{job['id']}")
         return job
+
+    def specs(self, timeout: float = 300) -> dict:
+        """GET /gmi/v1/specs once the encoder is loaded (the route answers "loading" rather than wait)."""
+        deadline = time.time() + timeout
+        while True:
+            _, specs = self.get("/gmi/v1/specs")
+            if specs.get("encoder_state") != "loading" or time.time() > deadline:
+                return specs
+            time.sleep(0.5)
 
     def get(self, path: str, **kw):
         return self.request("GET", path, **kw)

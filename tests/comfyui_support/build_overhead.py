@@ -111,7 +111,8 @@ def execution_seconds(entry: dict) -> float:
 def main(argv=None) -> int:
     import torch
 
-    from gmi_core.bench import machine_info, write_json
+    from gmi_core.bench import write_json
+    from gmi_core.bench.machine import machine_info
     from gmi_core.budgets import Budget, cell_seed
     from gmi_core.encoders import save_encoder, tiny_encoder
     from gmi_core.prompts import load_prompt_set

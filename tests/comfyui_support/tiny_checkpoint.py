@@ -131,8 +131,9 @@ def _taesd_block(sd: dict, g: torch.Generator, p: str, c: int = 64) -> None:
         sd[f"{p}conv.{j}.bias"] = torch.zeros(c)
 
 
-def vae_state_dict(seed: int, colour: tuple[float, float, float]) -> dict[str, torch.Tensor]:
-    """TAESD layout (``taesd_encoder.*`` / ``taesd_decoder.*``) with a colour bias in the last conv."""
+def vae_state_dict(seed: int, colour: tuple[float, float, float], latent_channels: int = 4) -> dict[str, torch.Tensor]:
+    """TAESD layout (``taesd_encoder.*`` / ``taesd_decoder.*``) with a colour bias in the last conv; 16 latent
+    channels for SD3/Flux-style models."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     # Encoder: conv, Block, (conv s2, Block x3) x3, conv
@@ -147,11 +148,11 @@ def vae_state_dict(seed: int, colour: tuple[float, float, float]) -> dict[str, t
         for _ in range(3):
             _taesd_block(sd, g, f"{e}{idx}.")
             idx += 1
-    sd[f"{e}{idx}.weight"] = _conv(g, 4, 64, 3)
-    sd[f"{e}{idx}.bias"] = torch.zeros(4)
+    sd[f"{e}{idx}.weight"] = _conv(g, latent_channels, 64, 3)
+    sd[f"{e}{idx}.bias"] = torch.zeros(latent_channels)
     # Decoder: Clamp, conv, ReLU, (Block x3, Upsample, conv) x3, Block, conv
     dp = "first_stage_model.taesd_decoder."
-    sd[dp + "1.weight"] = _conv(g, 64, 4, 3, 2.0)
+    sd[dp + "1.weight"] = _conv(g, 64, latent_channels, 3, 2.0)
     sd[dp + "1.bias"] = torch.zeros(64)
     idx = 3
     for _ in range(3):
