@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from gmi_core.cli import build_parser, main
+from gmi_core.engine import Gmi
 
 
 @pytest.fixture
@@ -61,8 +62,7 @@ def test_message_fit_identify_with_a_max_prompts_no_spec_has_says_so(core):
     from gmi_core.errors import NoSpecsError
     from tests.faults.harness import query
 
-    engine = core.gmi()
-    engine.prompt_set = core.prompts.head(2)
+    engine = Gmi(core.home / "specs", core.encoder, core.prompts.head(2), budget="allx2")
     with pytest.raises(NoSpecsError) as info:
         engine.identify([query()], prompt="x", source=core.source())
     message = str(info.value)
