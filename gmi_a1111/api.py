@@ -3,7 +3,8 @@
 GET  /gmi/v1/specs              checkpoints with their spec state, skipped files with the reason, the build job
 POST /gmi/v1/build              start a build: {"checkpoints": "missing"|"all"|[names], overrides..., "wait": false}
 GET  /gmi/v1/build[/{job_id}]   a build job's state and report
-POST /gmi/v1/identify           {"image": b64 | "images": [b64...], "prompt"?, "top_k"?, "method"?, "thumbnails"?}
+POST /gmi/v1/identify           {"image": b64 | "images": [b64...], "prompt"?, "top_k"?, "method"?, "thumbnails"?,
+                                 "refine"?, "refine_max_images"?}
 POST /gmi/v1/interrogate        {"image"|"images"} -> {"prompt"}
 POST /gmi/v1/switch             {"checkpoint": name | title | short hash | sha256, "modules"?: [Forge VAE/TE files]}
 POST /gmi/v1/import-images      {"root": "outputs"|"models", "subfolder": ""} -> observed specs from images on disk
@@ -72,6 +73,8 @@ class IdentifyRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, le=limits.MAX_TOP_K)
     method: str | None = Field(None, max_length=100)
     thumbnails: bool = False
+    refine: bool = Field(False, description="ambiguous ranking: render the contenders' missing spec images, rank again")
+    refine_max_images: int | None = Field(None, ge=1, le=limits.MAX_TOP_K, description="images refine renders at most")
 
 
 class InterrogateRequest(BaseModel):
@@ -181,7 +184,14 @@ def identify(req: IdentifyRequest):
     if req.method is not None and req.method not in METHODS:
         raise HTTPException(422, f"unknown method {req.method!r}; one of {', '.join(METHODS)}")
     try:
-        _, data = runtime.identify(images, req.prompt, req.method, req.top_k, thumbnails=req.thumbnails)
+        if req.refine:
+            from .refine import refine_in_queue
+
+            _, data = refine_in_queue(
+                images, req.prompt, req.method, req.top_k, thumbnails=req.thumbnails, max_images=req.refine_max_images
+            )
+        else:
+            _, data = runtime.identify(images, req.prompt, req.method, req.top_k, thumbnails=req.thumbnails)
     except (GmiError, OSError) as exc:
         raise _gmi_errors(exc) from None
     return limits.json_safe(data)

@@ -99,9 +99,10 @@ def ranking_html(data: dict) -> str:
             if r.get("partial")
             else ""
         )
+        confidence = "-" if r.get("confidence") is None else f"{100 * r['confidence']:.0f}%"
         rows.append(
             f"<tr><td>{r['rank']}</td><td>{html.escape(r['name'])}{_marks(r)}{partial}</td><td><code>{r['short_hash']}</code></td>"
-            f"<td>{r['score']:.4f}</td><td>{thumbs}</td></tr>"
+            f"<td>{r['score']:.4f}</td><td>{confidence}</td><td>{thumbs}</td></tr>"
         )
     excluded = "".join(
         f"<li>{html.escape(e['name'])}: {html.escape(e['reason'])}</li>" for e in data.get("excluded", [])
@@ -109,10 +110,34 @@ def ranking_html(data: dict) -> str:
     return (
         f"<p>Method <b>{html.escape(data['method'])}</b>; prompt ({html.escape(data['prompt_source'])}): "
         f"<i>{html.escape(data['pseudo_prompt'])}</i>. Lower score = closer.</p>"
-        "<table class='gmi-ranking'><tr><th>#</th><th>Checkpoint</th><th>Hash</th><th>Score</th>"
+        + _confidence_html(data)
+        + "<table class='gmi-ranking'><tr><th>#</th><th>Checkpoint</th><th>Hash</th><th>Score</th>"
+        "<th title='winner: chance to beat every runner-up; runner-up: chance to beat the winner'>Confidence</th>"
         f"<th>Best-matching spec images</th></tr>{''.join(rows)}</table>"
         + (f"<details><summary>Not ranked</summary><ul>{excluded}</ul></details>" if excluded else "")
     )
+
+
+def _confidence_html(data: dict) -> str:
+    """Ambiguous or not (gmi_core.confidence), and after a refine: the ranking before, the images rendered."""
+    parts = []
+    refine = data.get("refine")
+    if refine:
+        before = ", ".join(f"{r['rank']}. {r['name']}" for r in refine["before"]["ranking"][:4])
+        rendered = ", ".join(f"{c['name']} +{c['images_rendered']}" for c in refine["checkpoints"]) or "nothing"
+        stopped = " (interrupted: the rendered images are kept)" if refine["cancelled"] else ""
+        parts.append(
+            f"<p class='gmi-refine'>Before refine: {html.escape(before)}<br>Refine to {html.escape(refine['budget'])}: "
+            f"{refine['images_rendered']} image(s) rendered ({html.escape(rendered)}){stopped}</p>"
+        )
+    if data.get("ambiguous") is True:
+        parts.append(
+            f"<p class='gmi-ambiguous'><b>Ambiguous:</b> {html.escape(', '.join(data['contenders']))} cannot be "
+            "told apart at the images their specs hold; Refine renders more for them.</p>"
+        )
+    elif data.get("ambiguous") is False:
+        parts.append("<p class='gmi-unambiguous'>Unambiguous: the winner is separated from every runner-up.</p>")
+    return "".join(parts)
 
 
 def _marks(row: dict) -> str:
@@ -212,6 +237,23 @@ def do_identify(image, files, prompt, method, top_k):
     return ranking_html(data), used, gr.update(choices=titles, value=titles[0] if titles else None)
 
 
+def do_refine(image, files, prompt, method, top_k, max_images):
+    """Runs inside wrap_gradio_gpu_call (queue lock held): identify, render the contenders' missing images, rank."""
+    from .refine import refine_identify
+
+    try:
+        images = _images_from(image, files)
+        if not images:
+            raise GmiError("upload a reference image first")
+        result, data = refine_identify(images, prompt or None, method, int(top_k), True, int(max_images or 0) or None)
+    except (GmiError, OSError) as exc:
+        return _error_html(one_line(exc)), "", gr.update(choices=[], value=None), ""
+    result = result.after
+    titles = [r["title"] for r in data["ranking"] if r.get("installed", True)]
+    used = f"{result.pseudo_prompt}  ({'typed' if result.prompt_source == 'user' else 'interrogated from this image'})"
+    return ranking_html(data), used, gr.update(choices=titles, value=titles[0] if titles else None), ""
+
+
 def do_interrogate(image, files):
     """Fills the prompt box on request; remembered so that a new image clears it again."""
     try:
@@ -279,11 +321,16 @@ def on_ui_tabs():
                     with gr.Row():
                         interrogate_btn = gr.Button("Interrogate")
                         identify_btn = gr.Button("Identify", variant="primary", elem_id="gmi_identify")
+                        refine_btn = gr.Button("Refine", elem_id="gmi_refine")
+                    refine_cap = gr.Number(
+                        0, precision=0, label="Refine: images at most (0 = the contenders' specs up to the full budget)"
+                    )
                 with gr.Column():
                     used_prompt = gr.Textbox(
                         label="Prompt used for ranking", interactive=False, elem_id="gmi_used_prompt"
                     )
                     result = gr.HTML(elem_id="gmi_ranking")
+                    refine_note = gr.HTML(elem_id="gmi_refine_note")
                     with gr.Row():
                         choice = gr.Dropdown([], label="Checkpoint", elem_id="gmi_choice")
                         use_btn = gr.Button("Use this checkpoint", elem_id="gmi_use")
@@ -300,6 +347,11 @@ def on_ui_tabs():
                         )
             interrogated = gr.State("")
             identify_btn.click(do_identify, [image, files, prompt, method, top_k], [result, used_prompt, choice])
+            refine_btn.click(  # renders with the WebUI pipeline: a queued job (Interrupt in the Build tab stops it)
+                call_queue.wrap_gradio_gpu_call(do_refine, extra_outputs=[gr.update(), gr.update(), gr.update()]),
+                [image, files, prompt, method, top_k, refine_cap],
+                [result, used_prompt, choice, refine_note],
+            )
             interrogate_btn.click(do_interrogate, [image, files], [prompt, result, interrogated])
             for source in (image, files):
                 source.change(on_new_image, [prompt, interrogated], [prompt, used_prompt, interrogated])

@@ -151,3 +151,50 @@ def line_chart(
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def scatter_chart(
+    path, title: str, series: dict[str, Sequence[tuple[float, float, str]]], x_label: str, y_label: str
+) -> Path:
+    """Each series' (x, y, label) points joined in order of x, every point labelled (linear axes)."""
+    path = Path(path)
+    width, height = 820, 480
+    left, top, bottom, right = 64, 44, 56, 220
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font, small = load_font(14), load_font(10)
+    draw.text((left, 12), title, fill="black", font=font)
+    points = [p for pts in series.values() for p in pts] or [(0.0, 0.0, "")]
+    x_lo, x_hi = 0.0, max(1.0, max(p[0] for p in points))
+    y_lo = math.floor(min(p[1] for p in points) * 10) / 10
+    y_hi = max(y_lo + 0.1, math.ceil(max(p[1] for p in points) * 10) / 10)
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x, y):
+        return left + pw * (x - x_lo) / (x_hi - x_lo), top + ph * (1 - (y - y_lo) / (y_hi - y_lo))
+
+    for i in range(6):
+        v = y_lo + (y_hi - y_lo) * i / 5
+        _, y = px(x_lo, v)
+        draw.line([(left, y), (left + pw, y)], fill=(225, 225, 225))
+        draw.text((6, y - 7), f"{v:.2f}", fill="black", font=small)
+        xv = x_lo + (x_hi - x_lo) * i / 5
+        X, _ = px(xv, y_lo)
+        draw.text((X - 12, top + ph + 6), f"{xv:,.0f}", fill="black", font=small)
+    draw.text((left + pw // 2 - 60, height - 22), x_label, fill="black", font=small)
+    draw.text((6, top - 26), y_label, fill="black", font=small)
+    for si, (name, pts) in enumerate(series.items()):
+        colour = COLOURS[si % len(COLOURS)]
+        xy = [px(x, y) for x, y, _ in sorted(pts)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for (X, Y), (_, _, label) in zip(xy, sorted(pts)):
+            draw.ellipse([X - 3, Y - 3, X + 3, Y + 3], fill=colour)
+            draw.text((X + 4, Y - 12), label, fill=colour, font=small)
+        y = top + si * 18
+        draw.line([(width - right + 12, y + 6), (width - right + 28, y + 6)], fill=colour, width=3)
+        draw.text((width - right + 34, y), name, fill="black", font=small)
+    draw.rectangle([left, top, left + pw, top + ph], outline="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -101,15 +101,35 @@ def empty_folder_message(folder: Path, skipped) -> str:
 
 def _print_ranking(result) -> None:
     print(f"method {result.method}; prompt ({result.prompt_source}): {result.pseudo_prompt}")
-    print(f"{'rank':>4}  {'score':>10}  {'hash':10}  checkpoint  (best-matching spec prompts)")
+    print(f"{'rank':>4}  {'score':>10}  {'conf':>5}  {'hash':10}  checkpoint  (best-matching spec prompts)")
     for r in result.ranking:
         prompts = "; ".join(m.prompt for m in r.top_prompts[:2])
         marks = ("" if r.installed else " [not installed]") + ("" if r.kind == "generated" else f" [{r.kind}]")
         marks += " [lora]" if r.model_kind == "lora" else ""
         marks += f" [partial spec: {r.prompts_done} prompts, {r.images_done} images]" if r.partial else ""
-        print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}{marks}  ({prompts})")
+        marks += " [contender]" if result.ambiguous and r.name in result.contenders[1:] else ""
+        conf = "-" if r.confidence is None else f"{r.confidence:.2f}"
+        print(f"{r.rank:>4}  {r.score:>10.5f}  {conf:>5}  {r.short_hash}  {r.name}{marks}  ({prompts})")
+    if result.ambiguous is not None:
+        print(
+            f"ambiguous: {len(result.contenders)} checkpoints cannot be told apart at the images their specs hold "
+            f"({', '.join(result.contenders)}); --refine renders more for them"
+            if result.ambiguous
+            else "unambiguous: the winner is separated from every runner-up"
+        )
     for name, reason in result.excluded:
         print(f"   -  not ranked: {name}: {reason}")
+
+
+def _print_refine(refined) -> None:
+    summary = refined.summary()
+    before = ", ".join(f"{r['rank']}. {r['name']}" for r in summary["before"]["ranking"][:4])
+    print(f"before refine: {before}")
+    rendered = "; ".join(f"{c['name']} +{c['images_rendered']}" for c in summary["checkpoints"]) or "nothing"
+    state = " (interrupted: the images rendered so far are kept)" if refined.cancelled else ""
+    print(f"refine to {summary['budget']}: rendered {refined.images_rendered} image(s): {rendered}{state}")
+    for item in summary["failed"]:
+        print(f"{item['name']}: refine failed: {item['reason']}", file=sys.stderr)
 
 
 def cmd_identify(args) -> int:
@@ -117,22 +137,64 @@ def cmd_identify(args) -> int:
 
     images = [load_image(path) for path in args.images]
     gmi, source = engine_from_options(args)
-    result = gmi.identify(
-        images,
-        args.prompt,
-        args.method,
-        args.top_k,
-        source,
+    options = dict(
+        prompt=args.prompt,
+        method=args.method,
+        top_k=args.top_k,
         gamma=args.gamma,
         tau=args.tau,
         include_not_installed=args.include_not_installed,
         centre=args.centre,
     )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1, allow_nan=False))
+    refined = None
+    if args.refine:
+        refined = _refine(args, gmi, source, images, options)
+        result = refined.after
     else:
+        result = gmi.identify(images, source=source, **options)
+    if args.json:
+        data = refined.to_dict() if refined else result.to_dict()
+        print(json.dumps(json_safe(data), indent=1, allow_nan=False))
+    else:
+        if refined:
+            _print_refine(refined)
         _print_ranking(result)
     return 0
+
+
+def _refine(args, gmi, source, images, options):
+    """identify --refine: the first Ctrl-C stops after the prompt being rendered (saved) and still answers."""
+    import signal
+
+    from .diffusers_generator import DiffusersGenerator
+    from .refine import refine
+
+    if source is None:
+        raise GmiError("--refine needs --models: it renders the contenders' images with their checkpoints")
+    stop = []
+
+    def interrupt(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("\ninterrupted: finishing this prompt, then ranking with what is rendered", file=sys.stderr)
+
+    generator = DiffusersGenerator(config=args.config, local_files_only=not args.allow_download)
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        return refine(
+            gmi,
+            images,
+            source,
+            generator,
+            budget=args.refine_budget,
+            max_images=args.refine_max_images,
+            progress=_progress_bar(),
+            should_cancel=lambda: bool(stop),
+            **options,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_demo(args) -> int:
@@ -190,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="prompt-conditional centring (gmi/rkme_clip; helps observed specs, see docs/observed-specs.md)",
     )
+    identify.add_argument(
+        "--refine",
+        action="store_true",
+        help="if the ranking is ambiguous, render the contenders' missing spec images and rank again "
+        "(docs/confidence.md)",
+    )
+    identify.add_argument("--refine-budget", help="budget refine tops the contenders up to (default full)")
+    identify.add_argument("--refine-max-images", type=int, help="images refine renders at most (default: no cap)")
+    identify.add_argument("--config", type=Path, help="local diffusers config folder for --refine (needed offline)")
     identify.set_defaults(func=cmd_identify)
 
     from .library_cli import add_library_commands

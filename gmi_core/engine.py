@@ -13,6 +13,7 @@ from PIL import Image
 
 from .budgets import Budget, covered_budget, parse_budget
 from .builder import build_spec, missing_images
+from .confidence import ranking_confidence
 from .encoders import ClipEncoder
 from .errors import Busy, Cancelled, CheckpointError, GmiError, NoSpecsError
 from .families import FamilySettings
@@ -329,6 +330,7 @@ class Gmi:
             tau=tau,
             centre=centre,
         )
+        confidence = ranking_confidence(candidates.bank, ranking, query.images, query.text, query.pixels, centre)
         ranked = []
         order = ranking.order.tolist()[: top_k or None]
         for position, index in enumerate(order, start=1):
@@ -353,12 +355,17 @@ class Gmi:
                     prompts_done=sum(c > 0 for c in counts),
                     images_done=sum(counts),
                     partial=missing_images(counts, self.budget) > 0,
+                    confidence=confidence.of(index) if confidence else None,
                     model=model_of(item.spec.extra),
                 )
             )
-        return IdentifyResult(
+        result = IdentifyResult(
             method, query.prompt, query.prompt_source, ranking.gamma, ranked, candidates.loaded.excluded
         )
+        if confidence:
+            result.ambiguous = confidence.ambiguous
+            result.contenders = [candidates.loaded.items[i].spec.checkpoint_name for i in confidence.contenders]
+        return result
 
 
 def _settings_diff(used: GenerationSettings, wanted: GenerationSettings) -> str:

@@ -52,6 +52,12 @@ READ_ROUTE_WAIT_S = 0.5  # a status poll waits at most this for an encoder load,
 # From this many complete specs (one encoder and prompt set) identify prefilters with the two-tier index
 # (gmi_core.index) and re-ranks its candidates exactly, instead of reading every spec.
 INDEX_MIN_SPECS = _env_int("GMI_INDEX_MIN_SPECS", 5000)
+# Confidence (gmi_core.confidence, docs/confidence.md): a runner-up is a contender while the winner's margin over
+# it is below CONFIDENCE_Z standard errors; the top CONFIDENCE_ROWS rows are examined. Refine renders the missing
+# images of at most REFINE_MAX_CONTENDERS contenders' specs (the best-ranked first).
+CONFIDENCE_Z = 3.0
+CONFIDENCE_ROWS = 8
+REFINE_MAX_CONTENDERS = 4
 
 
 MIN_TAU, MAX_TAU = 1e-3, 100.0  # prompt-weight temperature: below 1e-3 the softmax is one-hot within float noise

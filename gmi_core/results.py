@@ -102,6 +102,7 @@ class RankedCheckpoint:
     prompts_done: int = 0  # prompts with images in the spec
     images_done: int = 0
     partial: bool = False  # the spec holds less than the engine's budget
+    confidence: float | None = None  # gmi_core.confidence: winner beats every runner-up / runner-up beats the winner
     model: dict = field(default_factory=lambda: {"kind": "checkpoint"})  # gmi_core.loras.model_of: kind and parts
 
     @property
@@ -121,6 +122,8 @@ class IdentifyResult:
     gamma: float | None
     ranking: list[RankedCheckpoint]
     excluded: list[tuple[str, str]] = field(default_factory=list)
+    ambiguous: bool | None = None  # None: the method has no noise model (gmi_core.confidence)
+    contenders: list[str] = field(default_factory=list)  # names that cannot be told apart from the winner, winner first
 
     @property
     def best(self) -> RankedCheckpoint:
@@ -148,11 +151,14 @@ class IdentifyResult:
                         "prompts_done": r.prompts_done,
                         "images_done": r.images_done,
                         "partial": r.partial,
+                        "confidence": r.confidence,
                         "model_kind": r.model_kind,
                         "lora": r.model if r.model_kind == "lora" else None,
                     }
                     for r in self.ranking
                 ],
                 "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
+                "ambiguous": self.ambiguous,
+                "contenders": list(self.contenders),
             }
         )

@@ -267,6 +267,45 @@ def identify_payload(
     return json_safe(data)
 
 
+def refine(
+    engine: Gmi,
+    images: Sequence[Image.Image],
+    source,
+    generator,
+    prompt: str | None = None,
+    method: str = DEFAULT_METHOD,
+    include_not_installed: bool = False,
+    max_images: int | None = None,
+    progress=None,
+    should_cancel=None,
+):
+    """:func:`identify`, and when its ranking is ambiguous the contenders' specs topped up with the host's
+    ``generator`` and ranked again (:func:`gmi_core.refine.refine`); answer with :func:`refine_payload`."""
+    from .refine import refine as refine_ranking
+
+    return refine_ranking(
+        engine,
+        images,
+        source,
+        generator,
+        max_images=max_images or None,
+        progress=progress,
+        should_cancel=should_cancel,
+        prompt=prompt or None,
+        method=method,
+        include_not_installed=include_not_installed,
+    )
+
+
+def refine_payload(refined, thumbnail=None, titles=None, top_k=None, pick_rank: int = 1) -> dict:
+    """:func:`identify_payload` of the refined ranking plus ``refine``: the ranking before, the images rendered."""
+    data = identify_payload(refined.after, thumbnail, titles, top_k, pick_rank)
+    data["refine"] = json_safe(refined.summary())
+    if top_k:
+        data["refine"]["before"]["ranking"] = data["refine"]["before"]["ranking"][: int(top_k)]
+    return data
+
+
 def data_uri_thumbnails(engine: Gmi, size: int | None = None) -> ThumbnailRef:
     """Thumbnail references as PNG data URIs, read from the spec files (for HTML without a route)."""
     from .images import png_data_uri

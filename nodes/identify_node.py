@@ -13,9 +13,11 @@ from ..gmi_core.loras import MODEL_KINDS
 from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.protocols import ListedCheckpoints
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
-from . import engines, loras, settings
+from ..gmi_core.refine import REFINE_MODES
+from . import engines, events, loras, settings
+from .build_node import progress_payload
 from .encoder_node import Encoder
-from .host import load_winner, tensor_to_pils
+from .host import ComfyGenerator, load_winner, tensor_to_pils
 
 
 def thumbnail_urls(encoder_id: str):
@@ -118,6 +120,25 @@ class GMIIdentify(io.ComfyNode):
                     default="",
                     tooltip="Only the LoRAs on this checkpoint (its file name); empty = every base.",
                 ),
+                io.Combo.Input(
+                    "refine",
+                    optional=True,
+                    options=list(REFINE_MODES),
+                    default="off",
+                    tooltip=(
+                        "contenders: when the ranking is ambiguous (checkpoints that cannot be told apart at the images "
+                        "their specs hold), render the contenders' missing spec images (up to the full budget) with "
+                        "ComfyUI and rank again. The grown specs stay for later queries; interrupting keeps them."
+                    ),
+                ),
+                io.Int.Input(
+                    "refine_max_images",
+                    optional=True,
+                    default=0,
+                    min=0,
+                    max=MAX_TOP_K,
+                    tooltip="Images refine renders at most, shared by the contenders (0 = up to the full budget).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The chosen checkpoint's diffusion model."),
@@ -166,14 +187,24 @@ class GMIIdentify(io.ComfyNode):
         include_not_installed=False,
         models="both",
         on_checkpoint="",
+        refine="off",
+        refine_max_images=0,
     ) -> io.NodeOutput:
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
+        thumbnails = thumbnail_urls(encoder.encoder_id)
         saved = settings.load()  # the LoRA strengths and bases the Build node last used: the same combinations
         lora_choices = loras.choices(saved["lora_strengths"], saved["lora_bases"])
         source = loras.model_source(engines.source(), engines.hash_cache(), lora_choices, models, on_checkpoint)
         source = ListedCheckpoints(source.list_checkpoints())  # listed once: ranked, then the chosen row looked up
-        result = service.identify(engine, tensor_to_pils(image), source, prompt, method, bool(include_not_installed))
+        images = tensor_to_pils(image)
+        if refine == "contenders":
+            refined = _refine(engine, images, source, prompt, method, bool(include_not_installed), refine_max_images)
+            result = refined.after
+            ranking = service.refine_payload(refined, thumbnails, top_k=top_k, pick_rank=pick_rank)
+        else:
+            result = service.identify(engine, images, source, prompt, method, bool(include_not_installed))
+            ranking = service.identify_payload(result, thumbnails, top_k=top_k, pick_rank=pick_rank)
         chosen = service.pick_installed(result, pick_rank)  # only installed checkpoints can be switched to
         listed = next((c for c in source.listing.checkpoints if c.sha256 == chosen.sha256), None)
         lora_name, lora_strength, checkpoint_name = "", 0.0, chosen.name
@@ -184,7 +215,6 @@ class GMIIdentify(io.ComfyNode):
             lora_name, lora_strength, checkpoint_name = listed.lora.name, listed.lora.strength, base.name
         else:
             model, clip, vae = load_winner(engine, chosen.name, chosen.sha256)
-        ranking = service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k, pick_rank=pick_rank)
         text = json.dumps(ranking, indent=1)
         return io.NodeOutput(
             model,
@@ -196,3 +226,30 @@ class GMIIdentify(io.ComfyNode):
             lora_strength,
             ui={"gmi_ranking": [ranking], "text": [chosen.name]},
         )
+
+
+def _refine(engine, images, source, prompt, method, include_not_installed, max_images):
+    """Identify with refine of the contenders through ComfyUI's own sampler: the panel gets the build progress
+    events (with ETA), the node's bar counts the images after each prompt; an interrupt keeps what was rendered and still answers."""
+    box = {"done": 0}
+
+    def progress(p):
+        if "bar" not in box:
+            box["bar"] = events.NodeProgress(p.images_planned)
+        box["bar"].step(p.images_rendered - box["done"])
+        box["done"] = p.images_rendered
+        events.send(events.BUILD_PROGRESS, progress_payload(p))
+
+    generator = ComfyGenerator(hash_cache=engines.hash_cache())
+    return service.refine(
+        engine,
+        images,
+        source,
+        generator,
+        prompt,
+        method,
+        include_not_installed,
+        max_images=int(max_images) or None,
+        progress=progress,
+        should_cancel=events.interrupted,
+    )

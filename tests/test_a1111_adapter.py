@@ -480,6 +480,42 @@ def test_warm_start_loads_encoder_and_label_embeddings_in_the_background(world):
     assert engine.interrogator._embeddings is not None and engine.encoder.device.type == "cpu"
 
 
+def test_api_identify_refine_renders_only_the_contenders_in_the_queue(world, monkeypatch):
+    """An API "refine": true on an ambiguous query (a near-duplicate pair) renders the pair's missing spec images with the
+    WebUI pipeline under the queue lock, as a job, and answers with the ranking before and after."""
+    api, build = gmi("api"), gmi("build")
+    twin = world.add_checkpoint("model_0_twin.safetensors", seed=77)
+    world.refresh()
+    original_colour = world.colour_of
+    model_0 = world.ckpt_dir / "model_0.safetensors"
+    monkeypatch.setattr(world, "colour_of", lambda f: original_colour(model_0 if Path(f) == twin else f))
+    assert build.start_build("missing", wait=True).state == "done"
+    image = b64png(world.render(str(model_0), "a lighthouse in a storm", 987654, 64, 64))
+    plain = api.identify(api.IdentifyRequest(image=image))
+    assert plain["ambiguous"] is True and set(plain["contenders"]) == {"model_0.safetensors", twin.name}
+    assert "refine" not in plain and all(0 <= r["confidence"] <= 1 for r in plain["ranking"])
+
+    locked, calls_before = [], len(world.process_calls)
+    process = world.modules["modules.processing"].process_images
+
+    def spying(p):
+        locked.append(world.modules["modules.call_queue"].queue_lock.locked())
+        return process(p)
+
+    world.modules["modules.processing"].process_images = spying
+    world.state_log.clear()
+    result = api.identify(api.IdentifyRequest(image=image, refine=True, top_k=2))
+    refine = result["refine"]
+    assert refine["before"]["ambiguous"] is True and refine["images_rendered"] == 2 * (3 * 4 - 3 * 2)
+    assert {c["name"]: c["images_rendered"] for c in refine["checkpoints"]} == {"model_0.safetensors": 6, twin.name: 6}
+    assert len(world.process_calls) - calls_before == 2 * 3 and locked and all(locked), "one batch per prompt, locked"
+    assert world.state_log == [("begin", "gmi-refine"), ("end", None)] and world.shared.state.interrupted is False
+    assert len(result["ranking"]) == 2 and len(refine["before"]["ranking"]) == 2
+    monkeypatch.setitem(sys.modules, "gradio", type(sys)("gradio"))  # ui.py imports it; ranking_html uses none of it
+    page = gmi("ui").ranking_html(result)
+    assert "Before refine" in page and "12 image(s) rendered" in page and "Confidence" in page
+
+
 def test_a_lora_spec_renders_with_its_tag_and_fails_when_the_webui_did_not_apply_it(world, tmp_path):
     host, loras = gmi("host"), gmi("loras")
     from gmi_core.errors import CheckpointError

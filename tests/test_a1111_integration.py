@@ -214,6 +214,62 @@ def test_gmi_tab_and_settings_are_in_the_ui(server):
     assert "Error loading script: gmi" not in log and "Error executing callback" not in log
 
 
+def test_refine_field_of_the_identify_api_in_real_webui(server):
+    """The API's "refine": true in the real WebUI: the job runs behind the queue lock; it renders only for an ambiguous ranking,
+    at most refine_max_images, and answers with the ranking before."""
+    server.post("/sdapi/v1/options", server.settings)
+    assert server.build_specs("missing")["state"] == "done"
+    _, specs = server.get("/gmi/v1/specs")
+    names = [c["name"] for c in specs["checkpoints"]]
+    titles = {c["name"]: c["title"] for c in specs["checkpoints"]}
+    image, _ = txt2img(server, "a lighthouse on a cliff at dusk", 313_131, titles[names[1]])
+    _, result = server.post("/gmi/v1/identify", {"image": image, "refine": True, "refine_max_images": 2})
+    refine = result["refine"]
+    print(
+        f"refine in the WebUI: ambiguous before {refine['before']['ambiguous']}, rendered {refine['images_rendered']}"
+    )
+    assert result["ranking"][0]["name"] == names[1] and refine["before"]["ranking"][0]["name"] == names[1]
+    assert refine["images_rendered"] <= 2 and not refine["cancelled"] and not refine["failed"]
+    if not refine["before"]["ambiguous"]:
+        assert refine["images_rendered"] == 0 and refine["checkpoints"] == []
+    assert isinstance(result["ambiguous"], bool) and result["contenders"][0] == names[1]
+
+
+def test_refine_renders_a_near_duplicate_pair_in_real_webui(server):
+    """A near-duplicate (a copy of a checkpoint with one byte of its last tensor changed): a query of the original
+    is ambiguous, and refine renders only the pair's missing spec images with the WebUI pipeline (capped at 4)."""
+    import shutil
+
+    models = server.data_dir / "models" / "Stable-diffusion"
+    twin = models / "tiny_sd1_0_twin.safetensors"
+    shutil.copyfile(models / "tiny_sd1_0.safetensors", twin)
+    shutil.copyfile(models / "tiny_sd1_0.yaml", twin.with_suffix(".yaml"))
+    with open(twin, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes([byte ^ 1]))
+    server.post("/sdapi/v1/refresh-checkpoints", {})
+    server.post("/sdapi/v1/options", server.settings)
+    assert server.build_specs("missing")["state"] == "done"
+    _, specs = server.get("/gmi/v1/specs")
+    titles = {c["name"]: c["title"] for c in specs["checkpoints"]}
+    assert twin.name in titles
+    image, _ = txt2img(server, "a lighthouse on a cliff at dusk", 313_132, titles["tiny_sd1_0.safetensors"])
+    _, result = server.post("/gmi/v1/identify", {"image": image, "refine": True, "refine_max_images": 4})
+    refine = result["refine"]
+    print(f"near-duplicate refine: before {refine['before']['contenders']}, rendered {refine['checkpoints']}")
+    assert refine["before"]["ambiguous"] is True
+    assert set(refine["before"]["contenders"]) == {"tiny_sd1_0.safetensors", twin.name}
+    assert {c["name"]: c["images_rendered"] for c in refine["checkpoints"]} == {
+        "tiny_sd1_0.safetensors": 2,
+        twin.name: 2,
+    }
+    _, specs = server.get("/gmi/v1/specs")
+    done = {c["name"]: c["images_done"] for c in specs["checkpoints"]}
+    assert done["tiny_sd1_0.safetensors"] == done[twin.name] == SPEC_PROMPTS * IMAGES_PER_PROMPT + 2
+
+
 def test_issue18_hardening_in_real_webui(server):
     """Issue 18 in the real WebUI: read routes answer during a build whose encoder was not loaded (class 1); names
     resolve exactly (class 2); no server path in answers (class 5); deep JSON bodies are 4xx (class 8)."""

@@ -310,15 +310,15 @@ def test_build_then_identify_each_checkpoint(comfy, first_build):
 
 
 @contextmanager
-def new_checkpoint(server, source: str, name: str):
+def new_checkpoint(server, source: str, name: str, offset: int = -1):
     """A checkpoint the user just added: a copy of ``source`` with one byte of its last tensor changed (another
-    sha256, so it has no spec yet). Removed afterwards."""
+    sha256, so it has no spec yet; ``offset`` from the end picks the byte). Removed afterwards."""
     path = server.base / "models" / "checkpoints" / name
     shutil.copyfile((server.base / "models" / "checkpoints" / source).resolve(), path)
     with open(path, "r+b") as f:
-        f.seek(-1, os.SEEK_END)
+        f.seek(offset, os.SEEK_END)
         last = f.read(1)[0]
-        f.seek(-1, os.SEEK_END)
+        f.seek(offset, os.SEEK_END)
         f.write(bytes([last ^ 1]))
     try:
         yield name
@@ -589,6 +589,26 @@ def test_upload_limits_and_host_access_control(comfy):
     gmi_code, _ = _post(server, "/gmi/identify", body, evil)
     api_code, _ = _post(server, "/api/gmi/identify", body, evil)
     assert prompt_code == gmi_code == api_code == 403, (prompt_code, gmi_code, api_code)
+
+
+def test_identify_refine_renders_the_contenders_in_comfyui(comfy):
+    """The Identify node's refine input in real ComfyUI: a query of a checkpoint that has a near-duplicate is
+    ambiguous, and refine renders only the pair's missing spec images (capped at 4) with ComfyUI's sampler."""
+    server, names = comfy
+    server.run_prompt(build_prompt(), timeout=600)
+    with new_checkpoint(server, names[0], "near-duplicate.safetensors", offset=-2) as twin:
+        report = server.run_prompt(build_prompt(), timeout=600)["outputs"]["build"]["gmi_build"][0]
+        assert report["built"] == [twin], report
+        prompt = query_and_identify_prompt(names[0], QUERY_PROMPTS[0], QUERY_SEED, "refine")
+        prompt["id"]["inputs"].update(refine="contenders", refine_max_images=4)
+        ranking = server.run_prompt(prompt, timeout=600)["outputs"]["id"]["gmi_ranking"][0]
+        refine = ranking["refine"]
+        assert refine["before"]["ambiguous"] is True and set(refine["before"]["contenders"]) == {names[0], twin}
+        assert refine["images_rendered"] == 4 and not refine["cancelled"], refine
+        assert {c["name"]: c["images_rendered"] for c in refine["checkpoints"]} == {names[0]: 2, twin: 2}
+        images = {c["name"]: c["images_done"] for c in server.get("/gmi/status")["checkpoints"]}
+        assert images[names[0]] == images[twin] == MAX_PROMPTS * IMAGES_PER_PROMPT + 2, "refined specs stay larger"
+        assert {r["name"] for r in ranking["ranking"]} == {*names, twin}
 
 
 def test_issue18_hardening_in_real_comfyui(comfy):

@@ -340,7 +340,16 @@ def test_extension_lists_the_v3_nodes_as_object_info_shows_them(env):
     ]
     assert identify["input_order"] == {
         "required": ["encoder", "image", "method", "top_k", "pick_rank"],
-        "optional": ["prompt", "prompt_set", "max_prompts", "include_not_installed", "models", "on_checkpoint"],
+        "optional": [
+            "prompt",
+            "prompt_set",
+            "max_prompts",
+            "include_not_installed",
+            "models",
+            "on_checkpoint",
+            "refine",
+            "refine_max_images",
+        ],
         "hidden": ["prompt", "extra_pnginfo"],
     }
     assert node_info(env.nodes.GMILoadEncoder)["output"] == ["GMI_ENCODER"]
@@ -613,3 +622,34 @@ def test_each_family_renders_at_its_own_size(env):
     status = env.nodes.routes.status_payload(env.nodes.settings.load())
     xl = {c["name"]: c for c in status["checkpoints"]}["xl.safetensors"]
     assert xl["state"] == "ready" and not xl["current"] and "width 1024 (now 768)" in xl["detail"]
+
+
+def test_identify_node_refines_the_contenders(env, monkeypatch):
+    """refine = contenders: a query between a near-duplicate pair renders just that pair's missing spec images with
+    the host's generator, shows the ranking before and after; off renders nothing; an interrupt still answers."""
+    monkeypatch.setattr(env.nodes.identify_node, "ComfyGenerator", FakeGenerator)
+    twin = write_fake_checkpoint(env.base / "models" / "checkpoints" / "ck0-twin.safetensors", len(COLOURS)).name
+    _, encoder = build(env, budget="4x1")  # the panel's budget: identify ranks at 4 prompts x 1 image
+    node = env.nodes.GMIIdentify
+    assert widgets(node)["refine"][1]["options"] == ["off", "contenders"]
+    image = to_tensor([fake_image(0, "an unseen prompt about a harbour", 99_000)])
+
+    FakeGenerator.calls = []
+    plain = node.execute(encoder, image, "gmi", 0, 1, max_prompts=4, refine="off").ui["gmi_ranking"][0]
+    assert FakeGenerator.calls == [] and "refine" not in plain
+    assert plain["ambiguous"] is True and set(plain["contenders"]) == {"ck0.safetensors", twin}
+
+    FakeGenerator.interrupt_after = 1  # the user interrupts during the second refine prompt (3 images each)
+    stopped = node.execute(encoder, image, "gmi", 0, 1, max_prompts=4, refine="contenders").ui["gmi_ranking"][0]
+    assert stopped["refine"]["cancelled"] is True and stopped["refine"]["images_rendered"] == 6
+    assert {r["name"] for r in stopped["ranking"]} == {*env.names, twin}
+    env.state["interrupt"], FakeGenerator.interrupt_after, FakeGenerator.calls = False, None, []
+
+    out = node.execute(encoder, image, "gmi", 0, 1, max_prompts=4, refine="contenders", refine_max_images=0)
+    ui = out.ui["gmi_ranking"][0]
+    assert {name for name, _, _ in FakeGenerator.calls} == {"ck0.safetensors", twin}, "only the contenders"
+    rendered = sum(len(seeds) for _, _, seeds in FakeGenerator.calls)
+    assert rendered == 2 * (4 * 4 - 4) - 6 == ui["refine"]["images_rendered"], "the full budget's missing cells"
+    assert ui["refine"]["before"]["ambiguous"] is True and len(ui["refine"]["before"]["ranking"]) == 5
+    assert json.loads(out.result[4]) == ui and out.result[3] in ("ck0.safetensors", twin)
+    assert env.state["bars"][-1].current == rendered

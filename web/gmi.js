@@ -108,7 +108,25 @@ function rankingRow(data, row, container) {
     el("span", { class: "gmi-name", text: row.name + rowMarks(row) +
       (row.partial ? ` (partial spec: ${row.images_done} images)` : "") }),
     el("span", { class: "gmi-score", text: Number(row.score).toFixed(4) }),
+    el("span", { class: "gmi-score", title: "confidence: the winner's chance to beat every runner-up; a runner-up's chance to beat the winner",
+      text: row.confidence == null ? "–" : `${Math.round(row.confidence * 100)}%` }),
     thumbs);
+}
+
+// "ambiguous: A, B" / "unambiguous" (gmi_core.confidence), and what a refine did: the ranking before, images rendered
+function confidenceLines(data) {
+  const lines = [];
+  const refine = data.refine;
+  if (refine) {
+    const before = (refine.before?.ranking || []).slice(0, 4).map((r) => `${r.rank}. ${r.name}`).join(", ");
+    const rendered = (refine.checkpoints || []).map((c) => `${c.name} +${c.images_rendered}`).join(", ") || "nothing";
+    lines.push(`before refine: ${before}`);
+    lines.push(`refine to ${refine.budget}: ${refine.images_rendered} image(s) rendered (${rendered})` +
+      (refine.cancelled ? " — interrupted, the rendered images are kept" : ""));
+  }
+  if (data.ambiguous === true) lines.push(`ambiguous: ${data.contenders.join(", ")} cannot be told apart yet`);
+  else if (data.ambiguous === false) lines.push("unambiguous: the winner is separated from every runner-up");
+  return lines;
 }
 
 export function renderRanking(container, data) {
@@ -116,6 +134,7 @@ export function renderRanking(container, data) {
   if (!data) return;
   const who = data.prompt_source === "user" ? "prompt" : "pseudo-prompt";
   container.append(el("div", { class: "gmi-head", text: `${data.method} · ${who}: “${data.pseudo_prompt}”` }));
+  for (const line of confidenceLines(data)) container.append(el("div", { class: "gmi-head", text: line }));
   for (const row of data.ranking) container.append(rankingRow(data, row, container));
   for (const ex of data.excluded || []) {
     container.append(el("div", { class: "gmi-head", text: `left out: ${ex.name} (${ex.reason})` }));

@@ -101,3 +101,87 @@ def _target_lines(data: dict) -> list[str]:
     if not targets:
         return []
     return ["\nTargets"] + [f"- [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}" for t in targets]
+
+
+def refine_tables(data: dict) -> str:
+    """Markdown tables of ``results_refine_by_estimator`` and ``calibration_by_estimator`` (bench synthetic and
+    roundtrip): what each refine policy reaches and renders, and how the confidence's flags split right / wrong."""
+    lines = []
+    policies = data.get("results_refine_by_estimator") or {"gmi": data.get("results_refine") or {}}
+    for estimator, families in policies.items():
+        if not families:
+            continue
+        lines += [
+            f"\nRefine policies ({estimator}; 1 query image): top-1 / top-4 / mean rank, images rendered per query "
+            "(full: per library, M x (full - default)), share of queries flagged ambiguous",
+            _row(["family", "policy", "top-1", "top-4", "mean rank", "images rendered", "ambiguous", "tasks"]),
+            _row(["---"] * 8),
+        ]
+        for family, rows in families.items():
+            for policy, r in rows.items():
+                cells = [f"{r['top1']:.3f}", f"{r['top4']:.3f}", f"{r['mean_rank']:.2f}"]
+                cells += [f"{r['images_rendered_mean']:.1f}", f"{r['ambiguous_rate']:.3f}", str(r["n_tasks"])]
+                lines.append(_row([family, policy, *cells]))
+    calibration = data.get("calibration_by_estimator") or {"gmi": data.get("calibration") or {}}
+    for estimator, families in calibration.items():
+        if not families:
+            continue
+        lines += [
+            f"\nConfidence calibration ({estimator}, default budget): queries flagged / not flagged x right / wrong",
+            _row(
+                [
+                    "family",
+                    "not flagged, right",
+                    "not flagged, wrong",
+                    "flagged, right",
+                    "flagged, wrong",
+                    "top-1 not flagged",
+                ]
+            ),
+            _row(["---"] * 6),
+        ]
+        for family, c in families.items():
+            top1 = "-" if c["top1_unambiguous"] is None else f"{c['top1_unambiguous']:.3f}"
+            counts = [str(c[k]) for k in ("not_flagged_right", "not_flagged_wrong", "flagged_right", "flagged_wrong")]
+            lines.append(_row([family, *counts, top1]))
+    return "\n".join(lines)
+
+
+def refine_doc_tables(synthetic: dict, roundtrip: dict) -> str:
+    """The measured section of docs/confidence.md, from bench synthetic's and bench roundtrip's JSON."""
+    lines = ["### bench synthetic (`docs/bench-synthetic.json`)", refine_tables(synthetic)]
+    engine = synthetic.get("results_refine_engine") or {}
+    if any(engine.values()):
+        lines += [
+            "\nThe same policies through the engine's own ranker and confidence on each refined library (kernel width "
+            "and centring recomputed, as identify after a refine computes them), first tasks of the family:",
+            _row(["estimator", "family", "policy", "top-1", "top-4", "mean rank", "images rendered", "tasks"]),
+            _row(["---"] * 8),
+        ]
+        for estimator, families in engine.items():
+            for family, rows in families.items():
+                for policy, r in rows.items():
+                    cells = [f"{r['top1']:.3f}", f"{r['top4']:.3f}", f"{r['mean_rank']:.2f}"]
+                    lines.append(
+                        _row([estimator, family, policy, *cells, f"{r['images_rendered_mean']:.1f}", str(r["n_tasks"])])
+                    )
+    comparison = synthetic.get("centring_comparison")
+    if comparison:
+        lines += [
+            "\nCentred minus gmi top-1 (bench synthetic):",
+            _row(["family", "policy", "centred - gmi"]),
+            _row(["---"] * 3),
+        ]
+        for family, rows in comparison["top1_centred_minus_gmi"].items():
+            lines += [_row([family, policy, f"{delta:+.3f}"]) for policy, delta in rows.items()]
+        lines.append(
+            f"\nNever worse where measured: {comparison['never_worse_where_measured']}; not measured centred: "
+            f"{', '.join(comparison['not_measured_centred']) or 'none'}."
+        )
+    lines += ["\n### bench roundtrip (`docs/bench-roundtrip.json`)", refine_tables(roundtrip)]
+    lines.append("\nTargets (from the JSON):")
+    for data in (synthetic, roundtrip):
+        for target in data.get("targets", []):
+            if any(word in target["target"] for word in ("refine", "unambiguous")):
+                lines.append(f"- {'met' if target['met'] else '**not met**'}: {target['target']} — `{target['value']}`")
+    return "\n".join(lines)

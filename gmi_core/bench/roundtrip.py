@@ -45,6 +45,7 @@ def _run_tasks(gmi, only, generator, checkpoints, evaluation, settings, specs, b
 
     positions = {m: {n: [] for n in QUERY_SIZES} for m in METHODS}
     budget_positions = {(name, label): [] for name in BUDGET_ESTIMATORS for label in budget_banks}
+    budget_positions["queries"] = []  # (query feature, pseudo-prompt feature, true row) per task, for refine
     u, identify_s = max(QUERY_SIZES), 0.0
     for ci, ckpt in enumerate(checkpoints):
         for ei, prompt in enumerate(evaluation.prompts):
@@ -52,8 +53,8 @@ def _run_tasks(gmi, only, generator, checkpoints, evaluation, settings, specs, b
             images = generator.generate(ckpt, prompt, seeds, settings)
             query_prompt = prompt if true_prompt else None
             t0 = time.perf_counter()
-            for key, position in rank_budgets(gmi, budget_banks, specs, ckpt, images[0], query_prompt or False).items():
-                budget_positions[key].append(position)
+            for key, found in rank_budgets(gmi, budget_banks, specs, ckpt, images[0], query_prompt or False).items():
+                budget_positions[key].append(found)
             for n in QUERY_SIZES:
                 for method in METHODS:
                     result = gmi.identify(images[:n], prompt=query_prompt, method=method, source=only)
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..prompts import load_prompt_set
     from ..protocols import GenerationSettings, ListedCheckpoints
     from .machine import machine_info
-    from .synthetic import BUDGET_ESTIMATORS, PAPER, _metrics, budget_plot
+    from .synthetic import BUDGET_ESTIMATORS, PAPER, _metrics, budget_plot, refine_targets
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {"roundtrip": {m: {str(n): _metrics(torch_positions[m][n]) for n in QUERY_SIZES} for m in METHODS}}
     family = "roundtrip"
     by_estimator = {name: {family: {}} for name in BUDGET_ESTIMATORS}
+    budget_queries = budget_positions.pop("queries")
     for (name, label), found in budget_positions.items():
         metrics = _metrics(torch.tensor(found))
         by_estimator[name][family][label] = {
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> dict:
             **{k: metrics[k] for k in ("top1", "top4", "mean_rank", "n_tasks")},
         }
     results_budget = by_estimator["gmi"]
+    refine = refine_sections(budget_queries, budget_banks, family)
     data = {
         "command": "roundtrip",
         "machine": machine_info(),
@@ -183,6 +186,7 @@ def run(args: argparse.Namespace) -> dict:
         "results": results,
         "results_budget": results_budget,
         "results_budget_by_estimator": by_estimator,
+        **refine,
         "families": {family: {"checkpoints": len(checkpoints), "chance_top1": round(1 / len(checkpoints), 4)}},
         "paper": PAPER,
     }
@@ -193,7 +197,8 @@ def run(args: argparse.Namespace) -> dict:
             "target": "round trip: the generating checkpoint ranks first (gmi, 1 query image, every task)",
             "value": results[family]["gmi"]["1"]["top1"],
             "met": results[family]["gmi"]["1"]["top1"] == 1.0,
-        }
+        },
+        *refine_targets(data),
     ]
     if args.plot != "none":
         plot = args.plot or str(Path(args.out).with_suffix(".png") if args.out else Path("bench-roundtrip.png"))
@@ -207,6 +212,16 @@ def run(args: argparse.Namespace) -> dict:
             chance={family: 1 / len(checkpoints)},
         )
         data["plot"] = plot
+        if refine:
+            from .refine_bench import refine_plot
+
+            data["plot_refine"] = str(
+                refine_plot(
+                    Path(plot).with_name(Path(plot).stem + "-refine.png"),
+                    refine["results_refine_by_estimator"],
+                    f"{encoder.encoder_id}, {len(checkpoints)} checkpoints",
+                )
+            )
         data["plot_budget"] = str(
             budget_plot(
                 Path(plot).with_name(Path(plot).stem + "-budget.png"),
@@ -215,6 +230,31 @@ def run(args: argparse.Namespace) -> dict:
             )
         )
     return data
+
+
+def refine_sections(queries: list, banks: dict, family: str) -> dict:
+    """results_refine / calibration (as bench synthetic writes them) from the tasks' queries and the specs at the
+    full budget: the same refine policies, on the images a refine would render (prefix budgets: the same seeds)."""
+    import torch
+
+    from ..budgets import BUDGETS
+    from ..ranker import prompt_weights
+    from .refine_bench import refine_section
+    from .synthetic import BUDGET_ESTIMATORS, refine_results
+
+    full = BUDGETS["full"].size_label(next(iter(banks.values()))[0].image.shape[1])
+    if full not in banks:  # specs smaller than the full budget: nothing to refine to
+        return {}
+    bank = banks[full][0]
+    q_img = torch.stack([q for q, _, _ in queries])[:, None, :]
+    q_text = torch.stack([t for _, t, _ in queries])
+    truth = torch.tensor([row for _, _, row in queries])
+    weights = torch.stack([prompt_weights(bank.prompt, t) for t in q_text])
+    sections = {
+        name: {family: refine_section(bank.image, bank.prompt, q_img, q_text, weights, truth, centre=centre)}
+        for name, centre in BUDGET_ESTIMATORS.items()
+    }
+    return refine_results(sections)
 
 
 def budget_cut_banks(specs) -> dict:
@@ -241,7 +281,8 @@ def budget_cut_banks(specs) -> dict:
 
 
 def rank_budgets(gmi, banks: dict, specs, checkpoint, image, true_prompt) -> dict:
-    """(estimator, budget) -> 1-based position of ``checkpoint`` in the gmi ranking of one query image."""
+    """(estimator, budget) -> 1-based position of ``checkpoint`` in the gmi ranking of one query image; "queries" ->
+    (query feature, pseudo-prompt feature, the checkpoint's row)."""
     from ..ranker import rank
     from .synthetic import BUDGET_ESTIMATORS
 
@@ -249,7 +290,7 @@ def rank_budgets(gmi, banks: dict, specs, checkpoint, image, true_prompt) -> dic
     pseudo = true_prompt or gmi.interrogator.prompt_from_features(query)
     text = gmi.encoder.encode_texts([pseudo])[0]
     truth = [s.sha256 for s in specs].index(checkpoint.sha256)
-    out = {}
+    out = {"queries": (query[0], text, truth)}
     for label, (bank, _) in banks.items():
         for name, centre in BUDGET_ESTIMATORS.items():
             order = rank(bank, "gmi", query, text, centre=centre).order.tolist()
@@ -258,7 +299,7 @@ def rank_budgets(gmi, banks: dict, specs, checkpoint, image, true_prompt) -> dic
 
 
 def format_tables(data: dict) -> str:
-    from .report import quality_tables
+    from .report import quality_tables, refine_tables
 
     s = data["settings"]
     head = (
@@ -266,7 +307,7 @@ def format_tables(data: dict) -> str:
         f"{s['platform_prompts']} platform prompts x {s['images_per_prompt']} images, {s['evaluation_prompts']} evaluation prompts, "
         f"pseudo-prompt from {s['prompt_source']}"
     )
-    tables = head + "\n" + quality_tables(data)
+    tables = head + "\n" + quality_tables(data) + refine_tables(data)
     if "results_lora" in data:
         from .lora_roundtrip import lora_tables
 

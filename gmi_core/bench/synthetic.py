@@ -47,6 +47,7 @@ from ..budgets import BUDGETS, CURVE, DEFAULT_BUDGET
 from ..centring import centre_library, centre_query
 from ..fastrank import concat_kbar, concat_means, query_means_many, rank_positions, scores_from_means
 from ..ranker import METHODS, FeatureBank, concat_features, kbar, median_gamma, prompt_weights, rank
+from .refine_bench import engine_check, refine_plot, refine_section
 from .simulation import SimConfig, make_family
 
 GAMMA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -170,12 +171,29 @@ def evaluate_family(
             < 1e-4
         )
     curves = None
-    if m <= BUDGET_CURVE_MAX_M:
+    small = m <= BUDGET_CURVE_MAX_M
+    if small:
         curves = {
             name: budget_curve(image, prompt, q_img, q_text, weights_gmi, truth, centre=centre)
             for name, centre in BUDGET_ESTIMATORS.items()
         }
-    return {"results": results, "gamma_sweep": gamma_sweep, "info": info, "budget": curves}
+    refine = refine_measurements(name, image, prompt, q_img, q_text, weights_gmi, truth, small)
+    return {"results": results, "gamma_sweep": gamma_sweep, "info": info, "budget": curves, "refine": refine}
+
+
+def refine_measurements(family, image, prompt, q_img, q_text, weights, truth, small: bool) -> dict:
+    """Per estimator: confidence calibration and refine policies (gmi_core/bench/refine_bench.py); centring a library
+    of more specs than BUDGET_CURVE_MAX_M does not fit memory here. On REFINE_FAMILY the batched measurement is
+    checked against the engine's own ranker."""
+    out = {
+        name: refine_section(image, prompt, q_img, q_text, weights, truth, centre=centre, policies=small)
+        for name, centre in BUDGET_ESTIMATORS.items()
+        if small or not centre
+    }
+    if family == REFINE_FAMILY:
+        for name, centre in BUDGET_ESTIMATORS.items():
+            out[name]["engine_check"] = engine_check(image, prompt, q_img, q_text, truth, centre)
+    return out
 
 
 BUDGET_CURVE_MAX_M = 100  # the curve is measured on families up to this many checkpoints
@@ -284,6 +302,7 @@ def run(args: argparse.Namespace) -> dict:
     min_tasks = 48 if args.quick else 288
     results, sweeps, infos, timing = {}, {}, {}, {}
     by_estimator = {name: {} for name in BUDGET_ESTIMATORS}
+    refine_by_estimator = {name: {} for name in BUDGET_ESTIMATORS}
     for index, (name, m) in enumerate(family_plan(args.quick, many)):
         if args.families and not any(name.startswith(f) for f in args.families):
             continue
@@ -295,6 +314,8 @@ def run(args: argparse.Namespace) -> dict:
             sweeps[name] = out["gamma_sweep"]
         for estimator, curve in (out["budget"] or {}).items():
             by_estimator[estimator][name] = curve
+        for estimator, section in out["refine"].items():
+            refine_by_estimator[estimator][name] = section
         timing[name] = round(time.perf_counter() - started, 2)
     budgets = by_estimator["gmi"]
     data = {
@@ -327,6 +348,7 @@ def run(args: argparse.Namespace) -> dict:
         "budget_choice": choose_budget(budgets),
         "results_budget_by_estimator": by_estimator,
         "budget_choice_by_estimator": {name: choose_budget(curves) for name, curves in by_estimator.items()},
+        **refine_results(refine_by_estimator),
         "gamma_sweep": sweeps,
         "families": infos,
         "family_seconds": timing,
@@ -349,11 +371,46 @@ def run(args: argparse.Namespace) -> dict:
             chance={g: infos[g]["chance_top1"] for g in results},
         )
         data["plot"] = plot
+        if data["results_refine"]:
+            data["plot_refine"] = str(
+                refine_plot(
+                    Path(plot).with_name(Path(plot).stem + "-refine.png"),
+                    data["results_refine_by_estimator"],
+                    f"d={cfg.d}",
+                    families=REFINE_PLOT_FAMILIES,
+                )
+            )
         if budgets:
             data["plot_budget"] = str(
                 budget_plot(Path(plot).with_name(Path(plot).stem + "-budget.png"), by_estimator, f"d={cfg.d}")
             )
     return data
+
+
+def refine_results(refine_by_estimator: dict) -> dict:
+    """The JSON sections of the confidence and refine measurements (gmi_core/bench/refine_bench.py): gmi's in
+    ``results_refine`` / ``calibration``, every estimator's in the ``*_by_estimator`` twins."""
+    policies = {
+        name: {f: s["policies"] for f, s in sections.items() if "policies" in s}
+        for name, sections in refine_by_estimator.items()
+    }
+    calibration = {
+        name: {f: s["calibration"] for f, s in sections.items()} for name, sections in refine_by_estimator.items()
+    }
+    from .refine_bench import centring_comparison
+
+    return {
+        "centring_comparison": centring_comparison(policies, refine_by_estimator.get("gmi", {})),
+        "results_refine": policies["gmi"],
+        "results_refine_engine": {
+            name: {f: s["engine_check"] for f, s in sections.items() if "engine_check" in s}
+            for name, sections in refine_by_estimator.items()
+        },
+        "calibration": calibration["gmi"],
+        "results_refine_by_estimator": policies,
+        "calibration_by_estimator": calibration,
+        "refine_details": refine_by_estimator,
+    }
 
 
 def budget_plot(path, by_estimator: dict, dim: int | str):
@@ -462,6 +519,7 @@ def check_targets(data: dict) -> list[dict]:
                 and BUDGETS[DEFAULT_BUDGET].images(55) <= 64,
             }
         )
+    checks += refine_targets(data)
     for fam, methods in res.items():
         big = fam.startswith("d_many_") and int(fam.rsplit("_", 1)[1]) > 100
         if fam.startswith(("a_", "b_", "d_")) and not big:
@@ -475,10 +533,73 @@ def check_targets(data: dict) -> list[dict]:
     return checks
 
 
-def format_tables(data: dict) -> str:
-    from .report import quality_tables
+REFINE_PLOT_FAMILIES = ("e_subtle_x16", "e_subtle_x64", "e_subtle_x4")  # the others sit at top-1 1.0
+REFINE_FAMILY = "e_subtle_x16"  # the family refine of the contenders must bring to the full budget's top-1
+REFINE_TOLERANCE = 0.01
+CALIBRATED_TOP1 = 0.98  # top-1 among the queries the confidence calls unambiguous, in every family
 
-    text = quality_tables(data)
+
+def refine_targets(data: dict) -> list[dict]:
+    """The confidence's calibration and refine's targets (issue: a confidence on every ranking)."""
+    checks = []
+    for estimator, families in data.get("calibration_by_estimator", {}).items():
+        values = {f: c["top1_unambiguous"] for f, c in families.items()}
+        checks.append(
+            {
+                "target": f"{estimator}: top-1 >= {CALIBRATED_TOP1} among the queries called unambiguous, every family",
+                "value": values,
+                "met": all(v is None or v >= CALIBRATED_TOP1 for v in values.values()),
+            }
+        )
+    details = data.get("refine_details", {})
+    for estimator, families in data.get("results_refine_by_estimator", {}).items():
+        engine = data.get("results_refine_engine", {}).get(estimator, {})
+        for label, source in (("batched, every task", families), ("engine's ranker, first tasks", engine)):
+            if REFINE_FAMILY not in source:
+                continue
+            rows = source[REFINE_FAMILY]
+            checks.append(
+                {
+                    "target": f"{estimator} {REFINE_FAMILY} ({label}): default + refine of the contenders top-1 >= "
+                    f"full top-1 - {REFINE_TOLERANCE}",
+                    "value": {
+                        "refine_contenders": rows["refine_contenders"]["top1"],
+                        "full": rows["full"]["top1"],
+                        "n_tasks": rows["full"]["n_tasks"],
+                    },
+                    "met": rows["refine_contenders"]["top1"] >= rows["full"]["top1"] - REFINE_TOLERANCE,
+                }
+            )
+        for family in ("c_example_b1", "roundtrip"):
+            if family not in families:
+                continue
+            rows = families[family]
+            checks.append(
+                {
+                    "target": f"{estimator} {family}: default + refine of the contenders equals the full budget",
+                    "value": {"refine_contenders": rows["refine_contenders"]["top1"], "full": rows["full"]["top1"]},
+                    "met": rows["refine_contenders"]["top1"] >= rows["full"]["top1"],
+                }
+            )
+        per_family = details.get(estimator, {})
+        zero = {f: s.get("images_unambiguous_max") for f, s in per_family.items() if "policies" in s}
+        per_ambiguous = {f: s.get("images_per_ambiguous_query") for f, s in per_family.items() if "policies" in s}
+        limit = {f: 4 * s["images_full_minus_default_per_spec"] for f, s in per_family.items() if "policies" in s}
+        checks.append(
+            {
+                "target": f"{estimator}: refine renders 0 images for unambiguous queries and <= 4 x (full - default) "
+                "per ambiguous query on average",
+                "value": {"unambiguous_max": zero, "per_ambiguous_query": per_ambiguous, "limit": limit},
+                "met": all(v == 0 for v in zero.values()) and all(per_ambiguous[f] <= limit[f] for f in limit),
+            }
+        )
+    return checks
+
+
+def format_tables(data: dict) -> str:
+    from .report import quality_tables, refine_tables
+
+    text = quality_tables(data) + refine_tables(data)
     if "observed" in data:
         lines = [
             "",
