@@ -20,6 +20,7 @@ from ..gmi_core.checkpoints import inspect_model, list_checkpoint_files
 from ..gmi_core.encoder_files import inspect_weights
 from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
+from ..gmi_core.paths import offered, resolve_inside
 from ..gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 from . import recipes, split_models
 
@@ -75,7 +76,12 @@ def encoder_files() -> list[str]:
         names = folder_paths.get_filename_list("gmi")
     except KeyError:
         return []
-    return sorted(name for name in names if _is_gmi_file(folder_paths.get_full_path("gmi", name)))
+    return sorted(name for name in names if offered(encoder_file, name) and _is_gmi_file(encoder_file(name)))
+
+
+def encoder_file(name: str) -> Path:
+    """The gmi encoder file a loader name picks: inside models/gmi after resolving symlinks (else refused)."""
+    return resolve_inside(name, encoder_own_dirs(), "encoder file")
 
 
 _GMI_FILE_CACHE: dict[tuple, bool] = {}

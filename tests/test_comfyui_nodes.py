@@ -359,6 +359,36 @@ def test_non_gmi_clip_files_in_models_gmi_are_not_offered_and_encoders_are_model
     assert patcher.model is encoder.model and patcher.load_device == encoder.device
 
 
+def test_combos_offer_no_symlink_the_loaders_refuse(env, tmp_path_factory):
+    """Issue 18 class 9: a symlink in models/gmi or gmi/prompt_sets that points outside is refused when picked, so
+    the encoder and prompt set combos do not list it (the same function decides both); links inside stay offered."""
+    outside = tmp_path_factory.mktemp("outside")
+    gmi_core = sys.modules[PACK + ".gmi_core.encoders"]
+    gmi_core.save_encoder(gmi_core.tiny_encoder(seed=1), outside / "elsewhere.safetensors")
+    (outside / "elsewhere.txt").write_text("a red apple\n")
+    gmi_dir = env.base / "models" / "gmi"
+    (gmi_dir / "linked-out.safetensors").symlink_to(outside / "elsewhere.safetensors")
+    (gmi_dir / "linked-in.safetensors").symlink_to(gmi_dir / "tiny.safetensors")
+    sets = env.nodes.engines.prompt_set_dir()
+    sets.mkdir(parents=True, exist_ok=True)
+    (sets / "mine.txt").write_text("a blue car\n")
+    (sets / "linked-out.txt").symlink_to(outside / "elsewhere.txt")
+    (sets / ".hidden.txt").write_text("a cat\n")
+
+    encoders = widgets(env.nodes.GMILoadEncoder)["encoder"][1]["options"]
+    assert "tiny.safetensors" in encoders and "linked-in.safetensors" in encoders
+    assert "linked-out.safetensors" not in encoders
+    with pytest.raises(Exception, match="no encoder 'linked-out.safetensors'"):
+        load_encoder(env, "linked-out.safetensors")
+    load_encoder(env, "linked-in.safetensors")
+    for node in (env.nodes.GMIBuildSpecs, env.nodes.GMIIdentify):
+        options = widgets(node)["prompt_set"][1]["options"]
+        assert "mine.txt" in options and "linked-out.txt" not in options and ".hidden.txt" not in options, options
+    for refused in ("linked-out.txt", ".hidden.txt"):
+        with pytest.raises(Exception, match="prompt set"):
+            env.nodes.engines.get_prompt_set(refused)
+
+
 def test_missing_clip_weights_give_a_clear_message(env):
     from importlib import import_module
 
