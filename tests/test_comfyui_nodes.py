@@ -378,7 +378,7 @@ def test_combos_offer_no_symlink_the_loaders_refuse(env, tmp_path_factory):
     encoders = widgets(env.nodes.GMILoadEncoder)["encoder"][1]["options"]
     assert "tiny.safetensors" in encoders and "linked-in.safetensors" in encoders
     assert "linked-out.safetensors" not in encoders
-    with pytest.raises(Exception, match="no encoder 'linked-out.safetensors'"):
+    with pytest.raises(Exception, match=r"no encoder 'linked-out\.safetensors'"):
         load_encoder(env, "linked-out.safetensors")
     load_encoder(env, "linked-in.safetensors")
     for node in (env.nodes.GMIBuildSpecs, env.nodes.GMIIdentify):
