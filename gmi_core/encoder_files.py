@@ -351,6 +351,7 @@ def resolve_weights(
     first = entry.hub[0]
     download = "" if allow_download else "; or allow downloads (gmi then fetches it itself)"
     raise EncoderUnavailable(
-        f"no usable weights for CLIP encoder {entry.name}. Tried: {log.lines()}. "
-        f"Fix: download {first.url} and save it as {shown(hint / (entry.slug + '.safetensors'), 4)}{download}."
+        f"no usable weights for CLIP encoder {entry.name}. "
+        f"Fix: download {first.url} and save it as {shown(hint / (entry.slug + '.safetensors'), 4)}{download}. "
+        f"Tried: {log.lines()}."  # last: what to do stays in view where a host cuts a long message
     )

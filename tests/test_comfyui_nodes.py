@@ -398,6 +398,12 @@ def test_missing_clip_weights_give_a_clear_message(env):
     text = str(err.value)
     assert "ViT-L-14" in text and "models/gmi/" in text and "clip_vision" in text
     assert str(env.base) not in text  # folders by their last components, no server path (issue 18)
+    # class 9: one line that starts with exactly what to do: which file, from where, into which folder
+    fix = text.split("Fix: ", 1)[1].split(". Tried:")[0]
+    assert "\n" not in text and text.index("Fix: ") < 120, text
+    url = "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/open_clip_model.safetensors"
+    assert fix.startswith(f"download {url} and save it as ") and "models/gmi/ViT-L-14-openai.safetensors" in fix, fix
+    assert "allow downloads" in fix
 
 
 def test_build_reports_skips_and_progress(env):
