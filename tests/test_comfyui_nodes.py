@@ -389,6 +389,20 @@ def test_combos_offer_no_symlink_the_loaders_refuse(env, tmp_path_factory):
             env.nodes.engines.get_prompt_set(refused)
 
 
+def test_clip_download_moves_the_node_bar_and_a_console_bar(env, capfd):
+    """Issue 18 class 10: a CLIP weights download (ProgressFn callbacks from gmi_core.encoder_files) moves the node's
+    progress bar and a byte bar on the console as bytes arrive."""
+    update = env.nodes.host.download_progress()
+    total = 8 * 2**20
+    for done in (2**20, 4 * 2**20):
+        update(done, total)
+        assert env.state["bars"][-1].current == done and env.state["bars"][-1].total == total
+    assert "CLIP weights:  50%" in capfd.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    update(total, total)
+    assert len(env.state["bars"]) == 1 and env.state["bars"][0].current == total
+    assert "CLIP weights: 100%" in capfd.readouterr().err
+
+
 def test_missing_clip_weights_give_a_clear_message(env):
     from importlib import import_module
 
