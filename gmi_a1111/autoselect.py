@@ -11,7 +11,7 @@ from PIL import Image
 from gmi_core.errors import GmiError
 from gmi_core.images import load_image, to_rgb
 
-from . import runtime
+from . import loras, runtime
 
 log = logging.getLogger("gmi")
 INFOTEXT_KEY = "GMI auto-select"
@@ -64,9 +64,10 @@ def apply(p, enabled, image, prompt: str | None = None) -> str | None:
     best = next(row for row in data["ranking"] if row["name"] == data["chosen"])  # the first installed one
     if p.override_settings is None:
         p.override_settings = {}
-    p.override_settings["sd_model_checkpoint"] = best["title"]
+    title = loras.apply_to_generation(p, best, runtime.titles_by_sha())  # a LoRA row: its base, its tag in the prompt
+    p.override_settings["sd_model_checkpoint"] = title
     if p.extra_generation_params is None:
         p.extra_generation_params = {}
     p.extra_generation_params[INFOTEXT_KEY] = f"{best['name']} [{best['short_hash']}]"
-    print(f"gmi auto-select: {best['title']} (method {result.method}, prompt: {result.pseudo_prompt!r})")
-    return best["title"]
+    print(f"gmi auto-select: {best['name']} (method {result.method}, prompt: {result.pseudo_prompt!r})")
+    return title

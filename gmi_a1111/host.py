@@ -21,6 +21,7 @@ from modules import hashes, processing, sd_models, shared
 from gmi_core.checkpoints import list_checkpoint_files
 from gmi_core.errors import Cancelled, CheckpointError, GmiError
 from gmi_core.hashing import HashCache
+from gmi_core.loras import prompt_for
 from gmi_core.names import Named, resolve
 from gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 
@@ -161,7 +162,7 @@ class WebuiGenerator:
         state.textinfo = f"gmi: {checkpoint.name}: {prompt[:60]}"
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=shared.sd_model,
-            prompt=[prompt] * n,
+            prompt=[prompt_for(checkpoint, prompt)] * n,  # a LoRA spec: <lora:name:w> for the built-in Lora network
             negative_prompt=settings.negative_prompt,
             seed=[int(s) for s in seeds],
             subseed=-1,
@@ -188,6 +189,8 @@ class WebuiGenerator:
                 close()
         if state.interrupted:
             raise Cancelled("interrupted")
+        if checkpoint.lora is not None and "Lora hashes" not in (processed.infotexts or [""])[0]:
+            raise CheckpointError(f"the WebUI did not apply the LoRA {checkpoint.lora.name} (see its console)")
         images = list(processed.images)[:n]
         if len(images) != n:
             raise GmiError(f"{forge.HOST_NAME} returned {len(images)} images for {n} seeds")

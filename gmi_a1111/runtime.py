@@ -32,7 +32,7 @@ from gmi_core.protocols import GenerationSettings
 from gmi_core.ranker import DEFAULT_METHOD
 from gmi_core.results import IdentifyResult
 
-from . import forge
+from . import forge, loras
 from .host import WebuiCheckpointSource, WebuiGenerator, webui_checkpoints
 
 log = logging.getLogger("gmi")
@@ -99,6 +99,7 @@ OPTIONS: dict[str, tuple[object, str, str]] = {
         "Identify also ranks imported specs of checkpoints that are not installed",
         "marked 'not installed'; never switched to",
     ),
+    **loras.OPTIONS,
 }
 RESETTING_OPTIONS = ("gmi_encoder", "gmi_allow_download", "gmi_spec_dir", "gmi_prompt_set")  # onchange: reset()
 
@@ -348,12 +349,14 @@ def reset() -> None:
         _prompt_sets.clear()
 
 
-def source(on_hashing=None) -> WebuiCheckpointSource:
-    return WebuiCheckpointSource(hash_cache=spec_dir() / HASH_CACHE_FILE, on_hashing=on_hashing)
+def source(on_hashing=None):
+    """The WebUI's checkpoints, and its LoRA combinations as Settings > GMI asks (gmi_a1111.loras)."""
+    cache = spec_dir() / HASH_CACHE_FILE
+    return loras.model_source(WebuiCheckpointSource(hash_cache=cache, on_hashing=on_hashing), cache, opt)
 
 
 def generator() -> WebuiGenerator:
-    return WebuiGenerator(source())
+    return WebuiGenerator(WebuiCheckpointSource(hash_cache=spec_dir() / HASH_CACHE_FILE))
 
 
 def titles_by_sha() -> dict[str, str]:

@@ -23,7 +23,7 @@ from gmi_core.paths import one_line
 from gmi_core.prompts import DEFAULT_PROMPT_SET
 from gmi_core.ranker import METHODS
 
-from . import build, forge, library, runtime
+from . import build, forge, library, loras, runtime
 
 log = logging.getLogger("gmi")
 
@@ -41,14 +41,32 @@ function() {
 
 def switch_js(inputs: int) -> str:
     """For "Use this checkpoint": the same path as the host's checkpoint dropdown, so the dropdown follows; in Forge the
-    chosen VAE / text encoder files go first through its own selectVAE (empty: keep the current ones). Returns exactly
-    ``inputs`` values (Gradio 3 passes more arguments than inputs to a JavaScript-only listener)."""
+    chosen VAE / text encoder files go first through its own selectVAE (empty: keep the current ones). A LoRA row's
+    choice is "<base title> <lora:name:w>": the checkpoint is selected and the tag put at the end of the txt2img
+    prompt, replacing the tag gmi put there before and any tag of the same LoRA (gmi_core.loras.with_lora_tag).
+    Returns exactly ``inputs`` values (Gradio 3 passes more arguments than inputs to a JavaScript-only listener)."""
     return f"""
 function() {{
     var args = Array.from(arguments).slice(0, {inputs});
-    var modules = args[1];
+    var choice = args[0], modules = args[1];
     if (Array.isArray(modules) && modules.length && typeof selectVAE === 'function') {{ selectVAE(modules); }}
-    if (args[0]) {{ selectCheckpoint(args[0]); }}
+    if (!choice) {{ return args; }}
+    var at = choice.indexOf(' <lora:');
+    var title = at < 0 ? choice : choice.slice(0, at), tag = at < 0 ? '' : choice.slice(at + 1);
+    selectCheckpoint(title);
+    var box = gradioApp().querySelector('#txt2img_prompt textarea');
+    if (box && (tag || window.gmiLoraTag)) {{
+        var text = box.value;
+        if (window.gmiLoraTag) {{ text = text.split(window.gmiLoraTag).join(''); }}
+        if (tag) {{
+            var name = tag.slice(6, tag.lastIndexOf(':'));
+            text = text.replace(/\\s*<lora:([^:>]+)(?::[^>]*)?>/g, function(m, n) {{ return n === name ? '' : m; }});
+        }}
+        text = text.replace(/[ ,]+$/, '');
+        box.value = tag ? (text ? text + ' ' + tag : tag) : text;
+        updateInput(box);
+        window.gmiLoraTag = tag;
+    }}
     return args;
 }}
 """
@@ -188,7 +206,8 @@ def do_identify(image, files, prompt, method, top_k):
         result, data = runtime.identify(images, prompt or None, method, int(top_k), thumbnails=True)
     except (GmiError, OSError) as exc:
         return _error_html(one_line(exc)), "", gr.update(choices=[], value=None)
-    titles = [r["title"] for r in data["ranking"] if r.get("installed", True)]  # only installed ones can be used
+    by_sha = runtime.titles_by_sha()
+    titles = [loras.choice_value(r, by_sha) for r in data["ranking"] if r.get("installed", True)]  # installed only
     used = f"{result.pseudo_prompt}  ({'typed' if result.prompt_source == 'user' else 'interrogated from this image'})"
     return ranking_html(data), used, gr.update(choices=titles, value=titles[0] if titles else None)
 

@@ -17,6 +17,7 @@ from .budgets import Budget, cell_seed
 from .encoders import ClipEncoder
 from .errors import Cancelled, GmiError, SpecError
 from .images import to_rgb
+from .loras import model_metadata
 from .prompts import PromptSet
 from .protocols import BuildProgress, CheckpointInfo, GenerationSettings, Generator, ProgressCallback
 from .spec import Spec, SpecKey, pixel_feature, thumbnail
@@ -56,6 +57,7 @@ def build_spec(
     spec.grow(budget.images_per_prompt, base_seed)
     spec.checkpoint_name = checkpoint.name
     spec.extra["kind"] = "generated"  # vs "observed" (gmi_core.observed); specs without the key are generated too
+    spec.extra["model"] = model_metadata(checkpoint)  # checkpoint, or a LoRA's three parts (gmi_core.loras)
     if checkpoint.popularity is not None:
         spec.extra["popularity"] = checkpoint.popularity
     indices = budget.prompt_indices(n)

@@ -105,6 +105,7 @@ def _print_ranking(result) -> None:
     for r in result.ranking:
         prompts = "; ".join(m.prompt for m in r.top_prompts[:2])
         marks = ("" if r.installed else " [not installed]") + ("" if r.kind == "generated" else f" [{r.kind}]")
+        marks += " [lora]" if r.model_kind == "lora" else ""
         marks += f" [partial spec: {r.prompts_done} prompts, {r.images_done} images]" if r.partial else ""
         print(f"{r.rank:>4}  {r.score:>10.5f}  {r.short_hash}  {r.name}{marks}  ({prompts})")
     for name, reason in result.excluded:

@@ -15,6 +15,7 @@ from .encoder_registry import DEFAULT_ENCODER, encoder_names
 from .errors import GmiError
 from .families import FAMILY_DEFAULTS
 from .hashing import HASH_CACHE_FILE
+from .lora_cli import add_lora_options, with_loras
 from .paths import DEFAULT_HOME
 from .prompts import DEFAULT_PROMPT_SET
 from .protocols import CheckpointSource, GenerationSettings
@@ -97,6 +98,7 @@ def add_engine_options(parser: argparse.ArgumentParser, models_required: bool = 
     parser.add_argument("--height", type=int, help="height for every family")
     parser.add_argument("--sampler", default=GenerationSettings.sampler, help="sampler name of the diffusers runner")
     parser.add_argument("--seed", type=int, default=0, help="base seed of spec images")
+    add_lora_options(parser)
 
 
 def engine_from_options(args: argparse.Namespace) -> tuple[Gmi, CheckpointSource | None]:
@@ -131,4 +133,5 @@ def engine_from_options(args: argparse.Namespace) -> tuple[Gmi, CheckpointSource
 
     if args.models is None:
         return gmi, None
-    return gmi, FolderCheckpointSource(args.models, hash_cache=args.home / HASH_CACHE_FILE, on_hashing=announce)
+    checkpoints = FolderCheckpointSource(args.models, hash_cache=args.home / HASH_CACHE_FILE, on_hashing=announce)
+    return gmi, with_loras(args, checkpoints, args.home / HASH_CACHE_FILE, announce)

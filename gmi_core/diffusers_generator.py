@@ -2,6 +2,8 @@
 
 Single-file checkpoints load with ``from_single_file``. Offline, diffusers needs the pipeline's
 config locally: pass ``config`` (a diffusers-format folder); online it resolves the usual repo.
+A LoRA spec's model (``checkpoint.lora``) is its base with the LoRA loaded by ``load_lora_weights`` (kohya files
+included; needs ``peft``) at its strength; the base stays loaded from one LoRA to the next.
 """
 
 from __future__ import annotations
@@ -46,8 +48,16 @@ class DiffusersGenerator:
         self.local_files_only = local_files_only
         self.show_progress = show_progress
         self._loaded: tuple[str, object] | None = None
+        self._lora: tuple[str, float] | None = None  # (LoRA sha256, strength) loaded into the pipeline
+        self.base_loads = 0  # checkpoint loads so far (the LoRA benchmark reports them)
 
     def _pipeline(self, checkpoint: CheckpointInfo):
+        """The loaded pipeline of the checkpoint (a LoRA's: its base's) with the model's LoRA, if any."""
+        pipe = self._base_pipeline(checkpoint.lora.base if checkpoint.lora else checkpoint)
+        self._apply_lora(pipe, checkpoint)
+        return pipe
+
+    def _base_pipeline(self, checkpoint: CheckpointInfo):
         if self._loaded and self._loaded[0] == checkpoint.sha256:
             return self._loaded[1]
         self.release()
@@ -72,7 +82,32 @@ class DiffusersGenerator:
             ) from exc
         pipe.set_progress_bar_config(disable=not self.show_progress)
         self._loaded = (checkpoint.sha256, pipe.to(self.device))
+        self.base_loads += 1
         return self._loaded[1]
+
+    def _apply_lora(self, pipe, checkpoint: CheckpointInfo) -> None:
+        """Make ``checkpoint.lora`` (None: no LoRA) the one LoRA of the loaded base pipeline."""
+        part = checkpoint.lora
+        wanted = (part.sha256, part.strength) if part else None
+        if self._lora == wanted:
+            return
+        if self._lora is not None and (part is None or self._lora[0] != part.sha256):
+            pipe.unload_lora_weights()
+            self._lora = None
+        if part is None:
+            return
+        if self._lora is None:
+            try:
+                pipe.load_lora_weights(str(part.path), adapter_name="gmi")
+            except ImportError as exc:
+                raise GmiError("LoRA specs with diffusers need peft: pip install 'gmi[diffusers]'") from exc
+            except Exception as exc:
+                pipe.unload_lora_weights()
+                raise CheckpointError(
+                    f"{part.name}: diffusers could not load this LoRA: {str(exc).splitlines()[0]}"
+                ) from exc
+        pipe.set_adapters(["gmi"], adapter_weights=[part.strength])
+        self._lora = wanted
 
     def generate(
         self, checkpoint: CheckpointInfo, prompt: str, seeds: Sequence[int], settings: GenerationSettings
@@ -98,6 +133,6 @@ class DiffusersGenerator:
 
     def release(self) -> None:
         if self._loaded is not None:
-            self._loaded = None
+            self._loaded, self._lora = None, None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -20,6 +20,7 @@ from .images import to_rgb
 from .interrogator import Interrogator
 from .limits import check_identify, check_settings
 from .locks import spec_lock
+from .loras import model_metadata, model_of
 from .observed import OBSERVED, row_source, spec_counts, spec_kind
 from .paths import one_line
 from .prompts import PromptSet, load_prompt_set
@@ -105,6 +106,8 @@ class Gmi:
                 images_budget=self.budget.images(n),
                 images_missing=self.budget.images(n),
                 prompts_missing=len(budget_prompts),
+                model_kind=ckpt.kind,
+                lora=model_metadata(ckpt) if ckpt.lora else None,
             )
             entry = by_key.get(self.key(ckpt))
             if entry is None:
@@ -264,7 +267,9 @@ class Gmi:
                     (name, one_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {one_line(exc)}")
                 )
             finally:
-                generator.release()
+                following = listing[names[index + 1]] if index + 1 < len(names) else None
+                if following is None or report.cancelled or following.base_sha256 != ckpt.base_sha256:
+                    generator.release()  # LoRAs on one base render without reloading it
         return report
 
     # -- identify ------------------------------------------------------------------------------
@@ -348,6 +353,7 @@ class Gmi:
                     prompts_done=sum(c > 0 for c in counts),
                     images_done=sum(counts),
                     partial=missing_images(counts, self.budget) > 0,
+                    model=model_of(item.spec.extra),
                 )
             )
         return IdentifyResult(

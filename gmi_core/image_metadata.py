@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
+from .loras import comfy_graph_loras, infotext_loras
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's own pattern
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
@@ -38,6 +39,7 @@ class ImageMetadata:
     problem: str | None = None  # metadata present but unusable (e.g. a loader fed by a link)
     tile_size: tuple[int, int] | None = None  # A1111: one image's pixels per the infotext (Size, after hires fix)
     pixel_size: tuple[int, int] | None = None  # the file's own (width, height)
+    loras: list[dict] = field(default_factory=list)  # [{"name", "strength", "hash"}] (gmi_core.loras)
 
 
 def parse_infotext(text: str) -> ImageMetadata:
@@ -68,6 +70,7 @@ def parse_infotext(text: str) -> ImageMetadata:
         model_name=(params.get("Model") or "").strip() or None,
         tile_size=_tile_size(params),
     )
+    meta.loras = infotext_loras(meta.prompt, params.get("Lora hashes"))
     # a refiner or a hires-fix checkpoint means a second checkpoint drew part of the image
     others = [params.get(k, "").strip() for k in ("Refiner", "Hires checkpoint")]
     others = [o for o in others if o and o.lower() != "use same checkpoint"]
@@ -116,6 +119,7 @@ def parse_comfy_prompt(graph: dict) -> ImageMetadata:
         elif value is not None and not isinstance(value, str):
             meta.problem = "a checkpoint loader takes its ckpt_name from another node"
     meta.checkpoint_names = names
+    meta.loras = comfy_graph_loras(nodes)
     samplers = sorted((k for k, v in nodes.items() if "positive" in (v.get("inputs") or {})), key=_node_order)
     for nid in samplers:
         inputs = nodes[nid]["inputs"]

@@ -25,6 +25,7 @@ from .errors import Busy, GmiError, ImageError, SpecError
 from .image_metadata import ImageMetadata, read_metadata
 from .images import load_image
 from .locks import spec_lock
+from .loras import addnet_hash, model_metadata, observed_model
 from .paths import inside, one_line, shown
 from .protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 from .spec import Spec, SpecKey, pixel_feature, thumbnail
@@ -62,7 +63,9 @@ class Attributor:
     """Maps what an image records to one local checkpoint, or says why it cannot."""
 
     def __init__(self, listing: CheckpointListing):
-        self.checkpoints = list(listing.checkpoints)
+        self.checkpoints = [c for c in listing.checkpoints if c.lora is None]
+        self.loras = list({c.lora.sha256: c.lora for c in listing.checkpoints if c.lora}.values())  # LoRA specs
+        self._addnet: dict[Path, str] = {}
         self._legacy: dict[str, list[CheckpointInfo]] | None = None
         self.by_name: dict[str, list[CheckpointInfo]] = defaultdict(list)
         self.previews: dict[tuple[str, str], CheckpointInfo] = {}
@@ -87,6 +90,16 @@ class Attributor:
         if len(value) < 10:
             return []
         return [c for c in self.checkpoints if c.sha256.startswith(value)]
+
+    def with_lora(self, base: CheckpointInfo, meta: ImageMetadata) -> tuple[CheckpointInfo | None, str]:
+        """The base, or the base + LoRA combination the image records (gmi_core.loras.observed_model)."""
+
+        def hash_of(path: Path) -> str:
+            if path not in self._addnet:
+                self._addnet[path] = addnet_hash(path)
+            return self._addnet[path]
+
+        return observed_model(base, meta.loras, self.loras, hash_of)
 
     def preview_of(self, path: Path) -> CheckpointInfo | None:
         stem = path.name[: -len(path.suffix)].lower().removesuffix(".preview")
@@ -248,10 +261,11 @@ def scan(
             report.skipped.append((label, "a grid (a collage of a batch), not one image of the checkpoint"))
             continue
         who = attributor.attribute(path, meta)
-        if who.checkpoint is None:
-            report.skipped.append((label, who.reason))
+        model, reason = (None, who.reason) if who.checkpoint is None else attributor.with_lora(who.checkpoint, meta)
+        if model is None:
+            report.skipped.append((label, reason))
             continue
-        found.append(Candidate(path, who.checkpoint, meta.prompt, meta.seed, who.how))
+        found.append(Candidate(path, model, meta.prompt, meta.seed, who.how))
     return found
 
 
@@ -443,6 +457,7 @@ def _extend(spec: Spec | None, rows: dict, ckpt: CheckpointInfo, encoder) -> Spe
             },
         )
     new.extra["counts"] = {"generated_images": 0, "observed_images": new.n_prompts}
+    new.extra["model"] = model_metadata(ckpt)  # a LoRA combination's parts (gmi_core.loras)
     new.validate(f"observed spec of {ckpt.name}")
     return new
 

@@ -24,8 +24,25 @@ from .families import GenerationSettings  # part of the host contract; its defau
 
 
 @dataclass(frozen=True)
+class LoraPart:
+    """The LoRA of a checkpoint + LoRA combination (:mod:`gmi_core.loras`): which file, at which strength, on
+    which base checkpoint."""
+
+    name: str
+    path: Path
+    sha256: str
+    strength: float
+    base: CheckpointInfo
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
-    """One checkpoint as a host sees it. ``sha256`` is the spec key; ``name`` is for people."""
+    """One model as a host sees it. ``sha256`` is the spec key; ``name`` is for people.
+
+    A plain checkpoint has ``lora`` None. A LoRA spec's model is its base checkpoint with ``lora`` applied:
+    ``sha256`` is then the combination's key (:func:`gmi_core.loras.combination_key`), ``path`` and ``family``
+    are the base's, and a Generator renders it with the host's own LoRA loading.
+    """
 
     name: str
     path: Path
@@ -33,11 +50,21 @@ class CheckpointInfo:
     popularity: float | None = None  # download count or similar, used only by the `download` baseline
     family: str | None = None  # a gmi_core.families name (from the file header); picks the generation settings
     layout: str = "single"  # "single": one file with its text encoders and VAE; "split": a diffusion model only
+    lora: LoraPart | None = None  # a LoRA spec: the LoRA on this base at a strength (gmi_core.loras)
 
     @property
     def short_hash(self) -> str:
         """A1111 / Civitai short hash: the first 10 hex digits of the sha256."""
         return self.sha256[:10]
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.lora else "checkpoint"
+
+    @property
+    def base_sha256(self) -> str:
+        """The checkpoint file a Generator loads: LoRAs on one base share it (no reload between them)."""
+        return self.lora.base.sha256 if self.lora else self.sha256
 
 
 @dataclass

@@ -35,6 +35,8 @@ class SpecStatus:
     current: bool = True
 
     observed_images: int = 0  # images in the checkpoint's observed spec (import-images)
+    model_kind: str = "checkpoint"  # or "lora": a LoRA on a base checkpoint (gmi_core.loras)
+    lora: dict | None = None  # a LoRA row's parts: lora_name, lora_sha256, strength, base_name, base_sha256
 
 
 @dataclass
@@ -100,6 +102,11 @@ class RankedCheckpoint:
     prompts_done: int = 0  # prompts with images in the spec
     images_done: int = 0
     partial: bool = False  # the spec holds less than the engine's budget
+    model: dict = field(default_factory=lambda: {"kind": "checkpoint"})  # gmi_core.loras.model_of: kind and parts
+
+    @property
+    def model_kind(self) -> str:
+        return self.model["kind"]
 
     @property
     def short_hash(self) -> str:
@@ -141,6 +148,8 @@ class IdentifyResult:
                         "prompts_done": r.prompts_done,
                         "images_done": r.images_done,
                         "partial": r.partial,
+                        "model_kind": r.model_kind,
+                        "lora": r.model if r.model_kind == "lora" else None,
                     }
                     for r in self.ranking
                 ],

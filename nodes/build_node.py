@@ -9,9 +9,10 @@ from comfy_api.latest import io
 from ..gmi_core.budgets import BUDGETS
 from ..gmi_core.families import FAMILY_DEFAULTS
 from ..gmi_core.limits import MAX_PROMPT_SET_PROMPTS, MAX_SEED, check_settings
+from ..gmi_core.loras import MODEL_KINDS
 from ..gmi_core.paths import one_line
 from ..gmi_core.protocols import BuildProgress, GenerationSettings, format_eta
-from . import engines, events, settings, workflow_template
+from . import engines, events, loras, settings, workflow_template
 from .encoder_node import Encoder
 from .host import ComfyGenerator
 
@@ -149,6 +150,36 @@ class GMIBuildSpecs(io.ComfyNode):
                     default=GenerationSettings.negative_prompt,
                     tooltip="Negative prompt for every spec image.",
                 ),
+                io.Combo.Input(
+                    "models",
+                    optional=True,
+                    options=list(MODEL_KINDS),
+                    default="checkpoints",
+                    tooltip=(
+                        "checkpoints: the files in models/checkpoints; loras: each LoRA in models/loras on its base "
+                        "checkpoint at each strength (one spec per combination); both."
+                    ),
+                ),
+                io.String.Input(
+                    "lora_strengths",
+                    optional=True,
+                    multiline=True,
+                    default=d["lora_strengths"],
+                    tooltip=(
+                        "LoRA strength(s) for every LoRA (1, or 0.5,1 for one spec each), and per LoRA one line "
+                        "name=0.8 (file name or stem)."
+                    ),
+                ),
+                io.String.Input(
+                    "lora_bases",
+                    optional=True,
+                    multiline=True,
+                    default=d["lora_bases"],
+                    tooltip=(
+                        "Base checkpoint per LoRA family (sd1=my_model.safetensors) or per LoRA (name=checkpoint), one "
+                        "per line. Default: the base the LoRA's metadata names if installed, else the family's first."
+                    ),
+                ),
             ],
             outputs=[
                 io.String.Output(
@@ -179,6 +210,9 @@ class GMIBuildSpecs(io.ComfyNode):
         checkpoints="",
         negative_prompt="",
         workflow="",
+        models="checkpoints",
+        lora_strengths="1",
+        lora_bases="",
     ) -> io.NodeOutput:
         template = workflow_template.parse(workflow) if (workflow or "").strip() else None  # checked before any work
         per_family = settings.family_settings(family_settings, sampler_name, scheduler, negative_prompt)
@@ -187,7 +221,9 @@ class GMIBuildSpecs(io.ComfyNode):
             check_settings(family_row, *sampler_choices())
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts, budget, per_family, int(seed))
-        plan = engine.plan(engines.source(), parse_which(which, checkpoints))
+        lora_choices = loras.choices(lora_strengths, lora_bases)
+        source = loras.model_source(engines.source(), engines.hash_cache(), lora_choices, models)
+        plan = engine.plan(source, parse_which(which, checkpoints))
         bar = events.NodeProgress(plan.images)
         if template is None:
             generator = ComfyGenerator(on_image=bar.step, hash_cache=engines.hash_cache())
@@ -203,6 +239,8 @@ class GMIBuildSpecs(io.ComfyNode):
                 "sampler_name": sampler_name,
                 "scheduler": scheduler,
                 "seed": int(seed),
+                "lora_strengths": lora_strengths,
+                "lora_bases": lora_bases,
             }
         )
         events.send(events.BUILD_PLAN, plan.to_dict())

@@ -23,6 +23,7 @@ from ..gmi_core.errors import CheckpointError
 from ..gmi_core.paths import offered, resolve_inside
 from ..gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 from . import recipes, split_models
+from .loras import apply_lora
 
 log = logging.getLogger("gmi")
 
@@ -243,7 +244,8 @@ class ComfyGenerator:
         self.on_image = on_image  # called with the number of images finished (progress bar)
         self.parts = split_models.SplitParts(hash_cache)  # a split model's encoders and VAE, shared across the build
         self._loaded: tuple[tuple, tuple] | None = None
-        self._negative: tuple[str, object] | None = None  # the loaded checkpoint's encoding of the negative prompt
+        self._negative: tuple[tuple, object] | None = None  # the loaded model's encoding of the negative prompt
+        self._lora: tuple[str, tuple] | None = None  # (combination key, patched MODEL and CLIP)
 
     def _models(self, checkpoint: CheckpointInfo, settings: GenerationSettings):
         key = (
@@ -277,10 +279,12 @@ class ComfyGenerator:
         import comfy.model_management as mm
         import comfy.sample
 
-        model, clip, vae = self._models(checkpoint, settings)
+        model, clip, vae = self._models(checkpoint, settings)  # a LoRA's base (same path): loaded once for its LoRAs
+        if checkpoint.lora is not None:
+            model, clip = self._with_lora(checkpoint, model, clip)
         positive = recipes.with_guidance(_encode(clip, prompt), settings.guidance)
-        if self._negative is None or self._negative[0] != settings.negative_prompt:
-            self._negative = (settings.negative_prompt, _encode(clip, settings.negative_prompt))  # once per checkpoint
+        if self._negative is None or self._negative[0] != (checkpoint.sha256, settings.negative_prompt):
+            self._negative = ((checkpoint.sha256, settings.negative_prompt), _encode(clip, settings.negative_prompt))
         negative = self._negative[1]
         groups = [list(seeds)] if batches_exactly(settings.sampler) else [[seed] for seed in seeds]
         images = []
@@ -310,7 +314,14 @@ class ComfyGenerator:
                 self.on_image(len(group))
         return images
 
+    def _with_lora(self, checkpoint: CheckpointInfo, model, clip):
+        """The base's MODEL/CLIP with the LoRA patched in (ComfyUI's LoRA loader), kept for the LoRA's prompts."""
+        if self._lora is None or self._lora[0] != checkpoint.sha256:
+            self._lora = (checkpoint.sha256, apply_lora(model, clip, checkpoint))
+        return self._lora[1]
+
     def release(self) -> None:
+        self._lora = None
         if self._loaded is None:
             return
         self._loaded = None

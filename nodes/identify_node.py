@@ -9,9 +9,11 @@ from comfy_api.latest import io
 
 from ..gmi_core import service
 from ..gmi_core.limits import DEFAULT_TOP_K, MAX_PROMPT_SET_PROMPTS, MAX_TOP_K
+from ..gmi_core.loras import MODEL_KINDS
 from ..gmi_core.prompts import DEFAULT_PROMPT_SET
+from ..gmi_core.protocols import ListedCheckpoints
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
-from . import engines
+from . import engines, loras, settings
 from .encoder_node import Encoder
 from .host import load_winner, tensor_to_pils
 
@@ -100,6 +102,22 @@ class GMIIdentify(io.ComfyNode):
                         "never loaded: pick_rank skips them)."
                     ),
                 ),
+                io.Combo.Input(
+                    "models",
+                    optional=True,
+                    options=list(MODEL_KINDS),
+                    default="both",
+                    tooltip=(
+                        "Which rows to rank: checkpoints, LoRAs (each on its base at its strength, as GMI Build Specs "
+                        "built them with its lora_strengths and lora_bases), or both in one ranking."
+                    ),
+                ),
+                io.String.Input(
+                    "on_checkpoint",
+                    optional=True,
+                    default="",
+                    tooltip="Only the LoRAs on this checkpoint (its file name); empty = every base.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The chosen checkpoint's diffusion model."),
@@ -112,6 +130,15 @@ class GMIIdentify(io.ComfyNode):
                 io.String.Output(
                     display_name="ranking_json",
                     tooltip="The whole ranking as JSON: method, pseudo-prompt, score and closest spec prompts per checkpoint.",
+                ),
+                io.String.Output(
+                    display_name="lora_name",
+                    tooltip="The chosen row's LoRA file (as listed in models/loras), applied to MODEL and CLIP; empty "
+                    "when the chosen row is a checkpoint (checkpoint_name is then its base).",
+                ),
+                io.Float.Output(
+                    display_name="lora_strength",
+                    tooltip="The strength the LoRA is applied at (0 for a checkpoint row).",
                 ),
             ],
             is_output_node=True,
@@ -137,14 +164,35 @@ class GMIIdentify(io.ComfyNode):
         prompt_set=DEFAULT_PROMPT_SET,
         max_prompts=0,
         include_not_installed=False,
+        models="both",
+        on_checkpoint="",
     ) -> io.NodeOutput:
         prompts = engines.get_prompt_set(prompt_set, max_prompts)
         engine = engines.get_engine(encoder, prompts)
-        result = service.identify(
-            engine, tensor_to_pils(image), engines.source(), prompt, method, bool(include_not_installed)
-        )
+        saved = settings.load()  # the LoRA strengths and bases the Build node last used: the same combinations
+        lora_choices = loras.choices(saved["lora_strengths"], saved["lora_bases"])
+        source = loras.model_source(engines.source(), engines.hash_cache(), lora_choices, models, on_checkpoint)
+        source = ListedCheckpoints(source.list_checkpoints())  # listed once: ranked, then the chosen row looked up
+        result = service.identify(engine, tensor_to_pils(image), source, prompt, method, bool(include_not_installed))
         chosen = service.pick_installed(result, pick_rank)  # only installed checkpoints can be switched to
-        model, clip, vae = load_winner(engine, chosen.name, chosen.sha256)
+        listed = next((c for c in source.listing.checkpoints if c.sha256 == chosen.sha256), None)
+        lora_name, lora_strength, checkpoint_name = "", 0.0, chosen.name
+        if listed is not None and listed.lora is not None:
+            base = listed.lora.base
+            model, clip, vae = load_winner(engine, base.name, base.sha256)
+            model, clip = loras.apply_lora(model, clip, listed)
+            lora_name, lora_strength, checkpoint_name = listed.lora.name, listed.lora.strength, base.name
+        else:
+            model, clip, vae = load_winner(engine, chosen.name, chosen.sha256)
         ranking = service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k, pick_rank=pick_rank)
         text = json.dumps(ranking, indent=1)
-        return io.NodeOutput(model, clip, vae, chosen.name, text, ui={"gmi_ranking": [ranking], "text": [chosen.name]})
+        return io.NodeOutput(
+            model,
+            clip,
+            vae,
+            checkpoint_name,
+            text,
+            lora_name,
+            lora_strength,
+            ui={"gmi_ranking": [ranking], "text": [chosen.name]},
+        )

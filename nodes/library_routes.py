@@ -17,7 +17,7 @@ from pathlib import Path
 from ..gmi_core import limits, service
 from ..gmi_core.errors import InvalidInput
 from ..gmi_core.paths import folder_inside
-from . import engines, settings
+from . import engines, loras, settings
 
 log = logging.getLogger("gmi")
 ROOTS = ("output", "input", "models")
@@ -75,7 +75,7 @@ def import_images_payload(fields: dict) -> dict:
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(str(k)[:40] for k in unknown))}")
     folder = confined_folder(_text(fields, "root", "output"), _text(fields, "subfolder"))
-    return service.import_images_payload(_engine(fields), engines.source(), folder)
+    return service.import_images_payload(_engine(fields), loras.saved_source(), folder)  # LoRA images too
 
 
 def map_payload(fields: dict) -> dict:

@@ -9,6 +9,7 @@ import re
 from ..gmi_core.budgets import DEFAULT_BUDGET
 from ..gmi_core.encoder_registry import DEFAULT_ENCODER
 from ..gmi_core.families import FamilySettings, parse_overrides
+from ..gmi_core.hashing import HASH_CACHE_FILE
 from ..gmi_core.paths import write_json_atomic
 from ..gmi_core.prompts import DEFAULT_PROMPT_SET
 from ..gmi_core.protocols import GenerationSettings
@@ -23,6 +24,8 @@ DEFAULTS = {  # every value from its one place in gmi_core
     "sampler_name": GenerationSettings.sampler,
     "scheduler": GenerationSettings.scheduler,
     "seed": 0,
+    "lora_strengths": "1",  # LoRA specs (gmi_core.loras): strengths, and bases per family or LoRA
+    "lora_bases": "",
 }
 
 
@@ -58,5 +61,5 @@ def family_settings(text: str, sampler: str, scheduler: str, negative_prompt: st
     the text encoders and VAE the folders hold per family for split models (``flux-dev.vae=ae.safetensors``)."""
     items = [item for item in re.split(r"[\s,;]+", text or "") if item]
     base = GenerationSettings(sampler=sampler, scheduler=scheduler, negative_prompt=negative_prompt or "")
-    components = split_models.family_components(host.gmi_user_dir() / "hash_cache.json")
+    components = split_models.family_components(host.gmi_user_dir() / HASH_CACHE_FILE)
     return FamilySettings.defaults(base, parse_overrides(items), components)

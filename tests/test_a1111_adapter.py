@@ -491,3 +491,27 @@ def test_warm_start_loads_encoder_and_label_embeddings_in_the_background(world):
     engine = runtime.get_engine()
     assert list((engine.store.root / "cache").glob("labels--gmi-tiny-clip-s0--*.safetensors"))
     assert engine.interrogator._embeddings is not None and engine.encoder.device.type == "cpu"
+
+
+def test_a_lora_spec_renders_with_its_tag_and_fails_when_the_webui_did_not_apply_it(world, tmp_path):
+    host, loras = gmi("host"), gmi("loras")
+    from gmi_core.errors import CheckpointError
+    from gmi_core.loras import LoraInfo, combination
+    from gmi_core.protocols import GenerationSettings
+
+    source = host.WebuiCheckpointSource()
+    base = source.list_checkpoints().checkpoints[1]
+    lora = LoraInfo("ink.safetensors", tmp_path / "ink.safetensors", "c" * 64, "sd1", "lora")
+    model = combination(base, lora, 0.5)
+    settings = GenerationSettings(steps=3, cfg=5.0, sampler="Euler", scheduler="Automatic", width=64, height=64)
+    with pytest.raises(CheckpointError, match=r"did not apply the LoRA ink\.safetensors"):
+        host.WebuiGenerator(source).generate(model, "a cat", [11], settings)  # the fake WebUI has no Lora network
+    p = world.process_calls[-1]
+    assert p.prompt == ["a cat <lora:ink:0.5>"] and p.override_settings["sd_model_checkpoint"] == source.title_for(base)
+    row = {"title": model.name, "model_kind": "lora", "lora": {"base_sha256": base.sha256, "base_name": base.name}}
+    row["lora"] |= {"lora_name": "ink.safetensors", "strength": 0.5}
+    titles = {base.sha256: "base title [abc]"}
+    assert loras.choice_value(row, titles) == "base title [abc] <lora:ink:0.5>"
+    generation = type("P", (), {"prompt": "a dog <lora:ink:1>"})()
+    assert loras.apply_to_generation(generation, row, titles) == "base title [abc]"
+    assert generation.prompt == "a dog <lora:ink:0.5>"

@@ -191,7 +191,7 @@ def test_nodes_registered(comfy):
     for name in GMI_NODES:
         assert name in info, f"{name} missing; log:\n{server.log()[-3000:]}"
     assert ENCODER_FILE in info["GMILoadEncoder"]["input"]["required"]["encoder"][1]["options"]  # a V3 COMBO
-    assert info["GMIIdentify"]["output"] == ["MODEL", "CLIP", "VAE", "STRING", "STRING"]
+    assert info["GMIIdentify"]["output"] == ["MODEL", "CLIP", "VAE", "STRING", "STRING", "STRING", "FLOAT"]
     version = server.get("/system_stats")["system"]["comfyui_version"]
     print(f"ComfyUI {version} from {server.comfy_dir}")
     js = server.get("/extensions")

@@ -111,6 +111,7 @@ def _fake_folder_paths(base: Path):
         "checkpoints": ([str(base / "models" / "checkpoints")], {".safetensors", ".ckpt"}),
         "clip_vision": ([str(base / "models" / "clip_vision")], {".safetensors"}),
         "embeddings": ([str(base / "models" / "embeddings")], {".safetensors"}),
+        "loras": ([str(base / "models" / "loras")], {".safetensors"}),
     }
     fp.get_user_directory = lambda: str(base / "user")
     fp.get_folder_paths = lambda kind: list(fp.folder_names_and_paths[kind][0])
@@ -326,11 +327,20 @@ def test_extension_lists_the_v3_nodes_as_object_info_shows_them(env):
         assert len(info["output_name"]) == len(info["output"]) == len(info["output_tooltips"])
         assert all(info["output_tooltips"]), cls
     identify = node_info(env.nodes.GMIIdentify)
-    assert identify["output"] == ["MODEL", "CLIP", "VAE", "STRING", "STRING"] and identify["output_node"]
-    assert identify["output_name"] == ["model", "clip", "vae", "checkpoint_name", "ranking_json"]
+    assert identify["output"] == ["MODEL", "CLIP", "VAE", "STRING", "STRING", "STRING", "FLOAT"]
+    assert identify["output_node"]
+    assert identify["output_name"] == [
+        "model",
+        "clip",
+        "vae",
+        "checkpoint_name",
+        "ranking_json",
+        "lora_name",
+        "lora_strength",
+    ]
     assert identify["input_order"] == {
         "required": ["encoder", "image", "method", "top_k", "pick_rank"],
-        "optional": ["prompt", "prompt_set", "max_prompts", "include_not_installed"],
+        "optional": ["prompt", "prompt_set", "max_prompts", "include_not_installed", "models", "on_checkpoint"],
         "hidden": ["prompt", "extra_pnginfo"],
     }
     assert node_info(env.nodes.GMILoadEncoder)["output"] == ["GMI_ENCODER"]
@@ -464,7 +474,8 @@ def test_identify_picks_the_generating_checkpoint(env):
     for index, name in enumerate(env.names):
         image = to_tensor([fake_image(index, "an unseen prompt about a harbour", 99_000 + index)])
         out = node.execute(encoder, image, "gmi", 3, 1, prompt="", prompt_set="platform", max_prompts=4)
-        model, clip, vae, chosen, text = out.result
+        model, clip, vae, chosen, text, lora_name, lora_strength = out.result
+        assert (lora_name, lora_strength) == ("", 0.0)  # a checkpoint row: no LoRA applied
         assert chosen == name and model == f"MODEL<{name}>" and clip == f"CLIP<{name}>" and vae == f"VAE<{name}>"
         ui = out.ui["gmi_ranking"][0]
         assert ui["ranking"][0]["name"] == name and ui["chosen"] == name and len(ui["ranking"]) == 3

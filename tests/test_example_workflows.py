@@ -76,6 +76,8 @@ FAKE_INFO_FOR_IDENTIFY = {  # /object_info's shape for the node types of the Ide
             "prompt_set": [["platform"], {}],
             "max_prompts": ["INT", {}],
             "include_not_installed": ["BOOLEAN", {}],
+            "models": [["checkpoints", "loras", "both"], {}],
+            "on_checkpoint": ["STRING", {}],
         },
     ),
     "CLIPTextEncode": _info({"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}),

@@ -141,6 +141,13 @@ def run(args: argparse.Namespace) -> dict:
             args.prompt_source == "true",
         )
         tasks_s = time.perf_counter() - t
+        results_lora = None
+        if args.loras:
+            from .lora_roundtrip import run_loras
+
+            results_lora = run_loras(
+                gmi, generator, source, checkpoints, evaluation, settings, work, args.loras, build_s / len(checkpoints)
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -179,6 +186,8 @@ def run(args: argparse.Namespace) -> dict:
         "families": {family: {"checkpoints": len(checkpoints), "chance_top1": round(1 / len(checkpoints), 4)}},
         "paper": PAPER,
     }
+    if results_lora is not None:
+        data["results_lora"] = results_lora
     data["targets"] = [
         {
             "target": "round trip: the generating checkpoint ranks first (gmi, 1 query image, every task)",
@@ -257,7 +266,12 @@ def format_tables(data: dict) -> str:
         f"{s['platform_prompts']} platform prompts x {s['images_per_prompt']} images, {s['evaluation_prompts']} evaluation prompts, "
         f"pseudo-prompt from {s['prompt_source']}"
     )
-    return head + "\n" + quality_tables(data)
+    tables = head + "\n" + quality_tables(data)
+    if "results_lora" in data:
+        from .lora_roundtrip import lora_tables
+
+        tables += "\n\nLoRA specs: " + lora_tables(data["results_lora"])
+    return tables
 
 
 def add_arguments(commands) -> None:
@@ -289,3 +303,6 @@ def add_arguments(commands) -> None:
     p.add_argument("--workdir", help="folder for temporary files")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--loras", type=int, default=0, help="also N tiny LoRAs on the first checkpoint (results_lora; N >= 8 advised)"
+    )

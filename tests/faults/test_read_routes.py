@@ -78,13 +78,13 @@ def test_read_routes_a1111_answer_within_a_second_during_a_build_without_encoder
 
     monkeypatch.setattr(webui_world, "render", slow_render)
     runtime = gmi("runtime")
-    real_load = runtime.load_encoder
+    real_load = runtime.open_encoder
 
     def slow_load(*args, **kwargs):  # a cold disk: the build is still loading when the first poll comes
         time.sleep(2)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "load_encoder", slow_load)
+    monkeypatch.setattr(runtime, "open_encoder", slow_load)
     r = client.post("/gmi/v1/build", json={"checkpoints": "all"})
     assert r.status_code == 200, r.text
     job_id = r.json()["id"]
@@ -125,13 +125,13 @@ def test_read_routes_comfyui_status_answers_while_the_encoder_loads(env, monkeyp
     engines = __import__("sys").modules[env.pack.__name__ + ".nodes.engines"]
     engines.POOL.clear()
     release = threading.Event()
-    real_load = engines.load_encoder
+    real_load = engines.open_encoder
 
     def slow_load(*args, **kwargs):  # a first download or a cold disk
         release.wait(60)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(engines, "load_encoder", slow_load)
+    monkeypatch.setattr(engines, "open_encoder", slow_load)
     app = _client(env)
 
     async def scenario():
