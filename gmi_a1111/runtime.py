@@ -17,6 +17,7 @@ from modules import call_queue, paths, sd_models, shared
 
 from gmi_core import service
 from gmi_core.budgets import BUDGETS, DEFAULT_BUDGET, Budget, parse_budget
+from gmi_core.encoder_files import console_download_bar
 from gmi_core.encoder_registry import DEFAULT_ENCODER, encoder_names, parse_encoder_name
 from gmi_core.encoders import ClipEncoder, OffloadAfterUse, Placement
 from gmi_core.engine import Gmi
@@ -254,15 +255,13 @@ def _encoder_placement() -> Placement:
 
 
 def _download_progress():
-    """The WebUI's progress text (and the console) while CLIP weights download."""
-    shown = {"percent": -1}
+    """The WebUI's progress text and a byte bar on the console while CLIP weights download."""
+    console = console_download_bar()
 
     def update(done: int, total: int) -> None:
         percent = int(100 * done / max(total, 1))
         shared.state.textinfo = f"gmi: downloading CLIP weights {percent}% of {total / 2**20:.0f} MB"
-        if percent // 10 != shown["percent"] // 10:
-            log.info("gmi: CLIP weights download %d%% (into %s)", percent, encoder_download_dir())
-        shown["percent"] = percent
+        console(done, total)
 
     return update
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .budgets import BUDGETS, DEFAULT_BUDGET
+from .encoder_files import console_download_bar
 from .encoder_registry import DEFAULT_ENCODER, encoder_names
 from .errors import GmiError
 from .families import FAMILY_DEFAULTS
@@ -21,23 +22,6 @@ from .protocols import CheckpointSource, GenerationSettings
 
 if TYPE_CHECKING:
     from .engine import Gmi
-
-
-def download_bar():
-    """A tqdm bar in bytes for a CLIP weights download (ProgressFn callbacks)."""
-    from tqdm import tqdm
-
-    state = {"bar": None}
-
-    def update(done: int, total: int) -> None:
-        if state["bar"] is None:
-            state["bar"] = tqdm(total=total, desc="CLIP weights", unit="B", unit_scale=True, file=sys.stderr)
-        bar = state["bar"]
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -140,7 +124,7 @@ def engine_from_options(args: argparse.Namespace) -> tuple[Gmi, CheckpointSource
         args.seed,
         folders=EncoderFolders.under_home(args.home, args.models),
         allow_download=args.allow_download,
-        download_progress=download_bar(),
+        download_progress=console_download_bar(),
         weights=args.clip_weights,
     )
 

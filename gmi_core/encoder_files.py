@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -320,6 +321,25 @@ class _ProgressWatcher:
                 last = done
 
 
+def console_download_bar(desc: str = "CLIP weights") -> ProgressFn:
+    """A tqdm bar in bytes on stderr for a weights download: the CLI's and both hosts' console (A1111 shows no
+    INFO log lines unless SD_WEBUI_LOG_LEVEL is set, and HF_HUB_DISABLE_PROGRESS_BARS hides the hub's own bar)."""
+    from tqdm import tqdm
+
+    state = {"bar": None}
+
+    def update(done: int, total: int) -> None:
+        if state["bar"] is None:
+            # every callback is drawn: the watcher calls at most four times a second
+            state["bar"] = tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, mininterval=0)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 def _remote_size(item: HubFile) -> int:
     try:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -351,6 +371,7 @@ def resolve_weights(
     first = entry.hub[0]
     download = "" if allow_download else "; or allow downloads (gmi then fetches it itself)"
     raise EncoderUnavailable(
-        f"no usable weights for CLIP encoder {entry.name}. Tried: {log.lines()}. "
-        f"Fix: download {first.url} and save it as {shown(hint / (entry.slug + '.safetensors'), 4)}{download}."
+        f"no usable weights for CLIP encoder {entry.name}. "
+        f"Fix: download {first.url} and save it as {shown(hint / (entry.slug + '.safetensors'), 4)}{download}. "
+        f"Tried: {log.lines()}."  # last: what to do stays in view where a host cuts a long message
     )

@@ -37,6 +37,8 @@ class ImageMetadata:
     model_name: str | None = None  # A1111 "Model:"
     checkpoint_names: list[str] = field(default_factory=list)  # ComfyUI loader ckpt_name values
     problem: str | None = None  # metadata present but unusable (e.g. a loader fed by a link)
+    tile_size: tuple[int, int] | None = None  # A1111: one image's pixels per the infotext (Size, after hires fix)
+    pixel_size: tuple[int, int] | None = None  # the file's own (width, height)
     loras: list[dict] = field(default_factory=list)  # [{"name", "strength", "hash"}] (gmi_core.loras)
 
 
@@ -66,6 +68,7 @@ def parse_infotext(text: str) -> ImageMetadata:
         seed=int(seed) if str(seed).lstrip("-").isdigit() else None,
         model_hash=(params.get("Model hash") or "").strip().lower() or None,
         model_name=(params.get("Model") or "").strip() or None,
+        tile_size=_tile_size(params),
     )
     meta.loras = infotext_loras(meta.prompt, params.get("Lora hashes"))
     # a refiner or a hires-fix checkpoint means a second checkpoint drew part of the image
@@ -180,21 +183,48 @@ def _png_text_after_data(path: Path) -> bool:
             handle.seek(length + 4, 1)
 
 
+def _size(text) -> tuple[int, int] | None:
+    match = re.fullmatch(r"\s*(\d{1,5})x(\d{1,5})\s*", str(text or ""))
+    return (int(match[1]), int(match[2])) if match and int(match[1]) and int(match[2]) else None
+
+
+def _tile_size(params: dict) -> tuple[int, int] | None:
+    """The pixel size of one generated image as A1111 computes it (``Size``, then ``Hires resize`` or ``int(Size x
+    Hires upscale)``); None where the infotext cannot tell (an upscaler ran after, a resize with a 0 side)."""
+    if any("upscale" in key.lower() and not key.startswith("Hires") for key in params):
+        return None  # Extras / upscaler scripts: the image is larger than Size on purpose
+    size = _size(params.get("Size"))
+    if size is None:
+        return None
+    if "Hires resize" in params:
+        return _size(params["Hires resize"])
+    if "Hires upscale" in params:
+        try:
+            scale = float(params["Hires upscale"])
+        except ValueError:
+            return None
+        return (int(size[0] * scale), int(size[1] * scale))
+    return size
+
+
 def read_metadata(path: Path) -> ImageMetadata:
     """The generation metadata of one image file; ImageError when it is not a readable image.
 
     Metadata that cannot be parsed (odd graphs, wrong types) yields ``problem`` instead of an exception.
     """
-    texts, comment = _raw_metadata(path)
+    texts, comment, pixel_size = _raw_metadata(path)
     try:
-        return _parse(texts, comment)
+        meta = _parse(texts, comment)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError, RecursionError) as exc:
-        return ImageMetadata(source="unparsable", problem=f"unparsable generation metadata ({type(exc).__name__})")
+        meta = ImageMetadata(source="unparsable", problem=f"unparsable generation metadata ({type(exc).__name__})")
+    meta.pixel_size = pixel_size
+    return meta
 
 
-def _raw_metadata(path: Path) -> tuple[dict, object]:
+def _raw_metadata(path: Path) -> tuple[dict, object, tuple[int, int]]:
     try:
         with Image.open(path) as image:
+            pixel_size = tuple(image.size)
             texts = dict(getattr(image, "text", None) or {}) if image.format == "PNG" else {}
             if image.format == "PNG" and not texts and _png_text_after_data(path):
                 image.load()  # text chunks after the image data are read only on load
@@ -206,7 +236,7 @@ def _raw_metadata(path: Path) -> tuple[dict, object]:
         raise ImageError(f"{path.name}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path.name}: unreadable or truncated image ({exc})") from exc
-    return texts, comment
+    return texts, comment, pixel_size
 
 
 def _parse(texts: dict, comment) -> ImageMetadata:

@@ -224,12 +224,18 @@ def _reason_class(reason: str) -> str:
     return "other"
 
 
-def is_grid(relative: Path) -> bool:
-    """An A1111 grid: saved in an ``*-grids`` folder (outputs/txt2img-grids, img2img-grids) or named ``grid-*``
-    (where "save grids" points elsewhere). A collage of the batch's images: never an observed image."""
-    return relative.name.lower().startswith("grid-") or any(
+def is_grid(relative: Path, meta: ImageMetadata | None = None) -> bool:
+    """An A1111 grid, a collage of the batch's images and never an observed image: saved in an ``*-grids`` folder
+    (outputs/txt2img-grids, img2img-grids), named ``grid-*``, or, wherever "save grids" points, an image whose
+    pixels tile two or more of the images its infotext describes (``Size`` after hires fix) without a gap."""
+    if relative.name.lower().startswith("grid-") or any(
         part.lower().endswith("-grids") for part in relative.parts[:-1]
-    )
+    ):
+        return True
+    tile, pixels = (meta.tile_size, meta.pixel_size) if meta is not None else (None, None)
+    if not tile or not pixels or pixels[0] % tile[0] or pixels[1] % tile[1]:
+        return False
+    return (pixels[0] // tile[0]) * (pixels[1] // tile[1]) >= 2
 
 
 def scan(
@@ -244,15 +250,15 @@ def scan(
         if not inside(path, folder):  # a link out of the folder: its target is not the user's to import here
             report.skipped.append((label, "unreadable: a link that leaves the folder"))
             continue
-        if is_grid(path.relative_to(folder)):
-            report.skipped.append((label, "a grid (a collage of a batch), not one image of the checkpoint"))
-            continue
         if progress and index % 50 == 0:
             progress(f"reading metadata {index + 1}/{len(paths)}")
         try:
             meta = read_metadata(path)
         except ImageError as exc:
             report.skipped.append((label, str(exc).split(": ", 1)[-1]))
+            continue
+        if is_grid(path.relative_to(folder), meta):
+            report.skipped.append((label, "a grid (a collage of a batch), not one image of the checkpoint"))
             continue
         who = attributor.attribute(path, meta)
         model, reason = (None, who.reason) if who.checkpoint is None else attributor.with_lora(who.checkpoint, meta)

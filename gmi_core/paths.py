@@ -13,7 +13,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.parse import unquote
@@ -76,6 +76,16 @@ def resolve_inside(name: str, roots: Sequence[Path], what: str, allow_absolute: 
         if any(_inside(real, root) for root in real_roots) and stat.S_ISREG(mode):
             return real
     raise NotFound(f"{what} {shown} is not a file inside gmi's folders")
+
+
+def offered(resolve: Callable[[str], Path], name: str) -> bool:
+    """Whether ``resolve`` (the function that opens a picked name) accepts ``name``: a host's choice list offers
+    only these, so nothing listed (a symlink out of the folder, say) is refused once picked."""
+    try:
+        resolve(name)
+    except (InvalidInput, NotFound):
+        return False
+    return True
 
 
 def folder_inside(root: Path, subfolder: str, what: str = "folder") -> Path:

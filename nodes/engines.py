@@ -16,7 +16,7 @@ from ..gmi_core.errors import InvalidInput, NotFound
 from ..gmi_core.factory import EncoderFolders, open_encoder
 from ..gmi_core.families import FamilySettings
 from ..gmi_core.hashing import HASH_CACHE_FILE
-from ..gmi_core.paths import resolve_inside
+from ..gmi_core.paths import offered, resolve_inside
 from ..gmi_core.prompts import BUILTIN_SETS, DEFAULT_PROMPT_SET, PromptSet, load_prompt_set
 from ..gmi_core.store import SpecStore
 from . import host, settings, split_models
@@ -45,8 +45,7 @@ def get_encoder(name: str, allow_download: bool = True, wait: bool = True) -> Cl
 
     def load() -> ClipEncoder:
         if parse_encoder_name(name) is None:
-            path = resolve_inside(name, host.encoder_own_dirs(), "encoder file")
-            encoder = open_encoder(str(path), placement=host.ComfyPlacement())
+            encoder = open_encoder(str(host.encoder_file(name)), placement=host.ComfyPlacement())
         else:
             encoder = open_encoder(
                 name,
@@ -81,8 +80,15 @@ def prompt_set_dir() -> Path:
 
 def prompt_set_choices() -> list[str]:
     folder = prompt_set_dir()
-    files = sorted(p.name for p in folder.glob("*") if p.suffix in (".txt", ".json")) if folder.is_dir() else []
-    return list(BUILTIN_SETS[:1]) + files
+    names = sorted(p.name for p in folder.glob("*") if p.suffix in (".txt", ".json")) if folder.is_dir() else []
+    return list(BUILTIN_SETS[:1]) + [name for name in names if offered(prompt_set_file, name)]
+
+
+def prompt_set_file(name: str) -> Path:
+    """The file a prompt set name picks in <user>/gmi/prompt_sets: a bare file name; symlinks out are refused."""
+    if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+        raise InvalidInput(f"prompt set {str(name)[:200]!r}: give a file name from the gmi/prompt_sets folder")
+    return resolve_inside(name, [prompt_set_dir()], "prompt set")
 
 
 def get_prompt_set(name: str, max_prompts: int = 0) -> PromptSet:
@@ -90,9 +96,7 @@ def get_prompt_set(name: str, max_prompts: int = 0) -> PromptSet:
     if name in BUILTIN_SETS:
         prompts = load_prompt_set(name)
     else:
-        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-            raise InvalidInput(f"prompt set {str(name)[:200]!r}: give a file name from the gmi/prompt_sets folder")
-        path = resolve_inside(name, [prompt_set_dir()], "prompt set")  # symlinks out of the folder are refused
+        path = prompt_set_file(name)
         prompts = load_prompt_set(str(path))
         prompts = PromptSet(Path(name).stem, prompts.prompts)
     if max_prompts and max_prompts < len(prompts):

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from ..gmi_core.checkpoints import inspect_model, list_checkpoint_files
-from ..gmi_core.encoder_files import inspect_weights
+from ..gmi_core.encoder_files import console_download_bar, inspect_weights
 from ..gmi_core.encoders import Placement
 from ..gmi_core.errors import CheckpointError
+from ..gmi_core.paths import offered, resolve_inside
 from ..gmi_core.protocols import CheckpointInfo, CheckpointListing, GenerationSettings
 from . import recipes, split_models
 from .loras import apply_lora
@@ -76,7 +77,12 @@ def encoder_files() -> list[str]:
         names = folder_paths.get_filename_list("gmi")
     except KeyError:
         return []
-    return sorted(name for name in names if _is_gmi_file(folder_paths.get_full_path("gmi", name)))
+    return sorted(name for name in names if offered(encoder_file, name) and _is_gmi_file(encoder_file(name)))
+
+
+def encoder_file(name: str) -> Path:
+    """The gmi encoder file a loader name picks: inside models/gmi after resolving symlinks (else refused)."""
+    return resolve_inside(name, encoder_own_dirs(), "encoder file")
 
 
 _GMI_FILE_CACHE: dict[tuple, bool] = {}
@@ -125,20 +131,18 @@ class ComfyPlacement(Placement):
 
 
 def download_progress():
-    """ComfyUI's progress bar (and a console line) for a CLIP weights download."""
+    """ComfyUI's progress bar on the node and a byte bar on the console for a CLIP weights download."""
     import comfy.utils
 
-    state = {"bar": None, "last": -1}
+    state = {"bar": None}
+    console = console_download_bar()
 
     def update(done: int, total: int) -> None:
         if state["bar"] is None:
             state["bar"] = comfy.utils.ProgressBar(total)
             log.info("gmi: downloading CLIP weights (%.0f MB) into %s", total / 2**20, encoder_download_dir())
         state["bar"].update_absolute(done, total)
-        percent = int(100 * done / max(total, 1))
-        if percent // 10 != state["last"] // 10:
-            log.info("gmi: CLIP weights %d%%", percent)
-        state["last"] = percent
+        console(done, total)
 
     return update
 

@@ -389,6 +389,19 @@ def test_missing_encoder_gives_a_clear_message(webui, monkeypatch):
     assert http.value.status_code == 503
 
 
+def test_clip_download_shows_progress_in_the_webui_and_on_the_console(webui, capfd):
+    """Issue 18 class 10: the WebUI logs no INFO lines by default, so the download's progress is a byte bar on the
+    console (stderr) beside the progress text, updated as bytes arrive."""
+    update = gmi("runtime")._download_progress()
+    total = 8 * 2**20
+    for done in (2**20, 4 * 2**20):
+        update(done, total)
+        assert webui.shared.state.textinfo == f"gmi: downloading CLIP weights {100 * done // total}% of 8 MB"
+    assert "CLIP weights:  50%" in capfd.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    update(total, total)
+    assert "CLIP weights: 100%" in capfd.readouterr().err
+
+
 def test_encoder_from_environment_overrides_setting(webui, encoder_file, monkeypatch):
     gmi("options").on_ui_settings()
     monkeypatch.setenv("GMI_A1111_ENCODER", str(encoder_file))

@@ -667,3 +667,32 @@ def test_issue18_hardening_in_real_comfyui(comfy):
     spec_file.write_bytes(spec_file.read_bytes()[:300])
     text = json.dumps(server.get(status_query))
     assert '"corrupt"' in text and str(server.base) not in text and "/tmp/" not in text, text[:2000]
+
+
+def test_issue18_combos_offer_only_what_the_loaders_accept(comfy, tmp_path):
+    """Issue 18 class 9 in real ComfyUI: folder_paths lists a symlink in models/gmi (and gmi/prompt_sets) that
+    points outside, which gmi's loaders refuse; /object_info's combos leave it out, and keep a link inside."""
+    server, _ = comfy
+    gmi_dir, sets = server.base / "models" / "gmi", server.base / "user" / "gmi" / "prompt_sets"
+    shutil.copy(gmi_dir / ENCODER_FILE, tmp_path / "outside.safetensors")
+    (tmp_path / "outside.txt").write_text("a red apple\n")
+    sets.mkdir(parents=True, exist_ok=True)
+    links = {
+        gmi_dir / "linked-out.safetensors": tmp_path / "outside.safetensors",
+        gmi_dir / "linked-in.safetensors": gmi_dir / ENCODER_FILE,
+        sets / "linked-out.txt": tmp_path / "outside.txt",
+    }
+    for link, target in links.items():
+        link.symlink_to(target)
+    (sets / "mine.txt").write_text("a blue car\n")
+    try:
+        info = server.get("/object_info/GMILoadEncoder")["GMILoadEncoder"]["input"]["required"]
+        encoders = info["encoder"][1]["options"] if isinstance(info["encoder"][1], dict) else info["encoder"][0]
+        assert "linked-in.safetensors" in encoders and "linked-out.safetensors" not in encoders, encoders
+        info = server.get("/object_info/GMIIdentify")["GMIIdentify"]["input"]
+        spec = {**info["required"], **info.get("optional", {})}["prompt_set"]
+        sets_offered = spec[1]["options"] if isinstance(spec[1], dict) and "options" in spec[1] else spec[0]
+        assert "mine.txt" in sets_offered and "linked-out.txt" not in sets_offered, sets_offered
+    finally:
+        for link in [*links, sets / "mine.txt"]:
+            link.unlink()

@@ -378,6 +378,50 @@ def test_non_gmi_clip_files_in_models_gmi_are_not_offered_and_encoders_are_model
     assert patcher.model is encoder.model and patcher.load_device == encoder.device
 
 
+def test_combos_offer_no_symlink_the_loaders_refuse(env, tmp_path_factory):
+    """Issue 18 class 9: a symlink in models/gmi or gmi/prompt_sets that points outside is refused when picked, so
+    the encoder and prompt set combos do not list it (the same function decides both); links inside stay offered."""
+    outside = tmp_path_factory.mktemp("outside")
+    gmi_core = sys.modules[PACK + ".gmi_core.encoders"]
+    gmi_core.save_encoder(gmi_core.tiny_encoder(seed=1), outside / "elsewhere.safetensors")
+    (outside / "elsewhere.txt").write_text("a red apple\n")
+    gmi_dir = env.base / "models" / "gmi"
+    (gmi_dir / "linked-out.safetensors").symlink_to(outside / "elsewhere.safetensors")
+    (gmi_dir / "linked-in.safetensors").symlink_to(gmi_dir / "tiny.safetensors")
+    sets = env.nodes.engines.prompt_set_dir()
+    sets.mkdir(parents=True, exist_ok=True)
+    (sets / "mine.txt").write_text("a blue car\n")
+    (sets / "linked-out.txt").symlink_to(outside / "elsewhere.txt")
+    (sets / ".hidden.txt").write_text("a cat\n")
+
+    encoders = widgets(env.nodes.GMILoadEncoder)["encoder"][1]["options"]
+    assert "tiny.safetensors" in encoders and "linked-in.safetensors" in encoders
+    assert "linked-out.safetensors" not in encoders
+    with pytest.raises(Exception, match=r"no encoder 'linked-out\.safetensors'"):
+        load_encoder(env, "linked-out.safetensors")
+    load_encoder(env, "linked-in.safetensors")
+    for node in (env.nodes.GMIBuildSpecs, env.nodes.GMIIdentify):
+        options = widgets(node)["prompt_set"][1]["options"]
+        assert "mine.txt" in options and "linked-out.txt" not in options and ".hidden.txt" not in options, options
+    for refused in ("linked-out.txt", ".hidden.txt"):
+        with pytest.raises(Exception, match="prompt set"):
+            env.nodes.engines.get_prompt_set(refused)
+
+
+def test_clip_download_moves_the_node_bar_and_a_console_bar(env, capfd):
+    """Issue 18 class 10: a CLIP weights download (ProgressFn callbacks from gmi_core.encoder_files) moves the node's
+    progress bar and a byte bar on the console as bytes arrive."""
+    update = env.nodes.host.download_progress()
+    total = 8 * 2**20
+    for done in (2**20, 4 * 2**20):
+        update(done, total)
+        assert env.state["bars"][-1].current == done and env.state["bars"][-1].total == total
+    assert "CLIP weights:  50%" in capfd.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    update(total, total)
+    assert len(env.state["bars"]) == 1 and env.state["bars"][0].current == total
+    assert "CLIP weights: 100%" in capfd.readouterr().err
+
+
 def test_missing_clip_weights_give_a_clear_message(env):
     from importlib import import_module
 
@@ -387,6 +431,12 @@ def test_missing_clip_weights_give_a_clear_message(env):
     text = str(err.value)
     assert "ViT-L-14" in text and "models/gmi/" in text and "clip_vision" in text
     assert str(env.base) not in text  # folders by their last components, no server path (issue 18)
+    # class 9: one line that starts with exactly what to do: which file, from where, into which folder
+    fix = text.split("Fix: ", 1)[1].split(". Tried:")[0]
+    assert "\n" not in text and text.index("Fix: ") < 120, text
+    url = "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/open_clip_model.safetensors"
+    assert fix.startswith(f"download {url} and save it as ") and "models/gmi/ViT-L-14-openai.safetensors" in fix, fix
+    assert "allow downloads" in fix
 
 
 def test_build_reports_skips_and_progress(env):

@@ -261,7 +261,7 @@ def test_download_from_a_local_hub_with_progress(b32_files, tmp_path):
     the transformers file is fetched next. Progress is reported to the host and on the CLI's console."""
     repo_file = "openai/clip-vit-base-patch32/model.safetensors"
     with HubServer({repo_file: b32_files["transformers"]}) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         run = _run(["-c", DOWNLOAD_SCRIPT, str(tmp_path / "models_gmi")], env)
         assert run.returncode == 0, run.stderr[-3000:]
         target = tmp_path / "models_gmi" / "ViT-B-32-openai" / "model.safetensors"
@@ -291,6 +291,9 @@ def test_download_from_a_local_hub_with_progress(b32_files, tmp_path):
         assert cli.returncode == 0, cli.stderr[-3000:]
         assert (tmp_path / "home" / "clip" / "ViT-B-32-openai" / "model.safetensors").stat().st_size == size
         assert "CLIP weights" in cli.stderr and "100%" in cli.stderr, cli.stderr[-2000:]
+        bar = [line for line in re.split(r"[\r\n]", cli.stderr) if line.startswith("CLIP weights:")]
+        assert any("%" in line and "100%" not in line for line in bar), bar  # updated during the download
+        assert "HF_HUB_DISABLE_PROGRESS_BARS" in env  # gmi's own bar, with the hub's bar off (issue 18 class 10)
 
 
 @pytest.mark.skipif(

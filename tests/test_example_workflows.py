@@ -28,6 +28,19 @@ def test_example_is_a_consistent_ui_workflow_with_a_thumbnail(path):
     assert path.with_suffix(".jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # the template browser's thumbnail
 
 
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.stem)
+def test_example_runs_on_a_new_install(path):
+    """Issue 18 class 9: a new install has no CLIP weights; the templates ship with downloads on (as ComfyUI's own
+    templates fetch their models), so they download the default encoder instead of stopping."""
+    workflow = json.loads(path.read_text())
+    info = {"GMILoadEncoder": FAKE_INFO_FOR_IDENTIFY["GMILoadEncoder"]}
+    encoders = [n for n in workflow["nodes"] if n["type"] == "GMILoadEncoder"]
+    loaders = [n["inputs"] for n in ui_to_api({**workflow, "nodes": encoders}, info).values()]
+    assert loaders and all(inputs["allow_download"] is True for inputs in loaders), loaders
+    generator = (Path(__file__).resolve().parent / "comfyui_support" / "example_workflows.py").read_text()
+    assert "allow_download: false" not in generator, "the generator would undo it"
+
+
 def test_identify_example_feeds_the_sampler_from_identify():
     prompt = ui_to_api(json.loads((EXAMPLES / "gmi_identify.json").read_text()), FAKE_INFO_FOR_IDENTIFY)
     by_type = {n["class_type"]: (i, n) for i, n in prompt.items()}

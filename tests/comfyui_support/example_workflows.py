@@ -23,7 +23,7 @@ THUMBNAIL = {"width": 1520, "height": 790}
 EXAMPLES = {
     "gmi_identify": r"""
     const img = add("LoadImage", [40, 60], {image: "example.png"});
-    const enc = add("GMILoadEncoder", [40, 470], {encoder: "ViT-L-14/openai", allow_download: false});
+    const enc = add("GMILoadEncoder", [40, 470], {encoder: "ViT-L-14/openai", allow_download: true});
     const id = add("GMIIdentify", [400, 60], {method: "gmi", top_k: 5, pick_rank: 1, prompt: ""}, [380, 420]);
     const pos = add("CLIPTextEncode", [840, 60], {text: "a portrait of a woman in a flower garden, soft evening light"}, [400, 150]);
     const neg = add("CLIPTextEncode", [840, 260], {text: "blurry, low quality"}, [400, 150]);
@@ -36,13 +36,13 @@ EXAMPLES = {
     id.connect(1, pos, "clip"); id.connect(1, neg, "clip"); id.connect(0, ks, "model");
     pos.connect(0, ks, "positive"); neg.connect(0, ks, "negative"); lat.connect(0, ks, "latent_image");
     ks.connect(0, dec, "samples"); id.connect(2, dec, "vae"); dec.connect(0, save, "images");
-    note([40, 640], [760, 240], "## Which checkpoint made this image?\n\n1. **Load Image**: your reference image.\n2. **GMI Identify** ranks your checkpoints by their specs and shows the ranking with the closest spec images. Checkpoints without a spec are listed as left out: build them first (*Build Specs* template, or *Build missing specs* in the **GMI** sidebar tab).\n3. The checkpoint at `pick_rank` is loaded: its MODEL, CLIP and VAE drive the KSampler, so the image is generated with the identified checkpoint.\n\nSet `prompt` on GMI Identify if you know the image's prompt; empty = gmi guesses one.");
+    note([40, 640], [760, 240], "## Which checkpoint made this image?\n\n1. **Load Image**: your reference image.\n2. **GMI Identify** ranks your checkpoints by their specs and shows the ranking with the closest spec images. Checkpoints without a spec are listed as left out: build them first (*Build Specs* template, or *Build missing specs* in the **GMI** sidebar tab).\n3. The checkpoint at `pick_rank` is loaded: its MODEL, CLIP and VAE drive the KSampler, so the image is generated with the identified checkpoint.\n\nSet `prompt` on GMI Identify if you know the image's prompt; empty = gmi guesses one. The first run downloads the CLIP encoder into `models/gmi`.");
     """,
     "gmi_build_specs": r"""
-    const enc = add("GMILoadEncoder", [40, 60], {encoder: "ViT-L-14/openai", allow_download: false});
+    const enc = add("GMILoadEncoder", [40, 60], {encoder: "ViT-L-14/openai", allow_download: true});
     const b = add("GMIBuildSpecs", [420, 60], {which: "missing", prompt_set: "platform", budget: "standard", max_prompts: 0}, [400, 520]);
     enc.connect(0, b, "encoder");
-    note([40, 260], [360, 320], "## Build the specs\n\nRenders the prompt set once per checkpoint in `models/checkpoints` with ComfyUI's own sampler and keeps the CLIP features of the images: the **spec** GMI Identify ranks by.\n\n`budget` sets the images per checkpoint (quick 16, standard 64, full 220); a larger budget later adds only the missing images. Size, steps and CFG follow each checkpoint's family (SD1 512, SD2-v 768, SDXL 1024; change them in `family_settings`).\n\n`which = missing` tops every spec up to the budget; an interrupted build resumes. Progress shows on the node and in the **GMI** sidebar tab.\n\nUse the same encoder, prompt set and max_prompts in GMI Identify.");
+    note([40, 260], [360, 320], "## Build the specs\n\nRenders the prompt set once per checkpoint in `models/checkpoints` with ComfyUI's own sampler and keeps the CLIP features of the images: the **spec** GMI Identify ranks by.\n\n`budget` sets the images per checkpoint (quick 16, standard 64, full 220); a larger budget later adds only the missing images. Size, steps and CFG follow each checkpoint's family (SD1 512, SD2-v 768, SDXL 1024; change them in `family_settings`).\n\n`which = missing` tops every spec up to the budget; an interrupted build resumes. Progress shows on the node and in the **GMI** sidebar tab.\n\nThe first run downloads the CLIP encoder into `models/gmi` (progress on the node and in the console); offline, the error names the file, its URL and the folder to save it in.\n\nUse the same encoder, prompt set and max_prompts in GMI Identify.");
     """,
 }
 
