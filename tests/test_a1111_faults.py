@@ -222,6 +222,7 @@ class _FakeGradio:
             "Textbox",
             "Dropdown",
             "Slider",
+            "Number",
             "Button",
             "HTML",
             "Dataframe",

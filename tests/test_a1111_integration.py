@@ -328,3 +328,15 @@ def test_issue18_hardening_in_real_webui(server):
     # answered all along (never queued behind the build); on 2 shared cores the build's CPU work can delay any
     # single answer by seconds, /gmi/defaults (no work at all) included: the bound on the slowest is loose
     assert during >= 3 and timings[len(timings) // 2][0] < 1.0 and timings[-1][0] < 15.0
+
+    # class 7: settings that name files or folders are confined like request parameters
+    _, options = server.get("/sdapi/v1/options")
+    kept = {key: options.get(key, "") for key in ("gmi_spec_dir", "gmi_encoder")}
+    for key, value in (("gmi_spec_dir", "../../.."), ("gmi_encoder", "/etc/passwd")):
+        server.post("/sdapi/v1/options", {key: value})
+        code, answer = server.get("/gmi/v1/specs", expect_error=True)
+        detail = json.dumps(answer)
+        assert 400 <= code < 500 and "Settings > GMI" in detail, (key, code, answer)
+        assert str(server.data_dir) not in detail and "/etc/passwd" not in detail, detail
+        server.post("/sdapi/v1/options", kept)
+    assert server.get("/gmi/v1/specs")[0] == 200

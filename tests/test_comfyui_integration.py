@@ -663,8 +663,9 @@ def test_issue18_hardening_in_real_comfyui(comfy):
     )
     assert code == 400 and b"nested deeper" in out, out[:300]
 
-    spec_file = sorted((server.base / "user" / "gmi" / "specs").rglob("*.safetensors"))[0]
-    spec_file.write_bytes(spec_file.read_bytes()[:300])
+    damaged = server.get(status_query)["checkpoints"][0]["sha256"]  # a checkpoint the status lists
+    for spec_file in (server.base / "user" / "gmi" / "specs" / damaged).glob("*.safetensors"):
+        spec_file.write_bytes(spec_file.read_bytes()[:300])
     text = json.dumps(server.get(status_query))
     assert '"corrupt"' in text and str(server.base) not in text and "/tmp/" not in text, text[:2000]
 

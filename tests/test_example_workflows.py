@@ -78,6 +78,8 @@ FAKE_INFO_FOR_IDENTIFY = {  # /object_info's shape for the node types of the Ide
             "include_not_installed": ["BOOLEAN", {}],
             "models": [["checkpoints", "loras", "both"], {}],
             "on_checkpoint": ["STRING", {}],
+            "refine": [["off", "contenders"], {}],
+            "refine_max_images": ["INT", {}],
         },
     ),
     "CLIPTextEncode": _info({"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}),
