@@ -239,23 +239,9 @@ class Gmi:
         for index, name in enumerate(names):
             ckpt = listing[name]
             try:
-                with spec_lock(self.store.path_for(self.key(ckpt))):
-                    self.store.remove_temp_files(self.key(ckpt))
-                    build_spec(
-                        store=self.store,
-                        encoder=self.encoder,
-                        prompt_set=self.prompt_set,
-                        prompt_features=self.prompt_features,
-                        checkpoint=ckpt,
-                        generator=generator,
-                        settings=self.settings_for(ckpt),
-                        budget=self.budget,
-                        base_seed=self.base_seed,
-                        progress=overall,
-                        should_cancel=should_cancel,
-                        position=(index, len(names)),
-                        restart=plan.restart,
-                    )
+                self.render_spec(
+                    ckpt, generator, self.budget, overall, should_cancel, (index, len(names)), plan.restart
+                )
                 report.built.append(name)
             except Busy as exc:
                 report.skipped.append(SkippedCheckpoint(name, ckpt.path, str(exc)))
@@ -272,6 +258,36 @@ class Gmi:
                 if following is None or report.cancelled or following.base_sha256 != ckpt.base_sha256:
                     generator.release()  # LoRAs on one base render without reloading it
         return report
+
+    def render_spec(
+        self,
+        ckpt: CheckpointInfo,
+        generator: Generator,
+        budget: Budget,
+        progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        position: tuple[int, int] = (0, 1),
+        restart: bool = False,
+    ) -> None:
+        """Render one spec up to ``budget`` (only its missing images) under the spec's lock: the one path a build
+        and a refine (:mod:`gmi_core.refine`) take."""
+        with spec_lock(self.store.path_for(self.key(ckpt))):
+            self.store.remove_temp_files(self.key(ckpt))
+            build_spec(
+                store=self.store,
+                encoder=self.encoder,
+                prompt_set=self.prompt_set,
+                prompt_features=self.prompt_features,
+                checkpoint=ckpt,
+                generator=generator,
+                settings=self.settings_for(ckpt),
+                budget=budget,
+                base_seed=self.base_seed,
+                progress=progress,
+                should_cancel=should_cancel,
+                position=position,
+                restart=restart,
+            )
 
     # -- identify ------------------------------------------------------------------------------
     def warm(self) -> None:

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from .budgets import Budget, parse_budget
-from .builder import build_spec, missing_images
+from .builder import missing_images
 from .engine import Gmi
 from .errors import Busy, Cancelled, GmiError
 from .limits import REFINE_MAX_CONTENDERS
-from .locks import spec_lock
 from .paths import one_line
 from .protocols import BuildProgress, CheckpointSource, Generator, ProgressCallback
 from .results import IdentifyResult
@@ -183,22 +182,7 @@ def _render(engine: Gmi, plan, generator: Generator, result: RefineResult, progr
 
     for index, (ckpt, ckpt_budget, _) in enumerate(plan):
         try:
-            with spec_lock(engine.store.path_for(engine.key(ckpt))):
-                engine.store.remove_temp_files(engine.key(ckpt))
-                build_spec(
-                    store=engine.store,
-                    encoder=engine.encoder,
-                    prompt_set=engine.prompt_set,
-                    prompt_features=engine.prompt_features,
-                    checkpoint=ckpt,
-                    generator=generator,
-                    settings=engine.settings_for(ckpt),
-                    budget=ckpt_budget,
-                    base_seed=engine.base_seed,
-                    progress=overall,
-                    should_cancel=should_cancel,
-                    position=(index, len(plan)),
-                )
+            engine.render_spec(ckpt, generator, ckpt_budget, overall, should_cancel, (index, len(plan)))
         except Exception as exc:  # a host's own interrupt exception is an interrupt too
             if isinstance(exc, Cancelled) or (should_cancel and should_cancel()):
                 result.cancelled = True
