@@ -122,7 +122,7 @@ def test_roundtrip_in_real_forge(server):
     # so gmi's own status says what it uses
     _, specs = server.get("/gmi/v1/specs")
     assert specs["config"]["budget"] == f"allx{IMAGES_PER_PROMPT}"
-    assert specs["config"]["encoder"] == server.settings["gmi_encoder"]
+    assert specs["config"]["encoder"] == "gmi/clip/gmi-tiny.safetensors"  # relative to models/: no server path
     assert specs["family_settings"]["sd1"]["steps"] == 3 and specs["family_settings"]["sd1"]["width"] == 64
     names = [c["name"] for c in specs["checkpoints"]]
     assert names == [f"tiny_sd1_{i}.safetensors" for i in range(CHECKPOINTS)]

@@ -78,6 +78,9 @@ class WebuiServer:
             TRANSFORMERS_OFFLINE="1",
             OMP_NUM_THREADS="1",
             GRADIO_ANALYTICS_ENABLED="False",
+            # Gradio's uploads go with the test's data, not to /tmp/gradio, which would outlive the test and, as a
+            # namespace package, shadow `gradio` for a checkout cloned into /tmp (pytest puts its parent on sys.path)
+            GRADIO_TEMP_DIR=str(self.data_dir / "gradio-tmp"),
             **(extra_env or {}),
         )
         self.env.pop("PYTHONPATH", None)
