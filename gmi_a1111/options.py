@@ -18,6 +18,8 @@ def _component_args(key: str):
         import gradio as gr
     except ImportError:  # headless tests: the WebUI always has gradio
         return None, None
+    if not hasattr(gr, "Slider"):  # a bare folder named gradio on sys.path, not the package: headless too
+        return None, None
 
     if key == "gmi_method":
         return gr.Dropdown, {"choices": list(METHODS)}
