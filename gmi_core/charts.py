@@ -46,10 +46,7 @@ def bar_chart(
     left, top, bottom, right = 56, 44, 70, 170
     width = max(640, left + right + group_w * len(groups))
     height = 420
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font, small = load_font(14), load_font(11)
-    draw.text((left, 12), title, fill="black", font=font)
+    img, draw, small = _canvas(width, height, left, title, 11)
     plot_h = height - top - bottom
     y0 = top + plot_h
     for tick in range(0, 11, 2):
@@ -85,9 +82,7 @@ def bar_chart(
         draw.line([(width - right + 14, y + 6), (width - right + 26, y + 6)], fill="black")
         draw.text((width - right + 32, y), "chance", fill="black", font=small)
     draw.line([(left, y0), (width - right, y0)], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return _save(img, path)
 
 
 def line_chart(
@@ -104,10 +99,7 @@ def line_chart(
     path = Path(path)
     width, height = 720, 420
     left, top, bottom, right = 70, 44, 56, 190
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font, small = load_font(14), load_font(11)
-    draw.text((left, 12), title, fill="black", font=font)
+    img, draw, small = _canvas(width, height, left, title, 11)
     vals = [v for series in lines.values() for v in series if v is not None and v > 0]
     if not vals:
         vals = [1.0]
@@ -144,13 +136,9 @@ def line_chart(
             draw.line(pts, fill=colour, width=2)
         for X, Y in pts:
             draw.ellipse([X - 3, Y - 3, X + 3, Y + 3], fill=colour)
-        y = top + li * 18
-        draw.line([(width - right + 12, y + 6), (width - right + 28, y + 6)], fill=colour, width=3)
-        draw.text((width - right + 34, y), name, fill="black", font=small)
+        _line_legend(draw, width - right, top + li * 18, colour, name, small)
     draw.rectangle([left, top, left + pw, top + ph], outline="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return _save(img, path)
 
 
 def scatter_chart(
@@ -160,10 +148,7 @@ def scatter_chart(
     path = Path(path)
     width, height = 820, 480
     left, top, bottom, right = 64, 44, 56, 220
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font, small = load_font(14), load_font(10)
-    draw.text((left, 12), title, fill="black", font=font)
+    img, draw, small = _canvas(width, height, left, title, 10)
     points = [p for pts in series.values() for p in pts] or [(0.0, 0.0, "")]
     x_lo, x_hi = 0.0, max(1.0, max(p[0] for p in points))
     y_lo = math.floor(min(p[1] for p in points) * 10) / 10
@@ -191,10 +176,26 @@ def scatter_chart(
         for (X, Y), (_, _, label) in zip(xy, sorted(pts)):
             draw.ellipse([X - 3, Y - 3, X + 3, Y + 3], fill=colour)
             draw.text((X + 4, Y - 12), label, fill=colour, font=small)
-        y = top + si * 18
-        draw.line([(width - right + 12, y + 6), (width - right + 28, y + 6)], fill=colour, width=3)
-        draw.text((width - right + 34, y), name, fill="black", font=small)
+        _line_legend(draw, width - right, top + si * 18, colour, name, small)
     draw.rectangle([left, top, left + pw, top + ph], outline="black")
+    return _save(img, path)
+
+
+def _canvas(width: int, height: int, left: int, title: str, small_size: int):
+    """(image, draw, small font): a white chart with its title, the start every chart here shares."""
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 12), title, fill="black", font=load_font(14))
+    return img, draw, load_font(small_size)
+
+
+def _line_legend(draw, x: int, y: int, colour, name: str, font) -> None:
+    """One legend row of a line chart: a short stroke in the series' colour and its name, right of the plot."""
+    draw.line([(x + 12, y + 6), (x + 28, y + 6)], fill=colour, width=3)
+    draw.text((x + 34, y), name, fill="black", font=font)
+
+
+def _save(img, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
