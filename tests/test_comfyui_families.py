@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import comfy_env
 from comfyui_support.tiny_checkpoint import cached_tiny_checkpoints
 from comfyui_support.tiny_split import split_library
+from comfyui_support.workflows import build_specs_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -53,25 +54,7 @@ def comfy(tmp_path_factory):
 
 
 def build_prompt():
-    return {
-        "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
-        "build": {
-            "class_type": "GMIBuildSpecs",
-            "inputs": {
-                "encoder": ["enc", 0],
-                "which": "missing",
-                "prompt_set": "platform",
-                "max_prompts": MAX_PROMPTS,
-                "budget": f"allx{IMAGES}",
-                "family_settings": f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "seed": 0,
-                "checkpoints": "",
-                "negative_prompt": "",
-            },
-        },
-    }
+    return build_specs_prompt(ENCODER_FILE, MAX_PROMPTS, IMAGES, STEPS, SIZE, checkpoints="", negative_prompt="")
 
 
 def loaders_graph(names: dict, family: str, text: str, seed: int, tag: str, model=None, clip=None, vae=None) -> dict:

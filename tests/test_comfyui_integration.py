@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import browser, comfy_env
-from comfyui_support.workflows import nodes_of, ui_to_api
+from comfyui_support.workflows import build_specs_prompt, nodes_of, ui_to_api
 from image_files import png_header_only
 
 pytestmark = pytest.mark.slow
@@ -86,25 +86,9 @@ def comfy(tmp_path_factory):
 
 
 def build_prompt(which="missing"):
-    return {
-        "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
-        "build": {
-            "class_type": "GMIBuildSpecs",
-            "inputs": {
-                "encoder": ["enc", 0],
-                "which": which,
-                "prompt_set": "platform",
-                "max_prompts": MAX_PROMPTS,
-                "budget": f"allx{IMAGES_PER_PROMPT}",
-                "family_settings": f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "seed": 0,
-                "checkpoints": "",
-                "negative_prompt": "",
-            },
-        },
-    }
+    return build_specs_prompt(
+        ENCODER_FILE, MAX_PROMPTS, IMAGES_PER_PROMPT, STEPS, SIZE, which, checkpoints="", negative_prompt=""
+    )
 
 
 def query_and_identify_prompt(ckpt: str, text: str, seed: int, tag: str, pick_rank: int = 1):

@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import comfy_env
+from comfyui_support.workflows import build_specs_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -46,26 +47,9 @@ def comfy(tmp_path_factory):
 
 
 def build_prompt(models: str = "loras") -> dict:
-    return {
-        "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
-        "build": {
-            "class_type": "GMIBuildSpecs",
-            "inputs": {
-                "encoder": ["enc", 0],
-                "which": "missing",
-                "prompt_set": "platform",
-                "max_prompts": MAX_PROMPTS,
-                "budget": f"allx{IMAGES}",
-                "family_settings": f"steps={STEPS} cfg=7 width={SIZE} height={SIZE}",
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "seed": 0,
-                "models": models,
-                "lora_strengths": LORA_STRENGTHS,
-                "lora_bases": "",
-            },
-        },
-    }
+    return build_specs_prompt(
+        ENCODER_FILE, MAX_PROMPTS, IMAGES, STEPS, SIZE, models=models, lora_strengths=LORA_STRENGTHS, lora_bases=""
+    )
 
 
 def lora_query_prompt(ckpt: str, lora: str, strength: float, text: str, seed: int, tag: str) -> dict:

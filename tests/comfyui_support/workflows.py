@@ -77,3 +77,28 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
 def nodes_of(prompt: dict, class_type: str) -> list[str]:
     return [node_id for node_id, node in prompt.items() if node["class_type"] == class_type]
+
+
+def build_specs_prompt(
+    encoder: str, max_prompts: int, images: int, steps: int, size: int, which: str = "missing", **inputs
+) -> dict:
+    """The API prompt of GMILoadEncoder -> GMIBuildSpecs as the tests queue it: a small budget of ``max_prompts`` x
+    ``images`` at ``steps`` and ``size`` for every family; ``inputs`` adds or replaces Build Specs inputs."""
+    return {
+        "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": encoder, "allow_download": False}},
+        "build": {
+            "class_type": "GMIBuildSpecs",
+            "inputs": {
+                "encoder": ["enc", 0],
+                "which": which,
+                "prompt_set": "platform",
+                "max_prompts": max_prompts,
+                "budget": f"allx{images}",
+                "family_settings": f"steps={steps} cfg=7 width={size} height={size}",
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "seed": 0,
+                **inputs,
+            },
+        },
+    }
