@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from .protocols import (
     SkippedCheckpoint,
 )
 from .query import IdentifyRequest, encode_query
-from .ranker import DEFAULT_METHOD, rank
+from .ranker import DEFAULT_METHOD, FeatureBank, rank
 from .results import BuildPlan, BuildReport, IdentifyResult, PromptMatch, RankedCheckpoint, SpecStatus
 from .spec import SpecKey
 from .spec_library import Candidates, SpecLibrary
@@ -320,20 +320,27 @@ class Gmi:
         tau: float | None = None,
         include_not_installed: bool = False,
         centre: bool = False,
+        among: Collection[str] | None = None,
     ) -> IdentifyResult:
+        """Rank the specs for ``images``; ``among``: only these sha256, as a library of their own (kernel width and
+        centring from their cells: refine re-ranks the contenders so)."""
         if not images:
             raise GmiError("identify needs at least one reference image")
         top_k, gamma, tau = check_identify(top_k, gamma, tau)
         request = IdentifyRequest(method, top_k, gamma, tau, source, include_not_installed, centre)
         listed = self.library.listed()
-        indexed = self.library.indexed_entries(listed, method, centre)
+        indexed = None if among is not None else self.library.indexed_entries(listed, method, centre)
         if indexed is None:
-            loaded = self.library.load(source, include_not_installed, listed=listed)
+            only = set(among) if among is not None else None
+            loaded = self.library.load(source, include_not_installed, only=only, listed=listed)
             if not loaded.items:
                 raise NoSpecsError(self._no_specs_message(listed, loaded.excluded))
         query = encode_query(self.encoder, self.interrogator, images, prompt)
-        if indexed is None:
-            candidates = Candidates(loaded, self.library.bank(loaded), gamma)
+        if indexed is None:  # a subset gets its own bank: the library's cached one stays for the next query
+            bank = (
+                self.library.bank(loaded) if among is None else FeatureBank.from_specs(loaded.specs, loaded.popularity)
+            )
+            candidates = Candidates(loaded, bank, gamma)
         else:
             candidates = self.library.index_candidates(indexed, query, request)
         ranking = rank(

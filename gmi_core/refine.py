@@ -4,8 +4,9 @@ Identify first (at whatever the specs hold); if the confidence (:mod:`gmi_core.c
 up just their specs towards a larger budget (default full) through the prefix budgets of :mod:`gmi_core.budgets`:
 the builder renders only cells a spec lacks, saves after every prompt, and the grown specs stay for later queries.
 An image cap is shared evenly by the contenders (each gets the largest prefix of the target budget that fits its
-share). An interrupt keeps every saved prompt, and refine still answers with the ranking over what it has. Both
-hosts and the CLI call :func:`refine`; docs/confidence.md describes it.
+share). The contenders are then ranked among themselves, ahead of the rows already set apart from them
+(:func:`contenders_first`). An interrupt keeps every saved prompt, and refine still answers with the ranking over
+what it has. Both hosts and the CLI call :func:`refine`; docs/confidence.md describes it.
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ class RefineResult:
         return {**self.after.to_dict(), "refine": self.summary()}
 
 
+def refined_contenders(result: IdentifyResult) -> list[str]:
+    """The contenders a refine tops up and then ranks among themselves: the best-ranked REFINE_MAX_CONTENDERS."""
+    return result.contenders[:REFINE_MAX_CONTENDERS] if result.ambiguous else []
+
+
 def refine_plan(
     engine: Gmi, result: IdentifyResult, source: CheckpointSource, budget: Budget, max_images: int | None = None
 ) -> list[tuple[object, Budget, int]]:
-    """(checkpoint, budget to build it to, images that renders) for the installed contenders of ``result`` (the
-    best-ranked REFINE_MAX_CONTENDERS), within ``max_images`` in all; empty when the ranking is not ambiguous."""
+    """(checkpoint, budget to build it to, images that renders) for the installed generated ones of
+    :func:`refined_contenders`, within ``max_images`` in all; empty when the ranking is not ambiguous."""
     if not result.ambiguous:
         return []
     listed = {c.sha256: c for c in source.list_checkpoints().checkpoints}
@@ -93,13 +99,11 @@ def refine_plan(
         if (e.encoder_id, e.prompt_set_hash) == (engine.encoder.encoder_id, engine.prompt_set.hash)
     }
     picked = []
-    for name in result.contenders:
+    for name in refined_contenders(result):
         row = rows.get(name)
         if row is None or not row.installed or row.sha256 not in listed or row.kind == "observed":
-            continue
+            continue  # nothing to render it with: it is still ranked among the contenders afterwards
         picked.append(listed[row.sha256])
-        if len(picked) == REFINE_MAX_CONTENDERS:
-            break
     n = len(engine.prompt_set)
     plan = []
     for position, ckpt in enumerate(picked):
@@ -153,11 +157,30 @@ def refine(
     if plan:
         _render(engine, plan, generator, result, progress, should_cancel)
         if result.images_rendered:
-            result.after = engine.identify(images, source=source, **identify_options)
+            result.after = contenders_first(engine, images, source, before, identify_options)
     if top_k:
         result.before.ranking = result.before.ranking[:top_k]
         result.after.ranking = result.after.ranking[:top_k]
     return result
+
+
+def contenders_first(
+    engine: Gmi, images: Sequence[Image.Image], source: CheckpointSource, before: IdentifyResult, identify_options
+) -> IdentifyResult:
+    """The ranking after a refine: the contenders ranked among themselves on what they now hold, then the rows the
+    first ranking had already set apart from them, in that ranking's order (their specs did not change).
+
+    The contenders are ranked as a library of their own: the cells refine added (the full budget's extra prompts and
+    seeds) are held by them alone, so a kernel width or a centring (the library's mean at each prompt) taken over the
+    whole library would mix refined and unrefined rows; among themselves it is what the full budget gives them.
+    """
+    names = set(refined_contenders(before))
+    among = {row.sha256 for row in before.ranking if row.name in names}
+    after = engine.identify(images, source=source, among=among, **identify_options)
+    rest = [row for row in before.ranking if row.sha256 not in among]
+    after.ranking = [replace(row, rank=position) for position, row in enumerate(after.ranking + rest, start=1)]
+    after.excluded = before.excluded
+    return after
 
 
 def _render(engine: Gmi, plan, generator: Generator, result: RefineResult, progress, should_cancel) -> None:

@@ -122,6 +122,10 @@ def test_near_duplicate_query_is_ambiguous_and_refine_renders_only_the_contender
     assert {n for n, *_ in others.calls} == set(checkpoints) - {TWIN, original}
     expected = full.identify(query, source=source)
     assert [r.name for r in refined.after.ranking] == [r.name for r in expected.ranking]  # scores: other gamma
+    # after a refine the contenders are ranked as a library of their own, the rest behind them in the first order
+    among = gmi.identify(query, source=source, among={checkpoints[TWIN].sha256, checkpoints[original].sha256})
+    assert [r.name for r in among.ranking] == [r.name for r in refined.after.ranking[:2]]
+    assert [r.rank for r in refined.after.ranking] == [1, 2, 3] and refined.after.ranking[2].name not in {TWIN, original}
 
 
 def test_unambiguous_query_renders_nothing(tmp_path, tiny_world, twin_library):

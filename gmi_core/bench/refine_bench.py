@@ -12,7 +12,8 @@ every task (one query image) the policies are:
   that costs per library over the default, M x (full - default), not per query).
 
 Each task starts from the default library (a refine does not carry over to the next task: the conservative
-count). Scores of a mixed library use the default library's kernel width (and centring) for every row.
+count). After a refine the refined specs are ranked among themselves (their own kernel width and centring), ahead of
+the others in the default ranking's order: what :func:`gmi_core.refine.contenders_first` does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..budgets import BUDGETS, DEFAULT_BUDGET
-from ..centring import _unit, centre_library, centre_query, conditional_mean
+from ..centring import centre_library, centre_query
 from ..confidence import contender_mask, separation
 from ..fastrank import query_means_many, rank_positions, scores_from_means
 from ..limits import CONFIDENCE_ROWS, REFINE_MAX_CONTENDERS
@@ -71,6 +72,36 @@ def _metrics(positions: torch.Tensor, images: torch.Tensor, ambiguous: torch.Ten
     }
 
 
+def _library_view(feats, prompts, queries, q_text, centre: bool):
+    """(specs, queries) as the ranker sees them: prompt-conditionally centred by these specs' own cells when
+    ``centre``."""
+    if not centre:
+        return feats, queries.float()
+    centred, rows_prompt, rows_image = centre_library(feats, prompts, torch.ones(feats.shape[:3], dtype=torch.bool))
+    return centred, centre_query(queries.float(), q_text, rows_prompt, rows_image)
+
+
+def contenders_first_positions(
+    feats, prompts, queries, q_text, weights, s_before, refined, truth, centre: bool
+) -> torch.Tensor:
+    """The true checkpoint's position per task after refining the specs ``refined`` [T, M] (bool) to ``feats``
+    [M, N, S, d]: they are ranked among themselves (own kernel width, own centring), ahead of the others in the
+    order of ``s_before`` [T, M]."""
+    positions = rank_positions(s_before, truth)
+    for t in torch.nonzero(refined.any(dim=1)).flatten().tolist():
+        chosen = torch.nonzero(refined[t]).flatten()
+        own, query = _library_view(feats[chosen], prompts, queries[t : t + 1], q_text[t : t + 1], centre)
+        local = _scores(own, query, weights[t : t + 1], median_gamma(own))[0]
+        inside = torch.nonzero(chosen == truth[t]).flatten()
+        if len(inside):
+            positions[t] = rank_positions(local[None], inside)[0]
+        else:
+            behind = s_before[t : t + 1].clone()
+            behind[0, chosen] = float("inf")
+            positions[t] = len(chosen) + rank_positions(behind, truth[t : t + 1])[0]
+    return positions
+
+
 def calibration_table(right: torch.Tensor, flagged: torch.Tensor) -> dict:
     """flagged / not flagged x right / wrong counts, and top-1 among the queries called unambiguous."""
     unflagged = ~flagged
@@ -102,12 +133,8 @@ def refine_section(
     n = image.shape[1]
     low, high = BUDGETS[default], BUDGETS[full]
     idx = low.prompt_indices(n)
-    sub = image[:, idx, : low.images_per_prompt]
-    query = q_img[:, :1].float()
+    sub, query = _library_view(image[:, idx, : low.images_per_prompt], prompt[idx], q_img[:, :1], q_text, centre)
     w_low = _renormalised(weights[:, idx])
-    if centre:
-        sub, rows_prompt, rows_image = centre_library(sub, prompt[idx], torch.ones(sub.shape[:3], dtype=torch.bool))
-        query = centre_query(query, q_text, rows_prompt, rows_image)
     g_low = median_gamma(sub)
     s_low = _scores(sub, query, w_low, g_low)
     order, z = task_confidence(sub, query, w_low, s_low, g_low)
@@ -124,25 +151,18 @@ def refine_section(
         return out
 
     full_idx = high.prompt_indices(n)
-    full_feats = image[:, full_idx, : high.images_per_prompt]
+    raw_full = image[:, full_idx, : high.images_per_prompt]
     w_full = _renormalised(weights[:, full_idx])
-    full_query = q_img[:, :1].float()
-    mix_feats, mix_query = full_feats, query
-    if centre:  # the full library centred by itself (policy "full"), and by the default library's rows (mixing)
-        mean = conditional_mean(rows_prompt, rows_image, prompt[full_idx])
-        mix_feats = _unit(full_feats.float() - mean[None, :, None, :])
-        full_feats, rows_prompt_f, rows_image_f = centre_library(
-            full_feats, prompt[full_idx], torch.ones(full_feats.shape[:3], dtype=torch.bool)
-        )
-        full_query = centre_query(full_query, q_text, rows_prompt_f, rows_image_f)
+    full_feats, full_query = _library_view(raw_full, prompt[full_idx], q_img[:, :1], q_text, centre)
     g_full = median_gamma(full_feats)
     s_full = _scores(full_feats, full_query, w_full, g_full)
-    s_mix = _scores(mix_feats, mix_query, w_full, g_low)  # refined rows, on the default library's scale
     per_spec = high.images(n) - low.images(n)
     m = image.shape[0]
 
     def refined(rows: torch.Tensor) -> torch.Tensor:  # rows [T, M] bool: specs refined for each task
-        return rank_positions(torch.where(rows, s_mix, s_low), truth)
+        return contenders_first_positions(
+            raw_full, prompt[full_idx], q_img[:, :1], q_text, w_full, s_low, rows, truth, centre
+        )
 
     results = {"default": _metrics(pos_low, torch.zeros(len(truth)), ambiguous)}
     chosen = torch.zeros_like(s_low, dtype=torch.bool)
@@ -227,9 +247,9 @@ def engine_check(
     full: str = "full",
 ) -> dict:
     """default / refine_contenders / full through exactly what identify computes (:func:`gmi_core.ranker.rank` and
-    :func:`gmi_core.confidence.ranking_confidence` on a FeatureBank holding each spec's cells, the kernel width and
-    the centring recomputed on the refined library), for the first ``tasks`` tasks: the check of the batched
-    approximation in :func:`refine_section`."""
+    :func:`gmi_core.confidence.ranking_confidence` on a FeatureBank holding each spec's cells; after a refine the
+    contenders ranked as a library of their own, as :func:`gmi_core.refine.contenders_first` does), for the first
+    ``tasks`` tasks: the check of the batched measurement in :func:`refine_section`."""
     from ..confidence import ranking_confidence
     from ..ranker import FeatureBank, rank
 
@@ -255,9 +275,21 @@ def engine_check(
         before = rank(default_bank, "gmi", query, text, centre=centre)
         confidence = ranking_confidence(default_bank, before, query, text, centre=centre)
         contenders = confidence.contenders[:REFINE_MAX_CONTENDERS] if confidence.ambiguous else []
-        after = rank(library(contenders), "gmi", query, text, centre=centre) if contenders else before
-        for policy, ranking in (("default", before), ("refine_contenders", after)):
-            positions[policy].append(ranking.order.tolist().index(int(truth[t])) + 1)
+        order = before.order.tolist()
+        positions["default"].append(order.index(int(truth[t])) + 1)
+        if contenders:  # ranked among themselves on their refined cells, the others behind in the first order
+            own = FeatureBank(
+                [names[i] for i in contenders],
+                image[contenders] * top[contenders][..., None],
+                prompt,
+                top[contenders].any(2),
+                None,
+                [None] * len(contenders),
+                image_mask=top[contenders],
+            )
+            local = [contenders[i] for i in rank(own, "gmi", query, text, centre=centre).order.tolist()]
+            order = local + [i for i in order if i not in contenders]
+        positions["refine_contenders"].append(order.index(int(truth[t])) + 1)
         positions["full"].append(
             rank(full_bank, "gmi", query, text, centre=centre).order.tolist().index(int(truth[t])) + 1
         )
