@@ -320,8 +320,8 @@ def _centred(bank: FeatureBank, query_images: torch.Tensor, query_text: torch.Te
         raise ValueError("centring needs a query text feature (pseudo-prompt or user prompt)")
     if "centred" not in bank._kbar_cache:
         bank._kbar_cache["centred"] = centre_library(bank.image, bank.prompt, bank.mask)
-    image, rows_prompt, rows_image = bank._kbar_cache["centred"]
-    return image, centre_query(query_images, query_text, rows_prompt, rows_image)
+    image, rows = bank._kbar_cache["centred"]
+    return image, centre_query(query_images, query_text, rows)
 
 
 def concat_features(image, prompt, query_images, query_text):

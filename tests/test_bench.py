@@ -302,12 +302,31 @@ def test_centred_ranking_matches_the_bench_estimator(small_bank):
 
     bank, queries, _, q_text = small_bank
     got = ranker.rank(bank, "gmi", queries[0], q_text[0], centre=True, gamma=1.1).scores
-    image, rows_p, rows_z = centre_library(bank.image, bank.prompt, bank.mask)
-    query = centre_query(queries[0], q_text[0], rows_p, rows_z)
+    image, rows = centre_library(bank.image, bank.prompt, bank.mask)
+    query = centre_query(queries[0], q_text[0], rows)
     w = ranker.prompt_weights(bank.prompt, q_text[0])
     c = ranker.kernel(torch.einsum("mnsd,ud->mnsu", image, query), 1.1).mean(dim=(2, 3))
     want = torch.einsum("i,mij,j->m", w, ranker.kbar(image, 1.1, bank.mask), w) - 2 * c @ w
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_centring_one_prompt_set_collapses_rows_exactly():
+    """A library of one prompt set regresses over one row per prompt (weighted by the specs holding it): the same
+    centred features and query as over every (spec, prompt) row, also when specs hold different prompts."""
+    from gmi_core.centring import centre_library, centre_query
+
+    gen = torch.Generator().manual_seed(3)
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    image, prompts = unit(torch.randn(5, 6, 3, 16, generator=gen)), unit(torch.randn(6, 16, generator=gen))
+    mask = torch.ones(5, 6, 3, dtype=torch.bool)
+    mask[:2, 4:] = False  # two specs lack the last prompts (a partial build, or a refine of the others)
+    mask[3, :, 2] = False
+    query, text = unit(torch.randn(2, 16, generator=gen)), unit(torch.randn(16, generator=gen))
+    collapsed, rows = centre_library(image, prompts, mask)
+    every_row, all_rows = centre_library(image, prompts.expand(5, -1, -1), mask)
+    assert len(rows.weight) == 6 and len(all_rows.weight) == int(mask.any(2).sum())
+    assert torch.allclose(collapsed, every_row, atol=1e-5)
+    assert torch.allclose(centre_query(query, text, rows), centre_query(query, text, all_rows), atol=1e-5)
 
 
 def test_bench_identify_quick_times_every_stage(tmp_path):

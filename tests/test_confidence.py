@@ -125,7 +125,10 @@ def test_near_duplicate_query_is_ambiguous_and_refine_renders_only_the_contender
     # after a refine the contenders are ranked as a library of their own, the rest behind them in the first order
     among = gmi.identify(query, source=source, among={checkpoints[TWIN].sha256, checkpoints[original].sha256})
     assert [r.name for r in among.ranking] == [r.name for r in refined.after.ranking[:2]]
-    assert [r.rank for r in refined.after.ranking] == [1, 2, 3] and refined.after.ranking[2].name not in {TWIN, original}
+    assert [r.rank for r in refined.after.ranking] == [1, 2, 3] and refined.after.ranking[2].name not in {
+        TWIN,
+        original,
+    }
 
 
 def test_unambiguous_query_renders_nothing(tmp_path, tiny_world, twin_library):

@@ -75,3 +75,11 @@ def test_a1111_index_entry_in_the_readme():
     assert entry["url"] == PYPROJECT["project"]["urls"]["Repository"] + ".git"
     assert entry["name"] and 40 < len(entry["description"]) < 300
     assert entry["tags"] and set(entry["tags"]) <= A1111_INDEX_TAGS - {"installed", "ads", "online"}
+
+
+def test_readme_measured_section_is_the_benchmarks_json():
+    """README's numbers come from the committed benchmark JSON (python -m gmi_core.bench.report prints them)."""
+    from gmi_core.bench.report import README_JSON, readme_summary
+
+    data = [json.loads((ROOT / path).read_text(encoding="utf-8")) for path in README_JSON]
+    assert readme_summary(*data) in (ROOT / "README.md").read_text(encoding="utf-8")

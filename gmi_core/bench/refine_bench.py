@@ -77,8 +77,8 @@ def _library_view(feats, prompts, queries, q_text, centre: bool):
     ``centre``."""
     if not centre:
         return feats, queries.float()
-    centred, rows_prompt, rows_image = centre_library(feats, prompts, torch.ones(feats.shape[:3], dtype=torch.bool))
-    return centred, centre_query(queries.float(), q_text, rows_prompt, rows_image)
+    centred, rows = centre_library(feats, prompts, torch.ones(feats.shape[:3], dtype=torch.bool))
+    return centred, centre_query(queries.float(), q_text, rows)
 
 
 def contenders_first_positions(

@@ -185,3 +185,65 @@ def refine_doc_tables(synthetic: dict, roundtrip: dict) -> str:
             if any(word in target["target"] for word in ("refine", "unambiguous")):
                 lines.append(f"- {'met' if target['met'] else '**not met**'}: {target['target']} — `{target['value']}`")
     return "\n".join(lines)
+
+
+README_JSON = ("docs/bench-synthetic.json", "docs/bench-roundtrip.json", "docs/bench-roundtrip-lora.json")
+
+
+def readme_summary(synthetic: dict, roundtrip: dict, lora: dict) -> str:
+    """README's "Measured" section: refine on the family the default budget misses and on the round trip, the LoRA
+    round trip and the centring decision, from the JSON files of :data:`README_JSON`."""
+    from .synthetic import REFINE_FAMILY
+
+    lines = [
+        _row(
+            [
+                "bench",
+                "estimator",
+                "default budget",
+                "+ refine of the contenders",
+                "full budget",
+                "images per ambiguous query",
+            ]
+        ),
+        _row(["---"] * 6),
+    ]
+    for data, family in ((synthetic, REFINE_FAMILY), (roundtrip, "roundtrip")):
+        for estimator, families in data["results_refine_by_estimator"].items():
+            rows = families[family]
+            images = data["refine_details"][estimator][family]["images_per_ambiguous_query"]
+            top1 = [f"{rows[p]['top1']:.3f}" for p in ("default", "refine_contenders", "full")]
+            bench = f"synthetic {family}" if family != "roundtrip" else "round trip, tiny checkpoints"
+            name = f"{bench} ({rows['full']['n_tasks']} queries)"
+            lines.append(_row([name, estimator.replace("gmi_", "gmi "), *top1, f"{images:.0f}"]))
+    block = lora["results_lora"]
+    results = block["results"]
+    lines += [
+        "",
+        f"LoRAs (`bench roundtrip --loras {block['n_loras']}`, {block['n_lora_specs']} LoRA specs on one base, "
+        f"{results['lora_rows']['n_tasks']} queries): top-1 {results['lora_rows']['top1']:.3f} among LoRA rows, "
+        f"{results['mixed_rows']['top1']:.3f} among LoRA + checkpoint rows, near pairs within the top 2 in "
+        f"{block['near_pairs_top2']:.0%} of their queries; a LoRA spec costs {block['cost']['ratio']:.2f}x a "
+        "checkpoint spec (the base stays loaded).",
+    ]
+    comparison = synthetic["centring_comparison"]
+    worse = [f for f, rows in comparison["top1_centred_minus_gmi"].items() if any(d < 0 for d in rows.values())]
+    trip = roundtrip["results_refine_by_estimator"]
+    if any(trip["gmi_centred"]["roundtrip"][p]["top1"] < r["top1"] for p, r in trip["gmi"]["roundtrip"].items()):
+        worse.append("the round trip")
+    unmeasured = comparison["not_measured_centred"]
+    state = (f"worse than gmi on {', '.join(worse)}" if worse else "never worse than gmi where measured") + (
+        f"; not measured with refine on {', '.join(unmeasured)}" if unmeasured else ""
+    )
+    lines.append(
+        "\nCentring (CLI `identify --centre`) becomes the default only when it is never worse than gmi on every family "
+        f"and the round trip; it stays opt-in: {state}."
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m gmi_core.bench.report: README's "Measured" section from the docs JSON
+    import json
+    from pathlib import Path
+
+    print(readme_summary(*(json.loads(Path(path).read_text(encoding="utf-8")) for path in README_JSON)))

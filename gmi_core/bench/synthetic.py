@@ -220,8 +220,8 @@ def budget_scores(
     prompts [N, d]: for each task what ``ranker.rank(bank, "gmi", q_img[t], q_text[t], centre=centre)`` gives,
     batched (tests assert they agree). ``weights`` [T, N] are the tasks' prompt weights over these prompts."""
     if centre:
-        sub, rows_prompt, rows_image = centre_library(sub, prompt, torch.ones(sub.shape[:3], dtype=torch.bool))
-        q_img = centre_query(q_img, q_text, rows_prompt, rows_image)
+        sub, rows = centre_library(sub, prompt, torch.ones(sub.shape[:3], dtype=torch.bool))
+        q_img = centre_query(q_img, q_text, rows)
     g = median_gamma(sub)
     means = query_means_many(sub, q_img, [g], (1,))[(g, 1)]
     return scores_from_means(means, kbar(sub, g), weights)
