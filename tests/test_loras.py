@@ -304,3 +304,24 @@ def observed_key_of(sha256, gmi):
     from gmi_core.observed import observed_key
 
     return observed_key(sha256, gmi.encoder.encoder_id)
+
+
+def test_bench_roundtrip_lora_block(tiny_world, tmp_path):
+    """bench roundtrip --loras N at toy size: the results_lora keys, a near pair, two strengths, one base load."""
+    from gmi_core.bench.lora_roundtrip import lora_tables, run_loras
+    from gmi_core.engine import Gmi
+
+    shutil.copytree(tiny_world.root / "specs", tmp_path / "specs")  # the checkpoints' specs: the mixed rows
+    gmi = Gmi(tmp_path / "specs", tiny_world.gmi().encoder, tiny_world.prompt_set, "2x1", tiny_world.settings)
+    source = tiny_world.source()
+    checkpoints = source.list_checkpoints().checkpoints
+    evaluation = tiny_world.prompt_set.head(1)
+    generator = tiny_world.generator()
+    block = run_loras(gmi, generator, source, checkpoints, evaluation, tiny_world.settings, tmp_path, 4, 1.0)
+    assert (block["n_loras"], block["n_lora_specs"]) == (4, 5)  # lora-00 also at strength 0.5
+    assert block["near_pairs"] == [["lora-03.safetensors", "lora-02.safetensors"]]
+    assert block["cost"]["base_loads_for_all_lora_specs"] == 1
+    for rows in ("lora_rows", "mixed_rows"):
+        assert block["results"][rows]["n_tasks"] == 5 and 1 <= block["results"][rows]["mean_rank"] <= 5
+    assert 0 <= block["near_pairs_top2"] <= 1
+    assert "| LoRA rows | 5 |" in lora_tables(block)
