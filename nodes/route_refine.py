@@ -4,7 +4,8 @@ The route renders with the same code as the node (:func:`identify_node.refine_wi
 LoRA loader, sampler and VAE, the panel's progress events with ETA), but it runs in a route's worker thread, not in
 ComfyUI's prompt queue, so it keeps out of the queue's way: it is refused (409) while the queue runs or holds a prompt,
 one route refine runs at a time, and a prompt queued while it renders stops it after the images of the prompt it is on
-(as ComfyUI's Cancel button does): the rendered images are kept and the answer is the ranking over what the specs hold.
+(the two share the device for that long; ComfyUI's Cancel button stops it sooner, inside the sampler): the rendered
+images are kept and the answer is the ranking over what the specs hold.
 """
 
 from __future__ import annotations
