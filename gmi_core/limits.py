@@ -92,6 +92,7 @@ NUMBERS: dict[str, Range] = {
     "seed": Range(0, MAX_SEED),
     "top_k": Range(1, MAX_TOP_K),
     "pick_rank": Range(1, MAX_TOP_K),
+    "refine_max_images": Range(1, MAX_TOP_K),  # 0 (no cap: up to the refine budget) is allowed where it is asked
     "max_prompts": Range(0, MAX_PROMPT_SET_PROMPTS),
     "images_per_prompt": Range(1, MAX_IMAGES_PER_PROMPT),
     "gamma": Range(MIN_GAMMA, MAX_GAMMA, whole=False),

@@ -199,7 +199,9 @@ class GMIIdentify(io.ComfyNode):
         source = ListedCheckpoints(source.list_checkpoints())  # listed once: ranked, then the chosen row looked up
         images = tensor_to_pils(image)
         if refine == "contenders":
-            refined = _refine(engine, images, source, prompt, method, bool(include_not_installed), refine_max_images)
+            refined = refine_with_comfyui(
+                engine, images, source, prompt, method, bool(include_not_installed), refine_max_images
+            )
             result = refined.after
             ranking = service.refine_payload(refined, thumbnails, top_k=top_k, pick_rank=pick_rank)
         else:
@@ -228,19 +230,33 @@ class GMIIdentify(io.ComfyNode):
         )
 
 
-def _refine(engine, images, source, prompt, method, include_not_installed, max_images):
+def refine_with_comfyui(
+    engine,
+    images,
+    source,
+    prompt,
+    method,
+    include_not_installed,
+    max_images,
+    node_bar: bool = True,
+    should_cancel=events.interrupted,
+    generator=None,
+):
     """Identify with refine of the contenders through ComfyUI's own sampler: the panel gets the build progress
-    events (with ETA), the node's bar counts the images after each prompt; an interrupt keeps what was rendered and still answers."""
+    events (with ETA), the node's bar (``node_bar``: inside a running node) counts the images after each prompt; an
+    interrupt (``should_cancel``) keeps what was rendered and still answers. The node and /gmi/identify call it;
+    ``generator``: a :class:`ComfyGenerator` the caller wrapped (default: a plain one)."""
     box = {"done": 0}
 
     def progress(p):
-        if "bar" not in box:
-            box["bar"] = events.NodeProgress(p.images_planned)
-        box["bar"].step(p.images_rendered - box["done"])
-        box["done"] = p.images_rendered
+        if node_bar:
+            if "bar" not in box:
+                box["bar"] = events.NodeProgress(p.images_planned)
+            box["bar"].step(p.images_rendered - box["done"])
+            box["done"] = p.images_rendered
         events.send(events.BUILD_PROGRESS, progress_payload(p))
 
-    generator = ComfyGenerator(hash_cache=engines.hash_cache())
+    generator = generator or ComfyGenerator(hash_cache=engines.hash_cache())
     return service.refine(
         engine,
         images,
@@ -251,5 +267,5 @@ def _refine(engine, images, source, prompt, method, include_not_installed, max_i
         include_not_installed,
         max_images=int(max_images) or None,
         progress=progress,
-        should_cancel=events.interrupted,
+        should_cancel=should_cancel,
     )

@@ -54,10 +54,17 @@ def apply_lora(model, clip, checkpoint: CheckpointInfo):
     return comfy.sd.load_lora_for_models(model, clip, lora, part.strength, part.strength)
 
 
+def configured_source(config: dict, kinds: str = "both", on_base: str = "") -> CheckpointSource:
+    """ComfyUI's models with the LoRA strengths and bases of ``config`` (the panel's settings: what the Build node
+    last saved, with a request's overrides): the rows the side panel's status lists, its build and the routes rank."""
+    from . import engines
+
+    lora_choices = choices(config["lora_strengths"], config["lora_bases"])
+    return model_source(engines.source(), engines.hash_cache(), lora_choices, kinds, on_base)
+
+
 def saved_source(kinds: str = "both") -> CheckpointSource:
     """ComfyUI's models with the LoRA strengths and bases the Build node last saved (imports, routes)."""
-    from . import engines, settings
+    from . import settings
 
-    saved = settings.load()
-    lora_choices = choices(saved["lora_strengths"], saved["lora_bases"])
-    return model_source(engines.source(), engines.hash_cache(), lora_choices, kinds)
+    return configured_source(settings.load(), kinds)

@@ -28,19 +28,33 @@ from ..gmi_core.errors import (
     SpecError,
 )
 from ..gmi_core.images import load_image, png_bytes
+from ..gmi_core.loras import MODEL_KINDS
 from ..gmi_core.observed import OBSERVED
 from ..gmi_core.paths import one_line, redact
 from ..gmi_core.prompts import DEFAULT_PROMPT_SET
+from ..gmi_core.protocols import ListedCheckpoints
 from ..gmi_core.ranker import DEFAULT_METHOD, METHODS
+from ..gmi_core.refine import REFINE_MODES
 from ..gmi_core.spec import SpecKey
-from . import engines, settings
+from . import engines, loras, route_refine, settings
 from .build_node import build_inputs, sampler_choices
 from .identify_node import thumbnail_urls
 
 log = logging.getLogger("gmi")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9._/\-\[\]:]{1,200}")
-_FIELDS = {"encoder", "prompt_set", "max_prompts", "method", "prompt", "top_k", "include_not_installed"}
+_FIELDS = {
+    "encoder",
+    "prompt_set",
+    "max_prompts",
+    "method",
+    "prompt",
+    "top_k",
+    "include_not_installed",
+    "models",
+    "refine",
+    "refine_max_images",
+}
 
 
 def _count(name: str, value, default: int, allow_zero: bool = True) -> int:
@@ -75,7 +89,17 @@ def status_config(query) -> dict:
             config[key] = float(limits.check_number(key, value))
         else:
             config[key] = str(value)[: limits.MAX_TEXT_FIELD]
+    config["models"] = choice("models", config["models"], MODEL_KINDS, settings.DEFAULTS["models"])
     return config
+
+
+def choice(name: str, value, options: tuple[str, ...], default: str) -> str:
+    """A request's pick from ``options`` (absent -> ``default``); else InvalidInput naming the options."""
+    if value is None or value == "":
+        return default
+    if value not in options:
+        raise InvalidInput(f"{name} must be one of {', '.join(options)}, not {str(value)[:40]!r}")
+    return value
 
 
 def family_settings(config: dict):
@@ -88,7 +112,8 @@ def family_settings(config: dict):
 
 
 def status_payload(config: dict) -> dict:
-    """Per-checkpoint spec state for the panel, for the given (or the last used) build settings."""
+    """Per-model spec state for the panel (checkpoints and LoRA specs, as ``config["models"]`` filters), for the given
+    (or the last used) build settings: the rows its "Build missing" renders."""
     per_family = family_settings(config)
     try:
         encoder = engines.get_encoder(config["encoder"], wait=False)  # a poll never waits for a load
@@ -98,28 +123,40 @@ def status_payload(config: dict) -> dict:
     engine = engines.get_engine(encoder, prompts, config["budget"], per_family, config["seed"])
     return service.status_payload(
         engine,
-        engines.source(),
+        loras.configured_source(config, config["models"]),
         config,
         empty_note=(
             "the checkpoints folders hold no checkpoint files; put Stable Diffusion checkpoints in models/checkpoints"
+            + ("" if config["models"] == "checkpoints" else " (and LoRAs for them in models/loras)")
         ),
     )
 
 
 def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
-    """Runs in a worker thread: decodes (header checked first), then ranks."""
+    """Runs in a worker thread: every field checked, then decodes (header checked first), then ranks the models
+    (``models``: checkpoints, LoRA specs or both, as the Identify node), refining the contenders when asked."""
     top_k = _count("top_k", fields.get("top_k"), 0)
     max_prompts = _count("max_prompts", fields.get("max_prompts"), 0)
     include_not_installed = _flag("include_not_installed", fields.get("include_not_installed"))
     method = fields.get("method") or DEFAULT_METHOD
     if method not in METHODS:
         raise InvalidInput(f"unknown method {method[:40]!r}; one of {', '.join(METHODS)}")
+    models = choice("models", fields.get("models"), MODEL_KINDS, settings.DEFAULTS["models"])
+    refine = choice("refine", fields.get("refine"), REFINE_MODES, "off")
+    refine_max_images = _count("refine_max_images", fields.get("refine_max_images"), 0)
     images = [load_image(data, name=f"image {i + 1}") for i, (_, data) in enumerate(raw_images)]
-    encoder = engines.get_encoder(fields.get("encoder") or settings.load()["encoder"])
+    config = settings.load()
+    encoder = engines.get_encoder(fields.get("encoder") or config["encoder"])
     prompts = engines.get_prompt_set(fields.get("prompt_set") or DEFAULT_PROMPT_SET, max_prompts)
     engine = engines.get_engine(encoder, prompts)
-    result = service.identify(engine, images, engines.source(), fields.get("prompt"), method, include_not_installed)
-    return service.identify_payload(result, thumbnail_urls(encoder.encoder_id), top_k=top_k)
+    source = ListedCheckpoints(loras.configured_source(config, models).list_checkpoints())
+    thumbnails = thumbnail_urls(encoder.encoder_id)
+    prompt = fields.get("prompt")
+    if refine == "contenders":
+        refined = route_refine.refine(engine, images, source, prompt, method, include_not_installed, refine_max_images)
+        return service.refine_payload(refined, thumbnails, top_k=top_k)
+    result = service.identify(engine, images, source, prompt, method, include_not_installed)
+    return service.identify_payload(result, thumbnails, top_k=top_k)
 
 
 def thumbnail_key(query) -> tuple[str, str, str, int]:

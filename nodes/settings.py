@@ -26,6 +26,7 @@ DEFAULTS = {  # every value from its one place in gmi_core
     "seed": 0,
     "lora_strengths": "1",  # LoRA specs (gmi_core.loras): strengths, and bases per family or LoRA
     "lora_bases": "",
+    "models": "both",  # the panel's rows and its "Build missing": checkpoints, loras or both (gmi_core.loras)
 }
 
 

@@ -585,7 +585,8 @@ def test_identify_refine_renders_the_contenders_in_comfyui(comfy):
         assert report["built"] == [twin], report
         prompt = query_and_identify_prompt(names[0], QUERY_PROMPTS[0], QUERY_SEED, "refine")
         prompt["id"]["inputs"].update(refine="contenders", refine_max_images=4)
-        ranking = server.run_prompt(prompt, timeout=600)["outputs"]["id"]["gmi_ranking"][0]
+        entry = server.run_prompt(prompt, timeout=600)
+        ranking = entry["outputs"]["id"]["gmi_ranking"][0]
         refine = ranking["refine"]
         assert refine["before"]["ambiguous"] is True and set(refine["before"]["contenders"]) == {names[0], twin}
         assert refine["images_rendered"] == 4 and not refine["cancelled"], refine
@@ -593,6 +594,41 @@ def test_identify_refine_renders_the_contenders_in_comfyui(comfy):
         images = {c["name"]: c["images_done"] for c in server.get("/gmi/status")["checkpoints"]}
         assert images[names[0]] == images[twin] == MAX_PROMPTS * IMAGES_PER_PROMPT + 2, "refined specs stay larger"
         assert {r["name"] for r in ranking["ranking"]} == {*names, twin}
+        route_refine_renders_the_contenders(server, names, twin, saved_image(server, entry, "save_query"))
+
+
+def route_refine_renders_the_contenders(server, names, twin, query):
+    """POST /gmi/identify with refine=contenders (the panel's identify): the pair's missing images up to the full
+    budget, rendered with ComfyUI's sampler, nothing for the others; the answer has the ranking before and after.
+    Bad refine values are a 400 before any work."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(query.astype(np.uint8)).save(png, format="PNG")
+    fields = {"encoder": ENCODER_FILE, "max_prompts": MAX_PROMPTS, "top_k": 0}
+    for bad in ({"refine": "all"}, {"refine": "on"}, {"refine_max_images": "-1"}, {"refine_max_images": "many"}):
+        code, out = _post(server, "/gmi/identify", *_multipart_call({**fields, **bad}, png.getvalue()))
+        assert code == 400 and b"refine" in out, (bad, code, out[:300])
+    full = f"/gmi/status?budget=full&max_prompts={MAX_PROMPTS}&models=checkpoints"
+    missing = {r["name"]: r["images_missing"] for r in server.get(full, timeout=300)["checkpoints"]}
+    body = _multipart_call({**fields, "refine": "contenders", "refine_max_images": 0}, png.getvalue())
+    code, out = _post(server, "/gmi/identify", *body, timeout=900)
+    assert code == 200, out[:500]
+    data = json.loads(out)
+    refine = data["refine"]
+    assert refine["before"]["ambiguous"] is True and set(refine["before"]["contenders"]) == {names[0], twin}
+    rendered = {c["name"]: c["images_rendered"] for c in refine["checkpoints"]}
+    assert rendered == {names[0]: missing[names[0]], twin: missing[twin]} and not refine["cancelled"], refine
+    assert refine["images_rendered"] == sum(rendered.values()) > 0 and refine["budget"].startswith("full")
+    after = {r["name"]: r["images_missing"] for r in server.get(full, timeout=300)["checkpoints"]}
+    assert after == {**missing, names[0]: 0, twin: 0}, (missing, after)  # only the contenders' specs grew
+    assert data["ranking"] and {r["name"] for r in data["ranking"]} == {*names, twin}
+    print(f"\n/gmi/identify refine=contenders rendered {refine['images_rendered']} images: {rendered}")
+
+
+def _multipart_call(fields: dict, png: bytes) -> tuple[bytes, dict]:
+    body, ctype = multipart(fields, {"image": ("query.png", png)})
+    return body, {"Content-Type": ctype}
 
 
 def test_issue18_hardening_in_real_comfyui(comfy):

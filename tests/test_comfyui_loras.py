@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfyui_support import comfy_env
+from comfyui_support import browser, comfy_env
 from comfyui_support.workflows import build_specs_prompt
 
 pytestmark = pytest.mark.slow
@@ -179,3 +181,135 @@ def test_lora_specs_build_resume_identify_and_replay(comfy):
     plain = saved_image(server, entry, "savequery")
     entry = server.run_prompt(lora_query_prompt(names[0], "lora-0.safetensors", 0.0, text, seed, "zero"), timeout=300)
     assert np.abs(saved_image(server, entry, "savequery").astype(int) - plain.astype(int)).mean() > 2  # LoRAs matter
+
+
+@contextmanager
+def gmi_events(server):
+    """The gmi.* messages ComfyUI broadcasts on its websocket while the block runs (the panel listens to them)."""
+    import asyncio
+    import threading
+
+    import aiohttp
+
+    seen, ready, stop = [], threading.Event(), threading.Event()
+
+    async def listen():
+        url = f"{server.url.replace('http', 'ws')}/ws?clientId=gmi-events"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            ready.set()
+            while not stop.is_set():
+                try:
+                    message = await ws.receive(timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(message.data)
+                    if str(data.get("type", "")).startswith("gmi."):
+                        seen.append(data)
+
+    thread = threading.Thread(target=asyncio.run, args=(listen(),), daemon=True)
+    thread.start()
+    assert ready.wait(30), "no websocket"
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def panel_rows(server, models: str) -> dict:
+    return {row["name"]: row for row in server.get(f"/gmi/status?models={models}", timeout=300)["checkpoints"]}
+
+
+def test_panel_status_and_build_missing_list_lora_specs(comfy):
+    """The GMI panel with LoRAs: /gmi/status lists each LoRA spec with its base and strength (filter models =
+    checkpoints / loras / both), and its "Build missing specs" (the Build node queued with GET /gmi/options'
+    build_inputs and the panel's filter) builds the LoRA the user just added, with progress and ETA per LoRA."""
+    server, names = comfy
+    server.run_prompt(build_prompt("both"), timeout=900)  # this module's specs (after the test above: none to build)
+    added = server.base / "models" / "loras" / "lora-new.safetensors"
+    from gmi_core.tiny_lora import write_lora_for_checkpoint
+
+    write_lora_for_checkpoint(added, (server.base / "models" / "checkpoints" / names[0]).resolve(), seed=399)
+    new = f"lora-new.safetensors @ 1 on {names[0]}"
+    try:
+        loras = panel_rows(server, "loras")
+        built = [f"lora-{i}.safetensors @ 1 on {names[0]}" for i in range(3)] + [
+            f"lora-2.safetensors @ 0.5 on {names[0]}"
+        ]
+        assert sorted(loras) == sorted([*built, new]), sorted(loras)
+        assert all(r["model_kind"] == "lora" and r["lora"]["base_name"] == names[0] for r in loras.values())
+        assert loras[f"lora-2.safetensors @ 0.5 on {names[0]}"]["lora"]["strength"] == 0.5
+        assert loras[new]["state"] == "missing" and loras[new]["lora"]["strength"] == 1
+        assert {loras[name]["state"] for name in built} == {"ready"}
+        checkpoints = panel_rows(server, "checkpoints")
+        assert sorted(checkpoints) == sorted(names) and {r["model_kind"] for r in checkpoints.values()} == {
+            "checkpoint"
+        }
+        assert panel_rows(server, "both").keys() == {*loras, *checkpoints}  # the panel's default filter
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            server.get("/gmi/status?models=everything")
+        assert refused.value.code == 400 and b"models must be one of" in refused.value.read()
+
+        options = server.get("/gmi/options")  # what the panel's "Build missing specs" queues (web/gmi.js buildPrompt)
+        panel_prompt = {
+            "gmi_encoder": {
+                "class_type": "GMILoadEncoder",
+                "inputs": {"encoder": options["config"]["encoder"], "allow_download": False},
+            },
+            "gmi_build": {
+                "class_type": "GMIBuildSpecs",
+                "inputs": {**options["build_inputs"], "models": "both", "encoder": ["gmi_encoder", 0]},
+            },
+        }
+        with gmi_events(server) as seen:
+            entry = server.run_prompt(panel_prompt, timeout=600)
+        report = entry["outputs"]["gmi_build"]["gmi_build"][0]
+        assert report["built"] == [new] and not report["failed"], report
+        progress = [m["data"] for m in seen if m["type"] == "gmi.build.progress"]
+        assert progress and {p["checkpoint"] for p in progress} == {new}, seen[:3]
+        assert progress[-1]["images_rendered"] == progress[-1]["images_planned"] == MAX_PROMPTS * IMAGES
+        assert all(p["eta"] for p in progress) and progress[-1]["count"] == 1
+        row = panel_rows(server, "loras")[new]
+        assert row["state"] == "ready" and row["images_done"] == MAX_PROMPTS * IMAGES
+    finally:
+        added.unlink()
+
+
+@pytest.mark.skipif(browser.missing() is not None, reason=browser.missing() or "")
+def test_sidebar_filters_lora_rows_and_builds_a_missing_lora(comfy):
+    """In real Chromium: the GMI sidebar lists LoRA specs as "LoRA @ strength" with their base; its filter shows
+    checkpoints or LoRAs only; with "LoRAs" chosen, "Build missing specs" builds a LoRA the user just added."""
+    server, names = comfy
+    server.run_prompt(build_prompt("both"), timeout=900)  # alone: this module's specs and the panel's settings
+    lora_rows = (
+        "[...document.querySelectorAll('.gmi-panel .gmi-spec-row')].filter(r => r.querySelector('.gmi-lora-base'))"
+    )
+    with browser.comfy_page(server.url) as (page, errors):
+        page.locator(".gmi-tab-button").click()
+        page.wait_for_function(f"{lora_rows}.length === 4")  # three LoRAs, one at two strengths
+        texts = page.evaluate(f"{lora_rows}.map(r => r.cells[0].innerText.replace(/\\s+/g, ' '))")
+        assert f"lora-2.safetensors @ 0.5 LoRA on {names[0]}" in texts, texts
+        select = page.locator(".gmi-panel select.gmi-models")
+        select.select_option("checkpoints")
+        page.wait_for_function(f"{lora_rows}.length === 0 && document.querySelectorAll('.gmi-spec-row').length === 2")
+        assert page.evaluate("app.extensionManager.setting.get('gmi.Panel.Models')") == "checkpoints"
+        select.select_option("loras")
+        added = server.base / "models" / "loras" / "lora-panel.safetensors"
+        from gmi_core.tiny_lora import write_lora_for_checkpoint
+
+        write_lora_for_checkpoint(added, (server.base / "models" / "checkpoints" / names[0]).resolve(), seed=398)
+        try:
+            page.locator(".gmi-panel button", has_text="Refresh").click()
+            page.wait_for_function(
+                f"{lora_rows}.length === 5 && {lora_rows}.length === document.querySelectorAll('.gmi-spec-row').length"
+            )
+            page.locator(".gmi-panel .gmi-build-missing").click()
+            page.wait_for_function(
+                "/^built 1/.test(document.querySelector('.gmi-panel .gmi-build-status').textContent)"
+            )
+            page.wait_for_function(f"{lora_rows}.every(r => r.cells[1].textContent === 'ready')")
+        finally:
+            added.unlink()
+            page.evaluate("app.extensionManager.setting.set('gmi.Panel.Models', 'both')")
+        assert not [e for e in errors if "gmi" in e.lower()], errors

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -65,6 +66,8 @@ def _fake_comfy(state: dict):
             raise Interrupted()
 
     mm.throw_exception_if_processing_interrupted = throw
+    mm.interrupt_current_processing = lambda value=True: state.__setitem__("interrupt", value)
+    mm.InterruptProcessingException = Interrupted
     mm.text_encoder_device = mm.text_encoder_offload_device = lambda: torch.device("cpu")
     mm.should_use_fp16 = lambda device=None, prioritize_performance=True: False
     mm.load_models_gpu = lambda patchers: state.setdefault("loaded_models", []).extend(patchers)
@@ -672,6 +675,65 @@ def test_each_family_renders_at_its_own_size(env):
     status = env.nodes.routes.status_payload(env.nodes.settings.load())
     xl = {c["name"]: c for c in status["checkpoints"]}["xl.safetensors"]
     assert xl["state"] == "ready" and not xl["current"] and "width 1024 (now 768)" in xl["detail"]
+
+
+class SamplerLikeGenerator(FakeGenerator):
+    """FakeGenerator that checks the interrupt as ComfyUI's sampler does, before and while it renders: raising, and
+    clearing the flag as it raises (a Cancel during a render loses that prompt's images)."""
+
+    def generate(self, checkpoint, prompt, seeds, settings):
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        images = super().generate(checkpoint, prompt, seeds, settings)  # interrupt_after: Cancel pressed meanwhile
+        mm.throw_exception_if_processing_interrupted()
+        return images
+
+
+def test_identify_route_refines_outside_the_queue(env, monkeypatch):
+    """POST /gmi/identify with refine=contenders (routes.identify_payload): refused (Busy, 409) while ComfyUI's queue
+    holds a prompt; when it is idle a Cancel pressed earlier does not stop it, it renders only the contenders' missing
+    images, sends the panel's progress and done events; ComfyUI's Cancel during it (the sampler raises and clears the
+    flag) keeps the images and still answers; bad refine values are InvalidInput."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(env.nodes.route_refine, "ComfyGenerator", SamplerLikeGenerator)
+    twin = write_fake_checkpoint(env.base / "models" / "checkpoints" / "ck0-twin.safetensors", len(COLOURS)).name
+    build(env, budget="4x1")
+    bars, FakeGenerator.calls = len(env.state["bars"]), []
+    sent, waiting = [], [1]
+    queue = SimpleNamespace(get_tasks_remaining=lambda: waiting[0])
+    server = SimpleNamespace(prompt_queue=queue, send_sync=lambda event, data: sent.append((event, data)))
+    monkeypatch.setattr(sys.modules["server"].PromptServer, "instance", server)
+    png = io.BytesIO()
+    fake_image(0, "an unseen prompt about a harbour", 99_000).save(png, format="PNG")
+    upload = [("q.png", png.getvalue())]
+    fields = {"encoder": "tiny.safetensors", "max_prompts": "4", "refine": "contenders", "refine_max_images": "0"}
+    routes, service = env.nodes.routes, env.nodes.routes.service
+    for bad in ({"refine": "yes"}, {"refine_max_images": "-2"}, {"models": "all"}):
+        with pytest.raises(env.nodes.routes.InvalidInput):
+            routes.identify_payload(upload, {**fields, **bad})
+
+    with pytest.raises(service.Busy) as busy:
+        routes.identify_payload(upload, fields)
+    assert service.http_status(busy.value) == 409 and FakeGenerator.calls == []
+
+    waiting[0], env.state["interrupt"] = 0, True  # an earlier Cancel, with nothing running
+    FakeGenerator.interrupt_after = 1  # the user presses Cancel during the second prompt's render
+    stopped = routes.identify_payload(upload, fields)
+    assert stopped["refine"]["cancelled"] is True and stopped["refine"]["images_rendered"] == 3, stopped["refine"]
+    event, done = sent[-1]
+    assert event == "gmi.build.done" and done["cancelled"] and len(done["built"]) == 1, sent[-1]
+    FakeGenerator.interrupt_after, FakeGenerator.calls, sent[:] = None, [], []
+
+    data = routes.identify_payload(upload, fields)
+    assert {name for name, _, _ in FakeGenerator.calls} == {"ck0.safetensors", twin}, "only the contenders"
+    rendered = sum(len(seeds) for _, _, seeds in FakeGenerator.calls)
+    assert rendered == 2 * (4 * 4 - 4) - 3 == data["refine"]["images_rendered"] and not data["refine"]["cancelled"]
+    assert data["refine"]["before"]["ambiguous"] is True and {r["name"] for r in data["ranking"]} == {*env.names, twin}
+    progress = [d for event, d in sent if event == "gmi.build.progress"]
+    assert progress[-1]["images_rendered"] == progress[-1]["images_planned"] == rendered and progress[-1]["eta"]
+    assert sent[-1][0] == "gmi.build.done" and len(env.state["bars"]) == bars, "no node progress bar outside a node"
 
 
 def test_identify_node_refines_the_contenders(env, monkeypatch):

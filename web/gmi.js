@@ -1,6 +1,6 @@
 // gmi for ComfyUI: the ranking (with thumbnails) inside the GMI Identify node, and a "GMI" sidebar tab with the
-// spec status per checkpoint, "Build missing specs", live build progress, and specs from the user's own images
-// (import the output folder, near-duplicate groups).
+// spec status per checkpoint and per LoRA spec (filtered: checkpoints / LoRAs / both), "Build missing specs", live
+// build progress, and specs from the user's own images (import the output folder, near-duplicate groups).
 //
 // Everything here stays inside elements this extension owns and goes through the front end's own APIs: the
 // sidebar tab API, extension settings, a DOM widget on our node, the Popover API for the enlarged thumbnail,
@@ -14,7 +14,16 @@ const SETTING = {
   thumbSize: "gmi.Ranking.ThumbnailSize",
   thumbCount: "gmi.Ranking.ThumbnailCount",
   toastOnBuild: "gmi.Panel.ToastOnBuild",
+  models: "gmi.Panel.Models",
 };
+const MODEL_KINDS = ["both", "checkpoints", "loras"];  // the panel's filter: its rows and what "Build missing" builds
+
+let chosenModels = null;  // the filter picked in this page (also saved as the setting where the front end can)
+
+function modelsFilter() {
+  const value = chosenModels ?? setting(SETTING.models, "both");
+  return MODEL_KINDS.includes(value) ? value : "both";
+}
 
 const RANKING_STYLE = `<style>
 .gmi-ranking { font: 12px sans-serif; color: var(--input-text, #ddd); overflow-y: auto; padding: 4px;
@@ -40,6 +49,7 @@ const PANEL_STYLE = `<style>
 .gmi-panel .gmi-state-partial, .gmi-panel .gmi-state-stale { color: #e9c46a; }
 .gmi-panel .gmi-state-corrupt, .gmi-panel .gmi-state-skipped { color: #e76f51; }
 .gmi-panel .gmi-progress { width: 100%; } .gmi-panel .gmi-actions button { margin: 0 6px 6px 0; }
+.gmi-panel .gmi-lora-base { opacity: .7; font-size: 11px; }
 </style>`;
 
 function el(tag, attrs = {}, ...children) {
@@ -179,25 +189,29 @@ function summarySection() {
   return {
     element,
     update(status) {
+      const loras = status.checkpoints.filter((s) => s.model_kind === "lora").length;
       element.textContent = `${status.encoder_id} · ${status.prompt_set.name} (${status.prompt_set.size} prompts) · ` +
-        `budget ${status.budget.name}: ${status.budget.images} img/checkpoint · ${status.images_missing} to render`;
+        `budget ${status.budget.name}: ${status.budget.images} img/spec · ` +
+        `${status.checkpoints.length - loras} checkpoint(s), ${loras} LoRA spec(s) · ${status.images_missing} to render`;
     },
   };
 }
 
 // The build prompt the panel queues: the same two nodes a user would wire. The server sends the Build node's
-// inputs (its defaults with the last used settings, GET /gmi/options -> build_inputs), so no input is repeated here.
-function buildPrompt(options) {
+// inputs (its defaults with the last used settings, GET /gmi/options -> build_inputs), so no input is repeated here;
+// `models` is the panel's filter: the LoRA specs it lists (LoRA strengths and bases as last built) are built too.
+export function buildPrompt(options, models) {
   return {
     gmi_encoder: { class_type: "GMILoadEncoder", inputs: { encoder: options.config.encoder, allow_download: false } },
-    gmi_build: { class_type: "GMIBuildSpecs", inputs: { ...options.build_inputs, encoder: ["gmi_encoder", 0] } },
+    gmi_build: { class_type: "GMIBuildSpecs",
+      inputs: { ...options.build_inputs, models, encoder: ["gmi_encoder", 0] } },
   };
 }
 
 async function queueBuildMissing() {
   const options = await getJson("/gmi/options");
   const r = await api.fetchApi("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ prompt: buildPrompt(options), client_id: api.clientId }) });
+    body: JSON.stringify({ prompt: buildPrompt(options, modelsFilter()), client_id: api.clientId }) });
   if (!r.ok) throw new Error((await r.text()).slice(0, 300));
 }
 
@@ -247,17 +261,37 @@ function buildSection(panel) {
   return { element: el("div", {}, el("div", { class: "gmi-actions" }, button, refresh), progress, text) };
 }
 
+// A LoRA spec's row: the LoRA at its strength, and under it the base checkpoint it is applied to.
+export function specRowName(s) {
+  if (s.model_kind !== "lora" || !s.lora) return el("td", { text: s.name });
+  return el("td", { text: `${s.lora.lora_name} @ ${s.lora.strength}` },
+    el("div", { class: "gmi-lora-base", text: `LoRA on ${s.lora.base_name}` }));
+}
+
+// The filter (checkpoints / LoRAs / both): the rows shown, and what "Build missing specs" builds.
+function filterSection(panel) {
+  const select = el("select", { class: "gmi-models", title: "rows shown and built by Build missing specs" },
+    ...MODEL_KINDS.map((kind) => el("option", { value: kind, text: kind === "loras" ? "LoRAs" : kind })));
+  select.value = modelsFilter();
+  select.onchange = async () => {
+    chosenModels = select.value;
+    await app.extensionManager?.setting?.set?.(SETTING.models, select.value);
+    panel.refresh();
+  };
+  return { element: el("label", { class: "gmi-info" }, document.createTextNode("Show and build: "), select) };
+}
+
 function specTableSection() {
   const table = el("table", { class: "gmi-table" });
-  const row = (name, title, state, detail) => el("tr", { title },
-    el("td", { text: name }), el("td", { class: "gmi-state-" + state, text: state }), el("td", { text: detail }));
+  const row = (name, title, state, detail) => el("tr", { title, class: "gmi-spec-row" },
+    name, el("td", { class: "gmi-state-" + state, text: state }), el("td", { text: detail }));
   return {
     element: table,
     update(status) {
       table.replaceChildren(
-        ...status.checkpoints.map((s) => row(s.name, s.detail || s.sha256, s.state + (s.current ? "" : " *"),
+        ...status.checkpoints.map((s) => row(specRowName(s), s.detail || s.sha256, s.state + (s.current ? "" : " *"),
           `${s.images_done}/${s.images_budget} img` + (s.observed_images ? ` + ${s.observed_images} observed` : ""))),
-        ...status.skipped.map((s) => row(s.name, "", "skipped", s.reason)));
+        ...status.skipped.map((s) => row(el("td", { text: s.name }), "", "skipped", s.reason)));
     },
   };
 }
@@ -304,7 +338,7 @@ function librarySection(panel) {
   };
 }
 
-const PANEL_SECTIONS = [summarySection, buildSection, specTableSection, librarySection];
+const PANEL_SECTIONS = [summarySection, filterSection, buildSection, specTableSection, librarySection];
 
 class GmiPanel {
   constructor(sections) {
@@ -316,7 +350,7 @@ class GmiPanel {
 
   async refresh() {
     try {
-      const status = await getJson("/gmi/status");
+      const status = await getJson("/gmi/status?models=" + modelsFilter());
       if (status.encoder_state === "loading") {  // the server never waits for the encoder: ask again shortly
         this.error.textContent = "gmi: " + status.note;
         setTimeout(() => this.refresh(), 2000);
@@ -339,6 +373,8 @@ app.registerExtension({
       name: "Spec images shown per checkpoint", type: "slider", attrs: { min: 0, max: 5, step: 1 }, defaultValue: 3 },
     { id: SETTING.toastOnBuild, category: ["GMI", "Panel", "Toast"], name: "Show a notification when a build ends",
       type: "boolean", defaultValue: true },
+    { id: SETTING.models, category: ["GMI", "Panel", "Models"], name: "Spec rows shown and built in the GMI panel",
+      type: "combo", options: MODEL_KINDS, defaultValue: "both" },
   ],
   commands: [
     { id: "gmi.buildMissingSpecs", label: "GMI: Build missing specs", icon: "pi pi-search",
