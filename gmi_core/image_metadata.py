@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
-from .loras import comfy_graph_loras, infotext_loras
+from .loras import comfy_graph_loras, comfy_workflow_loras, infotext_loras
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's own pattern
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
@@ -131,7 +131,8 @@ def parse_comfy_prompt(graph: dict) -> ImageMetadata:
 
 
 def parse_comfy_workflow(workflow: dict) -> ImageMetadata:
-    """The editor graph (when no API graph was saved): loader widgets only; the prompt is not linked reliably."""
+    """The editor graph (when no API graph was saved): checkpoint and LoRA loader widgets only; the prompt is not
+    linked reliably."""
     meta = ImageMetadata(source="comfyui-workflow")
     for node in workflow.get("nodes") or []:
         if (
@@ -143,6 +144,7 @@ def parse_comfy_workflow(workflow: dict) -> ImageMetadata:
         values = node.get("widgets_values") or []
         if values and isinstance(values[0], str) and values[0] not in meta.checkpoint_names:
             meta.checkpoint_names.append(values[0])
+    meta.loras = comfy_workflow_loras(workflow.get("nodes") or [])
     return meta
 
 

@@ -289,8 +289,16 @@ def test_images_recording_a_lora_grow_the_combinations_observed_spec(lora_world,
         info.add_text("parameters", text)
         image = generator.generate(model, text.split("<")[0], [900 + index], tiny_world.settings)[0]
         image.save(images / name, pnginfo=info)
+    loaders = [  # a ComfyUI editor graph only (no API graph): loader widgets; the muted LoRA loader does not count
+        {"type": "CheckpointLoaderSimple", "mode": 0, "widgets_values": [base.name]},
+        {"type": "LoraLoader", "mode": 0, "widgets_values": ["lora-1.safetensors", 1, 1]},
+        {"type": "LoraLoader", "mode": 2, "widgets_values": ["lora-0.safetensors", 1, 1]},
+    ]
+    info = PngInfo()
+    info.add_text("workflow", json.dumps({"nodes": loaders}))
+    generator.generate(model, "a green kite", [905], tiny_world.settings)[0].save(images / "editor.png", pnginfo=info)
     report = import_images(gmi, listing, images).to_dict()
-    assert report["added"] == {model.name: 2}
+    assert report["added"] == {model.name: 3} and report["interrogated_prompts"] == 1
     reasons = {item["file"]: item["reason"] for item in report["skipped"]}
     assert "2 LoRAs (lora-1, lora-0): ambiguous" in reasons["two.png"]
     assert reasons["missing.png"] == "LoRA 'nowhere' is not installed (or not listed as a LoRA spec)"
