@@ -134,7 +134,7 @@ def webui_page(server):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(UI_TIMEOUT_MS)
             errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
             page.goto(server.url, wait_until="domcontentloaded")
             _, options = server.get("/sdapi/v1/options")
             expect(page.locator("#setting_sd_model_checkpoint input")).to_have_value(options["sd_model_checkpoint"])
@@ -180,6 +180,23 @@ def choose(page, value: str) -> None:
     expect(page.locator("#gmi_choice input")).to_have_value(value)
 
 
+def generate_in_txt2img(page) -> str:
+    """Press the txt2img tab's Generate at 3 steps (tiny models, CPU); the infotext it shows. The size stays 512 px:
+    typing into the width / height boxes raises the WebUI's own page error (Gradio's "reading 'props'")."""
+    from playwright.sync_api import expect
+
+    page.locator("#tabs > .tab-nav button", has_text="txt2img").click()
+    steps = page.locator("#txt2img_steps input[type=number]")
+    steps.fill("3")
+    steps.press("Enter")
+    info = page.locator("div#html_info_txt2img.prose")  # the inner one of two elements with that id
+    page.locator("#txt2img_generate").click()
+    expect(info).to_contain_text("Steps: 3")
+    text = info.inner_text()
+    page.locator("#tabs > .tab-nav button", has_text="GMI").click()
+    return text
+
+
 def write_query(server, tmp_path, prompt, seed, title, name="query.png") -> tuple[Path, str]:
     image, _ = integration.txt2img(server, prompt, seed, title)
     path = tmp_path / name
@@ -190,7 +207,8 @@ def write_query(server, tmp_path, prompt, seed, title, name="query.png") -> tupl
 def test_use_this_checkpoint_puts_the_lora_tag_into_the_txt2img_prompt(server, tmp_path):
     """#21: two tiny LoRAs for tiny_sd1_0 (one at 0.5); a render of tiny-lora-0 at a spec cell is identified in the tab
     as that LoRA row (Refine keeps the LoRA choices); "Use this checkpoint" selects the base in the quicksettings and appends ``<lora:tiny-lora-0:1>``
-    to the user's txt2img prompt; switching to the other LoRA row replaces the tag, to a plain checkpoint removes it."""
+    to the user's txt2img prompt, and the WebUI's Generate renders with both (its infotext); switching to the other
+    LoRA row replaces the tag, to a plain checkpoint removes it."""
     from playwright.sync_api import expect
 
     from gmi_core.budgets import cell_seed
@@ -240,6 +258,10 @@ def test_use_this_checkpoint_puts_the_lora_tag_into_the_txt2img_prompt(server, t
             expect(dropdown).to_have_value(titles[base])
             expect(box).to_have_value("a watercolour fox, <lora:tiny-lora-1:0.8> <lora:tiny-lora-0:1>")
             first = box.input_value()
+            generated = generate_in_txt2img(page)  # the WebUI's own Generate sees the tag and the base
+            applied = re.search(r'Lora hashes: "([^"]*)"', generated)
+            assert generated.startswith(first) and applied and "tiny-lora-0: " in applied.group(1), generated
+            assert f"Model: {base.removesuffix('.safetensors')}" in generated, generated
 
             choose(page, choices[1])
             page.locator("#gmi_use").click()
