@@ -231,8 +231,13 @@ def do_identify(image, files, prompt, method, top_k):
         result, data = runtime.identify(images, prompt or None, method, int(top_k), thumbnails=True)
     except (GmiError, OSError) as exc:
         return _error_html(one_line(exc)), "", gr.update(choices=[], value=None)
+    return _ranking_outputs(result, data)
+
+
+def _ranking_outputs(result, data: dict) -> tuple:
+    """The ranking HTML, the prompt used and the switch choices (installed rows only; a LoRA row with its tag)."""
     by_sha = runtime.titles_by_sha()
-    titles = [loras.choice_value(r, by_sha) for r in data["ranking"] if r.get("installed", True)]  # installed only
+    titles = [loras.choice_value(r, by_sha) for r in data["ranking"] if r.get("installed", True)]
     used = f"{result.pseudo_prompt}  ({'typed' if result.prompt_source == 'user' else 'interrogated from this image'})"
     return ranking_html(data), used, gr.update(choices=titles, value=titles[0] if titles else None)
 
@@ -248,10 +253,7 @@ def do_refine(image, files, prompt, method, top_k, max_images):
         result, data = refine_identify(images, prompt or None, method, int(top_k), True, int(max_images or 0) or None)
     except (GmiError, OSError) as exc:
         return _error_html(one_line(exc)), "", gr.update(choices=[], value=None), ""
-    result = result.after
-    titles = [r["title"] for r in data["ranking"] if r.get("installed", True)]
-    used = f"{result.pseudo_prompt}  ({'typed' if result.prompt_source == 'user' else 'interrogated from this image'})"
-    return ranking_html(data), used, gr.update(choices=titles, value=titles[0] if titles else None), ""
+    return *_ranking_outputs(result.after, data), ""
 
 
 def do_interrogate(image, files):
@@ -317,13 +319,18 @@ def on_ui_tabs():
                     prompt = gr.Textbox(label="Prompt (empty: interrogate the image)", lines=2, elem_id="gmi_prompt")
                     with gr.Row():
                         method = gr.Dropdown(list(METHODS), value=str(runtime.opt("gmi_method")), label="Method")
-                        top_k = gr.Slider(1, 50, value=int(runtime.opt("gmi_top_k")), step=1, label="Top k")
+                        top_k = gr.Slider(
+                            1, 50, value=int(runtime.opt("gmi_top_k")), step=1, label="Top k", elem_id="gmi_top_k"
+                        )
                     with gr.Row():
                         interrogate_btn = gr.Button("Interrogate")
                         identify_btn = gr.Button("Identify", variant="primary", elem_id="gmi_identify")
                         refine_btn = gr.Button("Refine", elem_id="gmi_refine")
                     refine_cap = gr.Number(
-                        0, precision=0, label="Refine: images at most (0 = the contenders' specs up to the full budget)"
+                        0,
+                        precision=0,
+                        label="Refine: images at most (0 = the contenders' specs up to the full budget)",
+                        elem_id="gmi_refine_cap",
                     )
                 with gr.Column():
                     used_prompt = gr.Textbox(

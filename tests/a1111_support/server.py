@@ -27,6 +27,11 @@ LAUNCH_FLAGS = [
     "127.0.0.1",
 ]
 
+# printed by the WebUI (and Forge) after its API routes, middleware and app_started callbacks are added; a request
+# that arrives after Gradio's launch but before then makes the WebUI exit with "Cannot add middleware after an
+# application has started" (Starlette builds its middleware stack on the first request)
+STARTED = "Startup time:"
+
 
 def webui_python(webui: Path) -> Path:
     explicit = os.environ.get("GMI_A1111_PYTHON")
@@ -78,6 +83,7 @@ class WebuiServer:
             TRANSFORMERS_OFFLINE="1",
             OMP_NUM_THREADS="1",
             GRADIO_ANALYTICS_ENABLED="False",
+            PYTHONUNBUFFERED="1",  # start() waits for the STARTED line in the log
             # Gradio's uploads go with the test's data, not to /tmp/gradio, which would outlive the test and, as a
             # namespace package, shadow `gradio` for a checkout cloned into /tmp (pytest puts its parent on sys.path)
             GRADIO_TEMP_DIR=str(self.data_dir / "gradio-tmp"),
@@ -106,6 +112,9 @@ class WebuiServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"WebUI exited with {self.proc.returncode}:\n{self.tail()}")
+            if STARTED not in self.log_path.read_text(errors="replace"):
+                time.sleep(1)  # a request before the WebUI has added its API middleware makes that fail: no request yet
+                continue
             try:  # 404 until the API routes are added (Forge serves the UI a few seconds before them)
                 if self.get("/gmi/v1/defaults", expect_error=True)[0] != 404:
                     return
