@@ -111,11 +111,16 @@ def ranking_html(data: dict) -> str:
         f"<p>Method <b>{html.escape(data['method'])}</b>; prompt ({html.escape(data['prompt_source'])}): "
         f"<i>{html.escape(data['pseudo_prompt'])}</i>. Lower score = closer.</p>"
         + _confidence_html(data)
-        + "<table class='gmi-ranking'><tr><th>#</th><th>Checkpoint</th><th>Hash</th><th>Score</th>"
+        + f"<table class='gmi-ranking'><tr><th>#</th><th>{_model_column(data['ranking'])}</th><th>Hash</th><th>Score</th>"
         "<th title='winner: chance to beat every runner-up; runner-up: chance to beat the winner'>Confidence</th>"
         f"<th>Best-matching spec images</th></tr>{''.join(rows)}</table>"
         + (f"<details><summary>Not ranked</summary><ul>{excluded}</ul></details>" if excluded else "")
     )
+
+
+def _model_column(ranking: list[dict]) -> str:
+    """The ranking's first column says what its rows are: checkpoints, or checkpoints and LoRA combinations."""
+    return "Checkpoint / LoRA" if any(r.get("model_kind") == "lora" for r in ranking) else "Checkpoint"
 
 
 def _confidence_html(data: dict) -> str:

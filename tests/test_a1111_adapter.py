@@ -527,6 +527,9 @@ def test_api_identify_refine_renders_only_the_contenders_in_the_queue(world, mon
     monkeypatch.setitem(sys.modules, "gradio", type(sys)("gradio"))  # ui.py imports it; ranking_html uses none of it
     page = gmi("ui").ranking_html(result)
     assert "Before refine" in page and "12 image(s) rendered" in page and "Confidence" in page
+    assert "<th>Checkpoint</th>" in page  # no LoRA row: the column says checkpoints
+    result["ranking"][1]["model_kind"] = "lora"
+    assert "<th>Checkpoint / LoRA</th>" in gmi("ui").ranking_html(result)
 
 
 def test_a_lora_spec_renders_with_its_tag_and_fails_when_the_webui_did_not_apply_it(world, tmp_path):
