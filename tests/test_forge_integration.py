@@ -120,7 +120,7 @@ def test_roundtrip_in_real_forge(server):
     server.post("/sdapi/v1/options", server.settings)  # Settings > GMI, as a user would set them
     # Forge's GET /sdapi/v1/options leaves out extension options (its response model is made before they exist),
     # so gmi's own status says what it uses
-    _, specs = server.get("/gmi/v1/specs")
+    specs = server.specs()  # once the encoder is loaded
     assert specs["config"]["budget"] == f"allx{IMAGES_PER_PROMPT}"
     assert specs["config"]["encoder"] == "gmi/clip/gmi-tiny.safetensors"  # relative to models/: no server path
     assert specs["family_settings"]["sd1"]["steps"] == 3 and specs["family_settings"]["sd1"]["width"] == 64
