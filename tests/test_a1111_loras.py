@@ -6,7 +6,8 @@ WebUI's txt2img with ``<lora:name:w>`` (the built-in Lora network), and a txt2im
 and seed reproduces the spec image and is identified as that row. Also in the real WebUI: the "Use this checkpoint"
 target of a LoRA row (its base title and ``<lora:name:w>``, gmi_a1111.loras.row_target) reproduces the spec render
 pixel for pixel, the txt2img auto-select script picks a LoRA row and records it in the infotext, and a saved WebUI
-render of base + LoRA imported from the outputs folder becomes that combination's observed spec.
+render of base + LoRA imported from the outputs folder becomes that combination's observed spec. A LoRA spec
+build stopped by the WebUI's own Interrupt keeps its saved prompts and resumes with only its missing images.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ pytestmark = [
 ]
 SPEC_PROMPTS, IMAGES_PER_PROMPT = 2, 2
 STRENGTHS = "1; tiny-lora-1=0.5,1"  # Settings > GMI > LoRA strengths: three LoRA rows on the one base
+SLOW_STEPS = 100  # the interrupted build's sampling steps: the interrupt must land while a prompt renders
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +128,79 @@ def built(srv) -> dict:
     assert job["state"] == "done" and not job["report"]["failed"], job
     _, specs = srv.get("/gmi/v1/specs")
     return {c["name"]: c for c in specs["checkpoints"]}
+
+
+def finished(srv, job: dict, timeout: float = 600) -> dict:
+    """The build job once it has left queued/running."""
+    deadline = time.time() + timeout
+    while job["state"] in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.5)
+        _, job = srv.get(f"/gmi/v1/build/{job['id']}")
+    return job
+
+
+def stored_spec(srv, row: dict):
+    """The spec file of a status row, read as gmi stores it (``specs/<sha256>/``: one file per encoder and
+    prompt set, and this module has one of each)."""
+    from gmi_core.spec import Spec
+
+    (path,) = (srv.data_dir / "models" / "gmi" / "specs" / row["sha256"]).glob("*.safetensors")
+    return Spec.load(path)
+
+
+def test_an_interrupted_lora_build_resumes_with_only_its_missing_images(server):
+    """#21 in the real WebUI: a LoRA spec build stopped by the WebUI's own Interrupt (``/sdapi/v1/interrupt``)
+    while its second prompt renders ends "cancelled" and keeps its first prompt's images (a partial, usable spec);
+    the next build renders only the missing images, with the settings the spec was started with, and leaves the
+    kept images as they were. The new row is a strength without a spec (``tiny-lora-0 @ 0.8``); SLOW_STEPS gives
+    the interrupt a window of a whole prompt, and the test interrupts only once the first prompt is saved."""
+    import torch
+
+    srv, base = server
+    built(srv)  # every other row ready, so "missing" is this one row
+    row_name = f"tiny-lora-0 @ 0.8 on {base}"
+    per_spec = SPEC_PROMPTS * IMAGES_PER_PROMPT
+    srv.post("/sdapi/v1/options", {"gmi_lora_strengths": f"{STRENGTHS}; tiny-lora-0=0.8,1"})
+    try:
+        rows = {c["name"]: c for c in srv.specs()["checkpoints"]}
+        assert rows[row_name]["state"] == "missing" and rows[row_name]["images_missing"] == per_spec, rows[row_name]
+        assert all(row["state"] == "ready" for name, row in rows.items() if name != row_name), rows
+
+        _, job = srv.post("/gmi/v1/build", {"checkpoints": "missing", "steps": SLOW_STEPS})
+        deadline = time.time() + 600
+        while job["images_done"] < IMAGES_PER_PROMPT and job["state"] in ("queued", "running"):
+            assert time.time() < deadline, job
+            time.sleep(0.02)
+            _, job = srv.get(f"/gmi/v1/build/{job['id']}")
+        srv.post("/sdapi/v1/interrupt", {})  # the WebUI's Interrupt button
+        job = finished(srv, job)
+        print(
+            f"\ninterrupted: {job['images_rendered']}/{job['images_planned']} images rendered, "
+            f"{job['seconds_per_image']:.2f} s/image at {SLOW_STEPS} steps"
+        )
+        assert job["state"] == "cancelled", f"the interrupt came too late: {job}"
+        assert job["report"]["cancelled"] and not job["report"]["built"] and not job["report"]["failed"], job
+        assert job["images_planned"] == per_spec and job["images_rendered"] == IMAGES_PER_PROMPT, job
+        row = {c["name"]: c for c in srv.specs()["checkpoints"]}[row_name]
+        assert row["state"] == "partial" and row["images_done"] == IMAGES_PER_PROMPT, row  # usable at once
+        assert row["images_missing"] == per_spec - IMAGES_PER_PROMPT and row["prompts_done"] == 1, row
+        kept = stored_spec(srv, row)
+        assert kept.image_counts.count(IMAGES_PER_PROMPT) == 1 and kept.settings.steps == SLOW_STEPS
+
+        resumed = srv.build_specs("missing")  # no steps given: the spec keeps the settings it was started with
+        print(f"resumed: {resumed['images_rendered']}/{resumed['images_planned']} images rendered")
+        assert resumed["state"] == "done" and resumed["report"]["built"] == [row_name], resumed  # the flag was reset
+        assert resumed["images_planned"] == resumed["images_rendered"] == per_spec - IMAGES_PER_PROMPT, resumed
+        row = {c["name"]: c for c in srv.specs()["checkpoints"]}[row_name]
+        assert row["state"] == "ready" and row["images_done"] == per_spec, row
+        after = stored_spec(srv, row)
+        assert bool(after.image_done.all()) and after.settings == kept.settings
+        done, prompt = kept.image_done, kept.image_done.any(dim=1)
+        assert torch.equal(after.image_features[done], kept.image_features[done])  # not rendered again
+        assert torch.equal(after.pixel_features[done], kept.pixel_features[done])
+        assert torch.equal(after.thumbnails[prompt], kept.thumbnails[prompt])
+    finally:
+        srv.post("/sdapi/v1/options", {"gmi_lora_strengths": STRENGTHS})
 
 
 def test_txt2img_with_the_switch_target_reproduces_the_lora_spec_render(server):
@@ -235,81 +310,5 @@ def test_a_webui_render_with_a_lora_tag_imports_as_an_observed_lora_spec(server)
         assert ranked[row_name]["lora"]["strength"] == 0.7
         # not asserted: that it ranks first. On these tiny random models 0.7 and 1 of one LoRA render nearly alike,
         # and the generated 1-strength row (4 images) ranked above the 2-image observed row in the runs so far
-    finally:
-        srv.post("/sdapi/v1/options", {"gmi_lora_strengths": STRENGTHS})
-
-
-SLOW_STEPS = 100  # the interrupted build's sampling steps: the interrupt must land while a prompt renders
-
-
-def finished(srv, job: dict, timeout: float = 600) -> dict:
-    """The build job once it has left queued/running."""
-    deadline = time.time() + timeout
-    while job["state"] in ("queued", "running") and time.time() < deadline:
-        time.sleep(0.5)
-        _, job = srv.get(f"/gmi/v1/build/{job['id']}")
-    return job
-
-
-def stored_spec(srv, row: dict):
-    """The spec file of a status row, read as gmi stores it (``specs/<sha256>/``: one file per encoder and
-    prompt set, and this module has one of each)."""
-    from gmi_core.spec import Spec
-
-    (path,) = (srv.data_dir / "models" / "gmi" / "specs" / row["sha256"]).glob("*.safetensors")
-    return Spec.load(path)
-
-
-def test_an_interrupted_lora_build_resumes_with_only_its_missing_images(server):
-    """#21 in the real WebUI: a LoRA spec build stopped by the WebUI's own Interrupt (``/sdapi/v1/interrupt``)
-    while its second prompt renders ends "cancelled" and keeps its first prompt's images (a partial, usable spec);
-    the next build renders only the missing images, with the settings the spec was started with, and leaves the
-    kept images as they were. The new row is a strength without a spec (``tiny-lora-0 @ 0.8``); SLOW_STEPS gives
-    the interrupt a window of a whole prompt, and the test interrupts only once the first prompt is saved."""
-    import torch
-
-    srv, base = server
-    built(srv)  # every other row ready, so "missing" is this one row
-    row_name = f"tiny-lora-0 @ 0.8 on {base}"
-    per_spec = SPEC_PROMPTS * IMAGES_PER_PROMPT
-    srv.post("/sdapi/v1/options", {"gmi_lora_strengths": f"{STRENGTHS}; tiny-lora-0=0.8,1"})
-    try:
-        rows = {c["name"]: c for c in srv.specs()["checkpoints"]}
-        assert rows[row_name]["state"] == "missing" and rows[row_name]["images_missing"] == per_spec, rows[row_name]
-        assert all(row["state"] == "ready" for name, row in rows.items() if name != row_name), rows
-
-        _, job = srv.post("/gmi/v1/build", {"checkpoints": "missing", "steps": SLOW_STEPS})
-        deadline = time.time() + 600
-        while job["images_done"] < IMAGES_PER_PROMPT and job["state"] in ("queued", "running"):
-            assert time.time() < deadline, job
-            time.sleep(0.02)
-            _, job = srv.get(f"/gmi/v1/build/{job['id']}")
-        srv.post("/sdapi/v1/interrupt", {})  # the WebUI's Interrupt button
-        job = finished(srv, job)
-        print(
-            f"\ninterrupted: {job['images_rendered']}/{job['images_planned']} images rendered, "
-            f"{job['seconds_per_image']:.2f} s/image at {SLOW_STEPS} steps"
-        )
-        assert job["state"] == "cancelled", f"the interrupt came too late: {job}"
-        assert job["report"]["cancelled"] and not job["report"]["built"] and not job["report"]["failed"], job
-        assert job["images_planned"] == per_spec and job["images_rendered"] == IMAGES_PER_PROMPT, job
-        row = {c["name"]: c for c in srv.specs()["checkpoints"]}[row_name]
-        assert row["state"] == "partial" and row["images_done"] == IMAGES_PER_PROMPT, row  # usable at once
-        assert row["images_missing"] == per_spec - IMAGES_PER_PROMPT and row["prompts_done"] == 1, row
-        kept = stored_spec(srv, row)
-        assert kept.image_counts.count(IMAGES_PER_PROMPT) == 1 and kept.settings.steps == SLOW_STEPS
-
-        resumed = srv.build_specs("missing")  # no steps given: the spec keeps the settings it was started with
-        print(f"resumed: {resumed['images_rendered']}/{resumed['images_planned']} images rendered")
-        assert resumed["state"] == "done" and resumed["report"]["built"] == [row_name], resumed  # the flag was reset
-        assert resumed["images_planned"] == resumed["images_rendered"] == per_spec - IMAGES_PER_PROMPT, resumed
-        row = {c["name"]: c for c in srv.specs()["checkpoints"]}[row_name]
-        assert row["state"] == "ready" and row["images_done"] == per_spec, row
-        after = stored_spec(srv, row)
-        assert bool(after.image_done.all()) and after.settings == kept.settings
-        done, prompt = kept.image_done, kept.image_done.any(dim=1)
-        assert torch.equal(after.image_features[done], kept.image_features[done])  # not rendered again
-        assert torch.equal(after.pixel_features[done], kept.pixel_features[done])
-        assert torch.equal(after.thumbnails[prompt], kept.thumbnails[prompt])
     finally:
         srv.post("/sdapi/v1/options", {"gmi_lora_strengths": STRENGTHS})
