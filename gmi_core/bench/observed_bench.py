@@ -101,8 +101,8 @@ def observed_vs_generated(
             done = rendered.any(dim=2)
             gamma = median_gamma(image[done])
             row = {}
-            c_image, rows = centre_library(image, prompts, done[:, :, None].expand(rendered.shape))
-            c_query = centre_query(q_img, q_text, rows)
+            c_image, centre_rows = centre_library(image, prompts, done[:, :, None].expand(rendered.shape))
+            c_query = centre_query(q_img, q_text, centre_rows)
             c_gamma = median_gamma(c_image[done])
             for method, weighted in (("gmi", True), ("rkme_clip", False), ("gmi_centred", True)):
                 for u in QUERY_SIZES:
