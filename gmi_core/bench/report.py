@@ -153,8 +153,9 @@ def refine_doc_tables(synthetic: dict, roundtrip: dict) -> str:
     engine = synthetic.get("results_refine_engine") or {}
     if any(engine.values()):
         lines += [
-            "\nThe same policies through the engine's own ranker and confidence on each refined library (kernel width "
-            "and centring recomputed, as identify after a refine computes them), first tasks of the family:",
+            "\nThe same policies through the engine's own identify, confidence and refine ranking (the refined "
+            "contenders ranked among themselves), first tasks of the family: they must equal the batched numbers "
+            "on those tasks (a target below):",
             _row(["estimator", "family", "policy", "top-1", "top-4", "mean rank", "images rendered", "tasks"]),
             _row(["---"] * 8),
         ]
@@ -199,7 +200,7 @@ def readme_summary(synthetic: dict, roundtrip: dict, lora: dict) -> str:
             [
                 "bench",
                 "estimator",
-                "default budget",
+                "top-1, default budget",
                 "+ refine of the contenders",
                 "full budget",
                 "images per ambiguous query",
