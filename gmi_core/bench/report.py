@@ -217,15 +217,18 @@ def readme_summary(synthetic: dict, roundtrip: dict, lora: dict) -> str:
             name = f"{bench} ({rows['full']['n_tasks']} queries)"
             lines.append(_row([name, estimator.replace("gmi_", "gmi "), *top1, f"{images:.0f}"]))
     block = lora["results_lora"]
-    results = block["results"]
     lines += [
         "",
-        f"LoRAs (`bench roundtrip --loras {block['n_loras']}`, {block['n_lora_specs']} LoRA specs on one base, "
-        f"{results['lora_rows']['n_tasks']} queries): top-1 {results['lora_rows']['top1']:.3f} among LoRA rows, "
-        f"{results['mixed_rows']['top1']:.3f} among LoRA + checkpoint rows, near pairs within the top 2 in "
-        f"{block['near_pairs_top2']:.0%} of their queries; a LoRA spec costs {block['cost']['ratio']:.2f}x a "
-        "checkpoint spec (the base stays loaded).",
+        f"LoRAs (`bench roundtrip --loras {block['n_loras']}`: {block['n_lora_specs']} LoRA specs on one base, near "
+        f"pairs within the top 2 in {block['near_pairs_top2']:.0%} of their queries; a LoRA spec costs "
+        f"{block['cost']['ratio']:.2f}x a checkpoint spec, the base staying loaded):",
+        "",
+        _row(["rows ranked", "queries", "top-1", "top-2", "mean rank"]),
+        _row(["---"] * 5),
     ]
+    for key, label in (("lora_rows", "LoRA rows"), ("mixed_rows", "LoRA + checkpoint rows")):
+        r = block["results"][key]
+        lines.append(_row([label, str(r["n_tasks"]), f"{r['top1']:.3f}", f"{r['top2']:.3f}", f"{r['mean_rank']:.2f}"]))
     comparison = synthetic["centring_comparison"]
     worse = [f for f, rows in comparison["top1_centred_minus_gmi"].items() if any(d < 0 for d in rows.values())]
     trip = roundtrip["results_refine_by_estimator"]
