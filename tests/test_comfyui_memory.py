@@ -7,7 +7,6 @@ shared text encoder and VAE is loaded once per build. The real loaders are exerc
 
 from __future__ import annotations
 
-import gc
 import sys
 import types
 import weakref
@@ -60,7 +59,8 @@ class Recorder:
         self.held_at_load: list[int] = []
 
     def alive(self) -> int:
-        gc.collect()
+        """Diffusion models still referenced; no collection of its own: releasing them (and collecting any
+        cycles) is the generator's job, so a model kept alive until a later collection counts."""
         return sum(ref() is not None for ref in self.models)
 
 
