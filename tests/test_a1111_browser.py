@@ -18,7 +18,6 @@ import base64
 import importlib.util
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -283,16 +282,7 @@ def test_refine_button_renders_only_the_contenders_missing_images(server, tmp_pa
     exactly what /gmi/v1/specs reports added to the contenders' specs (nothing to any other checkpoint)."""
     from playwright.sync_api import expect
 
-    models = server.data_dir / "models" / "Stable-diffusion"
-    twin = models / "tiny_sd1_0_twin.safetensors"
-    shutil.copyfile(models / "tiny_sd1_0.safetensors", twin)
-    shutil.copyfile(models / "tiny_sd1_0.yaml", twin.with_suffix(".yaml"))
-    with open(twin, "r+b") as f:
-        f.seek(-2, os.SEEK_END)
-        byte = f.read(1)[0]
-        f.seek(-2, os.SEEK_END)
-        f.write(bytes([byte ^ 1]))
-    server.post("/sdapi/v1/refresh-checkpoints", {})
+    twin = server.near_duplicate("tiny_sd1_0.safetensors")
     server.post("/sdapi/v1/options", {**server.settings, "gmi_models": "checkpoints"})
     try:
         assert server.build_specs()["state"] == "done"

@@ -238,18 +238,8 @@ def test_refine_field_of_the_identify_api_in_real_webui(server):
 def test_refine_renders_a_near_duplicate_pair_in_real_webui(server):
     """A near-duplicate (a copy of a checkpoint with one byte of its last tensor changed): a query of the original
     is ambiguous, and refine renders only the pair's missing spec images with the WebUI pipeline (capped at 4)."""
-    import shutil
 
-    models = server.data_dir / "models" / "Stable-diffusion"
-    twin = models / "tiny_sd1_0_twin.safetensors"
-    shutil.copyfile(models / "tiny_sd1_0.safetensors", twin)
-    shutil.copyfile(models / "tiny_sd1_0.yaml", twin.with_suffix(".yaml"))
-    with open(twin, "r+b") as f:
-        f.seek(-2, os.SEEK_END)
-        byte = f.read(1)[0]
-        f.seek(-2, os.SEEK_END)
-        f.write(bytes([byte ^ 1]))
-    server.post("/sdapi/v1/refresh-checkpoints", {})
+    twin = server.near_duplicate("tiny_sd1_0.safetensors")
     server.post("/sdapi/v1/options", server.settings)
     assert server.build_specs("missing")["state"] == "done"
     _, specs = server.get("/gmi/v1/specs")

@@ -187,3 +187,20 @@ class WebuiServer:
 
     def post(self, path: str, body, **kw):
         return self.request("POST", path, body, **kw)
+
+    def near_duplicate(self, name: str) -> Path:
+        """A copy of checkpoint ``name`` (and its .yaml) with one byte of its last tensor changed: another sha256,
+        almost the same images. The WebUI's checkpoint list is refreshed; the caller removes both files."""
+        import shutil
+
+        models = self.data_dir / "models" / "Stable-diffusion"
+        twin = models / f"{Path(name).stem}_twin.safetensors"
+        shutil.copyfile(models / name, twin)
+        shutil.copyfile((models / name).with_suffix(".yaml"), twin.with_suffix(".yaml"))
+        with open(twin, "r+b") as f:
+            f.seek(-2, os.SEEK_END)
+            byte = f.read(1)[0]
+            f.seek(-2, os.SEEK_END)
+            f.write(bytes([byte ^ 1]))
+        self.post("/sdapi/v1/refresh-checkpoints", {})
+        return twin
