@@ -134,17 +134,15 @@ def parse_comfy_workflow(workflow: dict) -> ImageMetadata:
     """The editor graph (when no API graph was saved): checkpoint and LoRA loader widgets only; the prompt is not
     linked reliably."""
     meta = ImageMetadata(source="comfyui-workflow")
-    for node in workflow.get("nodes") or []:
-        if (
-            not isinstance(node, dict)
-            or "CheckpointLoader" not in str(node.get("type", ""))
-            or node.get("mode") in (2, 4)
-        ):
+    nodes = workflow.get("nodes") or []
+    active = [n for n in nodes if isinstance(n, dict) and n.get("mode") not in (2, 4)]  # not muted or bypassed
+    for node in active:
+        if "CheckpointLoader" not in str(node.get("type", "")):
             continue
         values = node.get("widgets_values") or []
         if values and isinstance(values[0], str) and values[0] not in meta.checkpoint_names:
             meta.checkpoint_names.append(values[0])
-    meta.loras = comfy_workflow_loras(workflow.get("nodes") or [])
+    meta.loras = comfy_workflow_loras(active)
     return meta
 
 

@@ -442,15 +442,13 @@ def comfy_graph_loras(graph: dict) -> list[dict]:
     return found
 
 
-def comfy_workflow_loras(nodes: list) -> list[dict]:
-    """The same for a ComfyUI editor graph's nodes (saved when no API graph was): LoRA loader widgets
-    ``[lora_name, strength_model, ...]``; bypassed or muted loaders are left out."""
+def comfy_workflow_loras(nodes: list[dict]) -> list[dict]:
+    """The same for the active nodes of a ComfyUI editor graph (saved when no API graph was): LoRA loader widgets
+    ``[lora_name, strength_model, ...]``."""
     found = []
     for node in nodes:
-        if not isinstance(node, dict) or "LoraLoader" not in str(node.get("type", "")) or node.get("mode") in (2, 4):
-            continue
         values = node.get("widgets_values") or []
-        if not values or not isinstance(values[0], str):
+        if "LoraLoader" not in str(node.get("type", "")) or not values or not isinstance(values[0], str):
             continue
         strength = values[1] if len(values) > 1 and isinstance(values[1], (int, float)) else 1.0
         if strength != 0:
