@@ -138,9 +138,7 @@ def identify_payload(raw_images: list[tuple[str, bytes]], fields: dict) -> dict:
     top_k = _count("top_k", fields.get("top_k"), 0)
     max_prompts = _count("max_prompts", fields.get("max_prompts"), 0)
     include_not_installed = _flag("include_not_installed", fields.get("include_not_installed"))
-    method = fields.get("method") or DEFAULT_METHOD
-    if method not in METHODS:
-        raise InvalidInput(f"unknown method {method[:40]!r}; one of {', '.join(METHODS)}")
+    method = choice("method", fields.get("method"), METHODS, DEFAULT_METHOD)
     models = choice("models", fields.get("models"), MODEL_KINDS, settings.DEFAULTS["models"])
     refine = choice("refine", fields.get("refine"), REFINE_MODES, "off")
     refine_max_images = _count("refine_max_images", fields.get("refine_max_images"), 0)
