@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import browser, comfy_env
-from comfyui_support.workflows import build_specs_prompt, nodes_of, ui_to_api
+from comfyui_support.workflows import build_specs_prompt, nodes_of, txt2img_prompt, ui_to_api
 from image_files import png_header_only
 
 pytestmark = pytest.mark.slow
@@ -93,23 +93,9 @@ def build_prompt(which="missing"):
 
 def query_and_identify_prompt(ckpt: str, text: str, seed: int, tag: str, pick_rank: int = 1):
     """Generate a query with ``ckpt``; identify it; replay the same prompt+seed with Identify's MODEL/CLIP/VAE."""
-    sampler = {"seed": seed, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    query = txt2img_prompt(ckpt, text, seed, STEPS, SIZE)
     return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "ks": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["ckpt", 0],
-                "positive": ["pos", 0],
-                "negative": ["neg", 0],
-                "latent_image": ["lat", 0],
-                **sampler,
-            },
-        },
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
+        **query,
         "save_query": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": f"query_{tag}"}},
         "enc": {"class_type": "GMILoadEncoder", "inputs": {"encoder": ENCODER_FILE, "allow_download": False}},
         "id": {
@@ -127,15 +113,9 @@ def query_and_identify_prompt(ckpt: str, text: str, seed: int, tag: str, pick_ra
         },
         "pos2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["id", 1]}},
         "neg2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["id", 1]}},
-        "ks2": {
+        "ks2": {  # the query's sampler settings, on Identify's model and conditioning
             "class_type": "KSampler",
-            "inputs": {
-                "model": ["id", 0],
-                "positive": ["pos2", 0],
-                "negative": ["neg2", 0],
-                "latent_image": ["lat", 0],
-                **sampler,
-            },
+            "inputs": {**query["ks"]["inputs"], "model": ["id", 0], "positive": ["pos2", 0], "negative": ["neg2", 0]},
         },
         "dec2": {"class_type": "VAEDecode", "inputs": {"samples": ["ks2", 0], "vae": ["id", 2]}},
         "save_replay": {

@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_support import comfy_env
+from comfyui_support.workflows import txt2img_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -36,26 +37,7 @@ QUERY_PROMPTS = ["a lighthouse on a cliff at dusk", "a bowl of ramen on a wooden
 def render(ckpt: str, text: str, seed: int, prefix: str, clip_from: str | None = None) -> dict:
     """A plain txt2img graph ending in ComfyUI's SaveImage (which embeds this graph in the PNG)."""
     graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "ks": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["ckpt", 0],
-                "positive": ["pos", 0],
-                "negative": ["neg", 0],
-                "latent_image": ["lat", 0],
-                "seed": seed,
-                "steps": STEPS,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
+        **txt2img_prompt(ckpt, text, seed, STEPS, SIZE),
         "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": prefix}},
     }
     if clip_from:  # a second loader feeds the text encoder: the image names two checkpoints
